@@ -1,0 +1,164 @@
+"""The library functions behind the CLI: one per command, returning JSON-ready dicts, plus the
+plain-text formatters. Nothing here parses flags or prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_dataset
+from .embed import DEFAULT_EMBEDDER, get_embedder
+from .evaluate import evaluate, format_table
+from .index import ExampleIndex, IndexConfig, IndexType, index_path
+from .lm import DEFAULT_LM
+from .pipeline import TEMPLATE_FILE, Engine, PipelineConfig
+from .prompt import Template
+from .select import SelectionMethod, select_demonstrations
+
+__all__ = [
+    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_info", "search", "make_config", "classify",
+    "generate", "evaluate_file", "run_demo", "format_info", "format_hits", "format_prediction",
+    "format_generation", "format_eval", "SENTIMENT_TEMPLATE",
+]
+
+# The built-in Rotten Tomatoes data comes with its prompt template.
+SENTIMENT_TEMPLATE = Template(
+    instruction="Classify the sentiment of each movie review as positive or negative.",
+    input_format="Review: {input}\nSentiment:",
+    output_format=" {output}",
+    separator="\n\n",
+)
+_BUILTIN_TEMPLATES = {"rotten_tomatoes": SENTIMENT_TEMPLATE}
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def build_index(data: str, name: str, *, text_field=None, label_field=None, embedder: str = DEFAULT_EMBEDDER,
+                index_type: IndexType = IndexType.FLAT, template: Path | None = None,
+                indexes_dir: Path | None = None) -> dict:
+    """Load `data`, embed it and save the index as `name`; returns the manifest."""
+    dataset = load_dataset(data, text_field=text_field, label_field=label_field)
+    tpl = Template.from_json(template) if template else _BUILTIN_TEMPLATES.get(str(data).split(":")[0])
+    index = ExampleIndex.build(dataset, get_embedder(embedder), IndexConfig(index_type=IndexType(index_type)))
+    folder = index_path(name, indexes_dir)
+    index.save(folder)
+    if tpl is not None:  # a default template for this index; the index itself never formats
+        _write_json_atomic(folder / TEMPLATE_FILE, tpl.to_dict())
+    return index_info(name, indexes_dir=indexes_dir)
+
+
+def index_info(name: str, *, indexes_dir: Path | None = None) -> dict:
+    folder = index_path(name, indexes_dir)
+    index = ExampleIndex.load(folder)
+    return {"name": name, "path": str(folder), **index.manifest}
+
+
+def search(name: str, query: str, *, k: int = 8, mmr_lambda: float | None = None,
+           indexes_dir: Path | None = None) -> list[dict]:
+    index = ExampleIndex.load(index_path(name, indexes_dir))
+    embedder = get_embedder(index.manifest["embedder"])
+    [qv] = embedder.encode([query])
+    method = SelectionMethod.KNN if mmr_lambda is None else SelectionMethod.MMR
+    sel = select_demonstrations(index, qv, method=method, k=k, query_text=query,
+                                mmr_lambda=1.0 if mmr_lambda is None else mmr_lambda)
+    # most similar first for display (prompt order puts it last)
+    rows = [{"id": index.records[i].id, "score": float(s), "text": index.records[i].input,
+             "label": index.records[i].output} for i, s in zip(sel.ids, sel.scores)]
+    return sorted(rows, key=lambda r: -r["score"])
+
+
+def make_config(name: str, *, template: Path | None = None, soft_prompt: Path | None = None,
+                indexes_dir: Path | None = None, **kw) -> PipelineConfig:
+    return PipelineConfig(
+        index=name, indexes_dir=str(indexes_dir) if indexes_dir else None,
+        template=Template.from_json(template) if template else None,
+        soft_prompt=str(soft_prompt) if soft_prompt else None, **kw)
+
+
+def classify(config: PipelineConfig, text: str) -> dict:
+    if not text.strip():
+        raise ValueError("the query is empty")
+    [pred] = Engine.load(config).classify([text])
+    return asdict(pred)
+
+
+def generate(config: PipelineConfig, input: str) -> dict:
+    if not input.strip():
+        raise ValueError("the input is empty")
+    [gen] = Engine.load(config).generate([input])
+    return asdict(gen)
+
+
+def evaluate_file(config: PipelineConfig, test: str, *, limit=None, text_field=None, label_field=None) -> dict:
+    engine = Engine.load(config)
+    # the index's label list: a test label the index does not know is refused by the loader
+    test_set = load_dataset(test, kind=engine.index.kind, text_field=text_field, label_field=label_field,
+                            labels=engine.index.labels or None)
+    return evaluate(engine, test_set, limit=limit)
+
+
+def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> str:
+    """Build (once) the built-in Rotten Tomatoes index, then compare zero-shot, random-k and kNN-k
+    on `n` held-out reviews with the packaged LM; returns a printable report."""
+    name = "rotten_tomatoes"
+    folder = index_path(name, indexes_dir)
+    lines = []
+    try:
+        index = ExampleIndex.load(folder)
+        lines.append(f"index: reusing {folder} ({index.manifest['count']} reviews)")
+    except (ValueError, FileNotFoundError):
+        info = build_index("rotten_tomatoes:train", name, indexes_dir=indexes_dir)
+        index = ExampleIndex.load(folder)
+        lines.append(f"index: built {folder} ({info['count']} reviews)")
+    engine = Engine.load(PipelineConfig(index=name, indexes_dir=str(indexes_dir) if indexes_dir else None, lm=lm),
+                         index=index)
+    test = load_dataset("rotten_tomatoes:test")
+    rows = [evaluate(engine, test, method=m, k=0 if m == "zero" else k, limit=n) for m in ("zero", "random", "knn")]
+    example = engine.classify([test[0].input])[0]
+    lines += ["", format_table(rows), "", f"example: {test[0].input!r} (gold: {test[0].output})",
+              format_prediction(asdict(example))]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def format_info(info: dict) -> str:
+    keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
+    return "\n".join(f"{k:>10}: {info[k]}" for k in keys if k in info)
+
+
+def format_hits(hits: list[dict]) -> str:
+    return "\n".join(f"{h['score']:.3f}  [{h['label']}]  {h['text']}" for h in hits)
+
+
+def format_prediction(p: dict) -> str:
+    probs = "  ".join(f"{lab}={x:.3f}" for lab, x in p["probs"].items())
+    lines = [f"label: {p['label']}   ({probs}; {p['prompt_tokens']} prompt tokens)"]
+    lines += [f"  demo {d['score']:.3f} [{d['output']}] {d['input']}" for d in p["demos"]]
+    return "\n".join(lines)
+
+
+def format_generation(g: dict) -> str:
+    lines = [g["text"], f"({g['prompt_tokens']} prompt tokens)"]
+    lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
+    return "\n".join(lines)
+
+
+def format_eval(r: dict) -> str:
+    out = [format_table([r]), f"{r['seconds']:.1f} s"]
+    if "confusion_matrix" in r:
+        width = max(len(lab) for lab in r["labels"])
+        out.append("confusion (rows gold, columns predicted):")
+        out += [f"  {lab:>{width}}  " + " ".join(f"{c:5d}" for c in row) for lab, row in zip(r["labels"], r["confusion_matrix"])]
+    return "\n".join(out)

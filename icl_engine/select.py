@@ -1,0 +1,321 @@
+"""Stage 4: choose the demonstrations for a query.
+
+Everything here is a pure function over arrays, except `select_many`/`select_demonstrations`,
+which call `index.search` once and then only slice arrays. Token lengths come from the prompt
+stage through a `demo_lengths(row_ids) -> list[int]` callable (exact counts with the target
+LM's tokenizer), so this module never formats or tokenises anything.
+
+Flow for one query:
+  candidates   search(fetch_k) in similarity order (or a seeded random draw from the pool)
+  exclude      drop the query's own record, copies of its text, repeated candidate texts
+  rank         relevance order: search order (knn), pick order (mmr), round-robin (balanced)
+  pack         keep a relevance-order prefix that fits the budget; skip demos too long alone
+  order        arrange the kept demos for the prompt (default: most similar nearest the query)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SelectionMethod",
+    "DemoOrder",
+    "Selection",
+    "top_k",
+    "mmr",
+    "label_balanced",
+    "exclude",
+    "pack",
+    "select_demonstrations",
+    "select_many",
+]
+
+DemoLengths = Callable[[Sequence[int]], Sequence[int]]
+
+
+class SelectionMethod(str, Enum):
+    ZERO = "zero"  # no demonstrations (zero-shot)
+    RANDOM = "random"  # seeded uniform draw from the pool
+    KNN = "knn"  # the k most similar (KATE, Liu et al. 2021)
+    MMR = "mmr"  # maximal marginal relevance: similar to the query, not to each other
+    BALANCED = "balanced"  # the most similar of each label, round-robin over labels
+
+
+class DemoOrder(str, Enum):
+    NEAREST_LAST = "nearest_last"  # most similar right before the query (recency helps most)
+    NEAREST_FIRST = "nearest_first"
+    RANDOM = "random"  # seeded shuffle
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    ids: np.ndarray  # int64 [k'] row positions into index.records, in prompt order
+    scores: np.ndarray  # float32 [k'] similarity to the query, aligned with ids
+    skipped: tuple[int, ...] = ()  # rows too long for the whole budget (never truncated)
+    dropped: int = 0  # demos that fit alone but not beside the more relevant ones kept
+
+    @classmethod
+    def empty(cls) -> "Selection":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def top_k(query: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """query [d], candidates [c, d] -> int64 [min(k, c)]: positions of the k largest inner
+    products, best first; ties keep candidate order."""
+    sims = candidates @ query  # [c]
+    return np.argsort(-sims, kind="stable")[:k].astype(np.int64)
+
+
+def mmr(query: np.ndarray, candidates: np.ndarray, k: int, lam: float = 0.5,
+        relevance: np.ndarray | None = None) -> np.ndarray:
+    """Maximal marginal relevance (Carbonell & Goldstein 1998): repeatedly pick the candidate
+    maximising lam * sim(query, c) - (1 - lam) * max_{s picked} sim(c, s).
+
+    query [d], candidates [c, d] (unit norm), relevance [c]: sim(query, c) if already known
+    (the index's scores, so lam=1 reproduces the index's ranking exactly) -> int64
+    [min(k, c)] positions in pick order. lam=1 is `top_k` exactly, ties included.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"mmr_lambda must be in [0, 1], got {lam}")
+    rel = np.asarray(candidates @ query if relevance is None else relevance, np.float64)  # [c]
+    k = min(k, len(rel))
+    redundancy = np.zeros_like(rel)  # max sim to the picked ones; nothing picked yet: 0
+    free = np.ones(len(rel), bool)
+    picks: list[int] = []
+    for step in range(k):
+        gain = lam * rel - (1.0 - lam) * redundancy  # lam=1: exactly rel
+        gain[~free] = -np.inf
+        i = int(np.argmax(gain))  # first maximum: ties go to the earlier candidate, as in top_k
+        picks.append(i)
+        free[i] = False
+        sims = np.asarray(candidates @ candidates[i], np.float64)  # [c]
+        redundancy = sims if step == 0 else np.maximum(redundancy, sims)
+    return np.asarray(picks, np.int64)
+
+
+def label_balanced(labels: Sequence[str], label_order: Sequence[str], k: int) -> np.ndarray:
+    """labels [c] of candidates in relevance order -> int64 [min(k, c)] positions: round r
+    takes the r-th most relevant candidate of every label, labels in `label_order` (labels not
+    in it follow, first seen first). k demos split as evenly as the candidates allow; the first
+    labels get the remainder, and a label that runs out leaves its turns to the others."""
+    order = list(dict.fromkeys([*label_order, *labels]))
+    queues: dict[str, list[int]] = {lab: [] for lab in order}
+    for i, lab in enumerate(labels):
+        queues[lab].append(i)
+    picks = [q[r] for r in range(max(map(len, queues.values()), default=0))
+             for q in (queues[lab] for lab in order) if r < len(q)]
+    return np.asarray(picks[:k], np.int64)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exclude(texts: Sequence[str], record_ids: Sequence[str], *, exclude_id: str | None = None,
+            query_text: str | None = None) -> np.ndarray:
+    """texts [c], record_ids [c] of candidates in relevance order -> int64 [c'] positions kept:
+    not the query's own record (leave-one-out by id), not a copy of the query's text, and of
+    candidates with the same text only the first (most similar). Texts compare with whitespace
+    collapsed, so a trailing newline does not hide a duplicate."""
+    seen = set() if query_text is None else {_norm(query_text)}
+    keep = []
+    for i, (text, rid) in enumerate(zip(texts, record_ids)):
+        t = _norm(text)
+        if (exclude_id is not None and rid == exclude_id) or t in seen:
+            continue
+        seen.add(t)
+        keep.append(i)
+    return np.asarray(keep, np.int64)
+
+
+def pack(lengths: Sequence[int], budget: int, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fill `budget` tokens with demos taken in relevance order, never truncating one.
+
+    lengths [c] (relevance order) -> (kept int64 [k'], skipped int64 [s]) positions. A demo
+    longer than the whole budget could never fit: it is skipped (reported) and the next one is
+    tried. The first demo that fits alone but not beside those already kept ends the packing, so
+    what is left out for room is always the least relevant, and the most similar demo is kept
+    whenever it fits. At most k are kept.
+    """
+    k = len(lengths) if k is None else k
+    kept: list[int] = []
+    skipped: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if len(kept) >= k:
+            break
+        if n > budget:
+            skipped.append(i)
+            continue
+        if used + n > budget:
+            break
+        kept.append(i)
+        used += n
+    return np.asarray(kept, np.int64), np.asarray(skipped, np.int64)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _rng(seed: int, query_text: str | None, qv: np.ndarray) -> np.random.Generator:
+    """Seeded by (seed, query), so a query gets the same draw alone or in any batch."""
+    key = query_text.encode() if query_text is not None else qv.tobytes()
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(key).digest()[:8], "little")])
+
+
+def _per_query(value, n: int, name: str) -> list:
+    """None/scalar -> [value] * n; a sequence must have one entry per query."""
+    if value is None or isinstance(value, (str, int, np.integer)):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries for {n} queries")
+    return value
+
+
+def _default_fetch(method: SelectionMethod, k: int) -> int:
+    # +8: room for excluding the query's own record and duplicate texts; MMR needs a pool to
+    # diversify from, balanced enough neighbours to find minority labels; +k so that packing
+    # can step over demos too long for the budget without leaving a hole. Independent of the
+    # budget, so a query gets the same candidates (and random draw) alone or in any batch.
+    base = {SelectionMethod.MMR: max(4 * k, 32), SelectionMethod.BALANCED: max(8 * k, 64)}.get(method, k + 8)
+    return base + k
+
+
+def select_many(
+    index,
+    query_vectors: np.ndarray,
+    *,
+    method: SelectionMethod | str = SelectionMethod.KNN,
+    k: int = 8,
+    budgets: int | Sequence[int | None] | None = None,
+    demo_lengths: DemoLengths | None = None,
+    exclude_ids: Sequence[str | None] | None = None,
+    query_texts: Sequence[str | None] | None = None,
+    seed: int = 0,
+    mmr_lambda: float = 0.5,
+    fetch_k: int | None = None,
+    order: DemoOrder | str = DemoOrder.NEAREST_LAST,
+) -> list[Selection]:
+    """Demonstrations for each of q queries with ONE `index.search` call.
+
+    query_vectors [q, d] (unit norm, the index's embedder); budgets: demo tokens allowed per
+    query (the total budget minus `PromptBuilder.reserved(query)`), None = no limit;
+    demo_lengths(row_ids) gives each row's exact token cost. exclude_ids: each query's own
+    record id when it comes from the pool (leave-one-out); query_texts: drop copies of the
+    query. Returns one `Selection` per query.
+    """
+    method, order = SelectionMethod(method), DemoOrder(order)
+    qv = np.asarray(query_vectors, np.float32)
+    if qv.ndim != 2:
+        raise ValueError(f"query_vectors must be [q, d], got shape {qv.shape}")
+    nq, n = len(qv), len(index.records)
+    budgets = _per_query(budgets, nq, "budgets")
+    exclude_ids = _per_query(exclude_ids, nq, "exclude_ids")
+    query_texts = _per_query(query_texts, nq, "query_texts")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if any(b is not None for b in budgets) and demo_lengths is None:
+        raise ValueError("a token budget needs demo_lengths (PromptBuilder.demo_lengths)")
+    if method is SelectionMethod.MMR and not 0.0 <= mmr_lambda <= 1.0:
+        raise ValueError(f"mmr_lambda must be in [0, 1], got {mmr_lambda}")
+    if fetch_k is not None and fetch_k < k:
+        raise ValueError(f"fetch_k must be >= k ({k}), got {fetch_k}")
+    labels = tuple(getattr(index, "labels", ()) or ())
+    if method is SelectionMethod.BALANCED and not labels:
+        raise ValueError("method 'balanced' needs a classification index (this one has no labels)")
+    if method is SelectionMethod.ZERO or k == 0 or n == 0 or nq == 0:
+        return [Selection.empty() for _ in range(nq)]
+
+    fetch = min(n, fetch_k or _default_fetch(method, k))
+    rngs = [_rng(seed, t, v) for t, v in zip(query_texts, qv)]
+    if method is SelectionMethod.RANDOM:  # same pool, uniform; scores are still real similarities
+        rows = np.stack([g.choice(n, size=fetch, replace=False) for g in rngs]).astype(np.int64)  # [q, f]
+        scores = np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)  # [q, f]
+    else:
+        scores, rows = index.search(qv, fetch)  # [q, f] float32, int64 (-1 padding)
+
+    out = []
+    for i in range(nq):
+        out.append(_select_one(
+            index, qv[i], np.asarray(rows[i], np.int64), np.asarray(scores[i], np.float32), method, k,
+            budgets[i], demo_lengths, exclude_ids[i], query_texts[i], mmr_lambda, order, labels, rngs[i]))
+    return out
+
+
+def _select_one(index, q, rows, scores, method, k, budget, demo_lengths, exclude_id, query_text,
+                lam, order, labels, rng) -> Selection:
+    """rows [f], scores [f] candidates of one query, in similarity (or draw) order."""
+    valid = rows >= 0
+    rows, scores = rows[valid], scores[valid]
+    recs = index.records
+    keep = exclude([recs[r].input for r in rows], [recs[r].id for r in rows],
+                   exclude_id=exclude_id, query_text=query_text)
+    rows, scores = rows[keep], scores[keep]
+
+    # relevance order; with a budget every candidate is ranked, so packing can step past long ones
+    m = len(rows) if budget is not None else k
+    if method is SelectionMethod.MMR:
+        pick = mmr(q, index.vectors[rows], m, lam, relevance=scores)
+    elif method is SelectionMethod.BALANCED:
+        pick = label_balanced([recs[r].output for r in rows], labels, m)
+    else:
+        pick = np.arange(min(m, len(rows)))
+    rows, scores = rows[pick], scores[pick]
+
+    skipped, dropped = (), 0
+    if budget is None:
+        rows, scores = rows[:k], scores[:k]
+    elif budget < 0:  # the query alone does not fit: no demos; assemble() reports it
+        return Selection.empty()
+    else:
+        lengths = np.asarray(demo_lengths(rows.tolist()), np.int64)
+        if lengths.shape != rows.shape:
+            raise ValueError(f"demo_lengths returned {lengths.shape[0]} lengths for {len(rows)} rows")
+        kept, skip = pack(lengths, budget, k)
+        skipped = tuple(int(r) for r in rows[skip])
+        dropped = min(k, int((lengths <= budget).sum())) - len(kept)
+        rows, scores = rows[kept], scores[kept]
+
+    rank = np.argsort(-scores, kind="stable")  # most similar first
+    if order is DemoOrder.NEAREST_LAST:
+        rank = rank[::-1]
+    elif order is DemoOrder.RANDOM:
+        rank = rng.permutation(len(rows))
+    return Selection(rows[rank].astype(np.int64), scores[rank].astype(np.float32), skipped, dropped)
+
+
+def select_demonstrations(
+    index,
+    query_vector: np.ndarray,
+    *,
+    method: SelectionMethod | str = SelectionMethod.KNN,
+    k: int = 8,
+    budget: int | None = None,
+    demo_lengths: DemoLengths | None = None,
+    exclude_id: str | None = None,
+    query_text: str | None = None,
+    seed: int = 0,
+    mmr_lambda: float = 0.5,
+    fetch_k: int | None = None,
+    order: DemoOrder | str = DemoOrder.NEAREST_LAST,
+) -> Selection:
+    """The demonstrations for one query: query_vector [d]. See `select_many`."""
+    qv = np.asarray(query_vector, np.float32).reshape(1, -1)  # [1, d]
+    [sel] = select_many(
+        index, qv, method=method, k=k, budgets=[budget], demo_lengths=demo_lengths,
+        exclude_ids=[exclude_id], query_texts=[query_text], seed=seed, mmr_lambda=mmr_lambda,
+        fetch_k=fetch_k, order=order,
+    )
+    return sel

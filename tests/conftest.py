@@ -1,0 +1,72 @@
+"""Shared test fixtures: tiny deterministic tokenizer and tiny random causal LMs (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+_CORPUS = [
+    "the movie was great and the acting was wonderful",
+    "a dull boring film with a terrible plot",
+    "positive negative neutral review sentiment label answer",
+    "name eatType area food priceRange near customer rating coffee shop pub restaurant",
+    "play music add to playlist book restaurant get weather rate book",
+    "Review: Sentiment: Input: Output: x = [0.3, -1.2] -> A B",
+] * 4
+
+
+def shared_data(name: str) -> Path:
+    """Path of a file in ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"needs ../shared/data/{name} (the shared data folder beside the checkout is absent)")
+    return path
+
+
+def make_tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE trained in memory on a small corpus: deterministic, fast, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random Llama (the SmolLM2 architecture) built from a config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return make_tiny_model(len(tiny_tokenizer))

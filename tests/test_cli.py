@@ -1,0 +1,83 @@
+"""CLI tests with Typer's runner: a tiny dataset, the hashing embedder and a tiny random LM saved
+to a folder (so `--lm PATH` goes through the real loading code)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from icl_engine.cli import app
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+runner = CliRunner()
+
+ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
+        ("a dull boring film", "negative"), ("terrible plot and bad acting", "negative"),
+        ("the movie was great", "positive"), ("a boring waste of time", "negative")]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in ROWS) + "\n")
+    tok = make_tiny_tokenizer()
+    lm_dir = root / "tiny-lm"
+    make_tiny_model(len(tok)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    res = runner.invoke(app, ["index", "build", str(data), "--name", "tiny", "--embedder", "hashing:64",
+                              "--indexes-dir", str(root / "indexes")])
+    assert res.exit_code == 0, res.output
+    return root, lm_dir
+
+
+def run(args, root):
+    return runner.invoke(app, [*args, "--indexes-dir", str(root / "indexes")])
+
+
+def test_index_info_and_search(workspace):
+    root, _ = workspace
+    res = run(["index", "info", "tiny", "--json"], root)
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["count"] == len(ROWS) and info["labels"] == ["negative", "positive"]
+    res = run(["index", "search", "tiny", "a boring film", "-k", "3", "--json"], root)
+    hits = json.loads(res.stdout)
+    assert [set(h) >= {"id", "score", "text", "label"} for h in hits] == [True] * 3
+    assert hits[0]["score"] >= hits[-1]["score"]
+
+
+def test_classify_and_eval(workspace):
+    root, lm_dir = workspace
+    res = run(["classify", "tiny", "a moving film", "--k", "2", "--lm", str(lm_dir), "--json"], root)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["label"] in ("negative", "positive") and len(out["demos"]) == 2
+    assert sum(out["probs"].values()) == pytest.approx(1.0)
+    test = root / "test.jsonl"
+    test.write_text('{"text": "a great film", "label": "positive"}\n')
+    res = run(["eval", "tiny", "--test", str(test), "--method", "random", "--k", "2", "--lm", str(lm_dir), "--json"], root)
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert {"method", "k", "n", "accuracy", "seconds", "queries_per_s"} <= set(r) and r["n"] == 1
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["index", "info", "nope"], "nope"),
+        (["index", "build", "missing.jsonl", "--name", "x"], "no such file"),
+        (["classify", "tiny", "   ", "--lm", "LM"], "empty"),
+        (["classify", "tiny", "a film", "--budget", "3", "--lm", "LM"], "budget"),
+        (["eval", "tiny", "--test", "BADTEST", "--lm", "LM"], "not in the given label list"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(workspace, args, match):
+    root, lm_dir = workspace
+    bad = root / "bad.jsonl"
+    bad.write_text('{"text": "x", "label": "meh"}\n')
+    args = [str(lm_dir) if a == "LM" else str(bad) if a == "BADTEST" else a for a in args]
+    res = run(args, root)
+    assert res.exit_code == 1
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert match in res.stderr

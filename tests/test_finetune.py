@@ -1,0 +1,152 @@
+"""The fine-tuned reference on a tiny random Llama: the loss is on the answer tokens only, the
+caller's LM is untouched, and full / LoRA models reload with identical logits and score with the
+engine's own code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.finetune import (FINETUNE_META_FILE, FinetuneConfig, FinetuneError, finetune, fit_finetune,
+                                 load_finetuned)
+from icl_engine.generate import generate
+from icl_engine.lm import LM
+from icl_engine.prompt import PromptBuilder, Template
+from icl_engine.score import score_brute_force, score_continuations
+from icl_engine.soft_prompt import LOG_FILE, TrainSettings, build_examples
+
+TEMPLATE = Template(input_format="Review: {input}\nSentiment:", output_format=" {output}",
+                    verbalizers={"positive": "A", "negative": "B"})
+ROWS = [
+    ("the movie was great", "positive"), ("wonderful acting and a great plot", "positive"),
+    ("great film", "positive"), ("the acting was wonderful", "positive"),
+    ("a dull boring film", "negative"), ("terrible plot", "negative"), ("a boring movie", "negative"),
+    ("dull acting and a terrible plot", "negative"),
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
+    yield LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny",
+             torch.device("cpu"))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return Dataset("tiny", TaskKind.CLASSIFICATION, make_records(ROWS), ("negative", "positive"))
+
+
+@pytest.fixture(scope="module")
+def builder(lm, dataset):
+    return PromptBuilder(TEMPLATE, lm.tokenizer, dataset.labels)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(method="adapter"), "method must be one of"), (dict(lora_r=0), "lora_r"), (dict(lora_alpha=0), "lora_alpha"),
+    (dict(lora_dropout=1.0), "lora_dropout"), (dict(target_modules=()), "target_modules"), (dict(budget=0), "budget"),
+])
+def test_config_validation_names_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FinetuneConfig(**kwargs)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FinetuneError, match="not a fine-tuned model folder"):
+        load_finetuned(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(FinetuneError, match="needs its base LM"):
+        load_finetuned(tmp_path)
+
+
+def test_losses_are_over_the_answer_tokens_only(lm, dataset, builder, tmp_path):
+    """The first evaluation (before any update) and the first step's loss equal brute-force
+    references computed over the label tokens only; accuracy is the engine's argmax over labels."""
+    examples, _ = build_examples(dataset.records, builder, kind=dataset.kind, labels=dataset.labels, budget=512)
+    held = examples[:5]
+    cfg = FinetuneConfig(train=TrainSettings(max_steps=1, batch_size=len(examples), eval_every=1, lr=1e-3))
+    result = fit_finetune(lm, examples, held, cfg, out=tmp_path)
+
+    def token_mean_nll(exs):
+        nll = sum(-score_brute_force(lm, [list(e.prompt_ids)], [list(e.target_ids)])[0, 0] for e in exs)
+        return nll / sum(len(e.target_ids) for e in exs)
+
+    labels = [builder.label_ids(lab) for lab in dataset.labels]
+    scores = score_brute_force(lm, [list(e.prompt_ids) for e in held], labels)  # [q, L]
+    first, after_step = result.history
+    assert all(len(e.target_ids) > 1 for e in examples)  # multi-token answers, padded batch
+    assert first["eval_loss"] == pytest.approx(token_mean_nll(held), abs=1e-5)
+    assert first["eval_accuracy"] == np.mean(scores.argmax(1) == [e.answer for e in held])
+    assert after_step["train_loss"] == pytest.approx(token_mean_nll(examples), abs=1e-5)
+
+
+def test_full_finetune_learns_and_reloads(lm, dataset, builder, tmp_path):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    cfg = FinetuneConfig(train=TrainSettings(max_steps=8, batch_size=4, eval_every=4, eval_fraction=0.25, lr=1e-2))
+    result = finetune(lm, dataset, cfg, builder=builder, out=tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())  # trained a copy
+    assert result.metrics["best_eval_loss"] < result.history[0]["eval_loss"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", FINETUNE_META_FILE, LOG_FILE} <= {
+        p.name for p in tmp_path.iterdir()}
+    text = (tmp_path / FINETUNE_META_FILE).read_text()
+    meta = json.loads(text)
+    assert text == json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    assert meta["method"] == "full" and meta["template"] == TEMPLATE.to_dict() and meta["training"]["lr"] == 1e-2
+
+    tuned = load_finetuned(tmp_path)
+    ids = builder.assemble([], "a great film").ids
+    assert torch.equal(logits(tuned.model, ids), logits(result.model, ids))
+    assert not torch.allclose(logits(tuned.model, ids), logits(lm.model, ids))
+    labels = [builder.label_ids(lab) for lab in dataset.labels]
+    prompts = [builder.assemble([], r.input).ids for r in dataset.records[:3]]
+    np.testing.assert_allclose(score_continuations(tuned, prompts, labels),
+                               score_brute_force(tuned, prompts, labels), atol=1e-4)
+
+
+def test_lora_reloads_with_identical_logits(lm, dataset, builder, tmp_path):
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    cfg = FinetuneConfig(method="lora", lora_r=4, train=TrainSettings(max_steps=6, batch_size=4, eval_every=3,
+                                                                      eval_fraction=0.25, lr=5e-2))
+    result = finetune(lm, dataset, cfg, builder=builder, out=tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    saved = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", FINETUNE_META_FILE} <= saved
+    assert result.metrics["trainable_params"] < lm.n_params // 10
+
+    tuned = load_finetuned(tmp_path, base=lm)
+    ids = builder.assemble([], "a boring film").ids
+    assert torch.equal(logits(tuned.model, ids), logits(result.model, ids))  # bit-identical
+    assert not torch.allclose(logits(tuned.model, ids), logits(lm.model, ids))  # LoRA changed the function
+    merged = load_finetuned(tmp_path, base=lm, merge=True)
+    torch.testing.assert_close(logits(merged.model, ids), logits(result.model, ids), atol=1e-5, rtol=0)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())  # loading copied the base
+    labels = [builder.label_ids(lab) for lab in dataset.labels]
+    prompts = [builder.assemble([], r.input).ids for r in dataset.records[:3]]
+    np.testing.assert_allclose(score_continuations(tuned, prompts, labels),
+                               score_brute_force(merged, prompts, labels), atol=1e-4)
+
+
+def test_generation_finetune(lm, tmp_path):
+    tpl = Template(input_format="Input: {input}\nOutput:", output_format=" {output}")
+    rows = [("name Blue", "a pub"), ("area near", "a coffee shop"), ("food rating", "a restaurant"),
+            ("name pub", "a pub")] * 2
+    data = Dataset("gen", TaskKind.GENERATION, make_records(rows), ())
+    cfg = FinetuneConfig(train=TrainSettings(max_steps=8, batch_size=4, eval_every=4, eval_fraction=0.25, lr=1e-2))
+    result = finetune(lm, data, cfg, builder=PromptBuilder(tpl, lm.tokenizer), out=tmp_path)
+    assert result.metrics["best_eval_loss"] < result.history[0]["eval_loss"]
+    assert 0.0 <= result.history[-1]["eval_accuracy"] <= 1.0  # teacher-forced token accuracy
+    tuned = load_finetuned(tmp_path)
+    [text] = generate(tuned, [PromptBuilder(tpl, lm.tokenizer).assemble([], "name Blue").ids], max_new_tokens=4)
+    assert isinstance(text, str)

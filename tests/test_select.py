@@ -1,0 +1,285 @@
+"""select.py against brute-force references, with a duck-typed numpy index (no faiss)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icl_engine.data import make_records
+from icl_engine.select import (
+    DemoOrder,
+    Selection,
+    SelectionMethod,
+    exclude,
+    label_balanced,
+    mmr,
+    pack,
+    select_demonstrations,
+    select_many,
+    top_k,
+)
+
+
+class FakeIndex:
+    """What select.py needs of ExampleIndex: records, labels, vectors [n, d], exact search."""
+
+    def __init__(self, records, vectors, labels=()):
+        self.records, self.vectors, self.labels = tuple(records), np.asarray(vectors, np.float32), tuple(labels)
+        self.searches = 0
+
+    def search(self, qv, k):
+        self.searches += 1
+        sims = qv @ self.vectors.T  # [q, n]
+        ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(sims, ids, 1)
+        pad = k - ids.shape[1]  # fewer than k rows: -1 / -inf padding, as the real index does
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1).astype(np.int64)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32)
+        return scores, ids
+
+
+def unit(rng, n, d=16):
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def index():
+    """40 records, labels 'neg'/'pos' alternating; dataset label order ('pos', 'neg')."""
+    rng = np.random.default_rng(0)
+    recs = make_records((f"text number {i}", "pos" if i % 2 else "neg") for i in range(40))
+    return FakeIndex(recs, unit(rng, 40), labels=("pos", "neg"))
+
+
+def query(rng, d=16):
+    return unit(rng, 1, d)[0]
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_top_k_is_a_stable_sort():
+    q = np.array([1.0, 0.0], np.float32)
+    c = np.array([[0.5, 0], [0.9, 0], [0.5, 0], [0.1, 0]], np.float32)
+    assert top_k(q, c, 3).tolist() == [1, 0, 2]  # tie 0/2 keeps candidate order
+    assert top_k(q, c, 10).tolist() == [1, 0, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mmr_lambda_one_is_top_k_exactly(seed):
+    rng = np.random.default_rng(seed)
+    c = unit(rng, 30)
+    c[10] = c[3]  # exact ties must break the same way
+    q = query(rng)
+    assert mmr(q, c, 12, lam=1.0).tolist() == top_k(q, c, 12).tolist()
+
+
+def mmr_reference(q, c, k, lam):
+    picked = []
+    for _ in range(min(k, len(c))):
+        best, best_gain = None, -np.inf
+        for i in range(len(c)):
+            if i in picked:
+                continue
+            red = max((float(c[i] @ c[j]) for j in picked), default=0.0)
+            gain = lam * float(c[i] @ q) - (1 - lam) * red
+            if gain > best_gain:
+                best, best_gain = i, gain
+        picked.append(best)
+    return picked
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.7])
+def test_mmr_matches_reference_and_diversifies(lam):
+    rng = np.random.default_rng(1)
+    c, q = unit(rng, 25), query(rng)
+    assert mmr(q, c, 8, lam).tolist() == mmr_reference(q, c, 8, lam)
+    # a near-copy of the best candidate is not picked second when diversity counts
+    c2 = np.vstack([c, c[top_k(q, c, 1)]])
+    assert mmr(q, c2, 2, 0.5)[1] != len(c2) - 1
+    with pytest.raises(ValueError, match="mmr_lambda"):
+        mmr(q, c, 3, 1.5)
+
+
+def test_label_balanced_round_robin():
+    labels = ["neg", "neg", "neg", "pos", "neg", "pos", "mid"]
+    # round 0: pos 3, neg 0, mid 6; round 1: pos 5, neg 1; round 2: neg 2; round 3: neg 4
+    assert label_balanced(labels, ("pos", "neg", "mid"), 10).tolist() == [3, 0, 6, 5, 1, 2, 4]
+    assert label_balanced(labels, ("pos", "neg", "mid"), 4).tolist() == [3, 0, 6, 5]
+    assert label_balanced(labels, ("neg",), 3).tolist() == [0, 3, 6]  # unknown labels follow
+
+
+def test_exclude_own_id_query_text_and_repeats():
+    texts = ["a  film", "the query", "a film", "other", "b"]
+    ids = ["r0", "r1", "r2", "r3", "own"]
+    keep = exclude(texts, ids, exclude_id="own", query_text="the query\n")
+    assert keep.tolist() == [0, 3]  # the query copy, the later "a film" (whitespace) and own id go
+    assert exclude(texts, ids).tolist() == [0, 1, 3, 4]
+
+
+def pack_reference(lengths, budget, k):
+    fits = [i for i, n in enumerate(lengths) if n <= budget]
+    kept, used = [], 0
+    for i in fits[:k]:
+        if used + lengths[i] > budget:
+            break
+        kept.append(i)
+        used += lengths[i]
+    return kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 60), max_size=25), st.integers(0, 150), st.integers(0, 12))
+def test_pack_never_exceeds_budget_and_keeps_the_most_similar(lengths, budget, k):
+    kept, skipped = pack(lengths, budget, k)
+    assert sum(lengths[i] for i in kept) <= budget
+    assert len(kept) <= k
+    if k > 0 and lengths and lengths[0] <= budget:
+        assert kept[0] == 0  # the most similar is kept whenever it fits at all
+    assert all(lengths[i] > budget for i in skipped)  # only demos too long alone are skipped
+    assert not set(kept.tolist()) & set(skipped.tolist())
+    assert kept.tolist() == pack_reference(lengths, budget, k)  # a relevance-order prefix
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def test_zero_and_k0_give_no_demos(index):
+    q = query(np.random.default_rng(2))
+    for sel in (select_demonstrations(index, q, method="zero", k=4), select_demonstrations(index, q, k=0)):
+        assert len(sel) == 0 and sel.ids.dtype == np.int64 and sel.scores.dtype == np.float32
+
+
+def test_knn_is_brute_force_top_k_in_prompt_order(index):
+    q = query(np.random.default_rng(3))
+    best = top_k(q, index.vectors, 5)
+    sel = select_demonstrations(index, q, k=5)  # nearest_last
+    assert sel.ids.tolist() == best[::-1].tolist()
+    np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=1e-6)
+    first = select_demonstrations(index, q, k=5, order=DemoOrder.NEAREST_FIRST)
+    assert first.ids.tolist() == best.tolist()
+    shuffled = select_demonstrations(index, q, k=5, order="random", seed=1)
+    assert sorted(shuffled.ids.tolist()) == sorted(best.tolist())
+    assert shuffled.ids.tolist() == select_demonstrations(index, q, k=5, order="random", seed=1).ids.tolist()
+
+
+def test_mmr_lambda_one_selects_like_knn(index):
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        q = query(rng)
+        knn = select_demonstrations(index, q, method="knn", k=6)
+        m = select_demonstrations(index, q, method="mmr", k=6, mmr_lambda=1.0)
+        assert m.ids.tolist() == knn.ids.tolist()
+        np.testing.assert_array_equal(m.scores, knn.scores)
+
+
+def test_leave_one_out_and_duplicates(index):
+    recs = list(index.records)
+    recs[7] = make_records([(recs[3].input, "neg")])[0]  # same text as record 3, other label
+    idx = FakeIndex(recs, index.vectors, index.labels)
+    idx.vectors[7] = idx.vectors[3]
+    q = idx.vectors[3]  # the query is record 3 itself
+    sel = select_demonstrations(idx, q, k=10, exclude_id=recs[3].id)
+    assert 3 not in sel.ids  # own id
+    assert 7 in sel.ids  # its text twin stays when only the id is excluded...
+    sel = select_demonstrations(idx, q, k=10, exclude_id=recs[3].id, query_text=recs[3].input)
+    assert 3 not in sel.ids and 7 not in sel.ids  # ...but not as a copy of the query text
+    assert len(sel) == 10  # the fetch had room for what was excluded
+    sel = select_demonstrations(idx, q, k=10)  # twins: only the first (most similar) is kept
+    assert len({3, 7} & set(sel.ids.tolist())) == 1
+
+
+@pytest.mark.parametrize("k, want", [(6, {"pos": 3, "neg": 3}), (5, {"pos": 3, "neg": 2}), (1, {"pos": 1})])
+def test_balanced_counts(index, k, want):
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        sel = select_demonstrations(index, query(rng), method="balanced", k=k)
+        got = {}
+        for i in sel.ids:
+            got[index.records[i].output] = got.get(index.records[i].output, 0) + 1
+        assert got == want  # the first label in the dataset's order gets the remainder
+
+
+def test_balanced_needs_labels(index):
+    idx = FakeIndex(index.records, index.vectors, labels=())
+    with pytest.raises(ValueError, match="balanced"):
+        select_demonstrations(idx, index.vectors[0], method="balanced", k=2)
+
+
+def test_random_is_seeded_reproducible_and_excludes_the_query(index):
+    q, own = index.vectors[4], index.records[4]
+    kw = dict(method=SelectionMethod.RANDOM, k=8, exclude_id=own.id, query_text=own.input)
+    a = [select_demonstrations(index, q, seed=s, **kw).ids.tolist() for s in range(20)]
+    assert a == [select_demonstrations(index, q, seed=s, **kw).ids.tolist() for s in range(20)]
+    assert len({tuple(sorted(x)) for x in a}) > 15  # different seeds, different draws
+    assert all(4 not in x and len(set(x)) == 8 for x in a)
+    sel = select_demonstrations(index, q, seed=3, **kw)
+    np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=1e-6)
+
+
+def test_budget_skips_too_long_demo_and_fills_the_hole(index):
+    q = query(np.random.default_rng(6))
+    best = top_k(q, index.vectors, 12).tolist()
+    lengths = {i: 10 for i in range(len(index.records))}
+    lengths[best[0]] = 500  # the most similar cannot fit at all
+    lengths[best[2]] = 25
+
+    def demo_lengths(rows):
+        return [lengths[r] for r in rows]
+
+    sel = select_demonstrations(index, q, k=4, budget=100, demo_lengths=demo_lengths, order="nearest_first")
+    assert sel.skipped == (best[0],)
+    assert sel.ids.tolist() == [best[1], best[2], best[3], best[4]]  # the hole is filled
+    assert sel.dropped == 0
+    sel = select_demonstrations(index, q, k=4, budget=40, demo_lengths=demo_lengths, order="nearest_first")
+    assert sel.ids.tolist() == [best[1], best[2]]  # 10 + 25 fit; the next 10 would not
+    assert sel.dropped == 2 and sum(lengths[i] for i in sel.ids) <= 40
+    assert len(select_demonstrations(index, q, k=4, budget=-1, demo_lengths=demo_lengths)) == 0
+    with pytest.raises(ValueError, match="demo_lengths"):
+        select_demonstrations(index, q, k=4, budget=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31), st.integers(0, 200), st.integers(1, 8), st.sampled_from(list(SelectionMethod)))
+def test_selection_never_exceeds_budget(seed, budget, k, method):
+    rng = np.random.default_rng(seed)
+    recs = make_records((f"t{i}", "ab"[i % 2]) for i in range(30))
+    idx = FakeIndex(recs, unit(rng, 30), labels=("a", "b"))
+    lengths = rng.integers(1, 60, size=30)
+    q = query(rng)
+    sel = select_demonstrations(idx, q, method=method, k=k, budget=budget,
+                                demo_lengths=lambda rows: [int(lengths[r]) for r in rows])
+    assert int(lengths[sel.ids].sum()) <= budget and len(sel) <= k
+    if method is SelectionMethod.KNN and lengths[top_k(q, idx.vectors, 1)[0]] <= budget:
+        assert sel.ids[-1] == top_k(q, idx.vectors, 1)[0]  # most similar kept, nearest the query
+
+
+def test_select_many_is_one_search_and_matches_single_queries(index):
+    rng = np.random.default_rng(7)
+    qv = unit(rng, 4)
+    texts = ["a", "b", "c", "d"]
+    for method in ("knn", "mmr", "balanced", "random"):
+        index.searches = 0
+        many = select_many(index, qv, method=method, k=3, query_texts=texts, budgets=[50, None, 30, 5],
+                           demo_lengths=lambda rows: [7] * len(rows))
+        assert index.searches == (0 if method == "random" else 1)
+        for v, t, b, sel in zip(qv, texts, [50, None, 30, 5], many):
+            one = select_demonstrations(index, v, method=method, k=3, query_text=t, budget=b,
+                                        demo_lengths=lambda rows: [7] * len(rows))
+            assert isinstance(sel, Selection) and sel.ids.tolist() == one.ids.tolist()
+    with pytest.raises(ValueError, match="budgets"):
+        select_many(index, qv, budgets=[1, 2])
+
+
+def test_argument_errors(index):
+    q = index.vectors[0]
+    with pytest.raises(ValueError, match="k must"):
+        select_demonstrations(index, q, k=-1)
+    with pytest.raises(ValueError, match="mmr_lambda"):
+        select_demonstrations(index, q, method="mmr", mmr_lambda=2.0)
+    with pytest.raises(ValueError, match="fetch_k"):
+        select_demonstrations(index, q, k=5, fetch_k=2)
+    with pytest.raises(ValueError):
+        select_demonstrations(index, q, method="nearest")
