@@ -3,6 +3,7 @@ plain-text formatters. Nothing here parses flags or prints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -23,7 +24,8 @@ from .select import SelectionMethod, select_demonstrations
 __all__ = [
     "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_info", "search", "make_config", "classify",
     "generate", "evaluate_file", "run_demo", "format_info", "format_hits", "format_prediction",
-    "format_generation", "format_eval", "SENTIMENT_TEMPLATE",
+    "format_generation", "format_eval", "SENTIMENT_TEMPLATE", "tune", "finetune_reference", "compare",
+    "bounds_theory", "bounds_run", "engine_predictor",
 ]
 
 # The built-in Rotten Tomatoes data comes with its prompt template.
@@ -162,3 +164,112 @@ def format_eval(r: dict) -> str:
         out.append("confusion (rows gold, columns predicted):")
         out += [f"  {lab:>{width}}  " + " ".join(f"{c:5d}" for c in row) for lab, row in zip(r["labels"], r["confusion_matrix"])]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- soft prompts, reference, report
+
+
+def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None):
+    from .lm import load_lm
+    from .prompt import PromptBuilder
+
+    folder = index_path(name, indexes_dir)
+    index = ExampleIndex.load(folder)
+    lm = load_lm(lm_name)
+    stored = folder / TEMPLATE_FILE
+    tpl = (Template.from_json(template) if template else Template.from_json(stored) if stored.exists()
+           else Template.default(index.kind))
+    return index, lm, PromptBuilder(tpl, lm.tokenizer, index.labels)
+
+
+def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | None = None, steps: int | None = None,
+         epochs: int = 3, lr: float | None = None, batch_size: int = 8, seed: int = 0, init: str | None = None,
+         init_text: str | None = None, train_pool: int | None = None, lm: str = DEFAULT_LM,
+         template: Path | None = None, indexes_dir: Path | None = None) -> dict:
+    """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen."""
+    from .soft_prompt import SoftPromptConfig, TrainSettings, train_soft_prompt
+
+    index, model, builder = _training_parts(name, indexes_dir, lm, template)
+    cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
+                           train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))
+    pool = index.dataset.subsample(train_pool, seed) if train_pool else index.dataset
+    result = train_soft_prompt(model, pool, cfg, builder=builder, index=index, out=Path(out))
+    return {"out": str(result.out), **result.metrics}
+
+
+def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int = 1, steps: int | None = None,
+                       lr: float | None = None, batch_size: int = 8, seed: int = 0, train_pool: int | None = None,
+                       lm: str = DEFAULT_LM, template: Path | None = None, indexes_dir: Path | None = None) -> dict:
+    """Fine-tune the base LM on an index's records (full, or LoRA): the reference ICL approximates."""
+    from .finetune import FinetuneConfig, finetune
+    from .soft_prompt import TrainSettings
+
+    index, model, builder = _training_parts(name, indexes_dir, lm, template)
+    cfg = FinetuneConfig(method="lora" if lora else "full",
+                         train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))
+    pool = index.dataset.subsample(train_pool, seed) if train_pool else index.dataset
+    result = finetune(model, pool, cfg, builder=builder, out=Path(out))
+    return {"out": str(result.out), **result.metrics}
+
+
+def compare(name: str, test: str, *, out: Path, reference: Path | None = None, methods=None, seeds: int = 3,
+            k: int = 4, train_pool: int | None = None, test_limit: int | None = None, steps: int | None = None,
+            threads: int | None = None, lm: str = DEFAULT_LM, template: Path | None = None,
+            indexes_dir: Path | None = None) -> dict:
+    """The approximation report: every method against the fine-tuned reference on one test set."""
+    from . import compare as cmp
+
+    index = ExampleIndex.load(index_path(name, indexes_dir))
+    test_set = load_dataset(test, kind=index.kind, labels=index.labels or None)
+    kw = {"soft_train": dataclasses.replace(cmp.default_soft_train(), max_steps=steps)} if steps else {}
+    return cmp.run_compare(
+        index_path(name, indexes_dir), test_set, out=Path(out), reference=reference, methods=methods, seeds=seeds,
+        k=k, lm=lm, train_pool=train_pool or cmp.DEFAULT_TRAIN_POOL, test_limit=test_limit or cmp.DEFAULT_TEST_LIMIT,
+        template=Template.from_json(template) if template else None, threads=threads, **kw)
+
+
+def bounds_theory(*, eps: float, delta: float, V: int, m: int, l: int, d: int, c: float = 1.0) -> list[dict]:
+    from .bounds import theory_table
+
+    return theory_table(eps, delta, V=V, m=m, l=l, d=d, c=c)
+
+
+def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0, lm: str = DEFAULT_LM,
+               k: int = 4, reference: Path | None = None) -> dict:
+    """One bound-validation experiment. `retrieval` uses the engine (kNN-k over an index of each
+    pool, default embedder and LM) against a reference: a fine-tuned LM folder when given, else a
+    bag-of-words logistic-regression probe trained on each pool (labelled as such in the report)."""
+    from . import experiments
+    from .lm import load_lm
+
+    model = load_lm(lm)
+    if experiments.Experiment(experiment) is not experiments.Experiment.RETRIEVAL:
+        return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed)
+    predict = engine_predictor(model, k=k)
+    ref = (engine_predictor(_load_reference(reference), k=0) if reference else experiments.bow_logreg())
+    return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, predict=predict, reference=ref)
+
+
+def _load_reference(path: Path):
+    from .finetune import load_finetuned
+
+    return load_finetuned(path)
+
+
+def engine_predictor(lm, *, k: int, embedder: str = DEFAULT_EMBEDDER):
+    """(pool, test) -> (labels, probs [q, L]): the ICL engine with kNN-k demonstrations from an
+    in-memory index of `pool` (k = 0: zero-shot, e.g. for a fine-tuned reference)."""
+    from .pipeline import Engine, PipelineConfig
+
+    emb = get_embedder(embedder)
+
+    def predict(pool, test):
+        index = ExampleIndex.build(pool, emb)
+        tpl = _BUILTIN_TEMPLATES.get(pool.name.split(":")[0].split("_train")[0]) or Template.default(pool.kind)
+        cfg = PipelineConfig(index=pool.name, lm=lm.name, k=k, method="knn" if k else "zero")
+        engine = Engine.from_parts(cfg, index, emb, lm, tpl)
+        preds = engine.classify([r.input for r in test])
+        return [p.label for p in preds], np.array([[p.probs[lab] for lab in index.labels] for p in preds])
+
+    predict.__name__ = f"icl_engine ({lm.name}, {'kNN-%d' % k if k else 'zero-shot'}, embedder {emb.name})"
+    return predict

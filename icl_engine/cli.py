@@ -211,3 +211,114 @@ def demo(
 
 def main() -> None:
     app()
+
+
+@app.command()
+def tune(
+    name: str,
+    out: Path = typer.Option(..., "--out", help="Folder for the soft prompt (PEFT adapter format)."),
+    method: str = typer.Option("prompt", "--method", help="prompt | prefix | ipt"),
+    virtual_tokens: int = typer.Option(20, "--virtual-tokens", min=1),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="IPT: demonstrations per training prompt (default 4)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps (overrides --epochs)."),
+    epochs: int = typer.Option(3, "--epochs", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    batch_size: int = _BATCH,
+    seed: int = _SEED,
+    init: Optional[str] = typer.Option(None, "--init", help="text | vocab | random (| zero for prefix)"),
+    init_text: Optional[str] = typer.Option(None, "--init-text"),
+    train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2, help="Subsample the index's records."),
+    lm: str = _LM,
+    template: Optional[Path] = _TEMPLATE,
+    indexes_dir: Optional[Path] = IndexesDir,
+):
+    """Train a soft prompt with the LM frozen (prompt tuning, prefix tuning, instruction prompt tuning)."""
+    methods = {"prompt": "prompt_tuning", "prefix": "prefix_tuning", "ipt": "ipt"}
+    if method not in methods and method not in methods.values():
+        raise typer.BadParameter(f"choose from {', '.join(methods)}", param_hint="--method")
+    _print_json(api.tune(name, out=out, method=methods.get(method, method), n_virtual=virtual_tokens, k=k,
+                         steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, init=init,
+                         init_text=init_text, train_pool=train_pool, lm=lm, template=template, indexes_dir=indexes_dir))
+
+
+@app.command()
+def finetune(
+    name: str,
+    out: Path = typer.Option(..., "--out"),
+    lora: bool = typer.Option(False, "--lora", help="LoRA through PEFT instead of full fine-tuning."),
+    epochs: int = typer.Option(1, "--epochs", min=1),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    batch_size: int = _BATCH,
+    seed: int = _SEED,
+    train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2),
+    lm: str = _LM,
+    template: Optional[Path] = _TEMPLATE,
+    indexes_dir: Optional[Path] = IndexesDir,
+):
+    """Fine-tune the base LM on the index's records: the reference that ICL approximates."""
+    _print_json(api.finetune_reference(name, out=out, lora=lora, epochs=epochs, steps=steps, lr=lr,
+                                       batch_size=batch_size, seed=seed, train_pool=train_pool, lm=lm,
+                                       template=template, indexes_dir=indexes_dir))
+
+
+@app.command()
+def compare(
+    name: str,
+    test: str = typer.Option(..., "--test"),
+    out: Path = typer.Option(..., "--out"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Fine-tuned reference (trained there if empty)."),
+    methods: Optional[List[str]] = typer.Option(None, "--methods", help="Repeat to pick methods (default: all)."),
+    seeds: int = typer.Option(3, "--seeds", min=1),
+    k: int = typer.Option(4, "--k", min=1),
+    train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Soft-prompt training steps."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    lm: str = _LM,
+    template: Optional[Path] = _TEMPLATE,
+    indexes_dir: Optional[Path] = IndexesDir,
+):
+    """Approximation report: zero/random/kNN, soft prompts and the fine-tuned reference, side by side."""
+    report = api.compare(name, test, out=out, reference=reference, methods=methods, seeds=seeds, k=k,
+                         train_pool=train_pool, test_limit=test_limit, steps=steps, threads=threads, lm=lm,
+                         template=template, indexes_dir=indexes_dir)
+    typer.echo((out / "report.md").read_text() if (out / "report.md").exists() else json.dumps(report["rows"]))
+
+
+bounds_app = typer.Typer(no_args_is_help=True, help="Sample-size bounds of ICL vs fine-tuning (Sharma 2025).")
+app.add_typer(bounds_app, name="bounds")
+
+
+@bounds_app.command("theory")
+def bounds_theory(
+    eps: float = typer.Option(0.1, "--eps", min=0.0),
+    delta: float = typer.Option(0.05, "--delta", min=0.0, max=1.0),
+    V: int = typer.Option(49152, "--V", min=2, help="Vocabulary size."),
+    m: int = typer.Option(100, "--m", min=1, help="Number of contexts."),
+    l: int = typer.Option(32, "--l", min=1, help="Output length."),
+    d: int = typer.Option(8, "--d", min=1, help="Input dimension (linear classification)."),
+    c: float = typer.Option(1.0, "--c", help="The hidden constant."),
+    as_json: bool = AsJson,
+):
+    """Required dataset size N for each bound at (eps, delta)."""
+    from .bounds import format_theory_table
+
+    rows = api.bounds_theory(eps=eps, delta=delta, V=V, m=m, l=l, d=d, c=c)
+    _print_json(rows) if as_json else typer.echo(format_theory_table(rows))
+
+
+@bounds_app.command("run")
+def bounds_run(
+    experiment: str = typer.Option(..., "--experiment", help="linear | generation | retrieval"),
+    out: Path = typer.Option(Path("reports/bounds"), "--out"),
+    quick: bool = typer.Option(False, "--quick", help="Minutes instead of up to ~90 minutes."),
+    seed: int = _SEED,
+    k: int = typer.Option(4, "--k", min=1, help="retrieval: demonstrations per query."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="retrieval: fine-tuned reference folder."),
+    lm: str = _LM,
+):
+    """Run a bound-validation experiment: error against dataset size, fitted slopes and verdicts."""
+    result = api.bounds_run(experiment, out=out / experiment, quick=quick, seed=seed, lm=lm, k=k, reference=reference)
+    report = out / experiment / "report.md"
+    typer.echo(report.read_text() if report.exists() else json.dumps(result.get("fits", result), default=str)[:4000])

@@ -156,7 +156,8 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
         for row in reader:
             yield reader.line_num, row
     elif suffix in (".jsonl", ".json", ".ndjson"):
-        for n, line in enumerate(content.splitlines(), 1):
+        # split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may hold raw
+        for n, line in enumerate(content.split("\n"), 1):
             if not line.strip():
                 continue
             try:

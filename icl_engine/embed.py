@@ -330,7 +330,8 @@ class Embedder:
         """The model itself, no cache: float32 [n, d] unit norm."""
         if self.is_hashing:
             return np.stack([_hash_features(t, self.dim) for t in texts])
-        vecs = self.sentence_transformer.encode(texts, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True)
+        vecs = self.sentence_transformer.encode(texts, batch_size=self.batch_size, show_progress_bar=False,
+                                                convert_to_numpy=True)
         return _unit(vecs)
 
     def __repr__(self) -> str:

@@ -24,6 +24,16 @@ from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, no
 from .generate import generate
 from .select import Selection, SelectionMethod, select_many
 
+def _load_lm(config: "PipelineConfig") -> LM:
+    """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
+    adapter or weights."""
+    from .finetune import FINETUNE_META_FILE, load_finetuned
+
+    if (Path(config.lm) / FINETUNE_META_FILE).is_file():
+        return load_finetuned(config.lm)
+    return load_lm(config.lm, trust_remote_code=config.trust_remote_code)
+
+
 __all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "TEMPLATE_FILE"]
 
 TEMPLATE_FILE = "template.json"  # optional default template stored beside an index
@@ -88,6 +98,7 @@ class Prediction:
     demos: list[Demo]
     prompt_tokens: int
     skipped: tuple[str, ...] = ()  # demonstrations too long for the budget
+    log_scores: list[float] = field(default_factory=list)  # uncalibrated log p(label | prompt)
 
 
 @dataclass(frozen=True)
@@ -113,28 +124,32 @@ class Engine:
         folder = index_path(config.index, config.indexes_dir)
         index = index or ExampleIndex.load(folder)
         embedder = embedder or get_embedder(index.manifest["embedder"])
-        lm = lm or load_lm(config.lm, trust_remote_code=config.trust_remote_code)
-        template = config.template
+        lm = lm or _load_lm(config)
+        soft = None
+        if config.soft_prompt:
+            from .soft_prompt import load_soft_prompt
+
+            soft = load_soft_prompt(config.soft_prompt)
+        # template: given > the one the soft prompt was trained with > stored with the index > default
+        template = config.template or (soft.template if soft is not None else None)
         if template is None:
             stored = folder / TEMPLATE_FILE
             template = Template.from_json(stored) if stored.exists() else Template.default(index.kind)
+        return cls.from_parts(config, index, embedder, lm, template, soft)
+
+    @classmethod
+    def from_parts(cls, config: PipelineConfig, index: ExampleIndex, embedder: Embedder, lm: LM,
+                   template: Template, soft=None) -> "Engine":
+        """An engine over objects already in memory (an index built on the fly, a tiny LM)."""
         engine = cls(config, index, embedder, lm, PromptBuilder(template, lm.tokenizer, labels=index.labels))
-        engine._build_prefix()
+        # The tokens every prompt starts with (bos + instruction), after the soft prompt if any,
+        # go through the LM once; each batch reuses their key/value cache.
+        shared = engine.builder.shared_ids()
+        if soft is not None:
+            engine.prefix, engine.n_virtual = soft.prefix(lm, ids=shared), soft.n_virtual
+        elif shared:
+            engine.prefix = compute_prefix(lm, ids=shared)
         return engine
-
-    def _build_prefix(self) -> None:
-        """The tokens every prompt starts with (bos + instruction), plus the soft prompt, go
-        through the LM once; each batch reuses their key/value cache."""
-        soft = None
-        if self.config.soft_prompt:
-            from .soft_prompt import load_soft_prompt
-
-            soft = load_soft_prompt(self.config.soft_prompt)
-        shared = self.builder.shared_ids()
-        if soft is None and not shared:
-            return
-        self.prefix = soft.prefix(self.lm, ids=shared) if soft else compute_prefix(self.lm, ids=shared)
-        self.n_virtual = soft.n_virtual if soft else 0
 
     # ------------------------------------------------------------------ selection + prompts
 
@@ -187,13 +202,10 @@ class Engine:
         prompts = self._prompts(queries, selections)
         log_scores = self._score(prompts)  # [q, L]
         cal = self.config.calibration
-        if cal is Calibration.CONTEXTUAL:  # same demonstrations, content-free inputs
-            cf = [self._prompts([c] * len(queries), selections) for c in CONTENT_FREE]
-            cf_scores = np.mean([np.exp(normalize(self._score(p))) for p in cf], axis=0)  # [q, L]
-            log_probs = contextual_calibrate(log_scores, np.log(cf_scores))
-        elif cal is Calibration.PMI:  # domain premise: the answer prefix with no input, no demos
-            premise = self._prompts([""], [Selection.empty()])
-            log_probs = normalize(pmi(log_scores, self._score(premise)))
+        if cal is Calibration.CONTEXTUAL:
+            log_probs = contextual_calibrate(log_scores, np.log(self.content_free_probs(selections)))
+        elif cal is Calibration.PMI:
+            log_probs = normalize(pmi(log_scores, self.premise_log_scores()))
         else:
             log_probs = normalize(log_scores)
         probs = np.exp(log_probs)
@@ -202,12 +214,25 @@ class Engine:
             Prediction(
                 label=labels[int(np.argmax(p))],
                 probs={lab: float(x) for lab, x in zip(labels, p)},
+                log_scores=[float(x) for x in raw],
                 demos=self._demos(sel),
                 prompt_tokens=len(pr.ids) + self.n_virtual,
                 skipped=tuple(self.index.records[i].id for i in sel.skipped),
             )
-            for p, sel, pr in zip(probs, selections, prompts)
+            for p, raw, sel, pr in zip(probs, log_scores, selections, prompts)
         ]
+
+    def content_free_probs(self, selections: Sequence[Selection]) -> np.ndarray:
+        """Contextual calibration's reference (Zhao et al. 2021): label probabilities for the
+        content-free inputs with the SAME demonstrations, averaged. float64 [q, L]."""
+        n = len(selections)
+        return np.mean([np.exp(normalize(self._score(self._prompts([c] * n, selections)))) for c in CONTENT_FREE],
+                       axis=0)
+
+    def premise_log_scores(self) -> np.ndarray:
+        """Domain-conditional PMI's reference (Holtzman et al. 2021): log p(label | the answer
+        prefix with no input and no demonstrations). float64 [1, L]."""
+        return self._score(self._prompts([""], [Selection.empty()]))
 
     def generate(self, inputs: Sequence[str], *, method=None, k=None, exclude_ids=None,
                  max_new_tokens: int | None = None, **sampling) -> list[Generation]:

@@ -98,3 +98,12 @@ def test_shared_files_load():
     d = load_dataset(shared_data("snips_intents.jsonl"))
     assert len(d.labels) == 7 and len(d) == 693
     assert load_dataset(shared_data("e2e_nlg.jsonl")).kind is TaskKind.GENERATION
+
+
+def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
+    # str.splitlines() would split on these; JSON allows them raw inside strings
+    texts = ["a\u2028b", "c\x85d", "e\x1cf"]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t, "label": str(i % 2)}, ensure_ascii=False) for i, t in enumerate(texts)) + "\n",
+                 encoding="utf-8")
+    assert [r.input for r in load_dataset(p)] == texts

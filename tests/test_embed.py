@@ -41,7 +41,8 @@ def test_hashing_is_unit_norm_and_deterministic():
 
 
 def test_hashing_is_stable_across_processes():
-    code = "from icl_engine.embed import get_embedder; print(get_embedder('hashing:32').encode(['a b c d']).tobytes().hex())"
+    code = ("from icl_engine.embed import get_embedder; "
+            "print(get_embedder('hashing:32').encode(['a b c d']).tobytes().hex())")
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout

@@ -254,6 +254,16 @@ def test_log_grid():
 # ----------------------------------------------------------------------------- notebook
 
 
+def test_bounds_notebook_is_valid_and_stored_without_outputs():
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(REPO / "notebooks" / "bounds.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    source = "\n".join(c.source for c in code)
+    assert 'run("linear", quick=QUICK' in source and 'run("generation", quick=QUICK' in source
+
+
 @pytest.mark.slow
 def test_bounds_notebook_executes(tmp_path):
     """notebooks/bounds.ipynb runs the quick linear and generation experiments with the real

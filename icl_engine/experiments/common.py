@@ -208,6 +208,7 @@ def _axes(title: str, xlabel: str, ylabel: str):
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.set_xscale("log")
@@ -216,6 +217,9 @@ def _axes(title: str, xlabel: str, ylabel: str):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.25)
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 16, not 1.6×10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     return fig, ax
 
 
@@ -244,16 +248,19 @@ def plot_curves(path: Path, curves: Sequence[dict], *, title: str, ylabel: str, 
             continue
         err = np.vstack([np.clip(m - lo, 0, None), np.clip(hi - m, 0, None)])
         err = np.where(np.isfinite(err), err, 0)
-        ax.errorbar(n[ok], m[ok], yerr=err[:, ok], fmt="o", ms=4, capsize=2, color=color, label=c["name"])
         f = c["fit"]
+        label = c["name"] if f["slope"] is None else f"{c['name']}: slope {f['slope']:.2f}"
+        if c["predicted"] is not None:
+            label += f" (theory {c['predicted']:g})"
+        ax.errorbar(n[ok], m[ok], yerr=err[:, ok], fmt="o", ms=4, capsize=2, color=color, label=label)
         if f["slope"] is not None and f["n_min"] is not None:
             xs = np.geomspace(f["n_min"], f["n_max"], 20)
-            ax.plot(xs, np.exp(f["intercept"]) * xs ** f["slope"], "--", color=color, lw=1,
-                    label=f"fit slope {f['slope']:.2f}")
+            ax.plot(xs, np.exp(f["intercept"]) * xs ** f["slope"], "--", color=color, lw=1)
             if c["theory_log_c"] is not None:
-                ax.plot(xs, np.exp(c["theory_log_c"]) * xs ** c["predicted"], ":", color=color, lw=1.5,
-                        label=f"theory N^{c['predicted']:g}")
-    ax.legend(fontsize=6, ncol=2)
+                ax.plot(xs, np.exp(c["theory_log_c"]) * xs ** c["predicted"], ":", color=color, lw=1.5)
+    ax.plot([], [], "k--", lw=1, label="fitted power law")
+    ax.plot([], [], "k:", lw=1.5, label="theory shape C·N^predicted (C fitted)")
+    ax.legend(fontsize=6)
     return _save(fig, path)
 
 

@@ -7,7 +7,8 @@ with log-log slope -1/2.
 
 The predictor and the reference are callables, `predict(pool, test) -> (labels, probs [q, L])`
 in the order of `pool.labels`, so this module does not depend on how the engine or the
-fine-tuning are built. `baselines.knn_vote` / `baselines.bow_logreg` are cheap stand-ins;
+fine-tuning are built. A reference trained once on the whole training set (and ignoring
+`pool`) should carry the attribute `fixed = True` so the report says so. `baselines.knn_vote` / `baselines.bow_logreg` are cheap stand-ins;
 reports name whatever ran and flag baselines as such.
 """
 
@@ -125,7 +126,8 @@ def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config
     curves, tasks, skipped, raw = [], {}, {}, {}
     kw = dict(n_boot=cfg.n_boot, seed=seed)
     notes = [f"k = {cfg.k} fixed (bounded context, as the bound assumes)",
-             "the reference is refit on each pool, so it moves with N too",
+             "the reference is trained once (fixed across N)" if getattr(reference, "fixed", False)
+             else "the reference is refit on each pool, so it moves with N too",
              f"predictor: {_describe(predict)}", f"reference: {_describe(reference)}"]
     for task in cfg.datasets:
         try:

@@ -1,0 +1,824 @@
+"""The approximation report (issue 4): how close does in-context learning with a frozen LM, with
+and without soft prompts, get to fine-tuning the same LM on the same data?
+
+    report = run_compare("rt", test, reference=Path("ft/rt"), out=Path("reports/rt"))
+
+Every method runs on the same test subset and is compared with the fine-tuned reference's own
+predictions on it:
+
+    zero            zero-shot prompt, frozen LM
+    random / knn    k random / k nearest demonstrations from the index, frozen LM
+    prompt_tuning   soft prompt (Lester et al.) trained without demonstrations, evaluated without
+    prefix_tuning   per-layer key/values (Li & Liang), trained and evaluated without demonstrations
+    ipt             instruction prompt tuning (Sun et al. 2023): a prompt-tuning soft prompt trained
+                    with each example's k nearest demonstrations and evaluated with kNN demos. This
+                    IS "kNN + soft prompt"; the goal line is checked on it.
+    ipt_random      the same, trained and evaluated with k random demonstrations
+    prompt_tuning_knn  (not run by default) the prompt_tuning soft prompts evaluated with kNN demos
+    finetuned       the reference (finetune.py), zero-shot prompts; trained into `reference` once
+
+Soft prompts are trained once per seed on the same training pool as the reference, into
+out/adapters/<method>-seed<s>/ (written beside, then renamed: a folder there is complete), and
+every evaluation is kept in out/runs/<method>-seed<s>.json, so an interrupted run resumes. A
+folder trained with other settings is refused, never silently overwritten.
+
+Columns: accuracy / macro-F1 (BLEU / ROUGE-L for generation), agreement with the reference's
+predictions, mean total-variation distance between the method's and the reference's label
+distributions, each as mean and sample standard deviation over seeds; trainable parameters,
+training seconds per seed, queries per second. report.json keeps every run's per-example
+predictions and label distributions so all of it can be recomputed; report.md states Sun et
+al.'s two findings and the goal line with the numbers and a verdict; report.png plots them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import Dataset, Record, TaskKind, group_references
+from .embed import get_embedder
+from .evaluate import evaluate
+from .experiments.common import jsonable, machine_info, write_json
+from .finetune import FINETUNE_META_FILE, FinetuneConfig, finetune, load_finetuned
+from .index import ExampleIndex, index_path
+from .lm import DEFAULT_LM, LM, load_lm
+from .metrics import rouge_l_pair
+from .pipeline import TEMPLATE_FILE, Engine, PipelineConfig
+from .prompt import PromptBuilder, Template
+from .select import SelectionMethod, select_many
+from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, TrainSettings, build_examples, fit_soft_prompt,
+                          split_train_eval, train_soft_prompt)
+
+__all__ = [
+    "CompareMethod",
+    "CompareError",
+    "DEFAULT_METHODS",
+    "DEFAULT_K",
+    "DEFAULT_SEEDS",
+    "DEFAULT_TRAIN_POOL",
+    "DEFAULT_TEST_LIMIT",
+    "DEFAULT_N_VIRTUAL",
+    "DEFAULTS_BASIS",
+    "default_soft_train",
+    "default_finetune",
+    "agreement",
+    "total_variation",
+    "mean_total_variation",
+    "run_compare",
+    "format_report",
+    "REPORT_JSON",
+    "REPORT_MD",
+    "REPORT_PNG",
+]
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+RUN_FILE = "compare_run.json"  # beside each trained adapter: the settings it was trained with
+FORMAT_VERSION = 1
+
+# Defaults sized from a timing probe of SmolLM2-135M on this 2-core CPU (shared, load 3-7),
+# float32, 1 torch thread: prompt-tuning step (batch 8) with k=4 kNN demos (~200 tokens incl. 20
+# virtual) 8.3-8.9 s, without demos (~65 tokens) 2.4-3.2 s; full fine-tuning step (batch 8,
+# zero-shot prompts) ~4.5 s; label scoring 1.6-2.8 q/s with k=4 demos, 8.5-9.3 q/s zero-shot.
+# With 2 threads on the loaded machine the same step took 30-60 s (threads waiting on each other).
+# Budget for Rotten Tomatoes, 3 seeds: 12 soft prompts x 50 steps of batch 4 (IPT ~4.3 s,
+# PT/prefix ~1.4 s a step) ~ 29 min, reference 100 steps ~ 8 min (once), 18 evaluations of 200
+# test reviews (10 with k=4 demos) 15-23 min, loading ~2 min: about an hour (52-61 min).
+DEFAULT_K = 4
+DEFAULT_SEEDS = 3
+DEFAULT_TRAIN_POOL = 1000  # records drawn (seed 0) from the index for training soft prompts and the reference
+DEFAULT_TEST_LIMIT = 200  # test records drawn (seed 0); accuracy's standard error is then ~3 points
+DEFAULT_N_VIRTUAL = 20
+DEFAULTS_BASIS = (
+    "timing probe, SmolLM2-135M float32 on a shared 2-core CPU (load 3-7), 1 torch thread: prompt-tuning step "
+    "(batch 8) with k=4 demos 8.3-8.9 s, without demos 2.4-3.2 s; full fine-tuning step (batch 8) ~4.5 s; scoring "
+    "1.6-2.8 q/s with k=4 demos, 8.5-9.3 q/s zero-shot -> 50 steps of batch 4 per soft prompt, 100 steps of batch "
+    "8 for the reference, 200 test examples: about an hour (52-61 min) for Rotten Tomatoes with 3 seeds")
+
+
+def default_soft_train() -> TrainSettings:
+    """Soft prompts: 50 AdamW steps of 4 (more updates per second than batch 8 on a CPU), no
+    held-out split: with so few steps the last step is the one kept, and evaluating costs time."""
+    return TrainSettings(max_steps=50, batch_size=4, eval_fraction=0.0, warmup_ratio=0.1)
+
+
+def default_finetune() -> FinetuneConfig:
+    """The reference: full fine-tuning, 100 steps of 8 (most of the 1000-record pool once)."""
+    return FinetuneConfig(method="full", train=TrainSettings(max_steps=100, batch_size=8, eval_fraction=0.0))
+
+
+class CompareError(ValueError):
+    """A comparison that cannot run as asked; one-line message."""
+
+
+class CompareMethod(str, Enum):
+    ZERO = "zero"
+    RANDOM = "random"
+    KNN = "knn"
+    PROMPT_TUNING = "prompt_tuning"
+    PREFIX_TUNING = "prefix_tuning"
+    IPT = "ipt"
+    IPT_RANDOM = "ipt_random"
+    PROMPT_TUNING_KNN = "prompt_tuning_knn"
+    FINETUNED = "finetuned"
+
+
+@dataclass(frozen=True)
+class _Spec:
+    title: str
+    demos: SelectionMethod  # demonstrations at evaluation
+    train: SoftPromptMethod | None = None  # a soft prompt trained per seed
+    train_demos: SelectionMethod | None = None  # IPT: the demonstrations it is trained with
+    adapter: str | None = None  # whose adapters it evaluates (prompt_tuning_knn: prompt_tuning's)
+    seeded: bool = False  # one run per seed (training seed, and the random draw of demos)
+
+
+_Z, _R, _K = SelectionMethod.ZERO, SelectionMethod.RANDOM, SelectionMethod.KNN
+_SPECS = {
+    CompareMethod.ZERO: _Spec("zero-shot", _Z),
+    CompareMethod.RANDOM: _Spec("random-k", _R, seeded=True),
+    CompareMethod.KNN: _Spec("kNN-k", _K),
+    CompareMethod.PROMPT_TUNING: _Spec("prompt tuning", _Z, SoftPromptMethod.PROMPT_TUNING, None, "prompt_tuning",
+                                       True),
+    CompareMethod.PREFIX_TUNING: _Spec("prefix tuning", _Z, SoftPromptMethod.PREFIX_TUNING, None, "prefix_tuning",
+                                       True),
+    CompareMethod.IPT: _Spec("IPT, kNN demos (= kNN + soft prompt)", _K, SoftPromptMethod.IPT, _K, "ipt", True),
+    CompareMethod.IPT_RANDOM: _Spec("IPT, random demos", _R, SoftPromptMethod.IPT, _R, "ipt_random", True),
+    CompareMethod.PROMPT_TUNING_KNN: _Spec("prompt tuning + kNN demos at test time", _K,
+                                           SoftPromptMethod.PROMPT_TUNING, None, "prompt_tuning", True),
+    CompareMethod.FINETUNED: _Spec("fine-tuned reference", _Z),
+}
+DEFAULT_METHODS = tuple(m for m in CompareMethod if m is not CompareMethod.PROMPT_TUNING_KNN)
+
+
+# ----------------------------------------------------------------------------- comparison measures
+
+
+def agreement(a: Sequence[str], b: Sequence[str]) -> float:
+    """Share of examples on which two methods give the same answer (labels, or generated text
+    after stripping surrounding whitespace)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"agreement needs two equal, non-empty lists (got {len(a)} and {len(b)})")
+    return float(np.mean([str(x).strip() == str(y).strip() for x, y in zip(a, b)]))
+
+
+def total_variation(p, q) -> np.ndarray:
+    """Per-example total-variation distance between label distributions p, q [n, L]:
+    0.5 * sum_l |p - q|, in [0, 1] -> float64 [n]."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    if p.shape != q.shape or p.ndim != 2:
+        raise ValueError(f"total_variation needs two [n, L] arrays of one shape (got {p.shape} and {q.shape})")
+    return 0.5 * np.abs(p - q).sum(axis=1)
+
+
+def mean_total_variation(p, q) -> float:
+    return float(total_variation(p, q).mean())
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True).encode()).hexdigest()
+
+
+def _load_index(index, indexes_dir) -> tuple[ExampleIndex, str, Path | None]:
+    if isinstance(index, ExampleIndex):
+        return index, str(index.manifest.get("name") or "index"), None
+    folder = index_path(index, indexes_dir)
+    if not folder.is_dir():
+        raise CompareError(f"no index at {folder} (build it with `icl index build`)")
+    return ExampleIndex.load(folder), Path(str(index)).name, folder
+
+
+def _methods(methods) -> list[CompareMethod]:
+    """The methods asked for, in table order, plus the reference (every column compares with it)."""
+    if methods is None:
+        asked = set(DEFAULT_METHODS)
+    else:
+        asked = set()
+        for m in methods:
+            try:
+                asked.add(CompareMethod(m))
+            except ValueError:
+                raise CompareError(f"unknown method {m!r} (choose from {[x.value for x in CompareMethod]})") from None
+    return [m for m in CompareMethod if m in asked or m is CompareMethod.FINETUNED]
+
+
+def _test_subset(test: Dataset, limit: int | None) -> Dataset:
+    """`limit` records drawn with seed 0 (generation: `limit` distinct inputs, all their references)."""
+    if limit is None:
+        return test
+    if test.kind is TaskKind.GENERATION:
+        inputs = list(dict.fromkeys(r.input for r in test.records))
+        if limit >= len(inputs):
+            return test
+        keep = {inputs[i] for i in random.Random(0).sample(range(len(inputs)), limit)}
+        return test.select([j for j, r in enumerate(test.records) if r.input in keep], f"{test.name}[{limit} inputs]")
+    return test.subsample(limit, 0)
+
+
+def _atomic_dir(final: Path):
+    """A fresh temp folder beside `final`; `_publish` renames it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    tmp.chmod(0o755)
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()  # an empty folder the user made for it
+    os.replace(tmp, final)
+
+
+def _has_model(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in (FINETUNE_META_FILE, "config.json", "adapter_config.json"))
+
+
+def _files_fingerprint(folder: Path) -> list:
+    """Names, sizes and mtimes of a model folder's files: changes when it is retrained."""
+    return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in folder.iterdir() if p.is_file())
+
+
+def _mean_std(values: Sequence[float | None]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "per_seed": list(values)}
+    std = float(np.std(vals, ddof=1)) if len(vals) > 1 else None  # sample std over seeds
+    return {"mean": float(np.mean(vals)), "std": std, "per_seed": list(values)}
+
+
+# ----------------------------------------------------------------------------- the context of one comparison
+
+
+@dataclass
+class _Ctx:
+    lm: LM
+    index: ExampleIndex
+    index_name: str
+    indexes_dir: str | None
+    embedder: object
+    template: Template
+    builder: PromptBuilder
+    pool: Dataset
+    test: Dataset
+    k: int
+    n_virtual: int
+    soft_train: TrainSettings
+    out: Path
+    progress: bool
+    batch_size: int
+    max_new_tokens: int
+    base: dict  # fingerprint of everything every run shares
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _random_demo_examples(ctx: _Ctx, records: Sequence[Record], *, budget: int, seed: int):
+    """IPT's training examples with k RANDOM demonstrations from the index (leave-one-out), drawn
+    as the engine draws them for method 'random' (seeded per query), assembled by the builder
+    exactly as build_examples assembles the kNN ones -> (examples, skipped)."""
+    kind, labels = ctx.pool.kind, ctx.pool.labels
+    base, skipped = build_examples(records, ctx.builder, kind=kind, labels=labels, budget=budget,
+                                   n_virtual=ctx.n_virtual)  # targets, and what fits at all
+    if not base:
+        return base, skipped
+    by_id = {r.id: r for r in records}
+    recs = [by_id[e.record_id] for e in base]
+    room = [max(map(len, e.candidates)) if e.candidates else len(e.target_ids) for e in base]
+    sels = select_many(
+        ctx.index, ctx.embedder.encode([r.input for r in recs]), method=SelectionMethod.RANDOM, k=ctx.k,
+        budgets=[budget - ctx.builder.reserved(r.input, ctx.n_virtual, a) for r, a in zip(recs, room)],
+        demo_lengths=ctx.builder.demo_lengths(ctx.index.records), exclude_ids=[r.id for r in recs],
+        query_texts=[r.input for r in recs], seed=seed)
+    out = []
+    for e, r, sel, a in zip(base, recs, sels, room):
+        demos = [ctx.index.records[i] for i in sel.ids]
+        if any(d.id == r.id for d in demos):
+            raise RuntimeError(f"leave-one-out violated: record {r.id} drew itself")
+        prompt = ctx.builder.assemble(demos, r.input, budget=budget - ctx.n_virtual, answer_tokens=a)
+        out.append(replace(e, prompt_ids=tuple(prompt.ids), demo_ids=tuple(d.id for d in demos)))
+    return out, skipped
+
+
+def _train_ipt_random(ctx: _Ctx, config: SoftPromptConfig, out: Path):
+    """train_soft_prompt's flow (same split, same metadata) with random instead of kNN demos."""
+    budget = config.budget or ctx.lm.context_length
+    fit, held = split_train_eval(ctx.pool, config.train)
+    seed = config.train.seed
+    examples, skipped = _random_demo_examples(ctx, fit.records, budget=budget, seed=seed)
+    held_ex, skipped_eval = _random_demo_examples(ctx, held.records, budget=budget, seed=seed) if held else ([], 0)
+    meta = {
+        "template": ctx.builder.template.to_dict(), "budget": budget, "kind": ctx.pool.kind.value,
+        "labels": list(ctx.pool.labels), "train_sha256": ctx.pool.sha256, "demos": "random",
+        "index": {k: ctx.index.manifest.get(k) for k in ("dataset", "dataset_sha256", "count")},
+        "embedder": ctx.embedder.name, "metrics": {"skipped_too_long": skipped + skipped_eval},
+    }
+    return fit_soft_prompt(ctx.lm, examples, held_ex, config, out=out, meta=meta)
+
+
+def _adapter(ctx: _Ctx, method: str, spec: _Spec, seed: int) -> tuple[Path, dict]:
+    """out/adapters/<method>-seed<s>: trained now, or reused when trained with these settings."""
+    folder = ctx.out / "adapters" / f"{method}-seed{seed}"
+    k = ctx.k if spec.train is SoftPromptMethod.IPT else 0
+    config = SoftPromptConfig(method=spec.train, n_virtual=ctx.n_virtual, k=k,
+                              train=replace(ctx.soft_train, seed=seed))
+    settings = {"method": spec.train.value, "train_demos": spec.train_demos.value if spec.train_demos else None,
+                "k": k, "n_virtual": ctx.n_virtual, "train": asdict(config.train), "lr": config.lr,
+                **{key: ctx.base[key] for key in ("lm", "template", "index", "train_pool")}}
+    if folder.exists():
+        stored = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else None
+        if stored is None or stored["settings"] != jsonable(settings):
+            raise CompareError(f"{folder} was trained with other settings than this run's; "
+                               "delete it or choose another --out")
+        return folder, {**stored, "reused": True}
+    tmp = _atomic_dir(folder)
+    try:
+        t0 = time.perf_counter()
+        if spec.train_demos is SelectionMethod.RANDOM:
+            result = _train_ipt_random(ctx, config, tmp)
+        else:
+            result = train_soft_prompt(ctx.lm, ctx.pool, config, builder=ctx.builder, index=ctx.index,
+                                       embedder=ctx.embedder, out=tmp)
+        info = {"settings": settings, "train_seconds": time.perf_counter() - t0,
+                "trainable_params": sum(p.numel() for p in result.model.prompt_encoder.parameters()),
+                "saved_params": None, "metrics": result.metrics}
+        del result
+        from safetensors import safe_open
+
+        with safe_open(str(tmp / "adapter_model.safetensors"), "pt") as f:
+            info["saved_params"] = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
+        write_json(tmp / RUN_FILE, info)
+        _publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, {**jsonable(info), "reused": False}
+
+
+def _reference(ctx: _Ctx, reference: Path, config: FinetuneConfig) -> tuple[LM, dict]:
+    """The fine-tuned reference: trained into `reference` unless a model is already there."""
+    notes, trained = [], False
+    if not _has_model(reference):
+        if reference.exists() and any(reference.iterdir()):
+            raise CompareError(f"{reference} holds files but no fine-tuned model; give an empty or new folder")
+        tmp = _atomic_dir(reference)
+        try:
+            finetune(ctx.lm, ctx.pool, config, builder=ctx.builder, out=tmp)
+            _publish(tmp, reference)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trained = True
+    meta_file = reference / FINETUNE_META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("train_sha256") and meta["train_sha256"] != ctx.pool.sha256:
+        notes.append(f"the reference in {reference} was trained on another pool than this run's soft prompts")
+    if meta.get("lm") and meta["lm"] != ctx.lm.name:
+        notes.append(f"the reference was fine-tuned from {meta['lm']!r}, this run's LM is {ctx.lm.name!r}")
+    if meta.get("template") and meta["template"] != ctx.template.to_dict():
+        notes.append("the reference was trained with another prompt template than this run's")
+    tuned = load_finetuned(reference, base=ctx.lm)
+    metrics = meta.get("metrics", {})
+    info = {
+        "path": str(reference), "trained_now": trained, "method": meta.get("method", "unknown"),
+        "lm": meta.get("lm"), "train_sha256": meta.get("train_sha256"), "training": meta.get("training"),
+        "trainable_params": metrics.get("trainable_params") or sum(p.numel() for p in tuned.model.parameters()),
+        "train_seconds": metrics.get("seconds"), "metrics": metrics, "notes": notes,
+        "fingerprint": _files_fingerprint(reference),
+    }
+    return tuned, info
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _evaluate(ctx: _Ctx, method: str, spec: _Spec, seed: int, *, lm: LM, adapter: Path | None,
+              extra: dict) -> dict:
+    """One evaluation on the test subset, cached in out/runs/<method>-seed<s>.json."""
+    path = ctx.out / "runs" / f"{method}-seed{seed}.json"
+    k = 0 if spec.demos is SelectionMethod.ZERO else ctx.k
+    fingerprint = _sha({**ctx.base, "method": method, "seed": seed, "k": k, "extra": extra,
+                        "max_new_tokens": ctx.max_new_tokens if ctx.test.kind is TaskKind.GENERATION else None})
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("fingerprint") == fingerprint:
+            return {**cached, "reused": True}
+    config = PipelineConfig(index=ctx.index_name, indexes_dir=ctx.indexes_dir, lm=lm.name, template=ctx.template,
+                            method=spec.demos, k=k, soft_prompt=str(adapter) if adapter else None, seed=seed,
+                            batch_size=ctx.batch_size, max_new_tokens=ctx.max_new_tokens)
+    engine = Engine.load(config, lm=lm, embedder=ctx.embedder, index=ctx.index)
+    res = evaluate(engine, ctx.test, progress=ctx.progress)
+    run = {"method": method, "seed": seed, "k": k, "demos": spec.demos.value, "fingerprint": fingerprint,
+           **{key: v for key, v in res.items() if key != "predictions"}}
+    preds = res["predictions"]
+    if ctx.test.kind is TaskKind.CLASSIFICATION:
+        labels = list(ctx.index.labels)
+        run["pred"] = [p["pred"] for p in preds]
+        run["probs"] = [[p["probs"][lab] for lab in labels] for p in preds]  # [n, L] in label order
+    else:
+        run["pred"] = [p["output"] for p in preds]
+    run["demo_ids"] = [p["demos"] for p in preds]
+    write_json(path, run)
+    return {**run, "reused": False}
+
+
+def _example_scores(ctx: _Ctx, run: dict) -> np.ndarray:
+    """Per-example score in report points: correctness x 100, or best ROUGE-L (0-100)."""
+    if ctx.test.kind is TaskKind.CLASSIFICATION:
+        return 100.0 * (np.asarray(run["pred"]) == np.asarray([r.output for r in ctx.test.records]))
+    refs = [refs for _, refs in group_references(ctx.test.records)]
+    return 100.0 * np.asarray([max(rouge_l_pair(h, r) for r in rs) for h, rs in zip(run["pred"], refs)])
+
+
+# ----------------------------------------------------------------------------- rows and checks
+
+
+def _row(ctx: _Ctx, method: str, spec: _Spec, runs: list[dict], ref: dict, train: list[dict] | None,
+         ref_info: dict) -> dict:
+    cls = ctx.test.kind is TaskKind.CLASSIFICATION
+    metrics = ("accuracy", "macro_f1") if cls else ("rouge_l", "bleu")
+    row = {"method": method, "title": spec.title, "eval_demos": spec.demos.value,
+           "train_demos": spec.train_demos.value if spec.train_demos else ("none" if spec.train else None),
+           "k": runs[0]["k"], "seeds": [r["seed"] for r in runs], "n": runs[0]["n"],
+           **{m: _mean_std([r[m] for r in runs]) for m in metrics},
+           "agreement": _mean_std([agreement(r["pred"], ref["pred"]) for r in runs]),
+           "tv": _mean_std([mean_total_variation(r["probs"], ref["probs"]) for r in runs]) if cls else None,
+           "queries_per_s": float(np.mean([r["queries_per_s"] for r in runs])),
+           "eval_seconds": float(sum(r["seconds"] for r in runs)),
+           "mean_prompt_tokens": float(np.mean([r["mean_prompt_tokens"] for r in runs]))}
+    if method == CompareMethod.FINETUNED.value:
+        train_s = [ref_info["train_seconds"]]
+        row.update(trainable_params=ref_info["trainable_params"], train_seconds=_mean_std(train_s),
+                   trained_now=int(ref_info["trained_now"]))
+    elif train:
+        row.update(trainable_params=train[0]["trainable_params"], saved_params=train[0]["saved_params"],
+                   train_seconds=_mean_std([t["train_seconds"] for t in train]),
+                   trained_now=sum(not t["reused"] for t in train),
+                   train_steps=[t["metrics"]["steps"] for t in train],
+                   final_train_loss=[t["metrics"].get("final_train_loss") for t in train])
+        if spec.adapter != method:
+            row["note"] = f"evaluates the {spec.adapter} soft prompts (no training of its own)"
+            row["train_seconds"] = None
+    else:
+        row.update(trainable_params=0, train_seconds=None)
+    # the compute this method costs: training (every seed, whenever it ran) + evaluation
+    train_total = sum(v or 0.0 for v in row["train_seconds"]["per_seed"]) if row.get("train_seconds") else 0.0
+    row["wall_seconds"] = train_total + row["eval_seconds"]
+    return row
+
+
+def _compare_pair(ctx: _Ctx, runs_a: list[dict], runs_b: list[dict]) -> dict:
+    """a - b in points, with a standard error from the test examples (paired, each method's
+    per-example score averaged over its seeds) and from the seeds (their spread), combined."""
+    a = np.mean([_example_scores(ctx, r) for r in runs_a], axis=0)  # [n]
+    b = np.mean([_example_scores(ctx, r) for r in runs_b], axis=0)
+    d = a - b
+    se_test = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    var = lambda runs: float(np.var([_example_scores(ctx, r).mean() for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+    se_seed = math.sqrt(var(runs_a) / len(runs_a) + var(runs_b) / len(runs_b))
+    se = math.sqrt(se_test ** 2 + se_seed ** 2)
+    delta = float(d.mean())
+    verdict = "better" if delta > 2 * se else "worse" if delta < -2 * se else "no clear difference"
+    return {"delta": delta, "se": se, "se_test": se_test, "se_seed": se_seed, "verdict": verdict}
+
+
+def _checks(ctx: _Ctx, rows: dict[str, dict], runs: dict[str, list[dict]]) -> dict:
+    unit = "accuracy points" if ctx.test.kind is TaskKind.CLASSIFICATION else "ROUGE-L points"
+    metric = "accuracy" if ctx.test.kind is TaskKind.CLASSIFICATION else "rouge_l"
+    scale = 100.0 if metric == "accuracy" else 1.0
+    have = lambda *ms: all(m in runs for m in ms)
+    pt, ipt, iptr = CompareMethod.PROMPT_TUNING.value, CompareMethod.IPT.value, CompareMethod.IPT_RANDOM.value
+    out = {"unit": unit}
+
+    if have(pt, ipt, iptr):
+        knn, rnd = _compare_pair(ctx, runs[ipt], runs[pt]), _compare_pair(ctx, runs[iptr], runs[pt])
+        holds = knn["verdict"] == "better" and rnd["verdict"] != "better"
+        why = ("IPT beats PT with kNN demos and not with random ones" if holds else
+               "IPT does not beat PT even with kNN demos" if knn["verdict"] != "better" else
+               "IPT beats PT with random demos too")
+        out["finding1"] = {"ipt_knn_minus_pt": knn, "ipt_random_minus_pt": rnd,
+                           "verdict": "supported" if holds else "not supported", "why": why}
+    else:
+        out["finding1"] = {"verdict": "not checked", "why": f"needs methods {pt}, {ipt} and {iptr}"}
+
+    if have(pt, ipt) and len(runs[pt]) > 1 and len(runs[ipt]) > 1:
+        sd = {m: rows[m][metric]["std"] * scale for m in (pt, ipt, iptr) if m in rows}
+        holds = sd[ipt] < sd[pt]
+        out["finding2"] = {"std": sd, "seeds": len(runs[pt]), "verdict": "supported" if holds else "not supported",
+                           "why": f"std over seeds: IPT {sd[ipt]:.2f} vs PT {sd[pt]:.2f} {unit}"
+                                  + (f" (IPT with random demos {sd[iptr]:.2f})" if iptr in sd else "")}
+    else:
+        out["finding2"] = {"verdict": "not checked", "why": f"needs {pt} and {ipt} with 2+ seeds"}
+
+    ref = CompareMethod.FINETUNED.value
+    if ipt in rows:
+        gap = (rows[ref][metric]["mean"] - rows[ipt][metric]["mean"]) * scale
+        agree = rows[ipt]["agreement"]["mean"]
+        close, agrees = gap <= 2.0, agree > 0.9
+        out["goal"] = {"gap": gap, "agreement": agree, "within_2_points": close, "agreement_above_90": agrees,
+                       "verdict": "met" if close and agrees else "not met",
+                       "pair": _compare_pair(ctx, runs[ref], runs[ipt])}
+    else:
+        out["goal"] = {"verdict": "not checked", "why": f"needs method {ipt}"}
+    return out
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run_compare(
+    index: str | Path | ExampleIndex,
+    test: Dataset,
+    *,
+    out: Path,
+    reference: Path | None = None,
+    methods: Sequence[str] | None = None,
+    seeds: int = DEFAULT_SEEDS,
+    k: int = DEFAULT_K,
+    lm: LM | str | None = None,
+    indexes_dir: Path | None = None,
+    train_pool: int | None = DEFAULT_TRAIN_POOL,
+    test_limit: int | None = DEFAULT_TEST_LIMIT,
+    n_virtual: int = DEFAULT_N_VIRTUAL,
+    soft_train: TrainSettings | None = None,
+    finetune_config: FinetuneConfig | None = None,
+    template: Template | None = None,
+    threads: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Run every method on the same test subset, compare each with the fine-tuned reference
+    and write out/report.json, out/report.md and out/report.png; returns the report dict.
+
+    index: a name under indexes_dir, a folder, or an ExampleIndex (its records are the training
+    pool, subsampled to `train_pool` with seed 0, and the demonstrations). reference: the
+    fine-tuned model's folder, trained there by `finetune` when it holds no model yet (default
+    out/reference). methods: CompareMethod values (default DEFAULT_METHODS; the reference is
+    always run). soft_train: the soft prompts' TrainSettings (its seed is replaced by each of
+    range(seeds)). threads: torch threads during the run, restored after (None: as load_lm set
+    them; on a loaded shared CPU 1 thread was 3-7x faster than 2). max_new_tokens: generation."""
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    if seeds < 1:
+        raise CompareError(f"seeds must be >= 1, got {seeds}")
+    if k < 1:
+        raise CompareError(f"k must be >= 1 (kNN, random and IPT need demonstrations), got {k}")
+    if train_pool is not None and train_pool < 2:
+        raise CompareError(f"train_pool must be >= 2, got {train_pool}")
+    if test_limit is not None and test_limit < 1:
+        raise CompareError(f"test_limit must be >= 1, got {test_limit}")
+    if n_virtual < 1:
+        raise CompareError(f"n_virtual must be >= 1, got {n_virtual}")
+    if max_new_tokens < 1:
+        raise CompareError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if threads is not None and threads < 1:
+        raise CompareError(f"threads must be >= 1, got {threads}")
+    chosen = _methods(methods)
+    soft_train = soft_train or default_soft_train()
+    finetune_config = finetune_config or default_finetune()
+    out = Path(out)
+    reference = Path(reference) if reference else out / "reference"
+
+    idx, index_name, folder = _load_index(index, indexes_dir)
+    if test.kind is not idx.kind:
+        raise CompareError(f"the test set is {test.kind.value} data but the index holds {idx.kind.value}")
+    if test.kind is TaskKind.CLASSIFICATION:
+        unknown = sorted({r.output for r in test.records} - set(idx.labels))
+        if unknown:
+            raise CompareError(f"test labels {unknown} are not among the index's labels {list(idx.labels)}")
+    if len(test) == 0:
+        raise CompareError("the test set is empty")
+    if template is None:
+        stored = folder / TEMPLATE_FILE if folder else None
+        template = Template.from_json(stored) if stored and stored.is_file() else Template.default(idx.kind)
+
+    threads_before = torch.get_num_threads()
+    lm = lm if isinstance(lm, LM) else load_lm(str(lm or DEFAULT_LM))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        embedder = get_embedder(idx.manifest["embedder"])
+        pool = idx.dataset.subsample(train_pool, 0) if train_pool else idx.dataset
+        test_set = _test_subset(test, test_limit)
+        builder = PromptBuilder(template, lm.tokenizer, idx.labels)
+        base = {"lm": lm.name, "template": template.to_dict(), "train_pool": pool.sha256,
+                "index": {key: idx.manifest.get(key) for key in ("dataset_sha256", "count", "embedder")},
+                "test": test_set.sha256}
+        ctx = _Ctx(lm, idx, str(folder) if folder else index_name, None, embedder, template, builder, pool,
+                   test_set, k, n_virtual, soft_train, out, progress, batch_size, max_new_tokens, base)
+        out.mkdir(parents=True, exist_ok=True)
+
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        tuned, ref_info = _reference(ctx, reference, finetune_config)
+        if threads:  # load_lm (full fine-tuning) sets the thread count again
+            torch.set_num_threads(threads)
+        ref_run = _evaluate(ctx, CompareMethod.FINETUNED.value, _SPECS[CompareMethod.FINETUNED], 0, lm=tuned,
+                            adapter=None, extra={"reference": ref_info["fingerprint"]})
+        del tuned
+        timings[CompareMethod.FINETUNED.value] = time.perf_counter() - t0
+
+        runs: dict[str, list[dict]] = {}
+        trained: dict[str, list[dict]] = {}
+        for m in chosen:
+            if m is CompareMethod.FINETUNED:
+                runs[m.value] = [ref_run]
+                continue
+            spec, t0 = _SPECS[m], time.perf_counter()
+            runs[m.value], trained[m.value] = [], []
+            for seed in range(seeds) if spec.seeded else [0]:
+                adapter, info = _adapter(ctx, spec.adapter, spec, seed) if spec.train else (None, None)
+                if info:
+                    trained[m.value].append(info)
+                runs[m.value].append(_evaluate(ctx, m.value, spec, seed, lm=lm, adapter=adapter,
+                                               extra={"adapter": info["settings"] if info else None}))
+            timings[m.value] = time.perf_counter() - t0
+
+        rows = {m: _row(ctx, m, _SPECS[CompareMethod(m)], runs[m], ref_run, trained.get(m), ref_info) for m in runs}
+        for m, row in rows.items():
+            row["this_run_seconds"] = timings[m]  # what this invocation spent (reused work is not redone)
+        report = {
+            "format_version": FORMAT_VERSION,
+            "name": index_name,
+            "kind": test_set.kind.value,
+            "metric": "accuracy" if test_set.kind is TaskKind.CLASSIFICATION else "rouge_l",
+            "labels": list(idx.labels),
+            "settings": {
+                "methods": [m.value for m in chosen], "seeds": seeds, "k": k, "n_virtual": n_virtual,
+                "train_pool": len(pool), "train_pool_requested": train_pool, "train_pool_sha256": pool.sha256,
+                "test_limit": test_limit, "test_n": ref_run["n"], "test_records": len(test_set),
+                "test_sha256": test_set.sha256, "test_source": test.name, "soft_train": asdict(soft_train),
+                "finetune": {**asdict(finetune_config), "lr": finetune_config.lr},
+                "template": template.to_dict(), "lm": lm.name, "index": index_name,
+                "index_count": idx.manifest.get("count"), "embedder": embedder.name,
+                "batch_size": batch_size, "max_new_tokens": max_new_tokens, "defaults_basis": DEFAULTS_BASIS,
+                "std": "sample standard deviation (ddof=1) over seeds; None for one run",
+            },
+            "machine": {**machine_info(), "torch_threads": torch.get_num_threads(),
+                        "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())},
+            "reference": {key: v for key, v in ref_info.items() if key != "fingerprint"},
+            "test": {"ids": [r.id for r in test_set.records]} | (
+                {"gold": [r.output for r in test_set.records]} if test_set.kind is TaskKind.CLASSIFICATION
+                else {"inputs": [i for i, _ in group_references(test_set.records)]}),
+            "rows": [rows[m.value] for m in chosen],
+            "checks": _checks(ctx, rows, runs),
+            "runs": {m: [{key: r[key] for key in ("seed", "k", "demos", "pred", "probs", "seconds", "reused")
+                          if key in r} for r in rs] for m, rs in runs.items()},
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+        write_json(out / REPORT_JSON, report)
+        (out / REPORT_MD).write_text(format_report(report))
+        _plot(report, out / REPORT_PNG)
+        return jsonable(report)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+# ----------------------------------------------------------------------------- report.md and the plot
+
+
+def _f(x, spec=".3f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _ms(d: dict | None, scale=1.0, spec=".1f") -> str:
+    if not d or d["mean"] is None:
+        return "–"
+    return _f(d["mean"] * scale, spec) + ("" if d["std"] is None else f" ± {_f(d['std'] * scale, spec)}")
+
+
+def _params(n) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def format_report(report: dict) -> str:
+    """report.md: settings, the table, Sun et al.'s two findings and the goal line with numbers."""
+    s, cls = report["settings"], report["kind"] == "classification"
+    main, scale = ("accuracy", 100.0) if cls else ("rouge_l", 1.0)
+    second = "macro_f1" if cls else "bleu"
+    head = ["method", "demos (train → test)", f"{main} (%)" if cls else "ROUGE-L", "macro-F1 (%)" if cls else "BLEU",
+            "agreement w/ ref (%)", "TV to ref", "trainable", "train s/seed", "q/s", "compute s"]
+    st = s["soft_train"]
+    steps = f"{st['max_steps']} steps" if st["max_steps"] else f"{st['epochs']} epochs"
+    # prefix tuning trains through an MLP; only its output (the key/values) is kept
+    saved = lambda r: f" (saved {_params(r['saved_params'])})" if r.get("saved_params") not in (
+        None, r["trainable_params"]) else ""
+    lines = [f"# Approximation report: {report['name']}", "",
+             f"{s['test_n']} test examples ({s['test_source']}), LM `{s['lm']}`, k = {s['k']}, "
+             f"{s['seeds']} seed(s) for seeded methods, training pool {s['train_pool']} records of the index "
+             f"({s['index_count']}), {s['n_virtual']} virtual tokens, soft prompts {steps} "
+             f"of batch {st['batch_size']}, reference {report['reference']['method']} fine-tuning "
+             f"({'trained in this run' if report['reference']['trained_now'] else 'reused'}: "
+             f"`{report['reference']['path']}`). Values are mean ± sample std over seeds.", "",
+             "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in report["rows"]:
+        demos = f"{r['train_demos']} → {r['eval_demos']}" if r["train_demos"] else f"– → {r['eval_demos']}"
+        lines.append("| " + " | ".join([
+            r["title"], demos, _ms(r[main], scale), _ms(r[second], scale),
+            _ms(r["agreement"], 100.0), _ms(r["tv"], 1.0, ".3f") if r["tv"] else "–",
+            _params(r["trainable_params"]) + saved(r), _ms(r["train_seconds"], 1.0, ".0f"),
+            _f(r["queries_per_s"], ".2f"), _f(r["wall_seconds"], ".0f")]) + " |")
+    c, unit = report["checks"], report["checks"]["unit"]
+    lines += ["", "**kNN + soft prompt** is the `ipt` row: a prompt-tuning soft prompt trained with each "
+              "training example's k nearest demonstrations and evaluated with the test input's k nearest "
+              "(Sun et al.'s instruction prompt tuning).", "", "## Sun et al. (2023), checked on these numbers", ""]
+    f1 = c["finding1"]
+    if "ipt_knn_minus_pt" in f1:
+        a, b = f1["ipt_knn_minus_pt"], f1["ipt_random_minus_pt"]
+        lines.append(
+            f"1. *IPT beats prompt tuning only with similar (kNN) demonstrations.* IPT(kNN) − PT = "
+            f"{a['delta']:+.1f} ± {a['se']:.1f} {unit} ({a['verdict']}); IPT(random) − PT = "
+            f"{b['delta']:+.1f} ± {b['se']:.1f} ({b['verdict']}). **{f1['verdict'].capitalize()}**: {f1['why']}.")
+    else:
+        lines.append(f"1. *IPT beats prompt tuning only with kNN demonstrations*: not checked ({f1['why']}).")
+    f2 = c["finding2"]
+    if "std" in f2:
+        lines.append(f"2. *IPT has lower variance across seeds than prompt tuning.* {f2['why']} over "
+                     f"{f2['seeds']} seeds. **{f2['verdict'].capitalize()}** (with {f2['seeds']} seeds a "
+                     "standard deviation is itself very uncertain: weak evidence either way).")
+    else:
+        lines.append(f"2. *IPT has lower variance across seeds*: not checked ({f2['why']}).")
+    lines.append("")
+    lines.append("± on a difference: its standard error from the test examples (paired) and the seeds; "
+                 "'better'/'worse' when it exceeds 2 standard errors.")
+    g = c["goal"]
+    lines += ["", "## Goal: kNN + soft prompt within 2 points of the fine-tuned reference, > 90% agreement", ""]
+    if "gap" in g:
+        lines.append(
+            f"Reference − IPT(kNN) = {g['gap']:+.1f} {unit} ({'within' if g['within_2_points'] else 'not within'} 2; "
+            f"± {g['pair']['se']:.1f}), agreement {100 * g['agreement']:.1f}% "
+            f"({'above' if g['agreement_above_90'] else 'not above'} 90%). **Goal {g['verdict']}.**")
+    else:
+        lines.append(f"Not checked ({g['why']}).")
+    m = report["machine"]
+    lines += ["", "## Run", "",
+              f"- machine: {m['cpu_count']} CPUs, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
+              f"{m['platform']}; load average {m['load_average_start'][0]:.1f} at start, "
+              f"{m['load_average_end'][0]:.1f} at end; CUDA: {m['cuda'] or 'none'}",
+              f"- wall time of this invocation: {report['wall_seconds']:.0f} s; per method (this invocation, "
+              "reused training and evaluations are not redone): "
+              + ", ".join(f"{r['method']} {r['this_run_seconds']:.0f} s" for r in report["rows"]),
+              f"- defaults: {s['defaults_basis']}",
+              f"- soft prompt training: {json.dumps(s['soft_train'], sort_keys=True)}",
+              f"- reference training: {json.dumps(s['finetune'], sort_keys=True)}"]
+    for note in report["reference"].get("notes", []):
+        lines.append(f"- note: {note}")
+    for r in report["rows"]:
+        if r.get("note"):
+            lines.append(f"- {r['method']}: {r['note']}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict, path: Path) -> None:
+    """Bars (mean ± std over seeds): the task metric with the reference's level and the goal
+    band, agreement with the reference (90% line), and TV distance to it (classification)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    cls = report["kind"] == "classification"
+    main, scale = ("accuracy", 100.0) if cls else ("rouge_l", 1.0)
+    rows = report["rows"]
+    names = [r["method"] for r in rows]
+    panels = [(main, scale, f"{main} (%)" if cls else "ROUGE-L"), ("agreement", 100.0, "agreement with reference (%)")]
+    if cls:
+        panels.append(("tv", 1.0, "mean TV distance to reference"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    ref = next(r for r in rows if r["method"] == CompareMethod.FINETUNED.value)
+    for ax, (key, sc, title) in zip(np.atleast_1d(axes), panels):
+        mean = [(r[key]["mean"] or 0.0) * sc for r in rows]
+        std = [(r[key]["std"] or 0.0) * sc for r in rows]
+        ax.bar(range(len(rows)), mean, yerr=std, capsize=3,
+               color=["C3" if n == ref["method"] else "C0" for n in names])
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        if key == main:
+            level = ref[key]["mean"] * sc
+            ax.axhline(level, color="C3", ls="--", lw=1, label="reference")
+            ax.axhspan(level - 2, level, color="C3", alpha=0.12, label="within 2 points")
+            ax.legend(fontsize=7)
+        elif key == "agreement":
+            ax.axhline(90, color="k", ls=":", lw=1, label="90%")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{report['name']}: {report['settings']['test_n']} test examples", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

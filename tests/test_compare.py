@@ -1,0 +1,210 @@
+"""The approximation report on a tiny random Llama saved to a folder, the hashing embedder and a
+tiny dataset: every method with 2 seeds and 2 training steps writes a complete report, an
+interrupted/repeated run reuses what exists, and the comparison measures match hand values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from icl_engine.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, CompareError, CompareMethod, agreement,
+                                mean_total_variation, run_compare, total_variation)
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.embed import get_embedder
+from icl_engine.finetune import FinetuneConfig
+from icl_engine.index import ExampleIndex
+from icl_engine.pipeline import TEMPLATE_FILE
+from icl_engine.prompt import Template
+from icl_engine.soft_prompt import TrainSettings
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+TEMPLATE = Template(instruction="Classify the review.", input_format="Review: {input}\nSentiment:",
+                    output_format=" {output}", verbalizers={"positive": "A", "negative": "B"})
+ROWS = [
+    ("the movie was great", "positive"), ("wonderful acting and a great plot", "positive"),
+    ("great film", "positive"), ("the acting was wonderful", "positive"), ("a wonderful movie", "positive"),
+    ("a dull boring film", "negative"), ("terrible plot", "negative"), ("a boring movie", "negative"),
+    ("dull acting and a terrible plot", "negative"), ("the film was boring", "negative"),
+    ("great great wonderful", "positive"), ("boring dull terrible", "negative"),
+]
+TEST = [("a great movie", "positive"), ("boring and dull", "negative"), ("wonderful film", "positive"),
+        ("a terrible film", "negative"), ("great acting", "positive")]
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    tok = make_tiny_tokenizer()
+    lm_dir = root / "tiny-lm"
+    make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    train = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(ROWS), ("negative", "positive"))
+    folder = root / "indexes" / "tiny"
+    ExampleIndex.build(train, get_embedder("hashing:64")).save(folder)
+    TEMPLATE.to_json(folder / TEMPLATE_FILE)
+    test = Dataset("tiny-test", TaskKind.CLASSIFICATION, make_records(TEST), ("negative", "positive"))
+    return root, lm_dir, test
+
+
+def compare(workspace, steps=2, **kw):
+    root, lm_dir, test = workspace
+    args = dict(reference=root / "ref", methods=[m.value for m in CompareMethod], seeds=SEEDS, k=2,
+                out=root / "report", lm=str(lm_dir), indexes_dir=root / "indexes", train_pool=None,
+                test_limit=None, n_virtual=3, threads=1, progress=False,
+                soft_train=TrainSettings(max_steps=steps, batch_size=4, eval_fraction=0.0),
+                finetune_config=FinetuneConfig(train=TrainSettings(max_steps=2, batch_size=4, eval_fraction=0.0)))
+    return run_compare("tiny", test, **{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def report(workspace):
+    return compare(workspace)
+
+
+def test_agreement_and_total_variation_by_hand():
+    assert agreement(["a", "b", "a", "c"], ["a", "a", "a", "c"]) == 0.75
+    assert agreement([" x y", "z"], ["x y ", "w"]) == 0.5  # generated text: surrounding space ignored
+    p = [[0.7, 0.2, 0.1], [1.0, 0.0, 0.0]]
+    q = [[0.4, 0.4, 0.2], [0.0, 0.0, 1.0]]
+    np.testing.assert_allclose(total_variation(p, q), [0.3, 1.0])  # 0.5*(.3+.2+.1), 0.5*(1+0+1)
+    assert mean_total_variation(p, q) == pytest.approx(0.65)
+    assert mean_total_variation(p, p) == 0.0
+    with pytest.raises(ValueError, match="equal"):
+        agreement(["a"], [])
+    with pytest.raises(ValueError, match="shape"):
+        total_variation([[1.0, 0.0]], [[1.0, 0.0, 0.0]])
+
+
+def test_report_has_every_row_and_column(workspace, report):
+    root = workspace[0]
+    out = root / "report"
+    on_disk = json.loads((out / REPORT_JSON).read_text())
+    assert on_disk == report
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == [m.value for m in CompareMethod]
+    for name, r in rows.items():
+        for col in ("accuracy", "macro_f1", "agreement", "tv", "trainable_params", "train_seconds",
+                    "queries_per_s", "wall_seconds", "this_run_seconds"):
+            assert col in r, (name, col)
+        assert {"mean", "std", "per_seed"} <= set(r["accuracy"])
+        seeded = name not in ("zero", "knn", "finetuned")
+        assert len(r["seeds"]) == (SEEDS if seeded else 1), name
+        assert (r["accuracy"]["std"] is not None) == seeded, name
+        assert 0.0 <= r["agreement"]["mean"] <= 1.0 and 0.0 <= r["tv"]["mean"] <= 1.0
+    ref = rows["finetuned"]
+    assert ref["agreement"] == {"mean": 1.0, "std": None, "per_seed": [1.0]}
+    assert ref["tv"]["mean"] == 0.0
+    assert ref["trainable_params"] > 0 and ref["trained_now"] == 1
+    n_virtual, hidden = 3, 32
+    assert rows["prompt_tuning"]["trainable_params"] == n_virtual * hidden == rows["ipt"]["trainable_params"]
+    assert rows["prefix_tuning"]["saved_params"] == n_virtual * 2 * 2 * 2 * 8  # n * layers * (k, v) * kv heads * dim
+    assert rows["prefix_tuning"]["trainable_params"] > rows["prefix_tuning"]["saved_params"]  # the MLP
+    assert rows["zero"]["trainable_params"] == 0 and rows["zero"]["train_seconds"] is None
+    assert rows["ipt"]["train_steps"] == [2, 2] and rows["ipt"]["trained_now"] == SEEDS
+    assert rows["prompt_tuning_knn"]["trained_now"] == 0  # evaluates prompt_tuning's soft prompts
+    assert (rows["ipt"]["k"], rows["ipt_random"]["eval_demos"], rows["zero"]["k"]) == (2, "random", 0)
+    for m in ("prompt_tuning", "prefix_tuning", "ipt", "ipt_random"):
+        for s in range(SEEDS):
+            assert (out / "adapters" / f"{m}-seed{s}" / "adapter_model.safetensors").is_file()
+    s = report["settings"]
+    assert (s["seeds"], s["k"], s["test_n"], s["train_pool"]) == (SEEDS, 2, len(TEST), len(ROWS))
+    assert report["machine"]["torch_threads"] == 1 and report["machine"]["cpu_count"] >= 1
+
+
+def test_per_example_runs_recompute_agreement_and_tv(report):
+    rows = {r["method"]: r for r in report["rows"]}
+    ref = report["runs"]["finetuned"][0]
+    gold = report["test"]["gold"]
+    for name, runs in report["runs"].items():
+        assert len(runs) == len(rows[name]["seeds"])
+        for run, agree, tv, acc in zip(runs, rows[name]["agreement"]["per_seed"], rows[name]["tv"]["per_seed"],
+                                       rows[name]["accuracy"]["per_seed"]):
+            assert len(run["pred"]) == len(run["probs"]) == len(TEST)
+            np.testing.assert_allclose(np.sum(run["probs"], axis=1), 1.0, atol=1e-9)
+            assert agree == agreement(run["pred"], ref["pred"])
+            assert tv == pytest.approx(mean_total_variation(run["probs"], ref["probs"]))
+            assert acc == pytest.approx(np.mean([p == g for p, g in zip(run["pred"], gold)]))
+    # random demos differ between seeds; kNN demos do not depend on the seed
+    assert report["runs"]["random"][0]["seed"] == 0 and report["runs"]["random"][1]["seed"] == 1
+
+
+def test_checks_and_markdown(workspace, report):
+    c = report["checks"]
+    assert c["finding1"]["verdict"] in ("supported", "not supported")
+    for key in ("ipt_knn_minus_pt", "ipt_random_minus_pt"):
+        assert {"delta", "se", "verdict"} <= set(c["finding1"][key])
+    assert c["finding2"]["verdict"] in ("supported", "not supported")
+    rows = {r["method"]: r for r in report["rows"]}
+    assert c["goal"]["gap"] == pytest.approx(100 * (rows["finetuned"]["accuracy"]["mean"] - rows["ipt"]["accuracy"]["mean"]))
+    assert c["goal"]["verdict"] == ("met" if c["goal"]["gap"] <= 2 and c["goal"]["agreement"] > 0.9 else "not met")
+    out = workspace[0] / "report"
+    md = (out / REPORT_MD).read_text()
+    for text in ("| method |", "IPT, random demos", "kNN + soft prompt", "Supported" if c["finding1"]["verdict"] ==
+                 "supported" else "Not supported", "Goal", "torch thread", "defaults:"):
+        assert text in md
+    png = (out / REPORT_PNG).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_a_second_run_reuses_everything(workspace, report):
+    again = compare(workspace)
+    rows = {r["method"]: r for r in again["rows"]}
+    assert all(r.get("trained_now", 0) == 0 for r in rows.values())
+    assert again["reference"]["trained_now"] is False
+    assert all(run["reused"] for runs in again["runs"].values() for run in runs)
+    assert again["runs"] == {m: [{**r, "reused": True} for r in rs] for m, rs in report["runs"].items()}
+
+
+def test_adapters_trained_with_other_settings_are_refused(workspace, report):
+    with pytest.raises(CompareError, match="other settings"):
+        compare(workspace, steps=3)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(methods=["zero", "bogus"]), "unknown method 'bogus'"),
+    (dict(seeds=0), "seeds must be >= 1"),
+    (dict(k=0), "k must be >= 1"),
+    (dict(test_limit=0), "test_limit"),
+])
+def test_user_mistakes_are_one_line_errors(workspace, kw, match):
+    with pytest.raises(CompareError, match=match):
+        compare(workspace, **kw)
+
+
+def test_unknown_test_labels_and_missing_index(workspace):
+    root, lm_dir, _ = workspace
+    odd = Dataset("odd", TaskKind.CLASSIFICATION, make_records([("meh", "neutral")]), ("neutral",))
+    with pytest.raises(CompareError, match="not among the index's labels"):
+        run_compare("tiny", odd, out=root / "x", lm=str(lm_dir), indexes_dir=root / "indexes")
+    with pytest.raises(CompareError, match="no index"):
+        run_compare("nope", odd, out=root / "x", lm=str(lm_dir), indexes_dir=root / "indexes")
+
+
+def test_generation_report(tmp_path):
+    """Data-to-text: ROUGE-L / BLEU columns, agreement = identical outputs, no TV column."""
+    tok = make_tiny_tokenizer()
+    lm_dir = tmp_path / "lm"
+    make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    pairs = [(f"name[{n}], food[{f}]", f"{n} serves {f} food") for n in ("Aromi", "Blue", "Cotto")
+             for f in ("coffee", "pub", "restaurant")]
+    train = Dataset("gen", TaskKind.GENERATION, make_records(pairs[:7]), ())
+    ExampleIndex.build(train, get_embedder("hashing:64")).save(tmp_path / "idx")
+    test = Dataset("gen-test", TaskKind.GENERATION, make_records(pairs[7:] + [(pairs[8][0], "another ref")]), ())
+    quick = TrainSettings(max_steps=1, batch_size=4, eval_fraction=0.0)
+    report = run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out", methods=["zero", "prompt_tuning", "ipt"],
+                         seeds=1, k=1, lm=str(lm_dir), train_pool=None, test_limit=None, n_virtual=2, threads=1,
+                         progress=False, soft_train=quick, max_new_tokens=4,
+                         finetune_config=FinetuneConfig(train=quick))
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["zero", "prompt_tuning", "ipt", "finetuned"]
+    assert report["metric"] == "rouge_l" and report["settings"]["test_n"] == 2  # distinct inputs (3 records)
+    assert rows["finetuned"]["agreement"]["mean"] == 1.0 and rows["finetuned"]["tv"] is None
+    assert all(len(run["pred"]) == 2 and "probs" not in run for runs in report["runs"].values() for run in runs)
+    assert {"bleu", "rouge_l"} <= set(rows["ipt"]) and report["checks"]["goal"]["verdict"] in ("met", "not met")
+    assert (tmp_path / "out" / REPORT_PNG).is_file() and "ROUGE-L" in (tmp_path / "out" / REPORT_MD).read_text()

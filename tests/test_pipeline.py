@@ -1,0 +1,110 @@
+"""The wired pipeline: Engine.classify/generate against the stages called by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.embed import get_embedder
+from icl_engine.index import ExampleIndex
+from icl_engine.lm import LM
+from icl_engine.pipeline import Engine, PipelineConfig
+from icl_engine.prompt import Template
+from icl_engine.score import Calibration, normalize, score_brute_force
+from icl_engine.select import SelectionMethod
+
+TEXTS = ["a wonderful film", "great acting and a moving story", "a dull boring film", "terrible plot and bad acting",
+         "the movie was great", "a boring waste of time", "wonderful acting", "bad film"]
+LABELS = ["positive", "positive", "negative", "negative", "positive", "negative", "positive", "negative"]
+TEMPLATE = Template(instruction="Sentiment of movie reviews.", input_format="Review: {input}\nSentiment:",
+                    output_format=" {output}", verbalizers={"positive": "great", "negative": "terrible bad"})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_tokenizer, tmp_path_factory):
+    lm = LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny", torch.device("cpu"))
+    ds = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(zip(TEXTS, LABELS)), ("negative", "positive"))
+    emb = get_embedder("hashing:64")
+    folder = tmp_path_factory.mktemp("idx") / "tiny"
+    ExampleIndex.build(ds, emb).save(folder)
+    return lm, emb, folder
+
+
+def engine(parts, **kw) -> Engine:
+    lm, emb, folder = parts
+    cfg = PipelineConfig(index=str(folder), template=TEMPLATE, **kw)
+    return Engine.load(cfg, lm=lm, embedder=emb)
+
+
+def test_classify_equals_brute_force_on_the_assembled_prompt(parts):
+    eng = engine(parts, k=3)
+    assert eng.prefix is not None  # the instruction is cached once
+    preds = eng.classify(["a great moving film", "boring and bad"])
+    for q, p in zip(["a great moving film", "boring and bad"], preds):
+        recs = {r.id: r for r in eng.index.records}
+        prompt = eng.builder.assemble([recs[d.id] for d in p.demos], q)
+        labels = [eng.builder.label_ids(lab) for lab in eng.index.labels]
+        ref = np.exp(normalize(score_brute_force(eng.lm, [prompt.ids], labels)))[0]  # no prefix, no batching
+        assert list(p.probs.values()) == pytest.approx(list(ref), abs=1e-5)
+        assert p.label == eng.index.labels[int(np.argmax(ref))]
+        assert p.prompt_tokens == len(prompt.ids) and len(p.demos) == 3
+        # most similar demonstration is nearest the query
+        assert p.demos[-1].score == max(d.score for d in p.demos)
+
+
+def test_leave_one_out_and_methods(parts):
+    eng = engine(parts, k=3)
+    own = eng.index.records[0]
+    [p] = eng.classify([own.input], exclude_ids=[own.id])
+    assert own.id not in [d.id for d in p.demos]
+    assert all(d.input != own.input for d in p.demos)
+    [z] = eng.classify(["a film"], method=SelectionMethod.ZERO)
+    assert z.demos == []
+    r1 = eng.classify(["a film"], method="random")
+    r2 = eng.classify(["a film"], method="random")
+    assert [d.id for d in r1[0].demos] == [d.id for d in r2[0].demos]  # seeded
+
+
+@pytest.mark.parametrize("cal", [Calibration.CONTEXTUAL, Calibration.PMI])
+def test_calibration_changes_probabilities_and_stays_normalised(parts, cal):
+    plain = engine(parts, k=2).classify(["a great film"])[0]
+    calibrated = engine(parts, k=2, calibration=cal).classify(["a great film"])[0]
+    assert sum(calibrated.probs.values()) == pytest.approx(1.0)
+    assert calibrated.probs != pytest.approx(plain.probs)
+
+
+def test_budget_limits_demonstrations(parts):
+    eng = engine(parts, k=8, budget=60)
+    [p] = eng.classify(["a film"])
+    assert p.prompt_tokens + max(len(eng.builder.label_ids(lab)) for lab in eng.index.labels) <= 60
+    assert len(p.demos) < 8
+
+
+def test_generation_pipeline(tiny_tokenizer, tmp_path):
+    lm = LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny", torch.device("cpu"))
+    ds = Dataset("g", TaskKind.GENERATION, make_records([("name: a, food: b", "a serves b"), ("name: c", "c is here"),
+                                                          ("name: d, area: e", "d is in e")]), ())
+    emb = get_embedder("hashing:64")
+    ExampleIndex.build(ds, emb).save(tmp_path / "g")
+    eng = Engine.load(PipelineConfig(index=str(tmp_path / "g"), k=2, max_new_tokens=5), lm=lm, embedder=emb)
+    [g] = eng.generate(["name: a, area: e"])
+    assert isinstance(g.text, str) and len(g.demos) == 2
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = PipelineConfig(index="x", template=TEMPLATE, method="mmr", calibration="pmi", k=4)
+    cfg.save(tmp_path / "c.json")
+    assert PipelineConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="k"):
+        PipelineConfig(index="x", k=-1)
