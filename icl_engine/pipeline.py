@@ -22,7 +22,7 @@ from .lm import DEFAULT_LM, LM, load_lm
 from .prompt import Prompt, PromptBuilder, Template
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .generate import generate
-from .select import Selection, SelectionMethod, select_many
+from .select import DemoOrder, Selection, SelectionMethod, select_many
 
 def _load_lm(config: "PipelineConfig") -> LM:
     """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
@@ -55,11 +55,13 @@ class PipelineConfig:
     batch_size: int = 8
     max_new_tokens: int = 64
     mmr_lambda: float = 0.5
+    order: DemoOrder = DemoOrder.NEAREST_LAST  # where the most similar demonstration goes
     trust_remote_code: bool = False
 
     def __post_init__(self):
         self.method = SelectionMethod(self.method)
         self.calibration = Calibration(self.calibration)
+        self.order = DemoOrder(self.order)
         if isinstance(self.template, dict):
             self.template = Template(**self.template)
         if self.k < 0:
@@ -71,7 +73,7 @@ class PipelineConfig:
 
     def save(self, path: str | Path) -> None:
         d = asdict(self)
-        d["method"], d["calibration"] = self.method.value, self.calibration.value
+        d["method"], d["calibration"], d["order"] = self.method.value, self.calibration.value, self.order.value
         Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -171,7 +173,7 @@ class Engine:
         return select_many(
             self.index, qv, method=method, k=k, budgets=budgets, query_texts=list(queries),
             exclude_ids=exclude_ids, demo_lengths=self.builder.demo_lengths(self.index.records),
-            seed=self.config.seed, mmr_lambda=self.config.mmr_lambda,
+            seed=self.config.seed, mmr_lambda=self.config.mmr_lambda, order=self.config.order,
         )
 
     def _prompts(self, queries: Sequence[str], selections: Sequence[Selection]) -> list[Prompt]:

@@ -70,3 +70,44 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
     return make_tiny_model(len(tiny_tokenizer))
+
+
+def make_tiny_lm(tokenizer, **overrides):
+    """An `LM` over a tiny random Llama. initializer_range 0.2 (not the config's 0.02): at 0.02
+    every next-token distribution is near uniform, so two buggy scorers would still agree and a
+    soft prompt would have nothing to learn."""
+    import torch
+
+    from icl_engine.lm import LM
+
+    overrides.setdefault("initializer_range", 0.2)
+    return LM(make_tiny_model(len(tokenizer), **overrides), tokenizer, "tiny", torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared, busy machine thread hand-offs
+    dominate their run time. (load_lm sets its own thread count for the real models.)"""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A tiny sentiment task shared by the soft-prompt, fine-tuning and report tests.
+SENTIMENT_ROWS = [
+    ("the movie was great", "positive"), ("wonderful acting and a great plot", "positive"),
+    ("great film", "positive"), ("the acting was wonderful", "positive"), ("a wonderful movie", "positive"),
+    ("a dull boring film", "negative"), ("terrible plot", "negative"), ("a boring movie", "negative"),
+    ("dull acting and a terrible plot", "negative"), ("the film was boring", "negative"),
+    ("great great wonderful", "positive"), ("boring dull terrible", "negative"),
+]
+
+
+def sentiment_template():
+    from icl_engine.prompt import Template
+
+    return Template(instruction="Classify the review.", input_format="Review: {input}\nSentiment:",
+                    output_format=" {output}", verbalizers={"positive": "A", "negative": "B"})

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, make_tiny_tokenizer, sentiment_template
 from icl_engine.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, CompareError, CompareMethod, agreement,
                                 mean_total_variation, run_compare, total_variation)
 from icl_engine.data import Dataset, TaskKind, make_records
@@ -22,15 +22,8 @@ from icl_engine.soft_prompt import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
-TEMPLATE = Template(instruction="Classify the review.", input_format="Review: {input}\nSentiment:",
-                    output_format=" {output}", verbalizers={"positive": "A", "negative": "B"})
-ROWS = [
-    ("the movie was great", "positive"), ("wonderful acting and a great plot", "positive"),
-    ("great film", "positive"), ("the acting was wonderful", "positive"), ("a wonderful movie", "positive"),
-    ("a dull boring film", "negative"), ("terrible plot", "negative"), ("a boring movie", "negative"),
-    ("dull acting and a terrible plot", "negative"), ("the film was boring", "negative"),
-    ("great great wonderful", "positive"), ("boring dull terrible", "negative"),
-]
+TEMPLATE = sentiment_template()
+ROWS = SENTIMENT_ROWS
 TEST = [("a great movie", "positive"), ("boring and dull", "negative"), ("wonderful film", "positive"),
         ("a terrible film", "negative"), ("great acting", "positive")]
 SEEDS = 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, sentiment_template
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.finetune import (FINETUNE_META_FILE, FinetuneConfig, FinetuneError, finetune, fit_finetune,
                                  load_finetuned)
@@ -22,21 +22,12 @@ from icl_engine.soft_prompt import LOG_FILE, TrainSettings, build_examples
 
 TEMPLATE = Template(input_format="Review: {input}\nSentiment:", output_format=" {output}",
                     verbalizers={"positive": "A", "negative": "B"})
-ROWS = [
-    ("the movie was great", "positive"), ("wonderful acting and a great plot", "positive"),
-    ("great film", "positive"), ("the acting was wonderful", "positive"),
-    ("a dull boring film", "negative"), ("terrible plot", "negative"), ("a boring movie", "negative"),
-    ("dull acting and a terrible plot", "negative"),
-]
+ROWS = SENTIMENT_ROWS
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
-    yield LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny",
-             torch.device("cpu"))
-    torch.set_num_threads(threads)
+    return make_tiny_lm(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_lm, make_tiny_model
 from icl_engine.generate import cut_at_stop, generate, sample_next
 from icl_engine.lm import LM
 from icl_engine.score import ScoreError, compute_prefix
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine thread hand-offs dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer) -> LM:
-    # a sharp random model (see test_score.py): greedy paths depend on the whole prompt
-    return LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny", torch.device("cpu"))
+    return make_tiny_lm(tiny_tokenizer)  # sharp: greedy paths depend on the whole prompt
 
 
 @pytest.fixture(scope="module")

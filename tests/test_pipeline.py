@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_lm
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.index import ExampleIndex
@@ -23,17 +23,9 @@ TEMPLATE = Template(instruction="Sentiment of movie reviews.", input_format="Rev
                     output_format=" {output}", verbalizers={"positive": "great", "negative": "terrible bad"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def parts(tiny_tokenizer, tmp_path_factory):
-    lm = LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny", torch.device("cpu"))
+    lm = make_tiny_lm(tiny_tokenizer)
     ds = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(zip(TEXTS, LABELS)), ("negative", "positive"))
     emb = get_embedder("hashing:64")
     folder = tmp_path_factory.mktemp("idx") / "tiny"
@@ -92,7 +84,7 @@ def test_budget_limits_demonstrations(parts):
 
 
 def test_generation_pipeline(tiny_tokenizer, tmp_path):
-    lm = LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny", torch.device("cpu"))
+    lm = make_tiny_lm(tiny_tokenizer)
     ds = Dataset("g", TaskKind.GENERATION, make_records([("name: a, food: b", "a serves b"), ("name: c", "c is here"),
                                                           ("name: d, area: e", "d is in e")]), ())
     emb = get_embedder("hashing:64")

