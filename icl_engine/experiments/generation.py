@@ -23,7 +23,7 @@ import numpy as np
 
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from .common import (
-    ExperimentError, curve, encode, fits_table, lm_info, machine_info, nanmean, plot_curves, plot_scaling,
+    ExperimentError, curve, encode, fits_table, lm_info, machine_info, plot_curves, plot_scaling,
     points_table, start_ids, verdict_counts, verdict_line, write_json,
 )
 

@@ -99,7 +99,7 @@ def _call(fn: Predictor, pool: Dataset, test: Dataset, what: str) -> tuple[np.nd
     return np.asarray(labels), probs
 
 
-def _measure(task: str, pool: Dataset, test: Dataset, grid, predict, reference, cfg, seed) -> dict:
+def _measure(pool: Dataset, test: Dataset, grid, predict, reference, cfg, seed) -> dict:
     K = len(grid)
     out = {k: np.zeros((cfg.draws, K)) for k in ("error", "disagreement", "prob_tv", "reference_error")}
     gold = np.array([r.output for r in test])
@@ -138,7 +138,7 @@ def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config
         if cfg.n_test is not None:
             test = test.select(range(min(cfg.n_test, len(test))))
         grid = log_grid(min(cfg.n_min, len(pool)), len(pool), cfg.n_points)
-        m = _measure(task, pool, test, grid, predict, reference, cfg, seed)
+        m = _measure(pool, test, grid, predict, reference, cfg, seed)
         raw[task] = m
         tasks[task] = {"pool": len(pool), "test": len(test), "labels": list(pool.labels), "n_grid": list(grid)}
         bounded = PREDICTED_SLOPE[Bound.LINEAR_BOUNDED]
