@@ -35,7 +35,11 @@ TEMPLATES = {
     "rotten_tomatoes": Template(instruction="Classify the sentiment of each movie review as positive or negative.",
                                 input_format="Review: {input}\nSentiment:", output_format=" {output}"),
     "snips": Template(instruction="Classify the intent of each utterance.",
-                      input_format="Utterance: {input}\nIntent:", output_format=" {output}"),
+                      input_format="Utterance: {input}\nIntent:", output_format=" {output}",
+                      # plain words, not identifiers: "add to playlist" rather than "add_to_playlist"
+                      verbalizers={lab: lab.replace("_", " ") for lab in (
+                          "add_to_playlist", "book_restaurant", "get_weather", "play_music", "rate_book",
+                          "search_creative_work", "search_screening_event")}),
     "e2e": Template(instruction="Write one sentence describing the restaurant from its data.",
                     input_format="Data: {input}\nSentence:", output_format=" {output}"),
 }

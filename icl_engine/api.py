@@ -246,8 +246,13 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
     if experiments.Experiment(experiment) is not experiments.Experiment.RETRIEVAL:
         return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed)
     predict = engine_predictor(model, k=k)
-    ref = (engine_predictor(_load_reference(reference), k=0) if reference else experiments.bow_logreg())
-    return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, predict=predict, reference=ref)
+    if reference:
+        ref = engine_predictor(_load_reference(reference), k=0)
+        ref.fixed = True  # trained once: the report says the reference does not move with N
+    else:
+        ref = experiments.bow_logreg()
+    return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, predict=predict,
+                           reference=ref, k=k)
 
 
 def _load_reference(path: Path):

@@ -9,13 +9,13 @@ Every stage lives in its own module; this file only wires them together.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .data import Dataset, Record, TaskKind
+from .data import TaskKind
 from .embed import Embedder, get_embedder
 from .index import ExampleIndex, index_path
 from .lm import DEFAULT_LM, LM, load_lm
@@ -23,15 +23,6 @@ from .prompt import Prompt, PromptBuilder, Template
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .generate import generate
 from .select import DemoOrder, Selection, SelectionMethod, select_many
-
-def _load_lm(config: "PipelineConfig") -> LM:
-    """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
-    adapter or weights."""
-    from .finetune import FINETUNE_META_FILE, load_finetuned
-
-    if (Path(config.lm) / FINETUNE_META_FILE).is_file():
-        return load_finetuned(config.lm)
-    return load_lm(config.lm, trust_remote_code=config.trust_remote_code)
 
 
 __all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "TEMPLATE_FILE"]
@@ -248,3 +239,13 @@ class Engine:
         )
         return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual)
                 for t, s, p in zip(texts, selections, prompts)]
+
+
+def _load_lm(config: "PipelineConfig") -> LM:
+    """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
+    adapter or weights."""
+    from .finetune import FINETUNE_META_FILE, load_finetuned
+
+    if (Path(config.lm) / FINETUNE_META_FILE).is_file():
+        return load_finetuned(config.lm)
+    return load_lm(config.lm, trust_remote_code=config.trust_remote_code)

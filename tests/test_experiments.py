@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import make_tiny_model, make_tiny_tokenizer, shared_data
+from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer, shared_data
 from icl_engine import bounds as B
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.experiments import (
@@ -20,28 +19,16 @@ from icl_engine.experiments import (
 from icl_engine.experiments.baselines import fit_logreg, hash_bow
 from icl_engine.experiments.common import encode, log_grid
 from icl_engine.experiments.generation import counting_tv, output_tokens
-from icl_engine.lm import LM
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICTS = {"consistent", "not consistent", "inconclusive", "n/a"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are dominated by thread hand-offs; one thread is several times faster on a
-    shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_lm():
-    tok = make_tiny_tokenizer()
-    # 2048 positions so the generation grid (up to N = 128 demos) fits
-    model = make_tiny_model(len(tok), max_position_embeddings=2048)
-    return LM(model=model, tokenizer=tok, name="tiny-random-llama", device=torch.device("cpu"))
+    # 2048 positions so the generation grid (up to N = 128 demos) fits; conftest's autouse
+    # one_thread fixture keeps the tiny model fast on a busy machine
+    return make_tiny_lm(make_tiny_tokenizer(), max_position_embeddings=2048)
 
 
 def _strict_json(path: Path) -> dict:
@@ -299,6 +286,7 @@ def test_bounds_notebook_executes_with_a_tiny_lm_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bounds_notebook_executes_with_smollm2(tmp_path):
     """The notebook as shipped: quick linear and generation with the packaged SmolLM2
     (8 min measured on a shared, loaded 2-core machine with ICL_NUM_THREADS=1)."""

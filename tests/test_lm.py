@@ -10,7 +10,6 @@ import torch
 import transformers
 
 from conftest import make_tiny_model, make_tiny_tokenizer
-from icl_engine import lm as lm_mod
 from icl_engine.lm import DEFAULT_LM, LM, LMLoadError, cache_root, load_lm
 
 

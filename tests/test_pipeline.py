@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_tiny_lm
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.index import ExampleIndex
-from icl_engine.lm import LM
 from icl_engine.pipeline import Engine, PipelineConfig
 from icl_engine.prompt import Template
 from icl_engine.score import Calibration, normalize, score_brute_force
