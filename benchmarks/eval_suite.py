@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/eval_suite"))
     ap.add_argument("--indexes", type=Path, default=Path("indexes/eval_suite"))
     ap.add_argument("--rt-limit", type=int, default=None)
+    ap.add_argument("--rt-offset", type=int, default=0, help="skip the first N test reviews (to split a run)")
     ap.add_argument("--cal-limit", type=int, default=300)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--only", nargs="*", default=["rotten_tomatoes", "snips", "e2e"])
@@ -107,7 +108,8 @@ def main():
     if "rotten_tomatoes" in args.only:
         pool = load_dataset(SHARED / "rotten_tomatoes_train.jsonl")
         test = load_dataset(SHARED / "rotten_tomatoes_test.jsonl", labels=pool.labels)
-        test = test.select(range(min(len(test), args.rt_limit or len(test))))
+        end = min(len(test), args.rt_offset + (args.rt_limit or len(test)))
+        test = test.select(range(args.rt_offset, end))
         eng = engine_for("rotten_tomatoes", pool, lm, emb, args.indexes / "rt", batch_size=8)
         rows += classification_rows("rotten_tomatoes", eng, test, ["zero", "random", "knn"], args.k, args.cal_limit)
         write(args.out, rows, lm, t0)
