@@ -63,18 +63,24 @@ def classification_rows(name, eng, test, methods, k, cal_limit):
         labels = eng.index.labels
         base = dict(dataset=name, method=m, k=kk, n=r["n"], seconds=r["seconds"], queries_per_s=r["queries_per_s"],
                     mean_prompt_tokens=r["mean_prompt_tokens"])
-        rows.append({**base, "calibration": "none", "accuracy": r["accuracy"], "macro_f1": r["macro_f1"]})
+        unc = [p["pred"] for p in r["predictions"]]
         pm = [labels[i] for i in normalize(pmi(raw, premise)).argmax(1)]
-        rows.append({**base, "calibration": "pmi", "accuracy": accuracy(gold, pm), "macro_f1": macro_f1(gold, pm, labels)})
+        # gold and predictions kept so that runs over parts of a test set can be merged exactly
+        rows.append({**base, "calibration": "none", "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+                     "gold": gold, "pred": unc})
+        rows.append({**base, "calibration": "pmi", "accuracy": accuracy(gold, pm), "macro_f1": macro_f1(gold, pm, labels),
+                     "gold": gold, "pred": pm})
         # contextual calibration on the first cal_limit queries, with each query's own demonstrations
         n = min(cal_limit, len(gold))
+        if n == 0:
+            continue
         sel = eng.select([rec.input for rec in test.records[:n]], method=m, k=kk)
         cf = eng.content_free_probs(sel)
         cc = [labels[i] for i in contextual_calibrate(raw[:n], np.log(cf)).argmax(1)]
-        unc = [labels[i] for i in raw[:n].argmax(1)]
         rows.append({**base, "n": n, "calibration": "contextual", "accuracy": accuracy(gold[:n], cc),
-                     "macro_f1": macro_f1(gold[:n], cc, labels), "uncalibrated_accuracy_same_n": accuracy(gold[:n], unc)})
-        print(json.dumps(rows[-3:]), flush=True)
+                     "macro_f1": macro_f1(gold[:n], cc, labels), "uncalibrated_accuracy_same_n": accuracy(gold[:n], unc[:n])})
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items() if k not in ("gold", "pred")}), flush=True)
     return rows
 
 

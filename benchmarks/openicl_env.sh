@@ -11,14 +11,7 @@ VENV=${1:-$ROOT/benchmarks/.openicl-venv}
 stamp="$VENV/.openicl-installed-$(sha256sum < "$0" | cut -c1-16)"
 [ -f "$stamp" ] && [ -x "$VENV/bin/python" ] && exit 0
 
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  for c in python3.11 python3.12 python3.10 python3; do
-    if command -v "$c" >/dev/null 2>&1; then PY=$c; break; fi
-  done
-fi
-[ -n "$PY" ] || { echo "error: no python3 found (need Python >= 3.10)" >&2; exit 1; }
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: $PY is older than Python 3.10" >&2; exit 1; }
+PY=$(bash "$(dirname "$0")/../scripts/find-python.sh")
 
 echo "setting up the OpenICL venv $VENV with $("$PY" --version) ..." >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

@@ -4,17 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-  for c in python3.11 python3.12 python3.10 python3; do
-    if command -v "$c" >/dev/null 2>&1; then PY=$c; break; fi
-  done
-fi
-[ -n "$PY" ] || { echo "error: no python3 found (need Python >= 3.10)" >&2; exit 1; }
-"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: $PY is older than Python 3.10" >&2; exit 1; }
+PY=$(bash scripts/find-python.sh)
 
 VENV=${ICL_VENV:-.venv}
-stamp="$VENV/.icl-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.icl-installed-$(cat pyproject.toml scripts/setup.sh scripts/find-python.sh | sha256sum | cut -c1-16)"
 [ -f "$stamp" ] && exit 0
 
 echo "setting up $VENV with $("$PY" --version) ..." >&2
