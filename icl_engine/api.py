@@ -17,7 +17,7 @@ from .embed import DEFAULT_EMBEDDER, get_embedder
 from .evaluate import evaluate, format_table
 from .index import ExampleIndex, IndexConfig, IndexType, index_path
 from .lm import DEFAULT_LM
-from .pipeline import TEMPLATE_FILE, Engine, PipelineConfig
+from .pipeline import TEMPLATE_FILE, Engine, PipelineConfig, index_template
 from .prompt import Template
 from .select import SelectionMethod, select_demonstrations
 
@@ -176,9 +176,7 @@ def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None)
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
     lm = load_lm(lm_name)
-    stored = folder / TEMPLATE_FILE
-    tpl = (Template.from_json(template) if template else Template.from_json(stored) if stored.exists()
-           else Template.default(index.kind))
+    tpl = Template.from_json(template) if template else index_template(folder, index.kind)
     return index, lm, PromptBuilder(tpl, lm.tokenizer, index.labels)
 
 
@@ -247,18 +245,14 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
         return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed)
     predict = engine_predictor(model, k=k)
     if reference:
-        ref = engine_predictor(_load_reference(reference), k=0)
+        from .finetune import load_finetuned
+
+        ref = engine_predictor(load_finetuned(reference), k=0)
         ref.fixed = True  # trained once: the report says the reference does not move with N
     else:
         ref = experiments.bow_logreg()
     return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, predict=predict,
                            reference=ref, k=k)
-
-
-def _load_reference(path: Path):
-    from .finetune import load_finetuned
-
-    return load_finetuned(path)
 
 
 def engine_predictor(lm, *, k: int, embedder: str = DEFAULT_EMBEDDER):

@@ -56,7 +56,7 @@ from .finetune import FINETUNE_META_FILE, FinetuneConfig, finetune, load_finetun
 from .index import ExampleIndex, index_path
 from .lm import DEFAULT_LM, LM, load_lm
 from .metrics import rouge_l_pair
-from .pipeline import TEMPLATE_FILE, Engine, PipelineConfig
+from .pipeline import Engine, PipelineConfig, index_template
 from .prompt import PromptBuilder, Template
 from .select import SelectionMethod, select_many
 from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, TrainSettings, build_examples, fit_soft_prompt,
@@ -601,8 +601,7 @@ def run_compare(
     if len(test) == 0:
         raise CompareError("the test set is empty")
     if template is None:
-        stored = folder / TEMPLATE_FILE if folder else None
-        template = Template.from_json(stored) if stored and stored.is_file() else Template.default(idx.kind)
+        template = index_template(folder, idx.kind)
 
     threads_before = torch.get_num_threads()
     lm = lm if isinstance(lm, LM) else load_lm(str(lm or DEFAULT_LM))
