@@ -83,11 +83,11 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def matmul_gflops(size: int, seconds: float) -> dict:
-    """Sustained float32 matmul throughput of torch at the current thread count: a [size, size]
-    @ [size, size] loop for about `seconds` after a warm-up; GFLOP/s = 2 size^3 iterations / s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    c = torch.empty(size, size)
+def matmul_gflops(size: int, seconds: float, dtype: torch.dtype = torch.float32) -> dict:
+    """Sustained matmul throughput of torch at the current thread count: a [size, size] @ [size,
+    size] loop for about `seconds` after a warm-up; GFLOP/s = 2 size^3 iterations / s."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    c = torch.empty(size, size, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=c)
     iters, t0 = 0, time.perf_counter()
@@ -95,7 +95,8 @@ def matmul_gflops(size: int, seconds: float) -> dict:
         torch.mm(a, b, out=c)
         iters += 1
     secs = time.perf_counter() - t0
-    return {"size": size, "iterations": iters, "seconds": secs, "gflops": 2 * size**3 * iters / secs / 1e9}
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "iterations": iters, "seconds": secs,
+            "gflops": 2 * size**3 * iters / secs / 1e9}
 
 
 class TokenCounter:
@@ -273,7 +274,10 @@ def main(argv=None) -> dict:
     p.add_argument("--matmul-seconds", type=float, default=5.0)
     p.add_argument("--gen-prompts", type=int, default=16)
     p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--dtype", default="float32", help="engine LM dtype (bfloat16: optional, accuracy change shown)")
+    p.add_argument("--dtype", default="float32", help="the engine's LM dtype for the main comparison")
+    p.add_argument("--fast-dtype", default="bfloat16",
+                   help="an extra engine side with the LM in this dtype (the --dtype flag of icl classify/eval), "
+                        "its speed-up and accuracy change reported beside the exact one; 'none' to skip")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     if not args.skip_peer and not Path(args.peer_python).exists():
@@ -301,24 +305,38 @@ def main(argv=None) -> dict:
     texts, gold = [r["text"] for r in test], [r["label"] for r in test]
     train_texts = [r["text"] for r in read_jsonl(args.train)]
 
-    def engine_for(instruction: str) -> Engine:
+    def engine_for(instruction: str, model=lm) -> Engine:
         tmpl = Template(**{**TEMPLATE, "instruction": instruction})
         cfg = PipelineConfig(index="rt", lm=args.lm, template=tmpl, method="knn", k=max(args.ks),
                              order="nearest_first", batch_size=args.batch_size)
-        return Engine.from_parts(cfg, index, emb, lm, tmpl)
+        return Engine.from_parts(cfg, index, emb, model, tmpl)
 
     engine = engine_for("")
     engine.classify(train_texts[:4], k=max(args.ks))  # warm-up: threads, allocator (train texts, not queries)
+    fast_engine = fast_counter = mm_fast = None
+    if args.fast_dtype != "none":
+        lm_fast = load_lm(args.lm, dtype=args.fast_dtype)
+        torch.set_num_threads(args.threads)
+        fast_counter = TokenCounter()
+        lm_fast.model.register_forward_pre_hook(fast_counter, with_kwargs=True)
+        fast_engine = engine_for("", lm_fast)
+        fast_engine.classify(train_texts[:4], k=max(args.ks))
+        mm_fast = matmul_gflops(args.matmul_size, args.matmul_seconds, lm_fast.dtype)
+        print(f"matmul {mm_fast['dtype']}: {mm_fast['gflops']:.1f} GFLOP/s", file=sys.stderr)
 
-    runs: dict[int, dict[str, list]] = {k: {"engine": [], "peer": []} for k in args.ks}
+    sides = ["engine", "peer"] + (["fast"] if fast_engine is not None else [])
+    runs: dict[int, dict[str, list]] = {k: {side: [] for side in sides} for k in args.ks}
     with tempfile.TemporaryDirectory(prefix="classify-bench-") as tmp:
         for rep in range(args.repeats):
             for k in args.ks:
-                for side in (("engine", "peer") if rep % 2 == 0 else ("peer", "engine")):
+                for side in (sides if rep % 2 == 0 else sides[::-1]):
                     if side == "peer" and args.skip_peer:
                         continue
-                    r = run_engine(engine, counter, texts, gold, k) if side == "engine" \
-                        else run_peer(args, k, args.lm, embedder_dir, tmp)
+                    if side == "peer":
+                        r = run_peer(args, k, args.lm, embedder_dir, tmp)
+                    else:
+                        r = run_engine(fast_engine if side == "fast" else engine,
+                                       fast_counter if side == "fast" else counter, texts, gold, k)
                     runs[k][side].append(r)
                     print(f"repeat {rep + 1} k={k} {side}: {r['queries_per_s']:.2f} queries/s, "
                           f"accuracy {r['accuracy']:.3f}, {r['tokens_per_query']:.0f} tokens/query", file=sys.stderr)
@@ -368,6 +386,24 @@ def main(argv=None) -> dict:
             row["accuracy_delta"] = e[0]["accuracy"] - pe[0]["accuracy"]
             row["agreement"] = agreement(e[0], pe[0], train_texts)
             row["prompt_check"] = check_prompts(engine, pe[0], texts, k)
+        if fast_engine is not None:
+            fe = runs[k]["fast"]
+            fsec = statistics.median(r["seconds"] for r in fe)
+            row["fast"] = {
+                "dtype": mm_fast["dtype"], "queries_per_s": med(fe, "queries_per_s"), "seconds": [r["seconds"] for r in fe],
+                "accuracy": fe[0]["accuracy"], "tokens_per_query": fe[0]["tokens_per_query"],
+                "model_gflops": 2 * n_params * fe[0]["lm_tokens"] / fsec / 1e9,
+                "mfu_of_its_dtype_matmul": 2 * n_params * fe[0]["lm_tokens"] / fsec / 1e9 / mm_fast["gflops"],
+                "speedup_vs_exact_median_of_pairs": statistics.median(x["seconds"] / f["seconds"] for x, f in zip(e, fe)),
+                "accuracy_change_vs_exact": fe[0]["accuracy"] - e[0]["accuracy"],
+                "predictions_agree_with_exact": sum(a == b for a, b in zip(fe[0]["predictions"], e[0]["predictions"])) / len(texts),
+                "max_abs_log_score_diff_vs_exact": max(abs(a - b) for x, y in zip(fe[0]["log_scores"], e[0]["log_scores"])
+                                                       for a, b in zip(x, y)),
+            }
+            if pe:
+                row["fast"]["ratio_vs_peer_median_of_pairs"] = statistics.median(
+                    p["seconds"] / f["seconds"] for f, p in zip(fe, pe))
+                row["fast"]["accuracy_delta_vs_peer"] = fe[0]["accuracy"] - pe[0]["accuracy"]
         per_k[k] = row
 
     index_bench = ROOT / "benchmarks" / "results" / "index_bench.json"
@@ -378,6 +414,10 @@ def main(argv=None) -> dict:
                "speedup": top.get("ratio_median_of_pairs"),
                "speedup_ok": (top["ratio_median_of_pairs"] >= 4 and top["accuracy_delta"] >= 0) if "peer" in top else None,
                "mfu_target": ">= 0.50", "mfu": top["engine"]["mfu"], "mfu_ok": top["engine"]["mfu"] >= 0.5}
+    if "fast" in top and "peer" in top:
+        f = top["fast"]
+        targets.update(fast_dtype=f["dtype"], fast_speedup=f["ratio_vs_peer_median_of_pairs"],
+                       fast_speedup_ok=f["ratio_vs_peer_median_of_pairs"] >= 4 and f["accuracy_delta_vs_peer"] >= 0)
     info["load_average_at_end"] = list(os.getloadavg())
     result = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
@@ -386,7 +426,7 @@ def main(argv=None) -> dict:
                    "dtype": str(lm.dtype), "embedder": emb.name, "train": args.train, "test": args.test,
                    "template": TEMPLATE, "order": "nearest_first",
                    "command": " ".join(["benchmarks/classify_bench.py", *(argv if argv is not None else sys.argv[1:])])},
-        "matmul": {"start": mm_start, "end": mm_end, "gflops_used": gflops},
+        "matmul": {"start": mm_start, "end": mm_end, "gflops_used": gflops, "fast_dtype": mm_fast},
         "lm_load_s": lm_load_s,
         "per_k": {str(k): v for k, v in per_k.items()},
         "targets": targets,
@@ -446,10 +486,26 @@ def markdown(r: dict) -> str:
         else:
             lines.append(f"| {k} | {e['queries_per_s']:.2f} | – | – | {e['accuracy']:.3f} | – | {e['tokens_per_query']:.0f} "
                          f"({e['padded_tokens_per_query']:.0f}) | – | {e['mfu']:.1%} | – | – | – | – |")
+    fast_rows = [(k, row["fast"], row.get("peer")) for k, row in r["per_k"].items() if "fast" in row]
+    if fast_rows:
+        fm = mm["fast_dtype"]
+        lines += ["", f"Optional {fm['dtype']} weights (`icl classify/eval --dtype {fm['dtype']}`; changes the scores): "
+                  f"{fm['dtype']} matmul {fm['gflops']:.1f} GFLOP/s here. Same queries, same repeats.", "",
+                  "| k | q/s | vs exact engine | vs peer | accuracy | change vs exact | predictions agree with exact | "
+                  f"max abs log-score diff | MFU of {fm['dtype']} matmul |", "|---|---|---|---|---|---|---|---|---|"]
+        for k, x, pe in fast_rows:
+            vs_peer = f"{x['ratio_vs_peer_median_of_pairs']:.2f}x" if pe else "–"
+            lines.append(f"| {k} | {x['queries_per_s']:.2f} | {x['speedup_vs_exact_median_of_pairs']:.2f}x | {vs_peer} | "
+                         f"{x['accuracy']:.3f} | {x['accuracy_change_vs_exact']:+.3f} | {x['predictions_agree_with_exact']:.1%} | "
+                         f"{x['max_abs_log_score_diff_vs_exact']:.2f} | {x['mfu_of_its_dtype_matmul']:.1%} |")
     t = r["targets"]
     lines += ["", "| target (k = {}) | measured | met |".format(t["k"]), "|---|---|---|",
               f"| {t['speedup_target']} | {f(t['speedup'])}x | {ok(t['speedup_ok'])} |",
-              f"| MFU {t['mfu_target']} | {t['mfu']:.1%} | {ok(t['mfu_ok'])} |", ""]
+              f"| MFU {t['mfu_target']} | {t['mfu']:.1%} | {ok(t['mfu_ok'])} |"]
+    if "fast_speedup" in t:
+        lines.append(f"| same, with --dtype {t['fast_dtype']} (optional, scores change) | {f(t['fast_speedup'])}x | "
+                     f"{ok(t['fast_speedup_ok'])} |")
+    lines.append("")
     pr = r["prefix"]
     lines += [f"Shared prefix (k = {pr['k']}, an instruction of {pr['instruction_tokens']} tokens): computed once "
               f"{pr['on']['queries_per_s']:.2f} q/s ({pr['on']['tokens_per_query']:.0f} tokens/query) vs fed with every "

@@ -27,19 +27,14 @@ from icl_engine.index import ExampleIndex
 from icl_engine.lm import load_lm
 from icl_engine.metrics import accuracy, macro_f1
 from icl_engine.pipeline import Engine, PipelineConfig
+from icl_engine.api import INTENT_TEMPLATE, SENTIMENT_TEMPLATE
 from icl_engine.prompt import Template
 from icl_engine.score import contextual_calibrate, normalize, pmi
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEMPLATES = {
-    "rotten_tomatoes": Template(instruction="Classify the sentiment of each movie review as positive or negative.",
-                                input_format="Review: {input}\nSentiment:", output_format=" {output}"),
-    "snips": Template(instruction="Classify the intent of each utterance.",
-                      input_format="Utterance: {input}\nIntent:", output_format=" {output}",
-                      # plain words, not identifiers: "add to playlist" rather than "add_to_playlist"
-                      verbalizers={lab: lab.replace("_", " ") for lab in (
-                          "add_to_playlist", "book_restaurant", "get_weather", "play_music", "rate_book",
-                          "search_creative_work", "search_screening_event")}),
+    "rotten_tomatoes": SENTIMENT_TEMPLATE,
+    "snips": INTENT_TEMPLATE,  # verbalizers in plain words: "add to playlist", not "add_to_playlist"
     "e2e": Template(instruction="Write one sentence describing the restaurant from its data.",
                     input_format="Data: {input}\nSentence:", output_format=" {output}"),
 }

@@ -35,7 +35,17 @@ SENTIMENT_TEMPLATE = Template(
     output_format=" {output}",
     separator="\n\n",
 )
-_BUILTIN_TEMPLATES = {"rotten_tomatoes": SENTIMENT_TEMPLATE}
+SNIPS_LABELS = ("add_to_playlist", "book_restaurant", "get_weather", "play_music", "rate_book", "search_creative_work",
+                "search_screening_event")
+INTENT_TEMPLATE = Template(
+    instruction="Classify the intent of each utterance.",
+    input_format="Utterance: {input}\nIntent:",
+    output_format=" {output}",
+    separator="\n\n",
+    # plain words, not identifiers: "add to playlist" rather than "add_to_playlist"
+    verbalizers={lab: lab.replace("_", " ") for lab in SNIPS_LABELS},
+)
+_BUILTIN_TEMPLATES = {"rotten_tomatoes": SENTIMENT_TEMPLATE, "snips_intents": INTENT_TEMPLATE}
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -233,38 +243,43 @@ def bounds_theory(*, eps: float, delta: float, V: int, m: int, l: int, d: int, c
 
 
 def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0, lm: str = DEFAULT_LM,
-               k: int = 4, reference: Path | None = None) -> dict:
+               k: int = 4, reference: Path | None = None, template: Path | None = None,
+               settings: dict | None = None) -> dict:
     """One bound-validation experiment. `retrieval` uses the engine (kNN-k over an index of each
     pool, default embedder and LM) against a reference: a fine-tuned LM folder when given, else a
-    bag-of-words logistic-regression probe trained on each pool (labelled as such in the report)."""
+    bag-of-words logistic-regression probe trained on each pool (labelled as such in the report).
+    `settings` override fields of the experiment's preset (e.g. {"draws": 2})."""
+    settings = dict(settings or {})
     from . import experiments
     from .lm import load_lm
 
     model = load_lm(lm)
     if experiments.Experiment(experiment) is not experiments.Experiment.RETRIEVAL:
-        return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed)
-    predict = engine_predictor(model, k=k)
+        return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, **settings)
+    tpl = Template.from_json(template) if template else None
+    predict = engine_predictor(model, k=k, template=tpl)
     if reference:
         from .finetune import load_finetuned
 
-        ref = engine_predictor(load_finetuned(reference), k=0)
+        ref = engine_predictor(load_finetuned(reference), k=0, template=tpl)
         ref.fixed = True  # trained once: the report says the reference does not move with N
     else:
         ref = experiments.bow_logreg()
     return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, predict=predict,
-                           reference=ref, k=k)
+                           reference=ref, k=k, **settings)
 
 
-def engine_predictor(lm, *, k: int, embedder: str = DEFAULT_EMBEDDER):
+def engine_predictor(lm, *, k: int, embedder: str = DEFAULT_EMBEDDER, template: Template | None = None):
     """(pool, test) -> (labels, probs [q, L]): the ICL engine with kNN-k demonstrations from an
-    in-memory index of `pool` (k = 0: zero-shot, e.g. for a fine-tuned reference)."""
+    in-memory index of `pool` (k = 0: zero-shot, e.g. for a fine-tuned reference). The template:
+    `template`, else the built-in one for the pool's dataset name, else the task default."""
     from .pipeline import Engine, PipelineConfig
 
     emb = get_embedder(embedder)
 
     def predict(pool, test):
         index = ExampleIndex.build(pool, emb)
-        tpl = _BUILTIN_TEMPLATES.get(pool.name.split(":")[0].split("_train")[0]) or Template.default(pool.kind)
+        tpl = template or _BUILTIN_TEMPLATES.get(pool.name.split(":")[0].split("_train")[0]) or Template.default(pool.kind)
         cfg = PipelineConfig(index=pool.name, lm=lm.name, k=k, method="knn" if k else "zero")
         engine = Engine.from_parts(cfg, index, emb, lm, tpl)
         preds = engine.classify([r.input for r in test])

@@ -151,7 +151,8 @@ def finetune(lm: LM, train: Dataset, config: FinetuneConfig, *, builder, out: Pa
     return fit_finetune(lm, examples, held_examples, config, out=out, meta=meta)
 
 
-def load_finetuned(path: str | Path, *, base: LM | None = None, device=None, merge: bool = False) -> LM:
+def load_finetuned(path: str | Path, *, base: LM | None = None, device=None, merge: bool = False,
+                   dtype: str | None = None) -> LM:
     """Load a fine-tuned reference as an LM for the engine's scoring/generation code.
 
     LoRA needs its base LM: `base` (copied, so the caller's stays unchanged) or the base named
@@ -166,11 +167,11 @@ def load_finetuned(path: str | Path, *, base: LM | None = None, device=None, mer
     if not (path / "adapter_config.json").is_file():
         if not (path / "config.json").is_file():
             raise FinetuneError(f"{path}: not a fine-tuned model folder (no config.json or adapter_config.json)")
-        return load_lm(str(path), device=device)  # a plain model folder (full fine-tuning)
+        return load_lm(str(path), device=device, dtype=dtype)  # a plain model folder (full fine-tuning)
     if base is None:
         if not meta.get("lm"):
             raise FinetuneError(f"{path}: a LoRA adapter needs its base LM (pass base=, or keep {FINETUNE_META_FILE})")
-        base = load_lm(meta["lm"], device=device)
+        base = load_lm(meta["lm"], device=device, dtype=dtype)
         model = base.model
     else:
         model = copy.deepcopy(base.model)

@@ -35,6 +35,7 @@ def index_template(folder: Path | None, kind: TaskKind) -> Template:
     stored = folder / TEMPLATE_FILE if folder is not None else None
     return Template.from_json(stored) if stored is not None and stored.is_file() else Template.default(kind)
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -53,6 +54,9 @@ class PipelineConfig:
     max_new_tokens: int = 64
     mmr_lambda: float = 0.5
     order: DemoOrder = DemoOrder.NEAREST_LAST  # where the most similar demonstration goes
+    # LM weights' dtype. None: exact float32 on CPU (bf16/fp16 on CUDA). "bfloat16" on a CPU with
+    # AMX is several times faster but changes the scores (benchmarks/classify_bench.py reports by how much).
+    dtype: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -67,6 +71,8 @@ class PipelineConfig:
             raise ValueError(f"budget must be positive, got {self.budget}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES} or None, got {self.dtype!r}")
 
     def save(self, path: str | Path) -> None:
         d = asdict(self)
@@ -251,5 +257,5 @@ def _load_lm(config: "PipelineConfig") -> LM:
     from .finetune import FINETUNE_META_FILE, load_finetuned
 
     if (Path(config.lm) / FINETUNE_META_FILE).is_file():
-        return load_finetuned(config.lm)
-    return load_lm(config.lm, trust_remote_code=config.trust_remote_code)
+        return load_finetuned(config.lm, dtype=config.dtype)
+    return load_lm(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)

@@ -109,7 +109,10 @@ class PromptInit(str, Enum):
 
 
 # Learning rates for AdamW when none is given (PEFT's examples use these orders of magnitude).
-DEFAULT_LR = {"prompt_tuning": 3e-2, "ipt": 3e-2, "prefix_tuning": 1e-2, "full": 5e-5, "lora": 2e-4}
+# Prefix tuning trains a reparameterisation MLP (millions of weights), which diverges at prompt
+# tuning's rates: SmolLM2-135M on Rotten Tomatoes, 50 steps of batch 4, 200 test examples gave
+# accuracy 0.595 (every seed the majority label) at 1e-2, 0.56 at 3e-3 and 0.73 at 1e-3.
+DEFAULT_LR = {"prompt_tuning": 3e-2, "ipt": 3e-2, "prefix_tuning": 1e-3, "full": 5e-5, "lora": 2e-4}
 
 
 @dataclass

@@ -62,6 +62,32 @@ def test_classify_and_eval(workspace):
     assert {"method", "k", "n", "accuracy", "seconds", "queries_per_s"} <= set(r) and r["n"] == 1
 
 
+def test_bfloat16_flag_loads_the_lm_in_bfloat16_and_stays_close(workspace):
+    root, lm_dir = workspace
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        res = run(["classify", "tiny", "a moving film", "--k", "2", "--lm", str(lm_dir), "--dtype", dtype, "--json"], root)
+        assert res.exit_code == 0, res.output
+        out[dtype] = json.loads(res.stdout)
+    assert [d["id"] for d in out["float32"]["demos"]] == [d["id"] for d in out["bfloat16"]["demos"]]
+    diff = [abs(a - b) for a, b in zip(out["float32"]["log_scores"], out["bfloat16"]["log_scores"])]
+    assert 0 < max(diff) < 0.1  # rounded weights: close, not equal
+
+
+def test_bounds_run_settings_and_their_mistakes(workspace, tmp_path):
+    _, lm_dir = workspace
+    res = runner.invoke(app, ["bounds", "run", "--experiment", "generation", "--quick", "--lm", str(lm_dir), "--out",
+                              str(tmp_path), "--set", "draws=2", "--set", "vocab_sizes=[4]", "--set", "n_grid=[8, 16]",
+                              "--set", "m=2"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "generation" / "results.json").read_text())
+    assert saved["settings"]["draws"] == 2 and saved["settings"]["vocab_sizes"] == [4]
+    for bad, match in ((["--set", "draws"], "KEY=VALUE"), (["--set", "drawz=2"], "unknown setting")):
+        res = runner.invoke(app, ["bounds", "run", "--experiment", "generation", "--quick", "--lm", str(lm_dir),
+                                  "--out", str(tmp_path), *bad])
+        assert res.exit_code == 1 and match in res.output and len(res.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

@@ -126,6 +126,22 @@ def test_retrieval_quick_mode_with_baseline_stand_ins(tmp_path):
     assert all(f"retrieval_{t}.png" in saved["plots"] for t in saved["tasks"])
 
 
+def test_retrieval_asks_a_fixed_reference_once_per_dataset(tmp_path):
+    data_dir = shared_data("snips_intents.jsonl").parent
+    calls = []
+    inner = bow_logreg()
+
+    def reference(pool, test):  # trained once: answers do not depend on the pool
+        calls.append(len(pool))
+        return inner(pool, test)
+
+    reference.fixed = True
+    res = run("retrieval", quick=True, out=tmp_path / "r", predict=knn_vote(4), reference=reference,
+              data_dir=str(data_dir), datasets=("snips_intents",), n_points=3, draws=2)
+    assert len(calls) == 1 and set(res["tasks"]) == {"snips_intents"}
+    assert "trained once" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_run_rejects_bad_requests(tmp_path, tiny_lm):
     with pytest.raises(ExperimentError, match="unknown experiment"):
         run("nope", quick=True, out=tmp_path)

@@ -98,3 +98,5 @@ def test_config_round_trip_and_validation(tmp_path):
     assert PipelineConfig.load(tmp_path / "c.json") == cfg
     with pytest.raises(ValueError, match="k"):
         PipelineConfig(index="x", k=-1)
+    with pytest.raises(ValueError, match="dtype"):
+        PipelineConfig(index="x", dtype="int3")

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, fields, is_dataclass, replace
@@ -28,6 +29,7 @@ from ..bounds import Verdict, bootstrap_mean, fit_slope, verdict
 
 __all__ = [
     "ExperimentError",
+    "progress",
     "log_grid",
     "curve",
     "machine_info",
@@ -49,6 +51,11 @@ __all__ = [
 
 class ExperimentError(ValueError):
     """A bad experiment name, setting or input; one-line message."""
+
+
+def progress(message: str) -> None:
+    """One line on stderr per unit of work, so a long full-mode run shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def log_grid(lo: int, hi: int, count: int) -> tuple[int, ...]:
@@ -217,9 +224,11 @@ def _axes(title: str, xlabel: str, ylabel: str):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.25)
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 16, not 1.6×10^1
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    # N grids are powers of two (or log-spaced): label 2^j ticks plainly (16, not 1.6×10^1) and
+    # leave the minor ticks unlabelled so their labels never run into each other
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     return fig, ax
 
 

@@ -24,10 +24,10 @@ import numpy as np
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from .common import (
     ExperimentError, curve, encode, fits_table, lm_info, machine_info, plot_curves, plot_scaling,
-    points_table, start_ids, verdict_counts, verdict_line, write_json,
+    points_table, progress, start_ids, verdict_counts, verdict_line, write_json,
 )
 
-__all__ = ["GenerationConfig", "run_generation", "output_tokens", "counting_tv"]
+__all__ = ["GenerationConfig", "run_generation", "plot_generation", "output_tokens", "counting_tv"]
 
 # Concrete nouns: readable single-token outputs in most BPE vocabularies (checked per tokenizer).
 _WORDS = """cat dog fish bird tree car book cup hat sun moon star rain snow milk bread egg rice salt gold
@@ -118,6 +118,7 @@ def _measure(lm, cfg: GenerationConfig, V: int, pool: list[tuple[str, int]], n_g
     outside = np.zeros((cfg.draws, K, cfg.m))
     tokens = 0  # tokens sent through the LM: the cost measure, independent of machine load
     for r in range(cfg.draws):
+        progress(f"generation V'={V}: draw {r + 1}/{cfg.draws} ({tokens:,} LM tokens so far)")
         rng = np.random.default_rng([seed, V, r])
         word_ids = np.array([pool[i][1] for i in rng.choice(len(pool), V, replace=False)])  # [V']
         targets = rng.dirichlet(np.full(V, cfg.concentration), size=cfg.m)  # [m, V]
@@ -145,6 +146,23 @@ def _regime(n_grid, m: int, V: int) -> float:
     the 1/sqrt(N) behaviour), or the three largest N when fewer than three reach it."""
     ok = [n for n in n_grid if n >= m * V]
     return float(ok[0] if len(ok) >= 3 else n_grid[max(0, len(n_grid) - 3)])
+
+
+def plot_generation(out: Path, results: dict) -> list[str]:
+    """The PNGs of a results dict (also one read back from results.json) -> their file names."""
+    curves, out = results["curves"], Path(out)
+    plots = [
+        plot_curves(out / "generation_tv_mean.png", [c for c in curves if c["group"] in ("lm_tv_mean", "count_tv_mean")],
+                    title="TV to the target (mean over contexts)", ylabel="total variation"),
+        plot_curves(out / "generation_tv_max.png", [c for c in curves if c["group"] in ("lm_tv_max", "count_tv_max")],
+                    title="TV to the target (max over contexts)", ylabel="total variation"),
+        plot_curves(out / "generation_mass_outside.png", [c for c in curves if c["group"] == "mass_outside"],
+                    title="LM probability outside the V' words", ylabel="mass outside"),
+    ]
+    for label, s in results["scaling"].items():
+        plots.append(plot_scaling(out / f"generation_scaling_{label.split()[0].lower()}.png", s,
+                                  title=f"{label}: TV·sqrt(N/V') across V'", xlabel="V'", ylabel="TV · sqrt(N / V')"))
+    return [p.name for p in plots]
 
 
 def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) -> dict:
@@ -209,18 +227,7 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
         "theory_table": theory_table(0.1, 0.05, V=max(cfg.vocab_sizes), m=cfg.m, l=1, d=1),
         "raw": {str(V): m for V, m in raw.items()},
     }
-    plots = [
-        plot_curves(out / "generation_tv_mean.png", [c for c in curves if c["group"] in ("lm_tv_mean", "count_tv_mean")],
-                    title="TV to the target (mean over contexts)", ylabel="total variation"),
-        plot_curves(out / "generation_tv_max.png", [c for c in curves if c["group"] in ("lm_tv_max", "count_tv_max")],
-                    title="TV to the target (max over contexts)", ylabel="total variation"),
-        plot_curves(out / "generation_mass_outside.png", [c for c in curves if c["group"] == "mass_outside"],
-                    title="LM probability outside the V' words", ylabel="mass outside"),
-    ]
-    for label, s in scaling.items():
-        plots.append(plot_scaling(out / f"generation_scaling_{label.split()[0].lower()}.png", s,
-                                  title=f"{label}: TV·sqrt(N/V') across V'", xlabel="V'", ylabel="TV · sqrt(N / V')"))
-    results["plots"] = [p.name for p in plots]
+    results["plots"] = plot_generation(out, results)
     results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
     write_json(out / "results.json", results)
     (out / "report.md").write_text(_report(results, cfg))

@@ -27,10 +27,10 @@ from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check,
 from .baselines import fit_logreg
 from .common import (
     ExperimentError, curve, encode, fits_table, lm_info, machine_info, nanmean, plot_curves, plot_scaling, points_table,
-    start_ids, verdict_counts, verdict_line, write_json,
+    progress, start_ids, verdict_counts, verdict_line, write_json,
 )
 
-__all__ = ["LinearConfig", "run_linear"]
+__all__ = ["LinearConfig", "run_linear", "plot_linear"]
 
 
 @dataclass
@@ -72,9 +72,10 @@ class LinearConfig:
     @classmethod
     def preset(cls, quick: bool) -> "LinearConfig":
         # quick: 90k LM tokens in ~480 forward calls, all in context (SmolLM2-135M: 5.5 min
-        # measured on a shared, loaded 2-core machine); full: 1.65M tokens, in context up to
-        # the 2048-token budget (N <= 128 / 64 / 32 for d = 2 / 4 / 8), retrieval beyond.
-        return cls(n_grid=(2, 4, 8, 16), draws=10, orders=2, n_test=8, budget=1024) if quick else cls()
+        # measured on a shared, loaded 2-core machine); full: in context up to the 2048-token
+        # budget (N <= 128 / 64 / 32 for d = 2 / 4 / 8), retrieval beyond, 16 test points per
+        # draw (32 would double the retrieval regime's cost, ~1.65M tokens, past 90 min on 1 core).
+        return cls(n_grid=(2, 4, 8, 16), draws=10, orders=2, n_test=8, budget=1024) if quick else cls(n_test=16)
 
 
 class _Render:
@@ -161,6 +162,7 @@ def _measure(lm, R: _Render, cfg: LinearConfig, d: int, n_ctx: int, k: int, seed
     ref_err = np.zeros((cfg.draws, K))
     flips = np.full((cfg.draws, K), np.nan)  # share of test labels that change across orders
     for r in range(cfg.draws):
+        progress(f"linear d={d}: draw {r + 1}/{cfg.draws} ({R.tokens:,} LM tokens so far)")
         X, y, Xt, yt, rng = _draw(cfg, d, r, seed)
         demo_ids = R.demos(X, y)
         queries = [R.query(x) for x in Xt]
@@ -183,6 +185,21 @@ def _measure(lm, R: _Render, cfg: LinearConfig, d: int, n_ctx: int, k: int, seed
             if len(preds) > 1:
                 flips[r, j] = np.mean(np.any(np.stack(preds) != preds[0], axis=0))
     return {"dis": dis, "err": err, "first": first, "ref_err": ref_err, "flips": flips}
+
+
+def plot_linear(out: Path, results: dict) -> list[str]:
+    """The PNGs of a results dict (also one read back from results.json) -> their file names."""
+    curves, out = results["curves"], Path(out)
+    plots = [
+        plot_curves(out / "linear_disagreement.png", [c for c in curves if c["group"].startswith("disagreement")],
+                    title="ICL vs logistic-regression reference", ylabel="disagreement"),
+        plot_curves(out / "linear_error.png", [c for c in curves if c["group"] in ("icl_error", "reference_error")],
+                    title="error vs the noise-free rule", ylabel="error"),
+    ]
+    for name, s in results["scaling"].items():
+        plots.append(plot_scaling(out / f"linear_scaling_{name}.png", s, title=f"{name}: N·err/d across d",
+                                  xlabel="d", ylabel="N · err / d"))
+    return [p.name for p in plots]
 
 
 def run_linear(out: Path, *, lm, config: LinearConfig, seed: int = 0) -> dict:
@@ -264,16 +281,7 @@ def run_linear(out: Path, *, lm, config: LinearConfig, seed: int = 0) -> dict:
         "lm_tokens": R.tokens, "theory_table": theory_table(0.1, 0.05, V=2, m=1, l=1, d=max(cfg.dims)),
         "raw": {str(d): {k: v for k, v in m.items()} for d, m in raw.items()},
     }
-    plots = [
-        plot_curves(out / "linear_disagreement.png", [c for c in curves if c["group"].startswith("disagreement")],
-                    title="ICL vs logistic-regression reference", ylabel="disagreement"),
-        plot_curves(out / "linear_error.png", [c for c in curves if c["group"] in ("icl_error", "reference_error")],
-                    title="error vs the noise-free rule", ylabel="error"),
-    ]
-    for name, s in scaling.items():
-        plots.append(plot_scaling(out / f"linear_scaling_{name}.png", s, title=f"{name}: N·err/d across d",
-                                  xlabel="d", ylabel="N · err / d"))
-    results["plots"] = [p.name for p in plots]
+    results["plots"] = plot_linear(out, results)
     results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
     write_json(out / "results.json", results)
     (out / "report.md").write_text(_report(results, cfg))
