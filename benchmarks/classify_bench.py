@@ -354,6 +354,11 @@ def main(argv=None) -> dict:
 
     n_params = lm.n_params
     emb_params = lm.model.get_input_embeddings().weight.numel()
+
+    def model_gflops(rs: list[dict], params: int = n_params) -> float:
+        """MFU's numerator: 2 x params x real tokens fed / median seconds, in GFLOP/s."""
+        return 2 * params * rs[0]["lm_tokens"] / statistics.median(r["seconds"] for r in rs) / 1e9
+
     per_k = {}
     for k in args.ks:
         e, pe = runs[k]["engine"], runs[k]["peer"]
@@ -365,20 +370,17 @@ def main(argv=None) -> dict:
                        "prompt_tokens_per_query": e[0]["prompt_tokens_per_query"],
                        "lm_forward_calls": e[0]["lm_forward_calls"]},
         }
-        # MFU: 2 x params x real tokens fed / (median seconds x the machine's GFLOP/s)
-        sec = statistics.median(r["seconds"] for r in e)
-        row["engine"]["model_gflops"] = 2 * n_params * e[0]["lm_tokens"] / sec / 1e9
+        # MFU: model GFLOP/s over the machine's measured GFLOP/s
+        row["engine"]["model_gflops"] = model_gflops(e)
         row["engine"]["mfu"] = row["engine"]["model_gflops"] / gflops
-        row["engine"]["mfu_non_embedding_params"] = 2 * (n_params - emb_params) * e[0]["lm_tokens"] / sec / 1e9 / gflops
+        row["engine"]["mfu_non_embedding_params"] = model_gflops(e, n_params - emb_params) / gflops
         if pe:
-            psec = statistics.median(r["seconds"] for r in pe)
             row["peer"] = {"queries_per_s": med(pe, "queries_per_s"), "seconds": [r["seconds"] for r in pe],
                            "accuracy": pe[0]["accuracy"], "tokens_per_query": pe[0]["tokens_per_query"],
                            "padded_tokens_per_query": pe[0]["padded_tokens_per_query"],
                            "lm_forward_calls": pe[0]["lm_forward_calls"], "index_build_s": [r["index_build_s"] for r in pe],
                            "lm_load_s": [r["lm_load_s"] for r in pe], "process_wall_s": [r["process_wall_s"] for r in pe],
-                           "model_gflops": 2 * n_params * pe[0]["lm_tokens"] / psec / 1e9,
-                           "mfu": 2 * n_params * pe[0]["lm_tokens"] / psec / 1e9 / gflops,
+                           "model_gflops": model_gflops(pe), "mfu": model_gflops(pe) / gflops,
                            "versions": pe[0]["versions"]}
             pairs = [p["seconds"] / x["seconds"] for x, p in zip(e, pe)]  # engine queries/s over peer's
             row["ratio_median_of_pairs"] = statistics.median(pairs)
@@ -388,12 +390,10 @@ def main(argv=None) -> dict:
             row["prompt_check"] = check_prompts(engine, pe[0], texts, k)
         if fast_engine is not None:
             fe = runs[k]["fast"]
-            fsec = statistics.median(r["seconds"] for r in fe)
             row["fast"] = {
                 "dtype": mm_fast["dtype"], "queries_per_s": med(fe, "queries_per_s"), "seconds": [r["seconds"] for r in fe],
                 "accuracy": fe[0]["accuracy"], "tokens_per_query": fe[0]["tokens_per_query"],
-                "model_gflops": 2 * n_params * fe[0]["lm_tokens"] / fsec / 1e9,
-                "mfu_of_its_dtype_matmul": 2 * n_params * fe[0]["lm_tokens"] / fsec / 1e9 / mm_fast["gflops"],
+                "model_gflops": model_gflops(fe), "mfu_of_its_dtype_matmul": model_gflops(fe) / mm_fast["gflops"],
                 "speedup_vs_exact_median_of_pairs": statistics.median(x["seconds"] / f["seconds"] for x, f in zip(e, fe)),
                 "accuracy_change_vs_exact": fe[0]["accuracy"] - e[0]["accuracy"],
                 "predictions_agree_with_exact": sum(a == b for a, b in zip(fe[0]["predictions"], e[0]["predictions"])) / len(texts),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,6 +15,7 @@ from typer.core import TyperGroup
 
 from . import api
 from .index import IndexType
+from .lm import DType
 from .score import Calibration
 from .select import SelectionMethod
 
@@ -119,12 +119,6 @@ _BATCH = typer.Option(8, "--batch-size", min=1)
 _TRC = typer.Option(False, "--trust-remote-code", help="Allow the LM's own code from its folder/hub (off by default).")
 _DTYPE = typer.Option(None, "--dtype", help="LM weights' dtype (default: exact float32 on CPU). bfloat16 is "
                       "faster on CPUs with AMX but changes the scores slightly.")
-
-
-class DType(str, Enum):
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
 
 
 @app.command()

@@ -571,20 +571,13 @@ def run_compare(
     range(seeds)). threads: torch threads during the run, restored after (None: as load_lm set
     them; on a loaded shared CPU 1 thread was 3-7x faster than 2). max_new_tokens: generation."""
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    if seeds < 1:
-        raise CompareError(f"seeds must be >= 1, got {seeds}")
-    if k < 1:
-        raise CompareError(f"k must be >= 1 (kNN, random and IPT need demonstrations), got {k}")
-    if train_pool is not None and train_pool < 2:
-        raise CompareError(f"train_pool must be >= 2, got {train_pool}")
-    if test_limit is not None and test_limit < 1:
-        raise CompareError(f"test_limit must be >= 1, got {test_limit}")
-    if n_virtual < 1:
-        raise CompareError(f"n_virtual must be >= 1, got {n_virtual}")
-    if max_new_tokens < 1:
-        raise CompareError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if threads is not None and threads < 1:
-        raise CompareError(f"threads must be >= 1, got {threads}")
+    for name, value, least, why in (
+        ("seeds", seeds, 1, ""), ("k", k, 1, " (kNN, random and IPT need demonstrations)"),
+        ("train_pool", train_pool, 2, ""), ("test_limit", test_limit, 1, ""), ("n_virtual", n_virtual, 1, ""),
+        ("max_new_tokens", max_new_tokens, 1, ""), ("threads", threads, 1, ""),
+    ):  # None: the option is off (train_pool, test_limit, threads)
+        if value is not None and value < least:
+            raise CompareError(f"{name} must be >= {least}{why}, got {value}")
     chosen = _methods(methods)
     soft_train = soft_train or default_soft_train()
     finetune_config = finetune_config or default_finetune()

@@ -14,11 +14,12 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_LM", "DEFAULT_GGUF", "LM", "LMLoadError", "load_lm", "cache_root", "default_device"]
+__all__ = ["DEFAULT_LM", "DEFAULT_GGUF", "DType", "LM", "LMLoadError", "load_lm", "cache_root", "default_device"]
 
 DEFAULT_LM = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,6 +27,14 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class LMLoadError(ValueError):
     """The model cannot be loaded; the message is one line saying why."""
+
+
+class DType(str, Enum):
+    """The weights' dtypes a user can ask for (load_lm also takes a torch.dtype and aliases)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 from .data import TaskKind
 from .embed import Embedder, get_embedder
 from .index import ExampleIndex, index_path
-from .lm import DEFAULT_LM, LM, load_lm
+from .lm import DEFAULT_LM, LM, DType, load_lm
 from .prompt import Prompt, PromptBuilder, Template
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .generate import generate
@@ -35,7 +35,6 @@ def index_template(folder: Path | None, kind: TaskKind) -> Template:
     stored = folder / TEMPLATE_FILE if folder is not None else None
     return Template.from_json(stored) if stored is not None and stored.is_file() else Template.default(kind)
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -71,8 +70,11 @@ class PipelineConfig:
             raise ValueError(f"budget must be positive, got {self.budget}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES} or None, got {self.dtype!r}")
+        if self.dtype is not None:
+            try:
+                self.dtype = DType(self.dtype).value
+            except ValueError:
+                raise ValueError(f"dtype must be one of {[d.value for d in DType]} or None, got {self.dtype!r}") from None
 
     def save(self, path: str | Path) -> None:
         d = asdict(self)

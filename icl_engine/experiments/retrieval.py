@@ -103,16 +103,16 @@ def _measure(pool: Dataset, test: Dataset, grid, predict, reference, cfg, seed) 
     K = len(grid)
     out = {k: np.zeros((cfg.draws, K)) for k in ("error", "disagreement", "prob_tv", "reference_error")}
     gold = np.array([r.output for r in test])
-    fixed = None  # a reference trained once answers the same whatever the pool: ask it once
+    ref_out = None  # a reference trained once answers the same whatever the pool: ask it once
     for r in range(cfg.draws):
         perm = np.random.default_rng([seed, r]).permutation(len(pool))  # nested: first N of one order
         for j, n in enumerate(grid):
             progress(f"retrieval {pool.name}: draw {r + 1}/{cfg.draws}, N = {n}")
             sub = pool.select(perm[:n].tolist(), f"{pool.name}[{n}@{r}]")
             pred, probs = _call(predict, sub, test, "predict")
-            if fixed is None or not getattr(reference, "fixed", False):
-                fixed = _call(reference, sub, test, "reference")
-            ref, ref_probs = fixed
+            if ref_out is None or not getattr(reference, "fixed", False):
+                ref_out = _call(reference, sub, test, "reference")
+            ref, ref_probs = ref_out
             out["error"][r, j] = np.mean(pred != gold)
             out["disagreement"][r, j] = np.mean(pred != ref)
             out["prob_tv"][r, j] = 0.5 * np.abs(probs - ref_probs).sum(1).mean()
