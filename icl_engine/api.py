@@ -4,9 +4,6 @@ plain-text formatters. Nothing here parses flags or prints."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,14 +12,14 @@ import numpy as np
 from .data import load_dataset
 from .embed import DEFAULT_EMBEDDER, get_embedder
 from .evaluate import evaluate, format_table
-from .index import ExampleIndex, IndexConfig, IndexType, index_path
+from .index import ExampleIndex, IndexConfig, IndexType, check_writable, delete_index, index_path, list_indexes
 from .lm import DEFAULT_LM
-from .pipeline import TEMPLATE_FILE, Engine, PipelineConfig, index_template
+from .pipeline import Engine, PipelineConfig, index_template
 from .prompt import Template
 from .select import SelectionMethod, select_demonstrations
 
 __all__ = [
-    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_info", "search", "make_config", "classify",
+    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
     "generate", "evaluate_file", "run_demo", "format_info", "format_hits", "format_prediction",
     "format_generation", "format_eval", "SENTIMENT_TEMPLATE", "tune", "finetune_reference", "compare",
     "bounds_theory", "bounds_run", "engine_predictor",
@@ -48,24 +45,18 @@ INTENT_TEMPLATE = Template(
 _BUILTIN_TEMPLATES = {"rotten_tomatoes": SENTIMENT_TEMPLATE, "snips_intents": INTENT_TEMPLATE}
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def build_index(data: str, name: str, *, text_field=None, label_field=None, embedder: str = DEFAULT_EMBEDDER,
                 index_type: IndexType = IndexType.FLAT, template: Path | None = None,
-                indexes_dir: Path | None = None) -> dict:
-    """Load `data`, embed it and save the index as `name`; returns the manifest."""
+                indexes_dir: Path | None = None, force: bool = False) -> dict:
+    """Load `data`, embed it and save the index as `name` (replacing an existing index only with
+    `force`); returns the manifest. Everything that can be checked is checked before embedding."""
+    folder = index_path(name, indexes_dir, for_write=True)
+    check_writable(folder, replace=force)
     dataset = load_dataset(data, text_field=text_field, label_field=label_field)
     tpl = Template.from_json(template) if template else _BUILTIN_TEMPLATES.get(str(data).split(":")[0])
     index = ExampleIndex.build(dataset, get_embedder(embedder), IndexConfig(index_type=IndexType(index_type)))
-    folder = index_path(name, indexes_dir)
-    index.save(folder)
-    if tpl is not None:  # a default template for this index; the index itself never formats
-        _write_json_atomic(folder / TEMPLATE_FILE, tpl.to_dict())
+    # the index stores its default template; the index itself never formats
+    index.save(folder, replace=force, template=tpl.to_dict() if tpl is not None else None)
     return index_info(name, indexes_dir=indexes_dir)
 
 
@@ -73,6 +64,27 @@ def index_info(name: str, *, indexes_dir: Path | None = None) -> dict:
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
     return {"name": name, "path": str(folder), **index.manifest}
+
+
+def delete_index_folder(name: str, *, indexes_dir: Path | None = None) -> dict:
+    """Remove index `name` (only a folder this engine made); returns what was removed."""
+    folder = index_path(name, indexes_dir, for_write=True)
+    count = ExampleIndex.load(folder).manifest["count"]
+    delete_index(folder)
+    return {"name": name, "path": str(folder), "count": count, "deleted": True}
+
+
+def list_index_infos(*, indexes_dir: Path | None = None) -> list[dict]:
+    """One row per index under the indexes dir; an unreadable one says why instead of its counts."""
+    rows = []
+    for folder in list_indexes(indexes_dir):
+        try:
+            m = ExampleIndex.load(folder).manifest
+            rows.append({"name": folder.name, "count": m["count"], "kind": m["kind"], "embedder": m["embedder"],
+                         "created": m.get("updated", m["created"])})
+        except ValueError as e:
+            rows.append({"name": folder.name, "error": str(e)})
+    return rows
 
 
 def search(name: str, query: str, *, k: int = 8, mmr_lambda: float | None = None,
@@ -186,7 +198,7 @@ def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None)
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
     lm = load_lm(lm_name)
-    tpl = Template.from_json(template) if template else index_template(folder, index.kind)
+    tpl = Template.from_json(template) if template else index_template(index)
     return index, lm, PromptBuilder(tpl, lm.tokenizer, index.labels)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,18 +24,57 @@ __all__ = ["app", "main"]
 
 
 
+# What an interrupted command leaves behind, said in its one line.
+_KEPT_ON_INTERRUPT = {
+    "build": "the index was left as it was (a new one is published only when complete)",
+    "delete": "the index is either still there or entirely gone",
+    "tune": "no soft prompt was written (it is written only when training ends)",
+    "finetune": "no model was written (it is written only when training ends)",
+    "compare": "finished runs are kept under --out/runs and reused when you run it again",
+    "run": "finished points are kept under --out and reused when you run it again",
+}
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ..." -> "No space left on device: 'path'"
+        msg = f"{e.strerror}: {e.filename!r}" if e.filename else e.strerror
+    else:
+        msg = str(e).strip()
+    first = msg.splitlines()[0] if msg else type(e).__name__
+    return first if isinstance(e, (ValueError, KeyError, OSError)) else f"{type(e).__name__}: {first}"
+
+
+def _leaf_command(ctx: click.Context) -> str:
+    """"build" for `icl index build ...`: the command that was running."""
+    name, args = ctx.invoked_subcommand or "", sys.argv[1:]
+    if name in ("index", "bounds") and name in args and args.index(name) + 1 < len(args):
+        return args[args.index(name) + 1]
+    return name
+
+
 class _FriendlyGroup(TyperGroup):
-    """Turns user mistakes raised by the library into `error: <one line>` and exit code 1."""
+    """Every failure of a command becomes `error: <one line>` on stderr and exit code 1: user
+    mistakes raised by the library (ValueError subclasses), OS errors (permissions, a full disk, a
+    file where a folder should be) and, as a last resort, anything else. ICL_DEBUG=1 shows the
+    traceback instead. Usage errors (exit 2) are left to `main`."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except KeyboardInterrupt:
             if os.environ.get("ICL_DEBUG"):
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            typer.echo(f"error: {msg}", err=True)
-            raise click.exceptions.Exit(1) from None
+            kept = _KEPT_ON_INTERRUPT.get(_leaf_command(ctx), "nothing half-written was kept")
+            typer.echo(f"interrupted: {kept}", err=True)
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if os.environ.get("ICL_DEBUG"):
+                raise
+            typer.echo(f"error: {one_line(e)}", err=True)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(cls=_FriendlyGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -64,19 +104,39 @@ def _print_json(obj) -> None:
 @index_app.command("build")
 def index_build(
     data: str = typer.Argument(..., help="A JSONL/CSV file or a built-in name (rotten_tomatoes, rotten_tomatoes:train)."),
-    name: str = typer.Option(..., "--name", help="Index name (a folder under the indexes dir)."),
+    name: str = typer.Option(..., "--name", help="Index name: one folder under the indexes dir (letters, digits, . _ -)."),
     text_field: Optional[str] = typer.Option(None, "--text-field"),
     label_field: Optional[str] = typer.Option(None, "--label-field"),
     embedder: str = typer.Option(api.DEFAULT_EMBEDDER, "--embedder", help="Embedder name/path, or hashing:DIM."),
     index_type: IndexType = typer.Option(IndexType.FLAT, "--index-type"),
     template: Optional[Path] = typer.Option(None, "--template", help="Default prompt template (JSON) stored with the index."),
     indexes_dir: Optional[Path] = IndexesDir,
+    force: bool = typer.Option(False, "--force", help="Replace an existing index of this name."),
     as_json: bool = AsJson,
 ):
     """Embed a labelled dataset and save a persistent index."""
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
-                           index_type=index_type, template=template, indexes_dir=indexes_dir)
+                           index_type=index_type, template=template, indexes_dir=indexes_dir, force=force)
     _print_json(info) if as_json else typer.echo(api.format_info(info))
+
+
+@index_app.command("delete")
+def index_delete(name: str, indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson):
+    """Delete an index (only a folder icl_engine made)."""
+    info = api.delete_index_folder(name, indexes_dir=indexes_dir)
+    _print_json(info) if as_json else typer.echo(f"deleted {info['path']} ({info['count']} records)")
+
+
+@index_app.command("list")
+def index_list(indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson):
+    """List the indexes under the indexes dir."""
+    rows = api.list_index_infos(indexes_dir=indexes_dir)
+    if as_json:
+        _print_json(rows)
+    else:
+        typer.echo("\n".join(f"{r['name']}  error: {r['error']}" if "error" in r else
+                              f"{r['name']}  {r['count']} records  {r['kind']}  {r['embedder']}  {r['created']}"
+                              for r in rows) or "no indexes")
 
 
 @index_app.command("info")
@@ -218,7 +278,22 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The `icl` console script: usage errors are one line too (exit 2); bare `icl` prints help."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `icl index` alone: its help, on stdout
+            typer.echo(e.format_message())
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        msg = e.format_message().strip().splitlines()
+        typer.echo(f"error: {msg[0] if msg else type(e).__name__}{hint}", err=True)
+        sys.exit(getattr(e, "exit_code", 1))
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @app.command()

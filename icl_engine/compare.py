@@ -594,7 +594,7 @@ def run_compare(
     if len(test) == 0:
         raise CompareError("the test set is empty")
     if template is None:
-        template = index_template(folder, idx.kind)
+        template = index_template(idx)
 
     threads_before = torch.get_num_threads()
     lm = lm if isinstance(lm, LM) else load_lm(str(lm or DEFAULT_LM))

@@ -9,10 +9,12 @@ Vectors are unit norm, so inner product = cosine. faiss does the search: exact (
 or approximate (`ivf`, `hnsw`) for large pools, on GPU when faiss sees one. `vectors` stays in
 memory as well, because MMR selection needs the candidates' vectors.
 
-On disk an index is a folder: index.faiss, records.jsonl, vectors.npy and manifest.json (which
-records the sha256 and size of the other three). It is written to a temp folder beside the
-target and renamed into place, so an interrupted save leaves the previous index intact; `load`
-verifies every file against the manifest and refuses anything off with `IndexFormatError`.
+On disk an index is a folder of versions behind an atomic pointer (store.py): each version
+holds index.faiss, records.jsonl, vectors.npy, an optional template.json and manifest.json
+(which records the sha256 and size of the others). `save` publishes a new version only when
+asked to replace and only over an index this engine made; `load` verifies every file against
+the manifest and refuses anything off with `IndexFormatError`. Folders written by earlier
+releases (the files directly in the folder) are still read.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import io
 import json
 import math
 import os
+import re
 import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,21 +36,32 @@ from typing import Iterable
 import faiss
 import numpy as np
 
+from . import store
 from .data import Dataset, Record, TaskKind
 from .embed import canonical_name
 
-__all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "FORMAT_VERSION",
-           "indexes_dir", "index_path"]
+__all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "IndexExistsError", "IndexWriteError",
+           "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
+           "check_writable", "delete_index", "list_indexes"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE, RECORDS_FILE, VECTORS_FILE = "index.faiss", "records.jsonl", "vectors.npy"
 DATA_FILES = (FAISS_FILE, RECORDS_FILE, VECTORS_FILE)
+TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
 _SMALL_QUERY = 4  # below this many queries a flat CPU search is a single-threaded scan (see search)
 
 
 class IndexFormatError(ValueError):
     """An index folder that cannot be trusted; the message names the folder and the problem."""
+
+
+class IndexExistsError(ValueError):
+    """A save over an existing index that was not asked to replace it."""
+
+
+class IndexWriteError(ValueError):
+    """A save that must not or cannot happen (a foreign folder, a file in the way, no write access)."""
 
 
 class IndexType(str, Enum):
@@ -94,14 +107,34 @@ def indexes_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get("ICL_INDEXES") or "indexes")
 
 
-def index_path(name: str | os.PathLike, indexes_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of index `name`; a name with a path separator is taken as a folder path."""
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
+
+
+def check_index_name(name: str) -> str:
+    """An index name is one path component: letters, digits, '.', '_', '-', at most 100
+    characters, starting with a letter or digit (so never '..', a hidden or an option-like name)."""
+    if not _NAME.match(name):
+        raise ValueError(f"index name {name!r} must be 1-100 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def index_path(name: str | os.PathLike, indexes_dir: str | os.PathLike | None = None, *,
+               for_write: bool = False) -> Path:
+    """The folder of index `name` under the indexes dir. Where an index is only read, a name with
+    a path separator is taken as the path of an index folder; a writer gets only plain names."""
     name = str(name)
-    if "/" in name or os.sep in name:
+    if not for_write and ("/" in name or os.sep in name):
         return Path(name)
-    if name in ("", ".", ".."):
-        raise ValueError(f"index name must be a plain folder name, got {name!r}")
-    return _indexes_dir(indexes_dir) / name
+    return _indexes_dir(indexes_dir) / check_index_name(name)
+
+
+def list_indexes(indexes_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The index folders under the indexes dir (published or layout 1), sorted by name."""
+    root = _indexes_dir(indexes_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _NAME.match(p.name) and folder_state(p) in ("index", "legacy"))
 
 
 _indexes_dir = indexes_dir  # index_path's parameter shadows the function
@@ -197,6 +230,7 @@ class ExampleIndex:
         self.vectors = vectors  # [n, d] float32, unit norm; row i belongs to records[i]
         self.manifest, self.config = manifest, config
         self._faiss, self._gpu_res = faiss_index, gpu_resources
+        self.template: dict | None = None  # the default prompt template stored with it (prompt.Template's dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -306,60 +340,84 @@ class ExampleIndex:
 
     # -- persistence
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to folder `path` atomically; returns the folder.
+    def save(self, path: str | os.PathLike, *, replace: bool = False, template: dict | None = None,
+             lock_timeout: float | None = None) -> Path:
+        """Publish the index as folder `path` (see store.py); returns the folder.
 
-        Replacing an existing index: the new one is written beside it, the old one renamed aside,
-        the new one renamed in, the old one deleted. Files that are not part of the index (e.g. a
-        template.json stored with it) are carried over.
+        An existing index there is replaced only with `replace=True` (else IndexExistsError), and
+        only if this engine made it; any other existing folder is refused untouched. `template`
+        (a prompt template as a dict) is stored with this version: a rebuild never inherits the
+        previous version's template. Readers see the old index or the new one, never a mix.
         """
         folder = Path(path)
-        if folder.exists() and not (folder / MANIFEST).is_file() and (not folder.is_dir() or any(folder.iterdir())):
-            raise ValueError(f"{folder}: exists and is not an index folder; refusing to replace it")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        check_writable(folder, replace=replace)
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
         try:
-            self._write(tmp)
-            if folder.exists():
-                for extra in folder.iterdir():
-                    if extra.is_file() and extra.name not in (*DATA_FILES, MANIFEST) and not extra.name.startswith("."):
-                        shutil.copy2(extra, tmp / extra.name)
-            _swap_in(tmp, folder)
+            with store.writer_lock(folder, lock_timeout, what=f"index {str(folder)!r}"):
+                # checked again under the lock: another build may have published meanwhile
+                legacy = check_writable(folder, replace=replace) == "legacy"
+                store.publish(folder, lambda tmp: self._write(tmp, template))
+                if legacy:  # the layout-1 files at the top are now shadowed by CURRENT
+                    for name in (*DATA_FILES, MANIFEST, TEMPLATE_FILE):
+                        (folder / name).unlink(missing_ok=True)
+                _remove_stale_siblings(folder)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if created and store.only_leftovers(folder):  # a failed first build leaves nothing
+                shutil.rmtree(folder, ignore_errors=True)
             raise
         return folder
 
-    def _write(self, tmp: Path) -> None:
+    def _write(self, tmp: Path, template: dict | None) -> None:
         faiss.write_index(_to_cpu(self._faiss), str(tmp / FAISS_FILE))
         lines = [json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) for r in self.records]
         (tmp / RECORDS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
         np.save(tmp / VECTORS_FILE, self.vectors, allow_pickle=False)
+        names = list(DATA_FILES)
+        if template is not None:
+            (tmp / TEMPLATE_FILE).write_text(json.dumps(template, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            names.append(TEMPLATE_FILE)
         files = {}
-        for name in DATA_FILES:
+        for name in names:
             data = (tmp / name).read_bytes()
             files[name] = {"sha256": _sha256(data), "size": len(data)}
         self.manifest["files"] = files
+        self.manifest["created_by"] = "icl_engine"
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in (*DATA_FILES, MANIFEST):  # on disk before the rename makes them visible
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        self.template = template
 
     @classmethod
     def load(cls, path: str | os.PathLike, embedder_name: str | None = None, *,
              use_gpu: bool | None = None) -> "ExampleIndex":
-        """Read and verify an index folder; `embedder_name`, when given, must match the manifest."""
+        """Read and verify an index folder; `embedder_name`, when given, must match the manifest.
+
+        Reads the current version (retrying once if a rebuild switched versions meanwhile), or
+        the files directly in the folder for an index saved by an earlier release (layout 1)."""
         folder = Path(path)
+        try:
+            if store.is_store(folder) or (folder / store.POINTER).exists():
+                return store.read(folder, lambda version: cls._load_version(version, folder, embedder_name, use_gpu))
+            if not folder.is_dir():
+                raise IndexFormatError(f"{folder}: no such index folder")
+            if store.only_leftovers(folder):
+                raise IndexFormatError(f"{folder}: an interrupted build left no index here; build it again")
+            return cls._load_version(folder, folder, embedder_name, use_gpu)
+        except IndexFormatError:
+            raise
+        except OSError as e:  # e.g. a file removed while read, a permission error
+            raise IndexFormatError(f"{folder}: cannot read the index ({e.strerror or e})") from None
+        except store.StoreError as e:
+            raise IndexFormatError(str(e)) from None
+
+    @classmethod
+    def _load_version(cls, version: Path, folder: Path, embedder_name: str | None,
+                      use_gpu: bool | None) -> "ExampleIndex":
+        """Verify and parse one version's files; errors name the index `folder`."""
 
         def bad(problem: str) -> IndexFormatError:
             return IndexFormatError(f"{folder}: {problem}")
 
-        if not folder.is_dir():
-            aside = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
-            hint = f" (an interrupted save left the previous index at {aside[0]}; rename it back)" if aside else ""
-            raise bad(f"no such index folder{hint}")
-        m = _read_manifest(folder / MANIFEST, bad)
+        m = _read_manifest(version / MANIFEST, bad)
         try:
             kind = TaskKind(m["kind"])
             config = IndexConfig(index_type=m["index_type"], **m["index_params"], use_gpu=use_gpu)
@@ -370,14 +428,15 @@ class ExampleIndex:
         if embedder_name is not None and canonical_name(embedder_name) != m["embedder"]:
             raise bad(f"built with embedder {m['embedder']!r}, not {canonical_name(embedder_name)!r}")
         blobs = {}
-        for name in DATA_FILES:  # read once, verify, then parse those very bytes
+        optional = (TEMPLATE_FILE,) if TEMPLATE_FILE in m["files"] else ()
+        for name in (*DATA_FILES, *optional):  # read once, verify, then parse those very bytes
             entry = m["files"].get(name)
             if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                     and isinstance(entry.get("size"), int)):
                 raise bad(f"manifest.json has no valid entry for {name}")
-            if not (folder / name).is_file():
+            if not (version / name).is_file():
                 raise bad(f"missing file {name}")
-            data = (folder / name).read_bytes()
+            data = (version / name).read_bytes()
             if len(data) != entry["size"]:
                 raise bad(f"{name} is {len(data)} bytes, the manifest says {entry['size']} (truncated or modified)")
             if _sha256(data) != entry["sha256"]:
@@ -387,6 +446,7 @@ class ExampleIndex:
             vectors = np.load(io.BytesIO(blobs[VECTORS_FILE]), allow_pickle=False)
             records = tuple(_parse_record(line) for line in blobs[RECORDS_FILE].decode("utf-8").split("\n") if line)
             cpu_index = faiss.deserialize_index(np.frombuffer(blobs[FAISS_FILE], dtype=np.uint8))
+            template = json.loads(blobs[TEMPLATE_FILE]) if optional else _legacy_template(version)
         except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as e:
             first_line = str(e).splitlines()[0] if str(e) else ""
             raise bad(f"unreadable index files ({type(e).__name__}: {first_line})") from None
@@ -404,6 +464,8 @@ class ExampleIndex:
         if not _faiss_matches(cpu_index, config, m["index_params"]):
             raise bad(f"index.faiss is a {type(cpu_index).__name__}, "
                       f"not the manifest's {m['index_type']} {m['index_params']}")
+        if template is not None and not isinstance(template, dict):
+            raise bad(f"{TEMPLATE_FILE} is not a JSON object")
         labels = tuple(m["labels"])
         dataset = Dataset(m["dataset"], kind, records, labels)
         if dataset.sha256 != m["dataset_sha256"]:
@@ -412,7 +474,74 @@ class ExampleIndex:
             raise bad(f"records have labels outside the manifest's labels {list(labels)}")
         _set_search_params(cpu_index, m["index_params"])
         index, res = _to_device(cpu_index, use_gpu)
-        return cls(records, kind, labels, vectors, m, config, index, res)
+        loaded = cls(records, kind, labels, vectors, m, config, index, res)
+        loaded.template = template
+        return loaded
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def folder_state(folder: Path) -> str:
+    """What an existing path is, for a writer: "none" (absent, empty, or only an interrupted
+    first build's leftovers), "index" (published by this engine), "legacy" (a layout-1 index:
+    the engine's files alone at the top), or "foreign" (anything else: never written into)."""
+    if not folder.exists() or store.only_leftovers(folder):
+        return "none"
+    if not folder.is_dir():
+        return "foreign"
+    if store.is_store(folder):
+        return "index"
+    names = {p.name for p in folder.iterdir()}
+    if MANIFEST in names and names <= {*DATA_FILES, MANIFEST, TEMPLATE_FILE, store.LOCK}:
+        try:
+            _read_manifest(folder / MANIFEST, IndexFormatError)
+            return "legacy"
+        except IndexFormatError:
+            pass
+    return "foreign"
+
+
+def check_writable(folder: Path, *, replace: bool) -> str:
+    """Refuse, before any long work, a save that could not or must not happen; returns the
+    folder's state (see folder_state)."""
+    parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise IndexWriteError(f"{parent} is a file, not a folder")
+    state = folder_state(folder)
+    if state == "foreign":
+        raise IndexWriteError(f"{folder} exists and is not an index made by icl_engine; refusing to touch it")
+    if state in ("index", "legacy") and not replace:
+        raise IndexExistsError(f"index {folder.name!r} already exists in {folder.parent}; pass --force to replace it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise IndexWriteError(f"{parent} is not writable")
+    return state
+
+
+def _remove_stale_siblings(folder: Path) -> None:
+    """Folders that earlier releases' saves (`.rt.old-*`, `.rt.tmp-*`) or a killed delete
+    (`.rt.deleted-*`) left beside index `rt`."""
+    stale = re.compile(re.escape(f".{folder.name}.") + r"(old|tmp|deleted)-[0-9a-f]{8}\Z")
+    for p in folder.parent.iterdir():
+        if stale.match(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _legacy_template(folder: Path) -> dict | None:
+    """A layout-1 index kept its template as a plain file beside the index files."""
+    path = folder / TEMPLATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def delete_index(folder: Path, lock_timeout: float | None = None) -> None:
+    """Remove an index this engine made (refuses any other folder)."""
+    state = folder_state(folder)
+    if not folder.exists():
+        raise IndexFormatError(f"{folder}: no such index folder")
+    if state == "foreign":
+        raise IndexWriteError(f"{folder} is not an index made by icl_engine; refusing to delete it")
+    with store.writer_lock(folder, lock_timeout, what=f"index {str(folder)!r}"):
+        store.remove(folder)
 
 
 # ----------------------------------------------------------------------------- load helpers
@@ -461,18 +590,3 @@ def _faiss_matches(index: faiss.Index, config: IndexConfig, params: dict) -> boo
     if config.index_type is IndexType.IVF:
         return isinstance(index, faiss.IndexIVFFlat) and index.nlist == params.get("nlist")
     return isinstance(index, faiss.IndexHNSWFlat)
-
-
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Rename the finished `tmp` folder to `folder`, replacing (then deleting) any old one."""
-    if not folder.exists():
-        os.rename(tmp, folder)
-        return
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(folder, old)
-    try:
-        os.rename(tmp, folder)
-    except BaseException:
-        os.rename(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -25,15 +25,12 @@ from .generate import generate
 from .select import DemoOrder, Selection, SelectionMethod, select_many
 
 
-__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "TEMPLATE_FILE", "index_template"]
+__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "index_template"]
 
-TEMPLATE_FILE = "template.json"  # optional default template stored beside an index
+def index_template(index: ExampleIndex) -> Template:
+    """The template an index suggests: the one stored with it, else the task default."""
+    return Template.from_dict(index.template) if index.template else Template.default(index.kind)
 
-
-def index_template(folder: Path | None, kind: TaskKind) -> Template:
-    """The template an index folder suggests: its template.json if present, else the task default."""
-    stored = folder / TEMPLATE_FILE if folder is not None else None
-    return Template.from_json(stored) if stored is not None and stored.is_file() else Template.default(kind)
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
 
 
@@ -139,7 +136,7 @@ class Engine:
             soft = load_soft_prompt(config.soft_prompt)
         # template: given > the one the soft prompt was trained with > stored with the index > default
         template = (config.template or (soft.template if soft is not None else None)
-                    or index_template(folder, index.kind))
+                    or index_template(index))
         return cls.from_parts(config, index, embedder, lm, template, soft)
 
     @classmethod

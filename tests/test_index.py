@@ -13,7 +13,10 @@ import pytest
 from icl_engine import index as index_mod
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
-from icl_engine.index import ExampleIndex, IndexConfig, IndexFormatError, IndexType, index_path, indexes_dir
+from icl_engine import store
+from icl_engine.index import (ExampleIndex, IndexConfig, IndexExistsError, IndexFormatError, IndexType, IndexWriteError,
+                              delete_index, folder_state, index_path, indexes_dir, list_indexes)
+from icl_engine.store import current_version
 
 WORDS = [f"w{i}" for i in range(300)]
 
@@ -113,8 +116,13 @@ def test_locations(tmp_path, monkeypatch):
     assert index_path("rt") == tmp_path / "rt"
     assert index_path("rt", tmp_path / "other") == tmp_path / "other" / "rt"
     assert index_path(str(tmp_path / "x" / "rt")) == tmp_path / "x" / "rt"
-    with pytest.raises(ValueError, match="plain folder name"):
-        index_path("..")
+    for bad in ("..", ".", "", ".hidden", "-rf", "x" * 101, "a b", "ü"):
+        with pytest.raises(ValueError, match="must be 1-100 letters"):
+            index_path(bad)
+    for bad in ("a/b", "../x", str(tmp_path / "abs")):  # a path is read, never written
+        with pytest.raises(ValueError, match="must be 1-100 letters"):
+            index_path(bad, for_write=True)
+    assert index_path("r.t-2_x", for_write=True) == tmp_path / "r.t-2_x"
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -126,6 +134,7 @@ def test_save_load_round_trip(emb, tmp_path, config):
     ds = make_dataset(120)
     index = ExampleIndex.build(ds, emb, config)
     folder = index.save(tmp_path / "toy")
+    assert folder == tmp_path / "toy"
     loaded = ExampleIndex.load(folder, embedder_name="hashing:64")
     queries = emb.encode(["w1 w2 w3", "w200 w7"] * 3)  # 6 queries: the faiss path for every type
     for a, b in zip(index.search(queries, 8), loaded.search(queries, 8)):
@@ -133,15 +142,17 @@ def test_save_load_round_trip(emb, tmp_path, config):
     assert loaded.records == ds.records and loaded.dataset.sha256 == ds.sha256
     np.testing.assert_array_equal(loaded.vectors, index.vectors)
     assert loaded.config.index_type is config.index_type and loaded.manifest == index.manifest
-    m = json.loads((folder / "manifest.json").read_text())
+    version = current_version(folder)
+    m = json.loads((version / "manifest.json").read_text())
     assert list(m) == sorted(m)
     assert m["format_version"] == 1 and m["embedder"] == "hashing:64" and m["dim"] == 64 and m["count"] == 120
     assert m["normalized"] is True and m["metric"] == "inner_product" and m["kind"] == "classification"
     assert m["labels"] == ["neg", "pos"] and m["dataset_sha256"] == ds.sha256 and m["dataset"] == "toy"
     assert datetime.fromisoformat(m["created"]).utcoffset().total_seconds() == 0
     assert sorted(m["files"]) == ["index.faiss", "records.jsonl", "vectors.npy"]
-    assert all(m["files"][f]["size"] == (folder / f).stat().st_size for f in m["files"])
+    assert all(m["files"][f]["size"] == (version / f).stat().st_size for f in m["files"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]  # no temp folders left
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "CURRENT", version.name]
 
 
 def _rehash(folder, name):
@@ -210,7 +221,7 @@ DAMAGE = {
 def test_damaged_index_is_refused(emb, tmp_path, damage):
     folder = ExampleIndex.build(make_dataset(60), emb).save(tmp_path / "toy")
     harm, message = DAMAGE[damage]
-    harm(folder)
+    harm(current_version(folder))
     with pytest.raises(IndexFormatError, match=message) as err:
         ExampleIndex.load(folder)
     assert str(err.value).startswith(f"{folder}: ") and "\n" not in str(err.value)
@@ -225,53 +236,140 @@ def test_wrong_embedder_and_missing_folder_are_refused(emb, tmp_path):
     assert issubclass(IndexFormatError, ValueError)
 
 
-def test_failed_save_leaves_the_old_index_intact(emb, tmp_path, monkeypatch):
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("fail", ["np.save", "rename", "pointer"])
+def test_failed_save_leaves_the_old_index_intact(emb, tmp_path, monkeypatch, fail):
     folder = tmp_path / "toy"
     old = ExampleIndex.build(make_dataset(30, seed=1), emb)
     old.save(folder)
+    before = _names(folder)
     new = ExampleIndex.build(make_dataset(50, seed=2), emb)
 
     def boom(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_mod.np, "save", boom)  # fails midway through writing the new files
+    target = {"np.save": (index_mod.np, "save"), "rename": (store.os, "rename"), "pointer": (store.os, "replace")}
+    monkeypatch.setattr(*target[fail], boom)  # writing the files / publishing the version / the switch fails
     with pytest.raises(OSError, match="disk full"):
-        new.save(folder)
-    monkeypatch.undo()
-
-    renames = []
-    real_rename = os.rename
-
-    def rename_fails_second_time(src, dst):  # old moved aside, then moving the new one in fails
-        renames.append(dst)
-        if len(renames) == 2:
-            raise OSError("interrupted")
-        real_rename(src, dst)
-
-    monkeypatch.setattr(index_mod.os, "rename", rename_fails_second_time)
-    with pytest.raises(OSError, match="interrupted"):
-        new.save(folder)
+        new.save(folder, replace=True)
     monkeypatch.undo()
 
     loaded = ExampleIndex.load(folder)
     assert loaded.records == old.records and loaded.manifest["count"] == 30
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
-    new.save(folder)  # and a save that succeeds replaces it
+    assert _names(tmp_path) == ["toy"]
+    if fail != "pointer":  # a version published but never switched to stays until the next save
+        assert _names(folder) == before
+    new.save(folder, replace=True)  # and a save that succeeds replaces it, and cleans up
     assert ExampleIndex.load(folder).manifest["count"] == 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
+    assert _names(tmp_path) == ["toy"] and len([n for n in _names(folder) if n.startswith("v-")]) == 2
 
 
-def test_save_keeps_extra_files_and_refuses_foreign_folders(emb, tmp_path):
+def test_failed_first_save_leaves_nothing(emb, tmp_path, monkeypatch):
+    monkeypatch.setattr(index_mod.np, "save", lambda *a, **kw: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        ExampleIndex.build(make_dataset(10), emb).save(tmp_path / "toy")
+    assert _names(tmp_path) == []
+
+
+def test_save_replaces_only_when_asked_and_only_its_own_folders(emb, tmp_path):
     index = ExampleIndex.build(make_dataset(10), emb)
-    folder = index.save(tmp_path / "toy")
-    (folder / "template.json").write_text("{}")
-    index.save(folder)
-    assert (folder / "template.json").read_text() == "{}"
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not an index folder"):
-        index.save(tmp_path / "docs")
-    assert (tmp_path / "docs" / "notes.txt").read_text() == "mine"
+    folder = index.save(tmp_path / "toy", template={"instruction": "sentiment"})
+    assert ExampleIndex.load(folder).template == {"instruction": "sentiment"}
+    with pytest.raises(IndexExistsError, match="'toy' already exists .*--force"):
+        index.save(folder)
+    index.save(folder, replace=True)  # a rebuild never inherits the old version's template
+    assert ExampleIndex.load(folder).template is None
+    # the data-loss report: a folder with a manifest.json is not an index
+    app = tmp_path / "app"
+    for sub in ("src", ".git"):
+        (app / sub).mkdir(parents=True)
+    (app / "manifest.json").write_text("{}")
+    (app / ".env").write_text("SECRET=1")
+    (tmp_path / "file").write_text("mine")
+    for target in (app, tmp_path / "file", tmp_path / "file" / "x"):
+        with pytest.raises(IndexWriteError):
+            index.save(target, replace=True)
+        with pytest.raises(ValueError, match="not an index made by icl_engine|no such index"):
+            delete_index(target)
+    assert _names(app) == [".env", ".git", "manifest.json", "src"] and (app / ".env").read_text() == "SECRET=1"
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_layout_1_indexes_are_read_and_replaced_in_place(emb, tmp_path):
+    """Folders written by earlier releases: the files directly in the folder."""
+    index = ExampleIndex.build(make_dataset(12), emb)
+    version = current_version(index.save(tmp_path / "new"))
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    for p in version.iterdir():
+        (legacy / p.name).write_bytes(p.read_bytes())
+    (legacy / "template.json").write_text('{"instruction": "x"}')
+    loaded = ExampleIndex.load(legacy)
+    assert loaded.records == index.records and loaded.template == {"instruction": "x"}
+    assert folder_state(legacy) == "legacy"
+    with pytest.raises(IndexExistsError):
+        index.save(legacy)
+    index.save(legacy, replace=True)
+    assert folder_state(legacy) == "index" and not (legacy / "manifest.json").exists()
+    assert ExampleIndex.load(legacy).records == index.records and ExampleIndex.load(legacy).template is None
+
+
+def test_delete_and_list(emb, tmp_path):
+    for name in ("b", "a"):
+        ExampleIndex.build(make_dataset(5), emb).save(tmp_path / name)
+    (tmp_path / "notes").mkdir()
+    assert [p.name for p in list_indexes(tmp_path)] == ["a", "b"]
+    delete_index(tmp_path / "a")
+    assert _names(tmp_path) == ["b", "notes"]
+    with pytest.raises(IndexFormatError, match="no such index"):
+        delete_index(tmp_path / "a")
+
+
+def test_interrupted_first_build_is_not_an_index_and_is_cleaned(emb, tmp_path):
+    folder = tmp_path / "toy"
+    (folder / ".tmp-0123abcd").mkdir(parents=True)
+    (folder / ".lock").write_text("")
+    with pytest.raises(IndexFormatError, match="interrupted build"):
+        ExampleIndex.load(folder)
+    assert folder_state(folder) == "none"
+    ExampleIndex.build(make_dataset(5), emb).save(folder)  # no --force needed: nothing to replace
+    assert ".tmp-0123abcd" not in _names(folder)
+
+
+def test_stale_folders_of_earlier_releases_are_removed(emb, tmp_path):
+    for stale in (".toy.old-0123abcd", ".toy.tmp-89abcdef", ".toy.deleted-00000000"):
+        (tmp_path / stale).mkdir()
+    (tmp_path / ".other.old-0123abcd").mkdir()
+    ExampleIndex.build(make_dataset(5), emb).save(tmp_path / "toy")
+    assert _names(tmp_path) == [".other.old-0123abcd", "toy"]
+
+
+def test_writer_lock_times_out_with_one_line(emb, tmp_path):
+    folder = ExampleIndex.build(make_dataset(5), emb).save(tmp_path / "toy")
+    with store.writer_lock(folder):
+        with pytest.raises(store.LockTimeoutError, match="being written by another process"):
+            ExampleIndex.build(make_dataset(6), emb).save(folder, replace=True, lock_timeout=0.2)
+    ExampleIndex.build(make_dataset(6), emb).save(folder, replace=True, lock_timeout=0.2)
+
+
+def test_reader_retries_when_the_version_changes_under_it(emb, tmp_path, monkeypatch):
+    folder = ExampleIndex.build(make_dataset(5, seed=1), emb).save(tmp_path / "toy")
+    new = ExampleIndex.build(make_dataset(7, seed=2), emb)
+    real = ExampleIndex._load_version.__func__
+    calls = []
+
+    def racing(cls, version, *args):
+        calls.append(version.name)
+        if len(calls) == 1:  # a rebuild publishes (and collects) while this read is under way
+            new.save(folder, replace=True)
+            new.save(folder, replace=True)
+        return real(cls, version, *args)
+
+    monkeypatch.setattr(ExampleIndex, "_load_version", classmethod(racing))
+    assert len(ExampleIndex.load(folder)) == 7 and len(calls) == 2 and calls[0] != calls[1]
 
 
 # ----------------------------------------------------------------------------- add
