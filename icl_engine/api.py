@@ -124,11 +124,12 @@ def generate(config: PipelineConfig, input: str) -> dict:
 
 
 def evaluate_file(config: PipelineConfig, test: str, *, limit=None, text_field=None, label_field=None) -> dict:
-    engine = Engine.load(config)
+    # the test file is checked before the LM loads (seconds to minutes): a mistake there fails fast
+    index = ExampleIndex.load(index_path(config.index, config.indexes_dir))
     # the index's label list: a test label the index does not know is refused by the loader
-    test_set = load_dataset(test, kind=engine.index.kind, text_field=text_field, label_field=label_field,
-                            labels=engine.index.labels or None)
-    return evaluate(engine, test_set, limit=limit)
+    test_set = load_dataset(test, kind=index.kind, text_field=text_field, label_field=label_field,
+                            labels=index.labels or None)
+    return evaluate(Engine.load(config, index=index), test_set, limit=limit)
 
 
 def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> str:
@@ -170,13 +171,23 @@ def format_prediction(p: dict) -> str:
     probs = "  ".join(f"{lab}={x:.3f}" for lab, x in p["probs"].items())
     lines = [f"label: {p['label']}   ({probs}; {p['prompt_tokens']} prompt tokens)"]
     lines += [f"  demo {d['score']:.3f} [{d['output']}] {d['input']}" for d in p["demos"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _budget_note(p))
+
+
+def _budget_note(p: dict) -> list[str]:
+    """Nothing is left out silently: say what the token budget cost."""
+    notes = []
+    if p.get("dropped"):
+        notes.append(f"{p['dropped']} more demonstration(s) left out: the token budget was full")
+    if p.get("skipped"):
+        notes.append(f"{len(p['skipped'])} demonstration(s) skipped: each alone is longer than the budget")
+    return [f"  note: {n}" for n in notes]
 
 
 def format_generation(g: dict) -> str:
     lines = [g["text"], f"({g['prompt_tokens']} prompt tokens)"]
     lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
-    return "\n".join(lines)
+    return "\n".join(lines + _budget_note(g))
 
 
 def format_eval(r: dict) -> str:

@@ -5,6 +5,7 @@ Set ICL_DEBUG=1 to see the traceback instead."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import api
+from .errors import one_line
 from .index import IndexType
 from .lm import DType
 from .score import Calibration
@@ -33,16 +35,6 @@ _KEPT_ON_INTERRUPT = {
     "compare": "finished runs are kept under --out/runs and reused when you run it again",
     "run": "finished points are kept under --out and reused when you run it again",
 }
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type when it has none)."""
-    if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ..." -> "No space left on device: 'path'"
-        msg = f"{e.strerror}: {e.filename!r}" if e.filename else e.strerror
-    else:
-        msg = str(e).strip()
-    first = msg.splitlines()[0] if msg else type(e).__name__
-    return first if isinstance(e, (ValueError, KeyError, OSError)) else f"{type(e).__name__}: {first}"
 
 
 def _leaf_command(ctx: click.Context) -> str:
@@ -88,6 +80,9 @@ def _setup() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if not os.environ.get("ICL_DEBUG"):  # library chatter would stand between the user and the one error line
+        hf_logging.set_verbosity_error()
+        logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect example indexes.")

@@ -204,7 +204,12 @@ def _load_file(
             v = row.get(f)
             if v is None:
                 raise DataError(f"{path}:{n}: missing field {f!r}")
-            v = str(v).strip() if not isinstance(v, str) else v.strip()
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = str(v)  # integer class ids (0/1) are common; they are taken as the strings "0"/"1"
+            elif not isinstance(v, str):
+                kind = {bool: "a boolean", float: "a number", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+                raise DataError(f"{path}:{n}: field {f!r} is {kind} ({json.dumps(v)[:40]}), expected a string")
+            v = v.strip()
             if not v:
                 raise DataError(f"{path}:{n}: field {f!r} is empty")
             vals.append(v)

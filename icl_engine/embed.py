@@ -349,6 +349,8 @@ def _load_sentence_transformer(model: str, name: str, device: str | None):
         source, local_only = str(path), True
     else:
         source = name if Path(name).is_absolute() else model
+        if model.startswith(("./", "../", "/", "~")) and not Path(source).expanduser().exists():
+            raise EmbedderError(f"embedder {model!r}: no such folder")
         # A local folder never needs the hub; a hub name is read from the local HF cache only
         # when the user says so (HF_HUB_OFFLINE=1), else it may be downloaded once.
         local_only = Path(source).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")

@@ -101,8 +101,9 @@ class Prediction:
     probs: dict[str, float]  # label -> probability, in the index's label order
     demos: list[Demo]
     prompt_tokens: int
-    skipped: tuple[str, ...] = ()  # demonstrations too long for the budget
+    skipped: tuple[str, ...] = ()  # ids of demonstrations too long for the budget on their own
     log_scores: list[float] = field(default_factory=list)  # uncalibrated log p(label | prompt)
+    dropped: int = 0  # demonstrations left out because the more similar ones kept filled the budget
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class Generation:
     text: str
     demos: list[Demo]
     prompt_tokens: int
+    skipped: tuple[str, ...] = ()  # as in Prediction
+    dropped: int = 0
 
 
 @dataclass
@@ -188,6 +191,9 @@ class Engine:
         recs = self.index.records
         return [Demo(recs[i].id, float(s), recs[i].input, recs[i].output) for i, s in zip(sel.ids, sel.scores)]
 
+    def _skipped(self, sel: Selection) -> tuple[str, ...]:
+        return tuple(self.index.records[i].id for i in sel.skipped)
+
     def _score(self, prompts: Sequence[Prompt]) -> np.ndarray:
         """log p(label | prompt) for every label: float64 [q, L]."""
         labels = [self.builder.label_ids(lab) for lab in self.index.labels]
@@ -219,7 +225,8 @@ class Engine:
                 log_scores=[float(x) for x in raw],
                 demos=self._demos(sel),
                 prompt_tokens=len(pr.ids) + self.n_virtual,
-                skipped=tuple(self.index.records[i].id for i in sel.skipped),
+                skipped=self._skipped(sel),
+                dropped=sel.dropped,
             )
             for p, raw, sel, pr in zip(probs, log_scores, selections, prompts)
         ]
@@ -246,7 +253,7 @@ class Engine:
             max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             stop=(self.builder.template.separator,), seed=self.config.seed, **sampling,
         )
-        return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual)
+        return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual, self._skipped(s), s.dropped)
                 for t, s, p in zip(texts, selections, prompts)]
 
 

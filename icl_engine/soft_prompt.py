@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, Record, TaskKind
 from .embed import get_embedder
+from .errors import one_line
 from .lm import LM
 from .prompt import PromptTooLong, Template
 from .score import Prefix, compute_prefix, score_continuations
@@ -726,6 +727,8 @@ def load_soft_prompt(path: str | Path) -> SoftPrompt:
     except json.JSONDecodeError as e:
         raise SoftPromptError(f"{path / ADAPTER_CONFIG}: not valid JSON ({e.msg})") from None
     kinds = {"PROMPT_TUNING": SoftPromptMethod.PROMPT_TUNING, "PREFIX_TUNING": SoftPromptMethod.PREFIX_TUNING}
+    if not isinstance(cfg, dict):
+        raise SoftPromptError(f"{path / ADAPTER_CONFIG}: not a JSON object")
     if cfg.get("peft_type") not in kinds:
         raise SoftPromptError(f"{path}: peft_type {cfg.get('peft_type')!r} is not PROMPT_TUNING or PREFIX_TUNING")
     if (cfg.get("num_transformer_submodules") or 1) != 1:
@@ -734,18 +737,31 @@ def load_soft_prompt(path: str | Path) -> SoftPrompt:
         extra = " (pickled adapter_model.bin files are not loaded; re-save with safetensors)" \
             if (path / "adapter_model.bin").exists() else ""
         raise SoftPromptError(f"{path}: no {ADAPTER_WEIGHTS}{extra}")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise SoftPromptError(f"{path / ADAPTER_WEIGHTS}: not a readable safetensors file ({one_line(e)})") from None
     if "prompt_embeddings" not in tensors:
         raise SoftPromptError(f"{path / ADAPTER_WEIGHTS}: no 'prompt_embeddings' tensor (keys: {sorted(tensors)})")
     weights = tensors["prompt_embeddings"].float()  # [n, H] or [n, L*2*H_kv*D]
+    if not torch.isfinite(weights).all():
+        raise SoftPromptError(f"{path / ADAPTER_WEIGHTS}: prompt_embeddings contain NaN or inf")
     method = kinds[cfg["peft_type"]]
+    needed = ("num_virtual_tokens", "token_dim") + (("num_layers",) if method is SoftPromptMethod.PREFIX_TUNING else ())
+    for key in needed:
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise SoftPromptError(f"{path / ADAPTER_CONFIG}: {key!r} is missing or not a positive integer")
     n, dim = cfg["num_virtual_tokens"], cfg["token_dim"]
     width = dim if method is SoftPromptMethod.PROMPT_TUNING else cfg["num_layers"] * 2 * dim
     if tuple(weights.shape) != (n, width):
         raise SoftPromptError(f"{path}: prompt_embeddings {tuple(weights.shape)} != ({n}, {width}) from the config")
-    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+    try:
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+        if meta:
+            method = SoftPromptMethod(meta["method"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SoftPromptError(f"{path / META_FILE}: not a valid soft prompt description ({one_line(e)})") from None
     if meta:
-        method = SoftPromptMethod(meta["method"])
         if (method is SoftPromptMethod.PREFIX_TUNING) != (cfg["peft_type"] == "PREFIX_TUNING"):
             raise SoftPromptError(f"{path}: {META_FILE} says {method.value} but the adapter is {cfg['peft_type']}")
     return SoftPrompt(method, weights, cfg, meta)
