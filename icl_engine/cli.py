@@ -288,6 +288,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("error: aborted", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # outside a command (while parsing): nothing had started
+        typer.echo("interrupted: nothing was started", err=True)
+        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -182,17 +182,20 @@ def publish(folder: Path, write: Callable[[Path], None]) -> Path:
     """Write a new version with write(tmp_folder) and make it current; returns its folder.
     The caller holds `writer_lock(folder)`. On any failure nothing visible changes."""
     tmp = folder / f".tmp-{uuid.uuid4().hex[:8]}"
+    final = folder / _new_version_name()
+    previous = read_pointer(folder)
     tmp.mkdir()
     try:
         write(tmp)
         _fsync_tree(tmp)
-        final = folder / _new_version_name()
         os.rename(tmp, final)
+        switch_pointer(folder, final.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        (folder / f"{POINTER}.tmp").unlink(missing_ok=True)
+        if read_pointer(folder) != final.name:  # never switched to: an orphan nobody reads
+            shutil.rmtree(final, ignore_errors=True)
         raise
-    previous = read_pointer(folder)
-    switch_pointer(folder, final.name)
     collect_garbage(folder, keep={final.name, previous})
     return final
 

@@ -1,0 +1,343 @@
+"""Index replacement under kills, concurrency and arbitrary sequences of operations, in real
+processes: the name always holds a complete index (the old or the new one), readers never see
+a half-done swap, writers never corrupt each other, and nothing temporary outlives the next
+build."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from icl_engine import store
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.embed import get_embedder
+from icl_engine.index import ExampleIndex, IndexExistsError, IndexFormatError, delete_index
+
+ICL = Path(sys.executable).with_name("icl")
+
+# The child processes build these two datasets (seeded, so the parent knows their hashes).
+DATASETS = """
+import random
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.embed import get_embedder
+from icl_engine.index import ExampleIndex
+
+def dataset(n, seed):
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(500)]
+    pairs = [(" ".join(rng.choices(words, k=10)), rng.choice(["neg", "pos"])) for _ in range(n)]
+    return Dataset(f"d{seed}", TaskKind.CLASSIFICATION, make_records(pairs), ("neg", "pos"))
+
+emb = get_embedder("hashing:64")
+A, B = ExampleIndex.build(dataset(N_A, 1), emb), ExampleIndex.build(dataset(N_B, 2), emb)
+"""
+N_A, N_B = 3000, 2000
+
+
+def dataset(n: int, seed: int) -> Dataset:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(500)]
+    pairs = [(" ".join(rng.choices(words, k=10)), rng.choice(["neg", "pos"])) for _ in range(n)]
+    return Dataset(f"d{seed}", TaskKind.CLASSIFICATION, make_records(pairs), ("neg", "pos"))
+
+
+@pytest.fixture(scope="module")
+def hashes():
+    """dataset hash -> A, B (the children's), C (what check_clean_after_next_build saves)."""
+    return {dataset(N_A, 1).sha256: "A", dataset(N_B, 2).sha256: "B", dataset(50, 3).sha256: "C"}
+
+
+def child(body: str) -> subprocess.Popen:
+    code = DATASETS.replace("N_A", str(N_A)).replace("N_B", str(N_B)) + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, word: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == word:
+            return
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"child ended before {word!r}: {proc.stderr.read()[-2000:]}")
+    raise AssertionError(f"no {word!r} from the child in {timeout} s")
+
+
+def check_holds(folder: Path, hashes: dict, allowed: set) -> str:
+    """The index at `folder` loads completely and is one of the allowed versions."""
+    index = ExampleIndex.load(folder)
+    which = hashes.get(index.dataset.sha256)
+    assert which in allowed, f"the index holds {which or 'an unknown dataset'}, expected one of {allowed}"
+    index.search(index.vectors[:2], 4)
+    return which
+
+
+def check_clean_after_next_build(folder: Path) -> None:
+    index = ExampleIndex.build(dataset(50, 3), get_embedder("hashing:64"))
+    index.save(folder, replace=True)
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.startswith(".tmp-")], names
+    assert len([n for n in names if n.startswith("v-")]) <= 2 and "CURRENT" in names
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+# ----------------------------------------------------------------------------- kills
+
+
+def test_kill_9_at_random_points_of_rebuilds(tmp_path, hashes):
+    """24 builds killed at random moments of a loop of rebuilds (mostly inside a save)."""
+    folder = tmp_path / "indexes" / "rt"
+    rng = random.Random(0)
+    survived = 0
+    for trial in range(24):
+        proc = child(f"""
+            import sys
+            folder = {str(folder)!r}
+            print("ready", flush=True)
+            for i in range(10**6):
+                (A if i % 2 else B).save(folder, replace=True)
+        """)
+        wait_for(proc, "ready")
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close(), proc.stderr.close()
+        if (folder / "CURRENT").exists():
+            check_holds(folder, hashes, {"A", "B", "C"})
+            survived += 1
+        else:  # killed during the very first save: nothing published, and nothing to load
+            with pytest.raises(IndexFormatError):
+                ExampleIndex.load(folder)
+        if trial % 6 == 5:  # and the next build cleans up what the killed ones left
+            check_clean_after_next_build(folder)
+    assert survived >= 20
+
+
+@pytest.mark.parametrize("step, expect", [
+    ("_fsync_tree", "A"),  # the new version is written, not yet renamed into place
+    ("switch_pointer", "A"),  # renamed into place: the exact step between writing and switching
+    ("collect_garbage", "B"),  # switched, old versions not yet removed
+])
+def test_kill_9_at_each_step_of_a_publish(tmp_path, hashes, step, expect):
+    folder = tmp_path / "indexes" / "rt"
+    proc = child(f"""
+        import time
+        from icl_engine import store
+        folder = {str(folder)!r}
+        A.save(folder)
+        real = getattr(store, {step!r})
+        def paused(*args, **kw):
+            real(*args, **kw) if {step!r} == "_fsync_tree" else None
+            print("paused", flush=True)
+            time.sleep(120)
+        setattr(store, {step!r}, paused)
+        B.save(folder, replace=True)
+    """)
+    wait_for(proc, "paused")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close(), proc.stderr.close()
+    assert check_holds(folder, hashes, {expect}) == expect
+    check_clean_after_next_build(folder)
+
+
+def test_sigint_during_a_build_prints_one_line_and_keeps_the_old_index(tmp_path):
+    data = tmp_path / "big.jsonl"
+    rng = random.Random(0)
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choices(["a", "b", "c", "d"], k=200)) + f" {i}",
+                                        "label": rng.choice(["x", "y"])}) + "\n" for i in range(60000)))
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    env_dir = ["--indexes-dir", str(tmp_path / "indexes"), "--embedder", "hashing:64"]
+    subprocess.run([str(ICL), "index", "build", str(small), "--name", "rt", *env_dir], check=True, capture_output=True)
+    proc = subprocess.Popen([str(ICL), "index", "build", str(data), "--name", "rt", "--force", *env_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(7.0)  # past start-up (about 3 s), inside reading or embedding (about 15 s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: the index was left as it was (a new one is published only "
+                                        "when complete)"]
+    assert len(ExampleIndex.load(tmp_path / "indexes" / "rt")) == 2
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+READER = """
+import json, time
+import numpy as np
+from icl_engine.index import ExampleIndex
+folder, seconds, known = {folder!r}, {seconds}, {known!r}
+reads = failed = 0
+errors = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        index = ExampleIndex.load(folder)
+        scores, ids = index.search(index.vectors[:3], 5)
+        ok = index.dataset.sha256 in known and (ids >= 0).all() and np.isfinite(scores).all()
+        ok = ok and index.manifest["count"] == len(index.records) == len(index.vectors)
+        if not ok:
+            raise ValueError("inconsistent read")
+        reads += 1
+    except Exception as e:
+        failed += 1
+        errors.append(f"{{type(e).__name__}}: {{e}}"[:200])
+print(json.dumps({{"reads": reads, "failed": failed, "errors": errors[:5]}}))
+"""
+
+
+def test_one_writer_four_readers_for_30_seconds(tmp_path, hashes):
+    folder = tmp_path / "indexes" / "rt"
+    ExampleIndex.build(dataset(N_A, 1), get_embedder("hashing:64")).save(folder)
+    seconds = 30
+    writer = child(f"""
+        import time
+        end = time.monotonic() + {seconds}
+        saves = 0
+        while time.monotonic() < end:
+            (B if saves % 2 == 0 else A).save({str(folder)!r}, replace=True)
+            saves += 1
+        print(saves, flush=True)
+    """)
+    code = READER.format(folder=str(folder), seconds=seconds, known=sorted(hashes))
+    readers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(4)]
+    results = [json.loads(r.communicate(timeout=seconds + 120)[0]) for r in readers]
+    out, err = writer.communicate(timeout=seconds + 120)
+    assert writer.returncode == 0, err
+    saves = int(out.strip())
+    reads, failed = sum(r["reads"] for r in results), sum(r["failed"] for r in results)
+    print(f"\n{saves} rebuilds, {reads} reads by 4 readers, {failed} failed")
+    assert failed == 0, [r["errors"] for r in results]
+    assert saves >= 10 and reads >= 100
+    check_holds(folder, hashes, {"A", "B"})
+
+
+def test_two_cli_writers_on_one_name(tmp_path):
+    """Both finish (the second waits for the lock) or one gets the lock error: never a broken index."""
+    data = []
+    for i, n in enumerate((400, 300)):
+        path = tmp_path / f"d{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"review {j} of {i}", "label": "ab"[j % 2]}) + "\n" for j in range(n)))
+        data.append(path)
+    args = ["--name", "rt", "--indexes-dir", str(tmp_path / "indexes"), "--embedder", "hashing:64", "--force"]
+    outcomes = []
+    for _ in range(3):
+        procs = [subprocess.Popen([str(ICL), "index", "build", str(d), *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for d in data]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0 or (p.returncode == 1 and "being written by another process" in err), err
+            outcomes.append(p.returncode)
+        assert len(ExampleIndex.load(tmp_path / "indexes" / "rt")) in (400, 300)
+    assert outcomes.count(0) >= 3
+
+
+# ----------------------------------------------------------------------------- a state machine
+
+
+class IndexFolder(RuleBasedStateMachine):
+    """build / rebuild / corrupt / load / delete / failed saves, checking the folder after each."""
+
+    pools: dict[str, ExampleIndex] = {}
+
+    def __init__(self):
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp())
+        (self.root / "indexes").mkdir()
+        (self.root / "neighbour.txt").write_text("mine")
+        self.folder = self.root / "indexes" / "rt"
+        self.holds: str | None = None  # which pool the name should hold
+        self.corrupt = False
+        if not self.pools:
+            emb = get_embedder("hashing:32")
+            for name, n, seed in (("A", 20, 1), ("B", 30, 2), ("C", 25, 3)):
+                self.pools[name] = ExampleIndex.build(dataset(n, seed), emb)
+
+    def teardown(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @rule(which=st.sampled_from("ABC"), force=st.booleans())
+    def build(self, which, force):
+        if self.holds is not None and not force:
+            with pytest.raises(IndexExistsError):
+                self.pools[which].save(self.folder, replace=force)
+            return
+        self.pools[which].save(self.folder, replace=force)
+        self.holds, self.corrupt = which, False
+
+    @rule(which=st.sampled_from("ABC"), step=st.sampled_from(["np.save", "rename", "switch"]))
+    def failed_rebuild(self, which, step):
+        from icl_engine import index as index_mod
+
+        target = {"np.save": (index_mod.np, "save"), "rename": (store.os, "rename"),
+                  "switch": (store, "switch_pointer")}[step]
+        real = getattr(*target)
+
+        def boom(*a, **kw):
+            raise OSError("No space left on device")
+
+        setattr(*target, boom)
+        try:
+            with pytest.raises(OSError):
+                self.pools[which].save(self.folder, replace=True)
+        finally:
+            setattr(*target, real)
+
+    @precondition(lambda self: self.holds is not None)
+    @rule(data=st.data())
+    def corrupt_a_file(self, data):
+        version = store.current_version(self.folder)
+        name = data.draw(st.sampled_from(["index.faiss", "records.jsonl", "vectors.npy", "manifest.json"]))
+        raw = (version / name).read_bytes()
+        (version / name).write_bytes(raw[: len(raw) // 2])
+        self.corrupt = True
+
+    @rule()
+    def load(self):
+        if self.holds is None or self.corrupt:
+            with pytest.raises(IndexFormatError):
+                ExampleIndex.load(self.folder)
+        else:
+            assert ExampleIndex.load(self.folder).records == self.pools[self.holds].records
+
+    @rule()
+    def delete(self):
+        if self.holds is None:
+            with pytest.raises(ValueError):
+                delete_index(self.folder)
+        else:
+            delete_index(self.folder)
+            self.holds = None
+
+    @invariant()
+    def folder_is_consistent(self):
+        assert sorted(p.name for p in self.root.iterdir()) == ["indexes", "neighbour.txt"]
+        assert (self.root / "neighbour.txt").read_text() == "mine"
+        siblings = sorted(p.name for p in (self.root / "indexes").iterdir())
+        if self.holds is None:
+            assert siblings in ([], ["rt"]) and (not self.folder.exists() or store.only_leftovers(self.folder))
+            return
+        assert siblings == ["rt"]
+        names = sorted(p.name for p in self.folder.iterdir())
+        versions = [n for n in names if n.startswith("v-")]
+        assert set(names) - set(versions) <= {".lock", "CURRENT"} and 1 <= len(versions) <= 2, names
+        assert store.current_version(self.folder).name in versions
+
+
+TestIndexFolder = IndexFolder.TestCase
+TestIndexFolder.settings = settings(max_examples=40, stateful_step_count=12, deadline=None)
