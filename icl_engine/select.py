@@ -57,7 +57,7 @@ class Selection:
     ids: np.ndarray  # int64 [k'] row positions into index.records, in prompt order
     scores: np.ndarray  # float32 [k'] similarity to the query, aligned with ids
     skipped: tuple[int, ...] = ()  # rows too long for the whole budget (never truncated)
-    dropped: int = 0  # demos that fit alone but not beside the more relevant ones kept
+    dropped: int = 0  # demos the budget cost, beyond the skipped: up to k, how many more there would be without it
 
     @classmethod
     def empty(cls) -> "Selection":
@@ -285,7 +285,8 @@ def _select_one(index, q, rows, scores, method, k, budget, demo_lengths, exclude
             raise ValueError(f"demo_lengths returned {lengths.shape[0]} lengths for {len(rows)} rows")
         kept, skip = pack(lengths, budget, k)
         skipped = tuple(int(r) for r in rows[skip])
-        dropped = min(k, int((lengths <= budget).sum())) - len(kept)
+        # without a budget the k best of the candidates not skipped would have been kept
+        dropped = min(k, len(rows) - len(skip)) - len(kept)
         rows, scores = rows[kept], scores[kept]
 
     rank = np.argsort(-scores, kind="stable")  # most similar first

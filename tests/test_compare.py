@@ -16,7 +16,6 @@ from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.finetune import FinetuneConfig
 from icl_engine.index import ExampleIndex
-from icl_engine.pipeline import TEMPLATE_FILE
 from icl_engine.soft_prompt import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -37,8 +36,7 @@ def workspace(tmp_path_factory):
     tok.save_pretrained(lm_dir)
     train = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(ROWS), ("negative", "positive"))
     folder = root / "indexes" / "tiny"
-    ExampleIndex.build(train, get_embedder("hashing:64")).save(folder)
-    TEMPLATE.to_json(folder / TEMPLATE_FILE)
+    ExampleIndex.build(train, get_embedder("hashing:64")).save(folder, template=TEMPLATE.to_dict())
     test = Dataset("tiny-test", TaskKind.CLASSIFICATION, make_records(TEST), ("negative", "positive"))
     return root, lm_dir, test
 
