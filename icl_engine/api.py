@@ -69,7 +69,10 @@ def index_info(name: str, *, indexes_dir: Path | None = None) -> dict:
 def delete_index_folder(name: str, *, indexes_dir: Path | None = None) -> dict:
     """Remove index `name` (only a folder this engine made); returns what was removed."""
     folder = index_path(name, indexes_dir, for_write=True)
-    count = ExampleIndex.load(folder).manifest["count"]
+    try:
+        count = ExampleIndex.load(folder).manifest["count"]
+    except ValueError:  # a damaged index can be deleted too; a foreign folder is refused below
+        count = None
     delete_index(folder)
     return {"name": name, "path": str(folder), "count": count, "deleted": True}
 
@@ -276,8 +279,13 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
     from . import experiments
     from .lm import load_lm
 
+    try:  # checked before the LM loads
+        experiment = experiments.Experiment(experiment)
+    except ValueError:
+        raise experiments.ExperimentError(f"unknown experiment {experiment!r} "
+                                          f"(choose from {', '.join(e.value for e in experiments.Experiment)})") from None
     model = load_lm(lm)
-    if experiments.Experiment(experiment) is not experiments.Experiment.RETRIEVAL:
+    if experiment is not experiments.Experiment.RETRIEVAL:
         return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, **settings)
     tpl = Template.from_json(template) if template else None
     predict = engine_predictor(model, k=k, template=tpl)

@@ -119,7 +119,7 @@ def index_build(
 def index_delete(name: str, indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson):
     """Delete an index (only a folder icl_engine made)."""
     info = api.delete_index_folder(name, indexes_dir=indexes_dir)
-    _print_json(info) if as_json else typer.echo(f"deleted {info['path']} ({info['count']} records)")
+    _print_json(info) if as_json else typer.echo(f"deleted {info['path']}" + (f" ({info['count']} records)" if info["count"] is not None else ""))
 
 
 @index_app.command("list")

@@ -71,7 +71,25 @@ def apply_overrides(config, overrides: dict):
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ExperimentError(f"unknown setting(s) {unknown} for {type(config).__name__} (known: {sorted(names)})")
+    for key, value in overrides.items():
+        _check_like(key, value, getattr(config, key))
     return replace(config, **overrides)
+
+
+def _check_like(key: str, value, preset) -> None:
+    """A setting must have the preset's shape: an int where the preset has an int (a float
+    where it has a float also takes an int), a tuple or list of such where it has a tuple."""
+    def fits(v, p) -> bool:
+        if isinstance(p, bool) or isinstance(v, bool):
+            return isinstance(v, bool) and isinstance(p, bool)
+        if isinstance(p, (tuple, list)):
+            return isinstance(v, (tuple, list)) and all(fits(x, p[0]) for x in v) if p else isinstance(v, (tuple, list))
+        if isinstance(p, float):
+            return isinstance(v, (int, float))
+        return p is None or isinstance(v, type(p))
+
+    if not fits(value, preset):
+        raise ExperimentError(f"setting {key}={value!r} does not fit the preset's {key}={preset!r}")
 
 
 # ----------------------------------------------------------------------------- curves
