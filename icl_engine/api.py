@@ -195,7 +195,7 @@ def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | Non
          init_text: str | None = None, train_pool: int | None = None, lm: str = DEFAULT_LM,
          template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen."""
-    from .soft_prompt import SoftPromptConfig, TrainSettings, train_soft_prompt
+    from .train.soft_prompt import SoftPromptConfig, TrainSettings, train_soft_prompt
 
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
@@ -209,8 +209,8 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
                        lr: float | None = None, batch_size: int = 8, seed: int = 0, train_pool: int | None = None,
                        lm: str = DEFAULT_LM, template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Fine-tune the base LM on an index's records (full, or LoRA): the reference ICL approximates."""
-    from .finetune import FinetuneConfig, finetune
-    from .soft_prompt import TrainSettings
+    from .train.finetune import FinetuneConfig, finetune
+    from .train.soft_prompt import TrainSettings
 
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = FinetuneConfig(method="lora" if lora else "full",
@@ -225,7 +225,7 @@ def compare(name: str, test: str, *, out: Path, reference: Path | None = None, m
             threads: int | None = None, lm: str = DEFAULT_LM, template: Path | None = None,
             indexes_dir: Path | None = None) -> dict:
     """The approximation report: every method against the fine-tuned reference on one test set."""
-    from . import compare as cmp
+    from .studies import compare as cmp
 
     index = ExampleIndex.load(index_path(name, indexes_dir))
     test_set = load_dataset(test, kind=index.kind, labels=index.labels or None)
@@ -237,7 +237,7 @@ def compare(name: str, test: str, *, out: Path, reference: Path | None = None, m
 
 
 def bounds_theory(*, eps: float, delta: float, V: int, m: int, l: int, d: int, c: float = 1.0) -> list[dict]:
-    from .bounds import theory_table
+    from .studies.bounds import theory_table
 
     return theory_table(eps, delta, V=V, m=m, l=l, d=d, c=c)
 
@@ -250,7 +250,7 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
     bag-of-words logistic-regression probe trained on each pool (labelled as such in the report).
     `settings` override fields of the experiment's preset (e.g. {"draws": 2})."""
     settings = dict(settings or {})
-    from . import experiments
+    from .studies import experiments
     from .lm import load_lm
 
     model = load_lm(lm)
@@ -259,7 +259,7 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
     tpl = Template.from_json(template) if template else None
     predict = engine_predictor(model, k=k, template=tpl)
     if reference:
-        from .finetune import load_finetuned
+        from .train.finetune import load_finetuned
 
         ref = engine_predictor(load_finetuned(reference), k=0, template=tpl)
         ref.fixed = True  # trained once: the report says the reference does not move with N

@@ -310,7 +310,7 @@ def bounds_theory(
     as_json: bool = AsJson,
 ):
     """Required dataset size N for each bound at (eps, delta)."""
-    from .bounds import format_theory_table
+    from .studies.bounds import format_theory_table
 
     rows = api.bounds_theory(eps=eps, delta=delta, V=V, m=m, l=l, d=d, c=c)
     _print_json(rows) if as_json else typer.echo(format_theory_table(rows))

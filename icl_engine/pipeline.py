@@ -134,7 +134,7 @@ class Engine:
         lm = lm or _load_lm(config)
         soft = None
         if config.soft_prompt:
-            from .soft_prompt import load_soft_prompt
+            from .train.soft_prompt import load_soft_prompt
 
             soft = load_soft_prompt(config.soft_prompt)
         # template: given > the one the soft prompt was trained with > stored with the index > default
@@ -256,7 +256,7 @@ class Engine:
 def _load_lm(config: "PipelineConfig") -> LM:
     """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
     adapter or weights."""
-    from .finetune import FINETUNE_META_FILE, load_finetuned
+    from .train.finetune import FINETUNE_META_FILE, load_finetuned
 
     if (Path(config.lm) / FINETUNE_META_FILE).is_file():
         return load_finetuned(config.lm, dtype=config.dtype)

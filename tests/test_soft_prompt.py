@@ -19,7 +19,7 @@ from icl_engine.index import ExampleIndex
 from icl_engine.lm import LM
 from icl_engine.prompt import PromptBuilder, Template
 from icl_engine.score import Prefix, score_brute_force, score_continuations
-from icl_engine.soft_prompt import (
+from icl_engine.train.soft_prompt import (
     LOG_FILE,
     META_FILE,
     Example,

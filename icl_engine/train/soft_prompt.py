@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Dataset, Record, TaskKind
-from .embed import get_embedder
-from .lm import LM
-from .prompt import PromptTooLong, Template
-from .score import Prefix, compute_prefix, score_continuations
-from .select import SelectionMethod, select_many
+from ..data import Dataset, Record, TaskKind
+from ..embed import get_embedder
+from ..lm import LM
+from ..prompt import PromptTooLong, Template
+from ..score import Prefix, compute_prefix, score_continuations
+from ..select import SelectionMethod, select_many
 
 __all__ = [
     "SoftPromptMethod",

@@ -124,7 +124,7 @@ def _draw(cfg: LinearConfig, d: int, r: int, seed: int):
 
 def _icl_in_context(lm, R: _Render, demo_ids, queries, order_perm, prefix_cache, cfg):
     """Label predictions with demos [order_perm] in context as one shared prefix."""
-    from ..score import compute_prefix, score_continuations
+    from ...score import compute_prefix, score_continuations
 
     if prefix_cache is not None:  # order 0 extends the previous N's prefix (nested draws)
         base, n_prev = prefix_cache
@@ -142,7 +142,7 @@ def _icl_in_context(lm, R: _Render, demo_ids, queries, order_perm, prefix_cache,
 def _icl_retrieval(lm, R: _Render, demo_ids, X, Xt, queries, k, rng_order, cfg):
     """Each test point gets its own prompt: the k nearest training points (Euclidean),
     nearest last, or shuffled when rng_order is given."""
-    from ..score import score_continuations
+    from ...score import score_continuations
 
     prompts = []
     for x, q in zip(Xt, queries):

@@ -107,7 +107,7 @@ def counting_tv(contexts: np.ndarray, tokens: np.ndarray, targets: np.ndarray, n
 
 
 def _measure(lm, cfg: GenerationConfig, V: int, pool: list[tuple[str, int]], n_grid, seed: int) -> dict:
-    from ..score import compute_prefix, next_token_logprobs
+    from ...score import compute_prefix, next_token_logprobs
 
     tok = lm.tokenizer
     start, nl = start_ids(tok), encode(tok, "\n")

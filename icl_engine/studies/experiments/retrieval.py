@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
-from ..data import DataError, Dataset, load_dataset
+from ...data import DataError, Dataset, load_dataset
 from .baselines import Predictor
 from .common import (
     ExperimentError, curve, fits_table, log_grid, machine_info, plot_curves, points_table, progress,
@@ -68,7 +68,7 @@ def shared_data_dir(data_dir: str | None = None) -> Path:
     """arg > env ICL_SHARED_DATA > ../shared/data beside the repository checkout."""
     if data_dir or os.environ.get("ICL_SHARED_DATA"):
         return Path(data_dir or os.environ["ICL_SHARED_DATA"]).expanduser()
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def load_task(name: str, cfg: RetrievalConfig) -> tuple[Dataset, Dataset]:

@@ -29,9 +29,9 @@ from typing import Sequence
 
 import torch
 
-from .data import Dataset
-from .lm import LM, load_lm
-from .score import score_continuations
+from ..data import Dataset
+from ..lm import LM, load_lm
+from ..score import score_continuations
 from .soft_prompt import (DEFAULT_LR, Example, TrainResult, TrainSettings, _choice, build_examples,
                           split_train_eval, train_loop)
 

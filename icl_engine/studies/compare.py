@@ -48,18 +48,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import Dataset, Record, TaskKind, group_references
-from .embed import get_embedder
-from .evaluate import evaluate
+from ..data import Dataset, Record, TaskKind, group_references
+from ..embed import get_embedder
+from ..evaluate import evaluate
 from .experiments.common import jsonable, machine_info, write_json
-from .finetune import FINETUNE_META_FILE, FinetuneConfig, finetune, load_finetuned
-from .index import ExampleIndex, index_path
-from .lm import DEFAULT_LM, LM, load_lm
-from .metrics import rouge_l_pair
-from .pipeline import Engine, PipelineConfig, index_template
-from .prompt import PromptBuilder, Template
-from .select import SelectionMethod, select_many
-from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, TrainSettings, build_examples, fit_soft_prompt,
+from ..train.finetune import FINETUNE_META_FILE, FinetuneConfig, finetune, load_finetuned
+from ..index import ExampleIndex, index_path
+from ..lm import DEFAULT_LM, LM, load_lm
+from ..metrics import rouge_l_pair
+from ..pipeline import Engine, PipelineConfig, index_template
+from ..prompt import PromptBuilder, Template
+from ..select import SelectionMethod, select_many
+from ..train.soft_prompt import (SoftPromptConfig, SoftPromptMethod, TrainSettings, build_examples, fit_soft_prompt,
                           split_train_eval, train_soft_prompt)
 
 __all__ = [

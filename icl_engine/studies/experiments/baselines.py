@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data import Dataset
+from ...data import Dataset
 
 __all__ = ["LogReg", "fit_logreg", "hash_bow", "knn_vote", "bow_logreg", "Predictor"]
 
