@@ -195,7 +195,8 @@ def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | Non
          init_text: str | None = None, train_pool: int | None = None, lm: str = DEFAULT_LM,
          template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen."""
-    from .train.soft_prompt import SoftPromptConfig, TrainSettings, train_soft_prompt
+    from .train.loop import TrainSettings
+    from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
@@ -210,7 +211,7 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
                        lm: str = DEFAULT_LM, template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Fine-tune the base LM on an index's records (full, or LoRA): the reference ICL approximates."""
     from .train.finetune import FinetuneConfig, finetune
-    from .train.soft_prompt import TrainSettings
+    from .train.loop import TrainSettings
 
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = FinetuneConfig(method="lora" if lora else "full",
@@ -259,7 +260,7 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
     tpl = Template.from_json(template) if template else None
     predict = engine_predictor(model, k=k, template=tpl)
     if reference:
-        from .train.finetune import load_finetuned
+        from .adapters import load_finetuned
 
         ref = engine_predictor(load_finetuned(reference), k=0, template=tpl)
         ref.fixed = True  # trained once: the report says the reference does not move with N

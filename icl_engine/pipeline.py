@@ -15,10 +15,11 @@ from typing import Sequence
 
 import numpy as np
 
+from .adapters import load_model, load_soft_prompt
 from .data import TaskKind
 from .embed import Embedder, get_embedder
 from .index import ExampleIndex, index_path
-from .lm import DEFAULT_LM, LM, DType, load_lm
+from .lm import DEFAULT_LM, LM, DType
 from .prompt import Prompt, PromptBuilder, Template
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .generate import generate
@@ -131,11 +132,9 @@ class Engine:
         folder = index_path(config.index, config.indexes_dir)
         index = index or ExampleIndex.load(folder)
         embedder = embedder or get_embedder(index.manifest["embedder"])
-        lm = lm or _load_lm(config)
+        lm = lm or load_model(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
         soft = None
         if config.soft_prompt:
-            from .train.soft_prompt import load_soft_prompt
-
             soft = load_soft_prompt(config.soft_prompt)
         # template: given > the one the soft prompt was trained with > stored with the index > default
         template = (config.template or (soft.template if soft is not None else None)
@@ -252,12 +251,3 @@ class Engine:
         return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual)
                 for t, s, p in zip(texts, selections, prompts)]
 
-
-def _load_lm(config: "PipelineConfig") -> LM:
-    """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
-    adapter or weights."""
-    from .train.finetune import FINETUNE_META_FILE, load_finetuned
-
-    if (Path(config.lm) / FINETUNE_META_FILE).is_file():
-        return load_finetuned(config.lm, dtype=config.dtype)
-    return load_lm(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)

@@ -37,8 +37,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -47,20 +45,23 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from ..data import Dataset, Record, TaskKind, group_references
 from ..embed import get_embedder
 from ..evaluate import evaluate
-from .experiments.common import jsonable, machine_info, write_json
-from ..train.finetune import FINETUNE_META_FILE, FinetuneConfig, finetune, load_finetuned
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META_FILE, SoftPromptMethod, load_finetuned
+from ..atomic import publish_dir
+from ..train.finetune import FinetuneConfig, finetune
 from ..index import ExampleIndex, index_path
 from ..lm import DEFAULT_LM, LM, load_lm
 from ..metrics import rouge_l_pair
 from ..pipeline import Engine, PipelineConfig, index_template
 from ..prompt import PromptBuilder, Template
 from ..select import SelectionMethod, select_many
-from ..train.soft_prompt import (SoftPromptConfig, SoftPromptMethod, TrainSettings, build_examples, fit_soft_prompt,
-                          split_train_eval, train_soft_prompt)
+from ..train.loop import TrainSettings, build_examples, split_train_eval
+from ..train.soft_prompt import SoftPromptConfig, fit_soft_prompt, train_soft_prompt
+from .report import fmt, jsonable, machine_info, pyplot, save_figure, write_json, write_report
 
 __all__ = [
     "CompareMethod",
@@ -230,21 +231,8 @@ def _test_subset(test: Dataset, limit: int | None) -> Dataset:
     return test.subsample(limit, 0)
 
 
-def _atomic_dir(final: Path):
-    """A fresh temp folder beside `final`; `_publish` renames it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    tmp.chmod(0o755)
-    if final.is_dir() and not any(final.iterdir()):
-        final.rmdir()  # an empty folder the user made for it
-    os.replace(tmp, final)
-
-
 def _has_model(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in (FINETUNE_META_FILE, "config.json", "adapter_config.json"))
+    return any((folder / f).is_file() for f in (FINETUNE_META_FILE, "config.json", ADAPTER_CONFIG))
 
 
 def _files_fingerprint(folder: Path) -> list:
@@ -345,8 +333,7 @@ def _adapter(ctx: _Ctx, method: str, spec: _Spec, seed: int) -> tuple[Path, dict
             raise CompareError(f"{folder} was trained with other settings than this run's; "
                                "delete it or choose another --out")
         return folder, {**stored, "reused": True}
-    tmp = _atomic_dir(folder)
-    try:
+    with publish_dir(folder) as tmp:
         t0 = time.perf_counter()
         if spec.train_demos is SelectionMethod.RANDOM:
             result = _train_ipt_random(ctx, config, tmp)
@@ -357,14 +344,9 @@ def _adapter(ctx: _Ctx, method: str, spec: _Spec, seed: int) -> tuple[Path, dict
                 "trainable_params": sum(p.numel() for p in result.model.prompt_encoder.parameters()),
                 "saved_params": None, "metrics": result.metrics}
         del result
-        from safetensors import safe_open
-
-        with safe_open(str(tmp / "adapter_model.safetensors"), "pt") as f:
+        with safe_open(str(tmp / ADAPTER_WEIGHTS), "pt") as f:
             info["saved_params"] = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
         write_json(tmp / RUN_FILE, info)
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder, {**jsonable(info), "reused": False}
 
 
@@ -374,12 +356,8 @@ def _reference(ctx: _Ctx, reference: Path, config: FinetuneConfig) -> tuple[LM, 
     if not _has_model(reference):
         if reference.exists() and any(reference.iterdir()):
             raise CompareError(f"{reference} holds files but no fine-tuned model; give an empty or new folder")
-        tmp = _atomic_dir(reference)
-        try:
+        with publish_dir(reference) as tmp:
             finetune(ctx.lm, ctx.pool, config, builder=ctx.builder, out=tmp)
-            _publish(tmp, reference)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         trained = True
     meta_file = reference / FINETUNE_META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
@@ -670,8 +648,7 @@ def run_compare(
                           if key in r} for r in rs] for m, rs in runs.items()},
             "wall_seconds": time.perf_counter() - t_start,
         }
-        write_json(out / REPORT_JSON, report)
-        (out / REPORT_MD).write_text(format_report(report))
+        write_report(out, report, format_report(report), json_name=REPORT_JSON, md_name=REPORT_MD)
         _plot(report, out / REPORT_PNG)
         return jsonable(report)
     finally:
@@ -681,14 +658,10 @@ def run_compare(
 # ----------------------------------------------------------------------------- report.md and the plot
 
 
-def _f(x, spec=".3f") -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def _ms(d: dict | None, scale=1.0, spec=".1f") -> str:
     if not d or d["mean"] is None:
         return "–"
-    return _f(d["mean"] * scale, spec) + ("" if d["std"] is None else f" ± {_f(d['std'] * scale, spec)}")
+    return fmt(d["mean"] * scale, spec) + ("" if d["std"] is None else f" ± {fmt(d['std'] * scale, spec)}")
 
 
 def _params(n) -> str:
@@ -723,7 +696,7 @@ def format_report(report: dict) -> str:
             r["title"], demos, _ms(r[main], scale), _ms(r[second], scale),
             _ms(r["agreement"], 100.0), _ms(r["tv"], 1.0, ".3f") if r["tv"] else "–",
             _params(r["trainable_params"]) + saved(r), _ms(r["train_seconds"], 1.0, ".0f"),
-            _f(r["queries_per_s"], ".2f"), _f(r["wall_seconds"], ".0f")]) + " |")
+            fmt(r["queries_per_s"], ".2f"), fmt(r["wall_seconds"], ".0f")]) + " |")
     c, unit = report["checks"], report["checks"]["unit"]
     lines += ["", "**kNN + soft prompt** is the `ipt` row: a prompt-tuning soft prompt trained with each "
               "training example's k nearest demonstrations and evaluated with the test input's k nearest "
@@ -778,11 +751,7 @@ def format_report(report: dict) -> str:
 def _plot(report: dict, path: Path) -> None:
     """Bars (mean ± std over seeds): the task metric with the reference's level and the goal
     band, agreement with the reference (90% line), and TV distance to it (classification)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cls = report["kind"] == "classification"
     main, scale = ("accuracy", 100.0) if cls else ("rouge_l", 1.0)
     rows = report["rows"]
@@ -810,7 +779,4 @@ def _plot(report: dict, path: Path) -> None:
             ax.axhline(90, color="k", ls=":", lw=1, label="90%")
             ax.legend(fontsize=7)
     fig.suptitle(f"{report['name']}: {report['settings']['test_n']} test examples", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

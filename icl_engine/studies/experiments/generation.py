@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
+from ..report import lm_info, machine_info, progress, write_report
 from .common import (
-    ExperimentError, curve, encode, fits_table, lm_info, machine_info, plot_curves, plot_scaling,
-    points_table, progress, start_ids, verdict_counts, verdict_line, write_json,
+    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, start_ids, verdict_counts, verdict_line,
 )
 
 __all__ = ["GenerationConfig", "run_generation", "plot_generation", "output_tokens", "counting_tv"]
@@ -229,8 +229,7 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
     }
     results["plots"] = plot_generation(out, results)
     results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    write_json(out / "results.json", results)
-    (out / "report.md").write_text(_report(results, cfg))
+    results["report"] = write_report(out, results, _report(results, cfg))
     return results
 
 

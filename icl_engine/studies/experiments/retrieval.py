@@ -23,10 +23,10 @@ import numpy as np
 
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
 from ...data import DataError, Dataset, load_dataset
+from ..report import machine_info, progress, write_report
 from .baselines import Predictor
 from .common import (
-    ExperimentError, curve, fits_table, log_grid, machine_info, plot_curves, points_table, progress,
-    verdict_counts, verdict_line, write_json,
+    ExperimentError, curve, fits_table, log_grid, plot_curves, points_table, verdict_counts, verdict_line,
 )
 
 __all__ = ["RetrievalConfig", "run_retrieval", "load_task", "shared_data_dir"]
@@ -171,8 +171,7 @@ def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config
                                  title=f"{task}: pool size N, k = {cfg.k}", ylabel="rate / TV"))
     results["plots"] = [p.name for p in plots]
     results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    write_json(out / "results.json", results)
-    (out / "report.md").write_text(_report(results, cfg))
+    results["report"] = write_report(out, results, _report(results, cfg))
     return results
 
 
