@@ -16,7 +16,7 @@ from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.train.finetune import FinetuneConfig
 from icl_engine.index import ExampleIndex
-from icl_engine.pipeline import TEMPLATE_FILE
+from icl_engine.resolve import TEMPLATE_FILE
 from icl_engine.train.loop import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

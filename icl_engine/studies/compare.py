@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..data import Dataset, Record, TaskKind, group_references
+from ..data import Dataset, Record, TaskKind, group_references, load_dataset
 from ..embed import get_embedder
 from ..evaluate import evaluate
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META_FILE, SoftPromptMethod, load_finetuned
@@ -56,7 +56,8 @@ from ..train.finetune import FinetuneConfig, finetune
 from ..index import ExampleIndex, index_path
 from ..lm import DEFAULT_LM, LM, load_lm
 from ..metrics import rouge_l_pair
-from ..pipeline import Engine, PipelineConfig, index_template
+from ..pipeline import Engine, PipelineConfig
+from ..resolve import resolve_template
 from ..prompt import PromptBuilder, Template
 from ..select import SelectionMethod, select_many
 from ..train.loop import TrainSettings, build_examples, split_train_eval
@@ -518,7 +519,7 @@ def _checks(ctx: _Ctx, rows: dict[str, dict], runs: dict[str, list[dict]]) -> di
 
 def run_compare(
     index: str | Path | ExampleIndex,
-    test: Dataset,
+    test: Dataset | str | Path,
     *,
     out: Path,
     reference: Path | None = None,
@@ -542,7 +543,8 @@ def run_compare(
     and write out/report.json, out/report.md and out/report.png; returns the report dict.
 
     index: a name under indexes_dir, a folder, or an ExampleIndex (its records are the training
-    pool, subsampled to `train_pool` with seed 0, and the demonstrations). reference: the
+    pool, subsampled to `train_pool` with seed 0, and the demonstrations). test: a Dataset, or a
+    file / built-in name read with the index's kind and labels. reference: the
     fine-tuned model's folder, trained there by `finetune` when it holds no model yet (default
     out/reference). methods: CompareMethod values (default DEFAULT_METHODS; the reference is
     always run). soft_train: the soft prompts' TrainSettings (its seed is replaced by each of
@@ -563,6 +565,8 @@ def run_compare(
     reference = Path(reference) if reference else out / "reference"
 
     idx, index_name, folder = _load_index(index, indexes_dir)
+    if not isinstance(test, Dataset):  # a file or built-in name, read with the index's kind and labels
+        test = load_dataset(test, kind=idx.kind, labels=idx.labels or None)
     if test.kind is not idx.kind:
         raise CompareError(f"the test set is {test.kind.value} data but the index holds {idx.kind.value}")
     if test.kind is TaskKind.CLASSIFICATION:
@@ -571,8 +575,7 @@ def run_compare(
             raise CompareError(f"test labels {unknown} are not among the index's labels {list(idx.labels)}")
     if len(test) == 0:
         raise CompareError("the test set is empty")
-    if template is None:
-        template = index_template(folder, idx.kind)
+    template = resolve_template(idx.kind, given=template, folder=folder, dataset=idx.manifest.get("dataset"))
 
     threads_before = torch.get_num_threads()
     lm = lm if isinstance(lm, LM) else load_lm(str(lm or DEFAULT_LM))
