@@ -141,10 +141,11 @@ def split_train_eval(train: Dataset, settings: TrainSettings) -> tuple[Dataset, 
 
 
 def build_examples(records: Sequence[Record], builder, *, kind: TaskKind, labels: Sequence[str] = (),
-                   budget: int, n_virtual: int = 0, k: int = 0, index=None,
-                   embedder=None) -> tuple[list[Example], int]:
+                   budget: int, n_virtual: int = 0, k: int = 0, index=None, embedder=None,
+                   demos: SelectionMethod = SelectionMethod.KNN, seed: int = 0) -> tuple[list[Example], int]:
     """Records -> (examples, skipped): prompts assembled by the PromptBuilder exactly as the
-    engine assembles them (k retrieved demonstrations when k > 0, never the record itself),
+    engine assembles them (k demonstrations when k > 0 chosen by `demos` -- the k nearest, or k
+    random ones drawn as the engine draws them with `seed` -- never the record itself),
     targets = the label's tokens (classification) or the output's tokens plus the template
     separator (generation: the model learns where to stop). `budget` counts every token of
     prompt + target including the n_virtual soft ones; a record whose query and answer alone do
@@ -161,10 +162,11 @@ def build_examples(records: Sequence[Record], builder, *, kind: TaskKind, labels
             targets.append((list(labels).index(rec.output), cands[list(labels).index(rec.output)]))
     # room kept for the answer: the longest label (as the engine keeps it), or this output
     answer_tokens = [max(map(len, cands)) if cands else len(t) for _, t in targets]
-    demos = _neighbours(records, builder, budget=budget, n_virtual=n_virtual, k=k, index=index,
-                        embedder=embedder, answer_tokens=answer_tokens) if k > 0 else [()] * len(records)
+    shown_demos = _neighbours(records, builder, budget=budget, n_virtual=n_virtual, k=k, index=index,
+                              embedder=embedder, answer_tokens=answer_tokens, method=SelectionMethod(demos),
+                              seed=seed) if k > 0 else [()] * len(records)
     out, skipped = [], 0
-    for rec, (answer, target), shown, room in zip(records, targets, demos, answer_tokens):
+    for rec, (answer, target), shown, room in zip(records, targets, shown_demos, answer_tokens):
         if any(d.id == rec.id for d in shown):  # select.py excludes it; this is the guarantee
             raise RuntimeError(f"leave-one-out violated: record {rec.id} retrieved itself")
         try:
@@ -176,9 +178,11 @@ def build_examples(records: Sequence[Record], builder, *, kind: TaskKind, labels
     return out, skipped
 
 
-def _neighbours(records, builder, *, budget, n_virtual, k, index, embedder, answer_tokens) -> list[tuple[Record, ...]]:
-    """IPT: each record's k nearest demonstrations from the index (one search for all), itself
-    excluded by id and exact copies of its text dropped (select.py), packed into the budget."""
+def _neighbours(records, builder, *, budget, n_virtual, k, index, embedder, answer_tokens, method,
+                seed) -> list[tuple[Record, ...]]:
+    """IPT: each record's k nearest (or k random) demonstrations from the index (one search for
+    all), itself excluded by id and exact copies of its text dropped (select.py), packed into
+    the budget."""
     if index is None:
         raise TrainingError("ipt needs an index to retrieve demonstrations from")
     if not records:
@@ -186,10 +190,10 @@ def _neighbours(records, builder, *, budget, n_virtual, k, index, embedder, answ
     embedder = embedder or get_embedder(index.manifest["embedder"])
     vectors = embedder.encode([r.input for r in records])  # [n, d]
     selections = select_many(
-        index, vectors, method=SelectionMethod.KNN, k=k,
+        index, vectors, method=method, k=k,
         budgets=[budget - builder.reserved(r.input, n_virtual, a) for r, a in zip(records, answer_tokens)],
         demo_lengths=builder.demo_lengths(index.records), exclude_ids=[r.id for r in records],
-        query_texts=[r.input for r in records],
+        query_texts=[r.input for r in records], seed=seed,
     )
     return [tuple(index.records[i] for i in sel.ids) for sel in selections]
 

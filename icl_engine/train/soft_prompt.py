@@ -43,6 +43,7 @@ from ..atomic import write_json
 from ..data import Dataset
 from ..lm import LM
 from ..score import score_continuations
+from ..select import SelectionMethod
 from .loop import Example, TrainResult, TrainSettings, build_examples, choice, data_meta, prepare, run_meta, train_loop
 
 __all__ = [
@@ -249,18 +250,22 @@ def fit_soft_prompt(lm: LM, examples: Sequence[Example], held_out: Sequence[Exam
 
 
 def train_soft_prompt(lm: LM, train: Dataset, config: SoftPromptConfig, *, builder, index=None,
-                      embedder=None, out: Path) -> TrainResult:
+                      embedder=None, out: Path, demos: SelectionMethod = SelectionMethod.KNN) -> TrainResult:
     """Train a soft prompt on `train` with the LM frozen, save it to `out` (PEFT adapter +
     icl_soft_prompt.json + train_log.jsonl) and return the evaluation history and metrics.
 
     Prompts come from `builder` (the template the engine will use). IPT retrieves
     demonstrations from `index` (queries embedded with `embedder`, default the index's own) for
-    training and held-out examples alike, each leaving itself out."""
+    training and held-out examples alike, each leaving itself out: the k nearest, or with
+    demos="random" k random ones (Sun et al.'s control; seeded by the training seed)."""
+    demos = SelectionMethod(demos)
     budget = config.budget or lm.context_length
     examples, held_examples, skipped = prepare(train, config.train, lambda records: build_examples(
         records, builder, kind=train.kind, labels=train.labels, budget=budget, n_virtual=config.n_virtual,
-        k=config.k, index=index, embedder=embedder))
+        k=config.k, index=index, embedder=embedder, demos=demos, seed=config.train.seed))
     meta = data_meta(train, builder, budget, skipped)
+    if demos is not SelectionMethod.KNN:
+        meta["demos"] = demos.value
     meta["index"] = None if index is None else {k: index.manifest.get(k) for k in ("dataset", "dataset_sha256", "count")}
     meta["embedder"] = None if index is None else embedder.name if embedder else index.manifest.get("embedder")
     return fit_soft_prompt(lm, examples, held_examples, config, out=out, meta=meta)
