@@ -30,7 +30,6 @@ __all__ = [
     "plot_curves",
     "plot_scaling",
     "encode",
-    "start_ids",
     "apply_overrides",
     "verdict_counts",
     "nanmean",
@@ -208,15 +207,6 @@ def plot_scaling(path: Path, scaling: dict, *, title: str, xlabel: str, ylabel: 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text` alone: no special tokens (prompts are concatenations of pieces)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def start_ids(tokenizer) -> list[int]:
-    """What the tokenizer puts before any text on its own (a BOS for Llama-style tokenizers,
-    nothing for SmolLM2): every prompt starts with it, as in normal use."""
-    with_special = list(tokenizer("a")["input_ids"])
-    plain = encode(tokenizer, "a")
-    k = len(with_special) - len(plain)
-    return with_special[:k] if k > 0 and with_special[k:] == plain else []
 
 
 def nanmean(a, axis=None):

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ...prompt import start_ids
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from ..report import lm_info, machine_info, progress, write_report
 from .common import (
-    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, start_ids, verdict_counts, verdict_line,
+    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, verdict_counts, verdict_line,
 )
 
 __all__ = ["GenerationConfig", "run_generation", "plot_generation", "output_tokens", "counting_tv"]
@@ -172,7 +173,7 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pool = output_tokens(lm.tokenizer, max(cfg.vocab_sizes))
-    ctx_len = int(getattr(lm, "context_length", None) or lm.model.config.max_position_embeddings)
+    ctx_len = lm.context_length
     tok = lm.tokenizer
     demo_len = max(len(encode(tok, f"context {c + 1} ->")) for c in range(cfg.m)) + 1 + len(encode(tok, "\n"))
     fits = [n for n in cfg.n_grid if len(start_ids(tok)) + (n + 1) * demo_len <= ctx_len]  # + the query

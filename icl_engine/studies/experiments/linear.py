@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ...prompt import start_ids
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from ..report import lm_info, machine_info, progress, write_report
 from .baselines import fit_logreg
 from .common import (
-    ExperimentError, curve, encode, fits_table, nanmean, plot_curves, plot_scaling, points_table, start_ids, verdict_counts, verdict_line,
+    ExperimentError, curve, encode, fits_table, nanmean, plot_curves, plot_scaling, points_table, verdict_counts, verdict_line,
 )
 
 __all__ = ["LinearConfig", "run_linear", "plot_linear"]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
 from ...data import DataError, Dataset, TaskKind
 from ...embed import DEFAULT_EMBEDDER, get_embedder
 from ...index import ExampleIndex
@@ -28,6 +27,7 @@ from ...pipeline import Engine, PipelineConfig
 from ...prompt import Template
 from ...registry import BUILTINS
 from ...resolve import resolve_template
+from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
 from ..report import machine_info, progress, write_report
 from .baselines import Predictor
 from .common import (
