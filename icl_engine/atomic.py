@@ -1,9 +1,11 @@
-"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of one.
+"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of one;
+and the matching read of a small JSON file with one-line errors.
 
     write_json(path, obj)              # temp file beside it, then os.replace
     write_text(path, text)
     with publish_dir(final) as tmp:    # fill tmp; on success it is renamed to `final`
         ...
+    read_json(path, "the template")    # ValueError "path:line: the template is not valid JSON (...)"
 
 The temp file or folder lives beside the target (same filesystem, so the rename is atomic)
 and starts with a dot, so a crash leaves at most a hidden leftover, never a torn target.
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["write_text", "write_json", "publish_dir"]
+__all__ = ["write_text", "write_json", "publish_dir", "read_json"]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -56,3 +58,14 @@ def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError):
+    """The JSON in `path`; an unreadable file or invalid JSON raises `error` with one line
+    naming the file (and line) and `what` it should hold."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None

@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import read_json, write_json
 from .lm import DEFAULT_LM, DType
 from .prompt import Template
 from .score import Calibration
@@ -92,10 +92,4 @@ class PipelineConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "PipelineConfig":
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the pipeline config ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: the pipeline config is not valid JSON ({e.msg})") from None
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(read_json(path, "the pipeline config", ConfigError), where=str(path))

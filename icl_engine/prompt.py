@@ -22,13 +22,12 @@ instruction. Demos and the query are the user turn; the answer is the assistant'
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from string import Formatter
 from typing import Callable, Sequence
 
-from .atomic import write_json
+from .atomic import read_json, write_json
 from .data import Record, TaskKind
 
 __all__ = ["Template", "PromptBuilder", "Prompt", "Span", "PromptTooLong", "PARTS", "start_ids"]
@@ -118,12 +117,7 @@ class Template:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Template":
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read the template ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: the template is not valid JSON ({e.msg})") from None
+        d = read_json(path, "the template")
         try:
             return cls.from_dict(d)
         except ValueError as e:

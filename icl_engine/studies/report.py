@@ -21,8 +21,8 @@ import numpy as np
 from ..atomic import write_json as write_json_file
 from ..atomic import write_text
 
-__all__ = ["progress", "jsonable", "write_json", "write_report", "machine_info", "lm_info", "fmt", "pyplot",
-           "save_figure"]
+__all__ = ["progress", "jsonable", "write_json", "write_report", "finish", "machine_info", "lm_info", "fmt",
+           "pyplot", "save_figure"]
 
 
 def progress(message: str) -> None:
@@ -63,6 +63,15 @@ def write_report(out: Path, results: dict, markdown: str, *, json_name: str = "r
     write_json(out / json_name, results)
     write_text(out / md_name, markdown)
     return markdown
+
+
+def finish(out: Path, results: dict, t0: float, render) -> dict:
+    """The end of an experiment: its wall time since `t0` (measurement, fits and plots),
+    results.json and report.md (`render(results)`), and the results with the markdown under
+    "report" for the front end to show."""
+    results["wall_time_s"] = time.perf_counter() - t0
+    results["report"] = write_report(out, results, render(results))
+    return results
 
 
 def machine_info() -> dict:

@@ -27,6 +27,7 @@ __all__ = [
     "fits_table",
     "points_table",
     "verdict_line",
+    "run_line",
     "plot_curves",
     "plot_scaling",
     "encode",
@@ -110,6 +111,13 @@ def verdict_line(c: dict) -> str:
     if c["notes"]:
         line += "\n  - assumptions not met here: " + "; ".join(c["notes"])
     return line
+
+
+def run_line(res: dict) -> str:
+    """The report line saying what ran where: the LM, the machine, the wall time, the seed."""
+    return (f"LM `{res['lm']['name']}` ({res['lm']['n_params']:,} parameters) on {res['machine']['platform']}, "
+            f"{res['machine']['torch_threads']} threads; wall time {res['wall_time_s']:.1f} s for "
+            f"{res['lm_tokens']:,} LM tokens; seed {res['seed']}.")
 
 
 def fits_table(curves: Sequence[dict]) -> str:

@@ -23,9 +23,10 @@ import numpy as np
 
 from ...prompt import start_ids
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
-from ..report import lm_info, machine_info, progress, write_report
+from ..report import finish, lm_info, machine_info, progress
 from .common import (
-    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, verdict_counts, verdict_line,
+    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, run_line, verdict_counts,
+    verdict_line,
 )
 
 __all__ = ["GenerationConfig", "run_generation", "plot_generation", "output_tokens", "counting_tv"]
@@ -229,17 +230,13 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
         "raw": {str(V): m for V, m in raw.items()},
     }
     results["plots"] = plot_generation(out, results)
-    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    results["report"] = write_report(out, results, _report(results, cfg))
-    return results
+    return finish(out, results, t0, lambda res: _report(res, cfg))
 
 
 def _report(res: dict, cfg: GenerationConfig) -> str:
     lines = [
         "# Bounds experiment: text generation (total variation)", "",
-        f"LM `{res['lm']['name']}` ({res['lm']['n_params']:,} parameters) on {res['machine']['platform']}, "
-        f"{res['machine']['torch_threads']} threads; wall time {res['wall_time_s']:.1f} s for "
-        f"{res['lm_tokens']:,} LM tokens; seed {res['seed']}.",
+        run_line(res),
         f"V' {list(cfg.vocab_sizes)}, m = {cfg.m} contexts, N {res['n_grid_used']}, {cfg.draws} draws, "
         f"targets ~ Dirichlet({cfg.concentration:g}). Fitted regime: N >= m·V' (or the 3 largest N).",
         "Intervals: 95% percentile bootstrap over draws.", "",

@@ -25,10 +25,11 @@ import numpy as np
 
 from ...prompt import start_ids
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
-from ..report import lm_info, machine_info, progress, write_report
+from ..report import finish, lm_info, machine_info, progress
 from .baselines import fit_logreg
 from .common import (
-    ExperimentError, curve, encode, fits_table, nanmean, plot_curves, plot_scaling, points_table, verdict_counts, verdict_line,
+    ExperimentError, curve, encode, fits_table, nanmean, plot_curves, plot_scaling, points_table, run_line,
+    verdict_counts, verdict_line,
 )
 
 __all__ = ["LinearConfig", "run_linear", "plot_linear"]
@@ -283,17 +284,13 @@ def run_linear(out: Path, *, lm, config: LinearConfig, seed: int = 0) -> dict:
         "raw": {str(d): {k: v for k, v in m.items()} for d, m in raw.items()},
     }
     results["plots"] = plot_linear(out, results)
-    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    results["report"] = write_report(out, results, _report(results, cfg))
-    return results
+    return finish(out, results, t0, lambda res: _report(res, cfg))
 
 
 def _report(res: dict, cfg: LinearConfig) -> str:
     lines = [
         "# Bounds experiment: linear classification", "",
-        f"LM `{res['lm']['name']}` ({res['lm']['n_params']:,} parameters) on {res['machine']['platform']}, "
-        f"{res['machine']['torch_threads']} threads; wall time {res['wall_time_s']:.1f} s for "
-        f"{res['lm_tokens']:,} LM tokens; seed {res['seed']}.",
+        run_line(res),
         f"dims {list(cfg.dims)}, N {list(cfg.n_grid)}, {cfg.draws} draws, {cfg.orders} orders in context, "
         f"{cfg.n_test} test points, context budget {cfg.budget} tokens, retrieval k = {cfg.k}, "
         f"inputs rounded to {cfg.decimals} decimal(s), label noise {cfg.label_noise:g}.",

@@ -28,7 +28,7 @@ from ...prompt import Template
 from ...registry import BUILTINS
 from ...resolve import resolve_template
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
-from ..report import machine_info, progress, write_report
+from ..report import finish, machine_info, progress
 from .baselines import Predictor
 from .common import (
     ExperimentError, curve, fits_table, log_grid, plot_curves, points_table, verdict_counts, verdict_line,
@@ -176,9 +176,7 @@ def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config
         plots.append(plot_curves(out / f"retrieval_{task}.png", [c for c in curves if c["name"].endswith(task)],
                                  title=f"{task}: pool size N, k = {cfg.k}", ylabel="rate / TV"))
     results["plots"] = [p.name for p in plots]
-    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    results["report"] = write_report(out, results, _report(results, cfg))
-    return results
+    return finish(out, results, t0, lambda res: _report(res, cfg))
 
 
 def _report(res: dict, cfg: RetrievalConfig) -> str:
