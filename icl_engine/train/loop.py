@@ -287,10 +287,7 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
     per_epoch = math.ceil(len(train) / settings.batch_size)
     total = settings.max_steps or settings.epochs * per_epoch
     eval_every = settings.eval_every or per_epoch
-    warmup = int(settings.warmup_ratio * total)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    opt, sched = _optimizer(params, settings, lr, total)
     rng = random.Random(settings.seed)
     out.mkdir(parents=True, exist_ok=True)
     log = (out / LOG_FILE).open("w")
@@ -331,17 +328,11 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
             for s in range(0, len(order), settings.batch_size):
                 model.train(train_mode)  # a frozen LM stays in eval mode: no dropout noise
                 batch = _batch([train[i] for i in order[s : s + settings.batch_size]], pad_id, device)
-                loss = _loss(_target_logits(model, batch, offset), batch[3])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                opt.step()
-                sched.step()
+                loss = _step(model, params, batch, offset, opt, sched, settings.grad_clip)
                 step += 1
-                running.append(loss.item())
+                running.append(loss)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}")
                 if step % eval_every == 0 or step == total:
                     stop = evaluate()
                 if stop or step >= total:
@@ -354,7 +345,7 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
         with torch.no_grad():
             for p, v in zip(params, best["state"]):
                 p.copy_(v)
-    metrics = {
+    return history, {
         "steps": step, "epochs": round(step / per_epoch, 3), "n_train": len(train), "n_eval": len(held_out),
         "best_step": best["step"] if held_out else step,
         "best_eval_loss": best["eval_loss"] if held_out else None,
@@ -362,7 +353,27 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return history, metrics
+
+
+def _optimizer(params, settings: TrainSettings, lr: float, total: int):
+    """AdamW with linear warm-up over warmup_ratio of the `total` steps, then linear decay to 0."""
+    warmup = int(settings.warmup_ratio * total)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    return opt, sched
+
+
+def _step(model, params, batch, offset: int, opt, sched, grad_clip: float | None) -> float:
+    """One optimiser step on one batch; returns its loss."""
+    loss = _loss(_target_logits(model, batch, offset), batch[3])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- the flow around the loop
