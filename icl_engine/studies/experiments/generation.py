@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ...prompt import start_ids
+from ...score import compute_prefix, next_token_logprobs
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from ..report import finish, lm_info, machine_info, progress
 from .common import (
@@ -109,8 +110,6 @@ def counting_tv(contexts: np.ndarray, tokens: np.ndarray, targets: np.ndarray, n
 
 
 def _measure(lm, cfg: GenerationConfig, V: int, pool: list[tuple[str, int]], n_grid, seed: int) -> dict:
-    from ...score import compute_prefix, next_token_logprobs
-
     tok = lm.tokenizer
     start, nl = start_ids(tok), encode(tok, "\n")
     queries = [encode(tok, f"context {c + 1} ->") for c in range(cfg.m)]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...prompt import start_ids
+from ...score import compute_prefix, score_continuations
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from ..report import finish, lm_info, machine_info, progress
 from .baselines import fit_logreg
@@ -126,8 +127,6 @@ def _draw(cfg: LinearConfig, d: int, r: int, seed: int):
 
 def _icl_in_context(lm, R: _Render, demo_ids, queries, order_perm, prefix_cache, cfg):
     """Label predictions with demos [order_perm] in context as one shared prefix."""
-    from ...score import compute_prefix, score_continuations
-
     if prefix_cache is not None:  # order 0 extends the previous N's prefix (nested draws)
         base, n_prev = prefix_cache
         new = [t for i in order_perm[n_prev:] for t in demo_ids[i]]
@@ -144,8 +143,6 @@ def _icl_in_context(lm, R: _Render, demo_ids, queries, order_perm, prefix_cache,
 def _icl_retrieval(lm, R: _Render, demo_ids, X, Xt, queries, k, rng_order, cfg):
     """Each test point gets its own prompt: the k nearest training points (Euclidean),
     nearest last, or shuffled when rng_order is given."""
-    from ...score import score_continuations
-
     prompts = []
     for x, q in zip(Xt, queries):
         near = np.argsort(np.linalg.norm(X - x, axis=1), kind="stable")[:k][::-1]  # nearest last
