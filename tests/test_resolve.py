@@ -134,3 +134,17 @@ def test_engine_cache_reloads_a_rebuilt_index(workspace, tmp_path):
     ExampleIndex.build(bigger, get_embedder("hashing:64")).save(tmp_path / "idx")
     second = cache.get(cfg)
     assert second is not first and len(second.index) == len(ROWS) + 1 and second.lm is first.lm
+
+
+def test_api_query_functions_take_an_engine_or_a_config(workspace):
+    from icl_engine import api
+    from icl_engine.engines import ENGINES
+
+    root, lm_dir = workspace
+    cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=2)
+    ENGINES.clear()
+    by_config = api.classify(cfg, "a great film")
+    engine = get_engine(cfg)  # the one api.classify loaded, from the default cache
+    assert len(ENGINES) == 1 and get_engine(PipelineConfig.from_dict(cfg.to_dict())) is engine
+    assert api.classify(engine, "a great film") == by_config
+    ENGINES.clear()
