@@ -23,25 +23,23 @@ import torch
 from icl_engine.data import load_dataset
 from icl_engine.embed import get_embedder
 from icl_engine.evaluate import evaluate
-from icl_engine.index import ExampleIndex
+from icl_engine.index import ExampleIndex, folder_state
 from icl_engine.lm import load_lm
 from icl_engine.metrics import accuracy, macro_f1
 from icl_engine.pipeline import Engine, PipelineConfig
-from icl_engine.api import INTENT_TEMPLATE, SENTIMENT_TEMPLATE
-from icl_engine.prompt import Template
+from icl_engine.registry import E2E_TEMPLATE, INTENT_TEMPLATE, SENTIMENT_TEMPLATE
 from icl_engine.score import contextual_calibrate, normalize, pmi
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEMPLATES = {
     "rotten_tomatoes": SENTIMENT_TEMPLATE,
     "snips": INTENT_TEMPLATE,  # verbalizers in plain words: "add to playlist", not "add_to_playlist"
-    "e2e": Template(instruction="Write one sentence describing the restaurant from its data.",
-                    input_format="Data: {input}\nSentence:", output_format=" {output}"),
+    "e2e": E2E_TEMPLATE,
 }
 
 
 def engine_for(name, pool, lm, emb, folder, **cfg) -> Engine:
-    if not (folder / "manifest.json").exists():
+    if folder_state(folder) == "none":  # built once, reused by later runs
         ExampleIndex.build(pool, emb).save(folder)
     return Engine.load(PipelineConfig(index=str(folder), template=TEMPLATES[name], **cfg), lm=lm, embedder=emb,
                        index=ExampleIndex.load(folder))

@@ -1,5 +1,11 @@
-"""The library functions behind the CLI: one per command, returning JSON-ready dicts, plus the
-plain-text formatters. Nothing here parses flags or prints."""
+"""The library functions behind the front ends (the CLI, later a service): one per command,
+returning JSON-ready dicts, or the report text a study wrote. Nothing here parses flags, formats
+or prints: presentation lives with the CLI (cli_format.py).
+
+The query functions (classify, generate, evaluate_file) take a loaded Engine or a
+PipelineConfig; a config goes through a small cache of engines (engines.py), so a long-lived
+process loads the LM, embedder and index once.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +13,33 @@ import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
+from .adapters import load_finetuned
 from .data import load_dataset
 from .embed import DEFAULT_EMBEDDER, get_embedder
-from .evaluate import evaluate, format_table
+from .engines import get_engine
+from .evaluate import evaluate
 from .index import ExampleIndex, IndexConfig, IndexType, check_writable, delete_index, index_path, list_indexes
-from .lm import DEFAULT_LM
-from .pipeline import Engine, PipelineConfig, index_template
-from .prompt import Template
+from .lm import DEFAULT_LM, load_lm
+from .pipeline import Engine, PipelineConfig
+from .prompt import PromptBuilder, Template
+from .registry import BUILTINS
+from .resolve import resolve_template
 from .select import SelectionMethod, select_demonstrations
+from .studies import compare as cmp
+from .studies import experiments
+from .studies.bounds import theory_table
+from .studies.experiments.retrieval import engine_predictor
+from .train.finetune import FinetuneConfig, finetune
+from .train.loop import TrainSettings
+from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
     "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
-    "generate", "evaluate_file", "run_demo", "format_info", "format_hits", "format_prediction",
-    "format_generation", "format_eval", "SENTIMENT_TEMPLATE", "tune", "finetune_reference", "compare",
-    "bounds_theory", "bounds_run", "engine_predictor",
+    "generate", "evaluate_file", "run_demo", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
-# The built-in Rotten Tomatoes data comes with its prompt template.
-SENTIMENT_TEMPLATE = Template(
-    instruction="Classify the sentiment of each movie review as positive or negative.",
-    input_format="Review: {input}\nSentiment:",
-    output_format=" {output}",
-    separator="\n\n",
-)
-SNIPS_LABELS = ("add_to_playlist", "book_restaurant", "get_weather", "play_music", "rate_book", "search_creative_work",
-                "search_screening_event")
-INTENT_TEMPLATE = Template(
-    instruction="Classify the intent of each utterance.",
-    input_format="Utterance: {input}\nIntent:",
-    output_format=" {output}",
-    separator="\n\n",
-    # plain words, not identifiers: "add to playlist" rather than "add_to_playlist"
-    verbalizers={lab: lab.replace("_", " ") for lab in SNIPS_LABELS},
-)
-_BUILTIN_TEMPLATES = {"rotten_tomatoes": SENTIMENT_TEMPLATE, "snips_intents": INTENT_TEMPLATE}
+# the built-in datasets' templates, stored with an index built from one (registry.BUILTINS)
+_BUILTIN_TEMPLATES = {name: task.template for name, task in BUILTINS.items()}
 
 
 def build_index(data: str, name: str, *, text_field=None, label_field=None, embedder: str = DEFAULT_EMBEDDER,
@@ -112,107 +109,60 @@ def make_config(name: str, *, template: Path | None = None, soft_prompt: Path | 
         soft_prompt=str(soft_prompt) if soft_prompt else None, **kw)
 
 
-def classify(config: PipelineConfig, text: str) -> dict:
+def classify(engine: Engine | PipelineConfig, text: str) -> dict:
     if not text.strip():
         raise ValueError("the query is empty")
-    [pred] = Engine.load(config).classify([text])
+    [pred] = get_engine(engine).classify([text])
     return asdict(pred)
 
 
-def generate(config: PipelineConfig, input: str) -> dict:
+def generate(engine: Engine | PipelineConfig, input: str) -> dict:
     if not input.strip():
         raise ValueError("the input is empty")
-    [gen] = Engine.load(config).generate([input])
+    [gen] = get_engine(engine).generate([input])
     return asdict(gen)
 
 
-def evaluate_file(config: PipelineConfig, test: str, *, limit=None, text_field=None, label_field=None) -> dict:
-    # the test file is checked before the LM loads (seconds to minutes): a mistake there fails fast
-    index = ExampleIndex.load(index_path(config.index, config.indexes_dir))
+def evaluate_file(engine: Engine | PipelineConfig, test: str, *, limit=None, text_field=None,
+                  label_field=None) -> dict:
+    # the test file is checked before an LM loads (seconds to minutes): a mistake there fails fast
+    index = engine.index if isinstance(engine, Engine) else ExampleIndex.load(index_path(engine.index,
+                                                                                          engine.indexes_dir))
     # the index's label list: a test label the index does not know is refused by the loader
     test_set = load_dataset(test, kind=index.kind, text_field=text_field, label_field=label_field,
                             labels=index.labels or None)
-    return evaluate(Engine.load(config, index=index), test_set, limit=limit)
+    return evaluate(get_engine(engine), test_set, limit=limit)
 
 
-def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> str:
+def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> dict:
     """Build (once) the built-in Rotten Tomatoes index, then compare zero-shot, random-k and kNN-k
-    on `n` held-out reviews with the packaged LM; returns a printable report."""
+    on `n` held-out reviews with the packaged LM -> {index, rows (one per method), example}."""
     name = "rotten_tomatoes"
     folder = index_path(name, indexes_dir)
-    lines = []
     try:
         index = ExampleIndex.load(folder)
-        lines.append(f"index: reusing {folder} ({index.manifest['count']} reviews)")
+        built = False
     except (ValueError, FileNotFoundError):
-        info = build_index("rotten_tomatoes:train", name, indexes_dir=indexes_dir)
-        index = ExampleIndex.load(folder)
-        lines.append(f"index: built {folder} ({info['count']} reviews)")
+        build_index("rotten_tomatoes:train", name, indexes_dir=indexes_dir)
+        index, built = ExampleIndex.load(folder), True
     engine = Engine.load(PipelineConfig(index=name, indexes_dir=str(indexes_dir) if indexes_dir else None, lm=lm),
                          index=index)
     test = load_dataset("rotten_tomatoes:test")
     rows = [evaluate(engine, test, method=m, k=0 if m == "zero" else k, limit=n) for m in ("zero", "random", "knn")]
-    example = engine.classify([test[0].input])[0]
-    lines += ["", format_table(rows), "", f"example: {test[0].input!r} (gold: {test[0].output})",
-              format_prediction(asdict(example))]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- formatting
-
-
-def format_info(info: dict) -> str:
-    keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
-    return "\n".join(f"{k:>10}: {info[k]}" for k in keys if k in info)
-
-
-def format_hits(hits: list[dict]) -> str:
-    return "\n".join(f"{h['score']:.3f}  [{h['label']}]  {h['text']}" for h in hits)
-
-
-def format_prediction(p: dict) -> str:
-    probs = "  ".join(f"{lab}={x:.3f}" for lab, x in p["probs"].items())
-    lines = [f"label: {p['label']}   ({probs}; {p['prompt_tokens']} prompt tokens)"]
-    lines += [f"  demo {d['score']:.3f} [{d['output']}] {d['input']}" for d in p["demos"]]
-    return "\n".join(lines + _budget_note(p))
-
-
-def _budget_note(p: dict) -> list[str]:
-    """Nothing is left out silently: say what the token budget cost."""
-    notes = []
-    if p.get("dropped"):
-        notes.append(f"{p['dropped']} more demonstration(s) left out: the token budget was full")
-    if p.get("skipped"):
-        notes.append(f"{len(p['skipped'])} demonstration(s) skipped: each alone is longer than the budget")
-    return [f"  note: {n}" for n in notes]
-
-
-def format_generation(g: dict) -> str:
-    lines = [g["text"], f"({g['prompt_tokens']} prompt tokens)"]
-    lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
-    return "\n".join(lines + _budget_note(g))
-
-
-def format_eval(r: dict) -> str:
-    out = [format_table([r]), f"{r['seconds']:.1f} s"]
-    if "confusion_matrix" in r:
-        width = max(len(lab) for lab in r["labels"])
-        out.append("confusion (rows gold, columns predicted):")
-        out += [f"  {lab:>{width}}  " + " ".join(f"{c:5d}" for c in row) for lab, row in zip(r["labels"], r["confusion_matrix"])]
-    return "\n".join(out)
+    [example] = engine.classify([test[0].input])
+    return {"index": {"path": str(folder), "count": index.manifest["count"], "built": built}, "rows": rows,
+            "example": {"input": test[0].input, "gold": test[0].output, "prediction": asdict(example)}}
 
 
 # ----------------------------------------------------------------------------- soft prompts, reference, report
 
 
 def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None):
-    from .lm import load_lm
-    from .prompt import PromptBuilder
-
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
     lm = load_lm(lm_name)
-    tpl = Template.from_json(template) if template else index_template(index)
+    tpl = resolve_template(index.kind, given=Template.from_json(template) if template else None,
+                           stored=index.template, dataset=index.manifest.get("dataset"))
     return index, lm, PromptBuilder(tpl, lm.tokenizer, index.labels)
 
 
@@ -221,8 +171,6 @@ def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | Non
          init_text: str | None = None, train_pool: int | None = None, lm: str = DEFAULT_LM,
          template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen."""
-    from .soft_prompt import SoftPromptConfig, TrainSettings, train_soft_prompt
-
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
                            train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))
@@ -235,9 +183,6 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
                        lr: float | None = None, batch_size: int = 8, seed: int = 0, train_pool: int | None = None,
                        lm: str = DEFAULT_LM, template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Fine-tune the base LM on an index's records (full, or LoRA): the reference ICL approximates."""
-    from .finetune import FinetuneConfig, finetune
-    from .soft_prompt import TrainSettings
-
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = FinetuneConfig(method="lora" if lora else "full",
                          train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))
@@ -250,35 +195,29 @@ def compare(name: str, test: str, *, out: Path, reference: Path | None = None, m
             k: int = 4, train_pool: int | None = None, test_limit: int | None = None, steps: int | None = None,
             threads: int | None = None, lm: str = DEFAULT_LM, template: Path | None = None,
             indexes_dir: Path | None = None) -> dict:
-    """The approximation report: every method against the fine-tuned reference on one test set."""
-    from . import compare as cmp
-
-    index = ExampleIndex.load(index_path(name, indexes_dir))
-    test_set = load_dataset(test, kind=index.kind, labels=index.labels or None)
+    """The approximation report: every method against the fine-tuned reference on one test set.
+    Returns the report dict with its markdown under "markdown" (what out/report.md holds)."""
     kw = {"soft_train": dataclasses.replace(cmp.default_soft_train(), max_steps=steps)} if steps else {}
-    return cmp.run_compare(
-        index_path(name, indexes_dir), test_set, out=Path(out), reference=reference, methods=methods, seeds=seeds,
+    report = cmp.run_compare(
+        index_path(name, indexes_dir), test, out=Path(out), reference=reference, methods=methods, seeds=seeds,
         k=k, lm=lm, train_pool=train_pool or cmp.DEFAULT_TRAIN_POOL, test_limit=test_limit or cmp.DEFAULT_TEST_LIMIT,
         template=Template.from_json(template) if template else None, threads=threads, **kw)
+    return {**report, "markdown": cmp.format_report(report)}
 
 
 def bounds_theory(*, eps: float, delta: float, V: int, m: int, l: int, d: int, c: float = 1.0) -> list[dict]:
-    from .bounds import theory_table
-
     return theory_table(eps, delta, V=V, m=m, l=l, d=d, c=c)
 
 
 def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0, lm: str = DEFAULT_LM,
                k: int = 4, reference: Path | None = None, template: Path | None = None,
                settings: dict | None = None) -> dict:
-    """One bound-validation experiment. `retrieval` uses the engine (kNN-k over an index of each
-    pool, default embedder and LM) against a reference: a fine-tuned LM folder when given, else a
-    bag-of-words logistic-regression probe trained on each pool (labelled as such in the report).
+    """One bound-validation experiment -> its results, with the report's markdown under "report".
+    `retrieval` uses the engine (kNN-k over an index of each pool, default embedder and LM)
+    against a reference: a fine-tuned LM folder when given, else a bag-of-words
+    logistic-regression probe trained on each pool (labelled as such in the report).
     `settings` override fields of the experiment's preset (e.g. {"draws": 2})."""
     settings = dict(settings or {})
-    from . import experiments
-    from .lm import load_lm
-
     try:  # checked before the LM loads
         experiment = experiments.Experiment(experiment)
     except ValueError:
@@ -290,31 +229,9 @@ def bounds_run(experiment: str, *, out: Path, quick: bool = False, seed: int = 0
     tpl = Template.from_json(template) if template else None
     predict = engine_predictor(model, k=k, template=tpl)
     if reference:
-        from .finetune import load_finetuned
-
         ref = engine_predictor(load_finetuned(reference), k=0, template=tpl)
         ref.fixed = True  # trained once: the report says the reference does not move with N
     else:
         ref = experiments.bow_logreg()
     return experiments.run(experiment, quick=quick, out=Path(out), lm=model, seed=seed, predict=predict,
                            reference=ref, k=k, **settings)
-
-
-def engine_predictor(lm, *, k: int, embedder: str = DEFAULT_EMBEDDER, template: Template | None = None):
-    """(pool, test) -> (labels, probs [q, L]): the ICL engine with kNN-k demonstrations from an
-    in-memory index of `pool` (k = 0: zero-shot, e.g. for a fine-tuned reference). The template:
-    `template`, else the built-in one for the pool's dataset name, else the task default."""
-    from .pipeline import Engine, PipelineConfig
-
-    emb = get_embedder(embedder)
-
-    def predict(pool, test):
-        index = ExampleIndex.build(pool, emb)
-        tpl = template or _BUILTIN_TEMPLATES.get(pool.name.split(":")[0].split("_train")[0]) or Template.default(pool.kind)
-        cfg = PipelineConfig(index=pool.name, lm=lm.name, k=k, method="knn" if k else "zero")
-        engine = Engine.from_parts(cfg, index, emb, lm, tpl)
-        preds = engine.classify([r.input for r in test])
-        return [p.label for p in preds], np.array([[p.probs[lab] for lab in index.labels] for p in preds])
-
-    predict.__name__ = f"icl_engine ({lm.name}, {'kNN-%d' % k if k else 'zero-shot'}, embedder {emb.name})"
-    return predict

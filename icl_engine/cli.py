@@ -16,11 +16,14 @@ import typer
 from typer.core import TyperGroup
 
 from . import api
+from .cli_format import format_demo, format_eval, format_generation, format_hits, format_info, format_prediction
+from .config import PipelineConfig
 from .errors import one_line
 from .index import IndexType
 from .lm import DType
 from .score import Calibration
 from .select import SelectionMethod
+from .studies.bounds import format_theory_table
 
 __all__ = ["app", "main"]
 
@@ -112,7 +115,7 @@ def index_build(
     """Embed a labelled dataset and save a persistent index."""
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
                            index_type=index_type, template=template, indexes_dir=indexes_dir, force=force)
-    _print_json(info) if as_json else typer.echo(api.format_info(info))
+    _print_json(info) if as_json else typer.echo(format_info(info))
 
 
 @index_app.command("delete")
@@ -138,7 +141,7 @@ def index_list(indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson)
 def index_info(name: str, indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson):
     """Show an index's manifest."""
     info = api.index_info(name, indexes_dir=indexes_dir)
-    _print_json(info) if as_json else typer.echo(api.format_info(info))
+    _print_json(info) if as_json else typer.echo(format_info(info))
 
 
 @index_app.command("search")
@@ -152,15 +155,41 @@ def index_search(
 ):
     """Show the demonstrations chosen for a query."""
     hits = api.search(name, query, k=k, mmr_lambda=mmr, indexes_dir=indexes_dir)
-    _print_json(hits) if as_json else typer.echo(api.format_hits(hits))
+    _print_json(hits) if as_json else typer.echo(format_hits(hits))
 
 
-def _config(name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed, batch_size,
-            trust_remote_code, max_new_tokens=64, dtype=None):
-    return api.make_config(name, indexes_dir=indexes_dir, lm=lm, k=k, budget=budget, method=method,
-                           calibration=calibration, template=template, soft_prompt=soft_prompt, seed=seed,
-                           batch_size=batch_size, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens,
-                           dtype=dtype.value if dtype else None)
+# config field -> the options that set it (classify, generate, eval)
+_FLAG_FIELDS = {
+    "indexes_dir": ("indexes_dir",), "lm": ("lm",), "k": ("k",), "budget": ("budget",), "method": ("method",),
+    "calibration": ("calibration", "calibrate"), "template": ("template",), "soft_prompt": ("soft_prompt",),
+    "seed": ("seed",), "batch_size": ("batch_size",), "trust_remote_code": ("trust_remote_code",),
+    "max_new_tokens": ("max_new_tokens",), "dtype": ("dtype",),
+}
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Set on the command line or by its environment variable (not left at its default)."""
+    # by name: typer runs on its own copy of click, whose ParameterSource is another enum class
+    source = ctx.get_parameter_source(param) if param in ctx.params else None
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _config(ctx: typer.Context, config_file: Optional[Path], name, indexes_dir, lm, k, budget, method, calibration,
+            template, soft_prompt, seed, batch_size, trust_remote_code, max_new_tokens=64, dtype=None) -> PipelineConfig:
+    """The pipeline config of a query command. Precedence: NAME and the options given on the
+    command line (or by their environment variable) > the --config file > the options' defaults."""
+    cli = api.make_config(name, indexes_dir=indexes_dir, lm=lm, k=k, budget=budget, method=method,
+                          calibration=calibration, template=template, soft_prompt=soft_prompt, seed=seed,
+                          batch_size=batch_size, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens,
+                          dtype=dtype.value if dtype else None)
+    if config_file is None:
+        return cli
+    merged, flags = PipelineConfig.load(config_file).to_dict(), cli.to_dict()
+    merged["index"] = flags["index"]
+    for field, params in _FLAG_FIELDS.items():
+        if any(_given(ctx, p) for p in params):
+            merged[field] = flags[field]
+    return PipelineConfig.from_dict(merged, where=str(config_file))
 
 
 _LM = typer.Option(api.DEFAULT_LM, "--lm", help="LM name or folder (default: the packaged SmolLM2-135M-Instruct).")
@@ -172,12 +201,15 @@ _SOFT = typer.Option(None, "--soft-prompt", help="A trained soft prompt folder (
 _SEED = typer.Option(0, "--seed")
 _BATCH = typer.Option(8, "--batch-size", min=1)
 _TRC = typer.Option(False, "--trust-remote-code", help="Allow the LM's own code from its folder/hub (off by default).")
+_CONFIG = typer.Option(None, "--config", help="A pipeline config JSON (PipelineConfig.save); NAME and the "
+                       "options given here override its fields.")
 _DTYPE = typer.Option(None, "--dtype", help="LM weights' dtype (default: exact float32 on CPU). bfloat16 is "
                       "faster on CPUs with AMX but changes the scores slightly.")
 
 
 @app.command()
 def classify(
+    ctx: typer.Context,
     name: str,
     text: str,
     k: int = _K,
@@ -192,19 +224,21 @@ def classify(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
 ):
     """Classify one text with retrieved demonstrations (label log-likelihood)."""
     if calibrate and calibration is Calibration.NONE:
         calibration = Calibration.CONTEXTUAL
-    cfg = _config(name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed, 1, trust_remote_code,
-                  dtype=dtype)
+    cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
+                  1, trust_remote_code, dtype=dtype)
     result = api.classify(cfg, text)
-    _print_json(result) if as_json else typer.echo(api.format_prediction(result))
+    _print_json(result) if as_json else typer.echo(format_prediction(result))
 
 
 @app.command("generate")
 def generate_cmd(
+    ctx: typer.Context,
     name: str,
     input: str,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
@@ -218,17 +252,19 @@ def generate_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
 ):
     """Generate an output for one input with retrieved demonstrations."""
-    cfg = _config(name, indexes_dir, lm, k, budget, method, Calibration.NONE, template, soft_prompt, seed, 1,
-                  trust_remote_code, max_new_tokens, dtype=dtype)
+    cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, Calibration.NONE, template, soft_prompt,
+                  seed, 1, trust_remote_code, max_new_tokens, dtype=dtype)
     result = api.generate(cfg, input)
-    _print_json(result) if as_json else typer.echo(api.format_generation(result))
+    _print_json(result) if as_json else typer.echo(format_generation(result))
 
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     name: str,
     test: str = typer.Option(..., "--test", help="Test file (JSONL/CSV) or built-in name."),
     method: SelectionMethod = _METHOD,
@@ -247,18 +283,19 @@ def eval_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
     predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
 ):
     """Evaluate on a labelled test file: accuracy/macro-F1/confusion, or BLEU/ROUGE-L."""
     if calibrate and calibration is Calibration.NONE:
         calibration = Calibration.CONTEXTUAL
-    cfg = _config(name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed, batch_size,
-                  trust_remote_code, dtype=dtype)
+    cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
+                  batch_size, trust_remote_code, dtype=dtype)
     result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field)
     if not predictions:
         result.pop("predictions", None)
-    _print_json(result) if as_json else typer.echo(api.format_eval(result))
+    _print_json(result) if as_json else typer.echo(format_eval(result))
 
 
 @app.command()
@@ -269,7 +306,7 @@ def demo(
     indexes_dir: Optional[Path] = IndexesDir,
 ):
     """The main job: built-in Rotten Tomatoes index, zero-shot vs random-k vs kNN-k accuracy."""
-    typer.echo(api.run_demo(n=n, k=k, lm=lm, indexes_dir=indexes_dir))
+    typer.echo(format_demo(api.run_demo(n=n, k=k, lm=lm, indexes_dir=indexes_dir)))
 
 
 def main() -> None:
@@ -364,7 +401,7 @@ def compare(
     report = api.compare(name, test, out=out, reference=reference, methods=methods, seeds=seeds, k=k,
                          train_pool=train_pool, test_limit=test_limit, steps=steps, threads=threads, lm=lm,
                          template=template, indexes_dir=indexes_dir)
-    typer.echo((out / "report.md").read_text() if (out / "report.md").exists() else json.dumps(report["rows"]))
+    typer.echo(report["markdown"])
 
 
 bounds_app = typer.Typer(no_args_is_help=True, help="Sample-size bounds of ICL vs fine-tuning (Sharma 2025).")
@@ -383,8 +420,6 @@ def bounds_theory(
     as_json: bool = AsJson,
 ):
     """Required dataset size N for each bound at (eps, delta)."""
-    from .bounds import format_theory_table
-
     rows = api.bounds_theory(eps=eps, delta=delta, V=V, m=m, l=l, d=d, c=c)
     _print_json(rows) if as_json else typer.echo(format_theory_table(rows))
 
@@ -421,5 +456,4 @@ def bounds_run(
         overrides["datasets"] = tuple(dataset)
     result = api.bounds_run(experiment, out=out / experiment, quick=quick, seed=seed, lm=lm, k=k, reference=reference,
                             template=template, settings=overrides)
-    report = out / experiment / "report.md"
-    typer.echo(report.read_text() if report.exists() else json.dumps(result.get("fits", result), default=str)[:4000])
+    typer.echo(result["report"])

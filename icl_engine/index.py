@@ -42,7 +42,7 @@ from .embed import canonical_name
 
 __all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "IndexExistsError", "IndexWriteError",
            "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
-           "check_writable", "delete_index", "list_indexes"]
+           "check_writable", "delete_index", "list_indexes", "index_version"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -127,6 +127,20 @@ def index_path(name: str | os.PathLike, indexes_dir: str | os.PathLike | None = 
     if not for_write and ("/" in name or os.sep in name):
         return Path(name)
     return _indexes_dir(indexes_dir) / check_index_name(name)
+
+
+def index_version(folder: Path) -> str | None:
+    """What identifies the index now at `folder`, for caches: the current version's name (a
+    rebuild publishes a new one), or for a layout-1 folder its manifest's inode and mtime; None
+    when there is no index."""
+    try:
+        version = store.read_pointer(folder)
+        if version is not None:
+            return version
+        st = os.stat(folder / MANIFEST)
+        return f"layout1:{st.st_ino}:{st.st_mtime_ns}"
+    except (OSError, store.StoreError):
+        return None
 
 
 def list_indexes(indexes_dir: str | os.PathLike | None = None) -> list[Path]:

@@ -8,83 +8,27 @@ Every stage lives in its own module; this file only wires them together.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from .adapters import SoftPrompt
+from .config import PipelineConfig
 from .data import TaskKind
-from .embed import Embedder, get_embedder
-from .index import ExampleIndex, index_path
-from .lm import DEFAULT_LM, LM, DType, load_lm
-from .prompt import Prompt, PromptBuilder, Template
-from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
+from .embed import Embedder
 from .generate import generate
-from .select import DemoOrder, Selection, SelectionMethod, select_many
+from .index import ExampleIndex
+from .lm import LM
+from .prompt import Prompt, PromptBuilder, Template
+from .resolve import resolve
+from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
+from .select import Selection, SelectionMethod, select_many
 
 
-__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "index_template"]
-
-def index_template(index: ExampleIndex) -> Template:
-    """The template an index suggests: the one stored with it, else the task default."""
-    return Template.from_dict(index.template) if index.template else Template.default(index.kind)
+__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo"]
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
-
-
-@dataclass
-class PipelineConfig:
-    index: str  # name under indexes_dir, or a path to an index folder
-    indexes_dir: str | None = None
-    lm: str = DEFAULT_LM
-    template: Template | None = None  # None: the index's template.json, else the task default
-    method: SelectionMethod = SelectionMethod.KNN
-    k: int = 8
-    budget: int | None = None  # total prompt tokens; None: the LM's context length
-    calibration: Calibration = Calibration.NONE
-    soft_prompt: str | None = None
-    seed: int = 0
-    batch_size: int = 8
-    max_new_tokens: int = 64
-    mmr_lambda: float = 0.5
-    order: DemoOrder = DemoOrder.NEAREST_LAST  # where the most similar demonstration goes
-    # LM weights' dtype. None: exact float32 on CPU (bf16/fp16 on CUDA). "bfloat16" on a CPU with
-    # AMX is several times faster but changes the scores (benchmarks/classify_bench.py reports by how much).
-    dtype: str | None = None
-    trust_remote_code: bool = False
-
-    def __post_init__(self):
-        self.method = SelectionMethod(self.method)
-        self.calibration = Calibration(self.calibration)
-        self.order = DemoOrder(self.order)
-        if isinstance(self.template, dict):
-            self.template = Template(**self.template)
-        if self.k < 0:
-            raise ValueError(f"k must be >= 0, got {self.k}")
-        if self.budget is not None and self.budget <= 0:
-            raise ValueError(f"budget must be positive, got {self.budget}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.dtype is not None:
-            try:
-                self.dtype = DType(self.dtype).value
-            except ValueError:
-                raise ValueError(f"dtype must be one of {[d.value for d in DType]} or None, got {self.dtype!r}") from None
-
-    def save(self, path: str | Path) -> None:
-        d = asdict(self)
-        d["method"], d["calibration"], d["order"] = self.method.value, self.calibration.value, self.order.value
-        Path(path).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PipelineConfig":
-        d = json.loads(Path(path).read_text())
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown pipeline config fields {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -128,23 +72,14 @@ class Engine:
     @classmethod
     def load(cls, config: PipelineConfig, *, lm: LM | None = None, embedder: Embedder | None = None,
              index: ExampleIndex | None = None) -> "Engine":
-        folder = index_path(config.index, config.indexes_dir)
-        index = index or ExampleIndex.load(folder)
-        embedder = embedder or get_embedder(index.manifest["embedder"])
-        lm = lm or _load_lm(config)
-        soft = None
-        if config.soft_prompt:
-            from .soft_prompt import load_soft_prompt
-
-            soft = load_soft_prompt(config.soft_prompt)
-        # template: given > the one the soft prompt was trained with > stored with the index > default
-        template = (config.template or (soft.template if soft is not None else None)
-                    or index_template(index))
-        return cls.from_parts(config, index, embedder, lm, template, soft)
+        """Load what the config names (resolve.py decides which template, LM and adapter),
+        reusing any part passed in."""
+        parts = resolve(config, lm=lm, embedder=embedder, index=index)
+        return cls.from_parts(config, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
 
     @classmethod
     def from_parts(cls, config: PipelineConfig, index: ExampleIndex, embedder: Embedder, lm: LM,
-                   template: Template, soft=None) -> "Engine":
+                   template: Template, soft: SoftPrompt | None = None) -> "Engine":
         """An engine over objects already in memory (an index built on the fly, a tiny LM)."""
         engine = cls(config, index, embedder, lm, PromptBuilder(template, lm.tokenizer, labels=index.labels))
         # The tokens every prompt starts with (bos + instruction), after the soft prompt if any,
@@ -256,12 +191,3 @@ class Engine:
         return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual, self._skipped(s), s.dropped)
                 for t, s, p in zip(texts, selections, prompts)]
 
-
-def _load_lm(config: "PipelineConfig") -> LM:
-    """The LM named in the config; a fine-tuned reference folder (icl finetune) loads with its
-    adapter or weights."""
-    from .finetune import FINETUNE_META_FILE, load_finetuned
-
-    if (Path(config.lm) / FINETUNE_META_FILE).is_file():
-        return load_finetuned(config.lm, dtype=config.dtype)
-    return load_lm(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)

@@ -22,17 +22,15 @@ instruction. Demos and the query are the user turn; the answer is the assistant'
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from string import Formatter
 from typing import Callable, Sequence
 
+from .atomic import read_json, write_json
 from .data import Record, TaskKind
 
-__all__ = ["Template", "PromptBuilder", "Prompt", "Span", "PromptTooLong", "PARTS"]
+__all__ = ["Template", "PromptBuilder", "Prompt", "Span", "PromptTooLong", "PARTS", "start_ids"]
 
 PARTS = ("bos", "instruction", "demo", "separator", "query", "suffix")  # Span.part values
 _SENTINEL = "\u2063ICL_USER_TURN\u2063"  # stands for the user turn when rendering a chat template
@@ -115,20 +113,11 @@ class Template:
 
     def to_json(self, path: str | Path) -> None:
         """Write atomically (temp file beside it, then rename), sorted keys."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Template":
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read the template ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: the template is not valid JSON ({e.msg})") from None
+        d = read_json(path, "the template")
         try:
             return cls.from_dict(d)
         except ValueError as e:
@@ -166,7 +155,7 @@ class Prompt:
         return [s.record_id for s in self.spans if s.part == "demo"]
 
 
-def _start_ids(tokenizer) -> list[int]:
+def start_ids(tokenizer) -> list[int]:
     """What the tokenizer itself puts before a text: BOS for checkpoints whose post-processor
     adds one (many Llamas), nothing for SmolLM2 / GPT-2 style ones. In transformers 5 this is
     per checkpoint (add_bos_token defaults to False, the tokenizer.json post-processor
@@ -194,7 +183,7 @@ class PromptBuilder:
             self._tail = [("suffix", suffix)]
         else:
             instruction = self.encode(template.instruction) if template.instruction else []
-            self._head = [("bos", _start_ids(tokenizer)), ("instruction", instruction)]
+            self._head = [("bos", start_ids(tokenizer)), ("instruction", instruction)]
             if instruction:
                 self._head.append(("separator", self.sep_ids))
             self._tail = []

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from icl_engine import bounds as B
+from icl_engine.studies import bounds as B
 
 # ----------------------------------------------------------------------------- the bounds
 

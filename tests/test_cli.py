@@ -107,3 +107,46 @@ def test_user_mistakes_are_one_line_errors(workspace, args, match):
     assert res.exit_code == 1
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     assert match in res.stderr
+
+
+def test_config_file_and_flag_precedence_through_the_installed_script(workspace, tmp_path):
+    """`icl classify/generate/eval --config FILE`: the file's fields, then NAME and the options
+    given on the command line (or their environment variable) override them; an option left out
+    keeps the file's value, not its own default. Run as the user runs it: the console script."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from icl_engine.config import PipelineConfig
+
+    root, lm_dir = workspace
+    icl = Path(sys.executable).with_name("icl")
+    assert icl.is_file(), f"the console script is not installed beside {sys.executable}"
+    cfg = tmp_path / "rt.json"
+    PipelineConfig(index="ignored", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=1, method="random",
+                   seed=3).save(cfg)
+    env = {**os.environ, "ICL_INDEXES": ""}
+
+    def icl_json(*args):
+        res = subprocess.run([str(icl), *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    from_file = icl_json("classify", "tiny", "a moving film", "--config", str(cfg))
+    assert len(from_file["demos"]) == 1  # k from the file, not the option's default 8
+    flag = icl_json("classify", "tiny", "a moving film", "--config", str(cfg), "--k", "2")
+    assert len(flag["demos"]) == 2  # the option given wins
+    knn = icl_json("classify", "tiny", "a moving film", "--config", str(cfg), "--method", "knn")
+    nearest = icl_json("classify", "tiny", "a moving film", "--k", "1", "--lm", str(lm_dir), "--indexes-dir",
+                       str(root / "indexes"))
+    assert knn["demos"] == nearest["demos"]  # method from the flag, everything else the same
+    test = root / "test.jsonl"
+    test.write_text('{"text": "a great film", "label": "positive"}\n')
+    r = icl_json("eval", "tiny", "--test", str(test), "--config", str(cfg))
+    assert (r["method"], r["k"]) == ("random", 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"index": "x", "kk": 1}')
+    res = subprocess.run([str(icl), "classify", "tiny", "x", "--config", str(bad)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and "kk" in res.stderr

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import SENTIMENT_ROWS, make_tiny_model, make_tiny_tokenizer, sentiment_template
-from icl_engine.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, CompareError, CompareMethod, agreement,
+from icl_engine.studies.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, CompareError, CompareMethod, agreement,
                                 mean_total_variation, run_compare, total_variation)
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
-from icl_engine.finetune import FinetuneConfig
+from icl_engine.train.finetune import FinetuneConfig
 from icl_engine.index import ExampleIndex
-from icl_engine.soft_prompt import TrainSettings
+from icl_engine.train.loop import TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 

@@ -96,7 +96,7 @@ def test_cache_env_var_and_disable(tmp_path, monkeypatch):
     monkeypatch.setenv("ICL_CACHE", str(tmp_path))
     emb = get_embedder("hashing:8", cache_dir=None)
     assert emb.cache is None  # hashing is faster to recompute than to read back
-    assert embed._cache_root() == tmp_path / "embeddings"
+    assert embed.embedding_cache_dir() == tmp_path / "embeddings"
     assert get_embedder("hashing:8", cache_dir=False).cache is None
 
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer, shared_data
-from icl_engine import bounds as B
+from icl_engine.studies import bounds as B
 from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.experiments import (
+from icl_engine.studies.experiments import (
     ExperimentError, GenerationConfig, LinearConfig, RetrievalConfig, bow_logreg, knn_vote, run,
 )
-from icl_engine.experiments.baselines import fit_logreg, hash_bow
-from icl_engine.experiments.common import encode, log_grid
-from icl_engine.experiments.generation import counting_tv, output_tokens
+from icl_engine.studies.experiments.baselines import fit_logreg
+from icl_engine.studies.experiments.common import encode, log_grid
+from icl_engine.studies.experiments.generation import counting_tv, output_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICTS = {"consistent", "not consistent", "inconclusive", "n/a"}
@@ -188,7 +188,7 @@ def test_counting_tv_exact_values():
 def test_nested_prefix_scores_match_brute_force(tiny_lm):
     """The linear experiment extends a cached prefix demo block by demo block; the label
     scores must equal scoring each full prompt from scratch."""
-    from icl_engine.experiments.linear import _Render
+    from icl_engine.studies.experiments.linear import _Render
     from icl_engine.score import compute_prefix, score_brute_force, score_continuations
 
     R = _Render(tiny_lm.tokenizer, LinearConfig())
@@ -223,10 +223,7 @@ def test_fit_logreg_binary_and_multiclass():
     assert np.mean(fit_logreg(Xm, ym, 3).predict(Xm) == ym) > 0.95
 
 
-def test_knn_vote_and_hash_bow():
-    f = hash_bow(["good fun film", "good fun film", "awful dull plot", ""], dim=64)
-    assert f.shape == (4, 64) and np.allclose(np.linalg.norm(f[:3], axis=1), 1) and not f[3].any()
-    assert np.array_equal(f[0], f[1])
+def test_knn_vote_and_bow_logreg():
     recs = make_records([("good fun film", "pos"), ("great fun movie", "pos"), ("awful dull plot", "neg"),
                          ("dull boring plot", "neg"), ("fun good acting", "pos")])
     pool = Dataset("toy", TaskKind.CLASSIFICATION, recs, ("neg", "pos"))

@@ -19,19 +19,9 @@ from icl_engine.index import ExampleIndex
 from icl_engine.lm import LM
 from icl_engine.prompt import PromptBuilder, Template
 from icl_engine.score import Prefix, score_brute_force, score_continuations
-from icl_engine.soft_prompt import (
-    LOG_FILE,
-    META_FILE,
-    Example,
-    SoftPromptConfig,
-    SoftPromptError,
-    TrainSettings,
-    build_examples,
-    fit_soft_prompt,
-    init_soft_prompt,
-    load_soft_prompt,
-    train_soft_prompt,
-)
+from icl_engine.adapters import META_FILE, SoftPromptError, load_soft_prompt
+from icl_engine.train.loop import LOG_FILE, Example, TrainSettings, build_examples
+from icl_engine.train.soft_prompt import SoftPromptConfig, fit_soft_prompt, init_soft_prompt, train_soft_prompt
 
 # PeftModel.from_pretrained trips a transformers deprecation note inside PEFT
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

@@ -1,13 +1,13 @@
 """The fine-tuned reference: the same base LM fine-tuned on the same training pool.
 
     result = finetune(lm, train, FinetuneConfig(method="lora"), builder=builder, out=Path("ft/rt"))
-    tuned = load_finetuned("ft/rt", base=lm)      # an LM: evaluated with the same scoring code
+    tuned = load_finetuned("ft/rt", base=lm)      # icl_engine.adapters: an LM for the same scoring code
 
 In-context learning with a frozen LM is measured against this: full fine-tuning (every weight),
 or LoRA through PEFT. Examples are the engine's zero-shot prompts (same template, no
 demonstrations); the loss is on the verbalizer tokens (classification) or the output tokens
-(generation), never on the prompt. The training loop, split and example building are the soft
-prompts' (soft_prompt.py), so both references see exactly the same data.
+(generation), never on the prompt. The training loop, split and example building are
+the soft prompts' (loop.py), so both references see exactly the same data.
 
 The caller's LM is never modified: training works on a deep copy. Saved to `out`: full
 fine-tuning as a model folder (save_pretrained: config.json + model.safetensors, and the
@@ -20,30 +20,27 @@ evaluation log.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .data import Dataset
-from .lm import LM, load_lm
-from .score import score_continuations
-from .soft_prompt import (DEFAULT_LR, Example, TrainResult, TrainSettings, _choice, build_examples,
-                          split_train_eval, train_loop)
+from ..adapters import FINETUNE_META_FILE
+from ..atomic import write_json
+from ..data import Dataset
+from ..lm import LM
+from ..score import score_continuations
+from .loop import Example, TrainResult, TrainSettings, build_examples, choice, data_meta, prepare, run_meta, train_loop
 
-__all__ = ["FinetuneMethod", "FinetuneConfig", "FinetuneError", "fit_finetune", "finetune", "load_finetuned",
-           "FINETUNE_META_FILE"]
+__all__ = ["FinetuneMethod", "FinetuneConfig", "DEFAULT_LR", "fit_finetune", "finetune"]
 
-FINETUNE_META_FILE = "icl_finetune.json"
 FORMAT_VERSION = 1
-
-
-class FinetuneError(ValueError):
-    """A fine-tuned model folder that cannot be loaded; one-line message."""
+# AdamW learning rates when none is given: full fine-tuning moves every weight, so a small one;
+# LoRA's low-rank update tolerates a larger one (PEFT's examples use these orders of magnitude).
+DEFAULT_LR = {"full": 5e-5, "lora": 2e-4}
 
 
 class FinetuneMethod(str, Enum):
@@ -62,7 +59,7 @@ class FinetuneConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def __post_init__(self):
-        self.method = _choice(FinetuneMethod, self.method, "method")
+        self.method = choice(FinetuneMethod, self.method, "method")
         if isinstance(self.train, dict):
             self.train = TrainSettings.from_dict(self.train)
         if self.lora_r < 1:
@@ -114,20 +111,12 @@ def fit_finetune(lm: LM, examples: Sequence[Example], held_out: Sequence[Example
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     lm.tokenizer.save_pretrained(out)
-    full = {
-        "format_version": FORMAT_VERSION,
-        "method": config.method.value,
-        "lm": lm.name,
-        "k": 0,
-        "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+    lora_meta = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                  "target_modules": list(config.target_modules) if config.target_modules else None}
-        if config.method is FinetuneMethod.LORA else None,
-        "seeds": {"init": settings.seed, "shuffle": settings.seed, "split": settings.seed},
-        "training": {**asdict(settings), "lr": config.lr},
-        **(meta or {}),
-    }
-    full["metrics"] = {**metrics, "trainable_params": sum(p.numel() for p in params), **full.get("metrics", {})}
-    (out / FINETUNE_META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    full = run_meta(format_version=FORMAT_VERSION, method=config.method.value, lm_name=lm.name, settings=settings,
+                    lr=config.lr, metrics={**metrics, "trainable_params": sum(p.numel() for p in params)}, meta=meta,
+                    extra={"k": 0, "lora": lora_meta if config.method is FinetuneMethod.LORA else None})
+    write_json(out / FINETUNE_META_FILE, full)
     return TrainResult(out, history, full["metrics"], model)
 
 
@@ -136,48 +125,6 @@ def finetune(lm: LM, train: Dataset, config: FinetuneConfig, *, builder, out: Pa
     targets as the soft prompts), save it to `out` and return the evaluation history and
     metrics. `lm` itself is left untouched; reload with load_finetuned(out)."""
     budget = config.budget or lm.context_length
-    fit, held = split_train_eval(train, config.train)
-    kw = dict(kind=train.kind, labels=train.labels, budget=budget)
-    examples, skipped = build_examples(fit.records, builder, **kw)
-    held_examples, skipped_eval = build_examples(held.records, builder, **kw) if held else ([], 0)
-    meta = {
-        "template": builder.template.to_dict(),
-        "budget": budget,
-        "kind": train.kind.value,
-        "labels": list(train.labels),
-        "train_sha256": train.sha256,
-        "metrics": {"skipped_too_long": skipped + skipped_eval},
-    }
-    return fit_finetune(lm, examples, held_examples, config, out=out, meta=meta)
-
-
-def load_finetuned(path: str | Path, *, base: LM | None = None, device=None, merge: bool = False,
-                   dtype: str | None = None) -> LM:
-    """Load a fine-tuned reference as an LM for the engine's scoring/generation code.
-
-    LoRA needs its base LM: `base` (copied, so the caller's stays unchanged) or the base named
-    in icl_finetune.json, loaded with load_lm. `merge=True` folds the LoRA weights into the
-    base (faster, equal up to float rounding); by default the adapter stays separate so the
-    logits are exactly those of training."""
-    from peft import PeftModel
-
-    path = Path(path)
-    meta_file = path / FINETUNE_META_FILE
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if not (path / "adapter_config.json").is_file():
-        if not (path / "config.json").is_file():
-            raise FinetuneError(f"{path}: not a fine-tuned model folder (no config.json or adapter_config.json)")
-        return load_lm(str(path), device=device, dtype=dtype)  # a plain model folder (full fine-tuning)
-    if base is None:
-        if not meta.get("lm"):
-            raise FinetuneError(f"{path}: a LoRA adapter needs its base LM (pass base=, or keep {FINETUNE_META_FILE})")
-        base = load_lm(meta["lm"], device=device, dtype=dtype)
-        model = base.model
-    else:
-        model = copy.deepcopy(base.model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, str(path)).eval()
-    if merge:
-        model = model.merge_and_unload()
-    return LM(model, base.tokenizer, str(path), base.device)
+    examples, held_examples, skipped = prepare(train, config.train, lambda records: build_examples(
+        records, builder, kind=train.kind, labels=train.labels, budget=budget))
+    return fit_finetune(lm, examples, held_examples, config, out=out, meta=data_meta(train, builder, budget, skipped))

@@ -1,4 +1,4 @@
-"""Experiments that check the shapes of the ICL sample-size bounds (see `icl_engine.bounds`).
+"""Experiments that check the shapes of the ICL sample-size bounds (see `icl_engine.studies.bounds`).
 
     run("linear", quick=True, out=Path("reports/linear"))          # the default SmolLM2
     run("generation", quick=True, out=..., lm=my_lm, draws=4)      # settings override presets
@@ -14,6 +14,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
+from ...lm import load_lm
 from .baselines import Predictor, bow_logreg, knn_vote
 from .common import ExperimentError, apply_overrides
 from .generation import GenerationConfig, run_generation
@@ -64,8 +65,6 @@ def run(experiment: str | Experiment, *, quick: bool, out: Path, lm=None, seed: 
         return run_retrieval(out, predict=predict, reference=reference, config=cfg, seed=seed,
                              lm_name=getattr(lm, "name", None))
     if lm is None:
-        from ..lm import load_lm
-
         lm = load_lm()
     if exp is Experiment.LINEAR:
         return run_linear(out, lm=lm, config=apply_overrides(LinearConfig.preset(quick), settings), seed=seed)

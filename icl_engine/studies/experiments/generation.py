@@ -21,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ...prompt import start_ids
+from ...score import compute_prefix, next_token_logprobs
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
+from ..report import finish, lm_info, machine_info, progress
 from .common import (
-    ExperimentError, curve, encode, fits_table, lm_info, machine_info, plot_curves, plot_scaling,
-    points_table, progress, start_ids, verdict_counts, verdict_line, write_json,
+    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, run_line, verdict_counts,
+    verdict_line,
 )
 
 __all__ = ["GenerationConfig", "run_generation", "plot_generation", "output_tokens", "counting_tv"]
@@ -107,8 +110,6 @@ def counting_tv(contexts: np.ndarray, tokens: np.ndarray, targets: np.ndarray, n
 
 
 def _measure(lm, cfg: GenerationConfig, V: int, pool: list[tuple[str, int]], n_grid, seed: int) -> dict:
-    from ..score import compute_prefix, next_token_logprobs
-
     tok = lm.tokenizer
     start, nl = start_ids(tok), encode(tok, "\n")
     queries = [encode(tok, f"context {c + 1} ->") for c in range(cfg.m)]
@@ -172,7 +173,7 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pool = output_tokens(lm.tokenizer, max(cfg.vocab_sizes))
-    ctx_len = int(getattr(lm, "context_length", None) or lm.model.config.max_position_embeddings)
+    ctx_len = lm.context_length
     tok = lm.tokenizer
     demo_len = max(len(encode(tok, f"context {c + 1} ->")) for c in range(cfg.m)) + 1 + len(encode(tok, "\n"))
     fits = [n for n in cfg.n_grid if len(start_ids(tok)) + (n + 1) * demo_len <= ctx_len]  # + the query
@@ -228,18 +229,13 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
         "raw": {str(V): m for V, m in raw.items()},
     }
     results["plots"] = plot_generation(out, results)
-    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    write_json(out / "results.json", results)
-    (out / "report.md").write_text(_report(results, cfg))
-    return results
+    return finish(out, results, t0, lambda res: _report(res, cfg))
 
 
 def _report(res: dict, cfg: GenerationConfig) -> str:
     lines = [
         "# Bounds experiment: text generation (total variation)", "",
-        f"LM `{res['lm']['name']}` ({res['lm']['n_params']:,} parameters) on {res['machine']['platform']}, "
-        f"{res['machine']['torch_threads']} threads; wall time {res['wall_time_s']:.1f} s for "
-        f"{res['lm_tokens']:,} LM tokens; seed {res['seed']}.",
+        run_line(res),
         f"V' {list(cfg.vocab_sizes)}, m = {cfg.m} contexts, N {res['n_grid_used']}, {cfg.draws} draws, "
         f"targets ~ Dirichlet({cfg.concentration:g}). Fitted regime: N >= m·V' (or the 3 largest N).",
         "Intervals: 95% percentile bootstrap over draws.", "",

@@ -1,6 +1,6 @@
 """What every bounds experiment shares: curve summaries (points with bootstrap intervals, a
-fitted slope, a verdict), the out-dir writers (results.json, report.md, log-log PNGs), token
-helpers for the LM, and a description of the machine.
+fitted slope, a verdict), log-log PNGs, token helpers for the LM. Writing files, describing the machine and plotting basics are in
+studies/report.py, shared with compare.
 
 A curve is a plain JSON-ready dict, so results.json, the report and the plots all read the
 same object:
@@ -11,38 +11,26 @@ same object:
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import platform
-import sys
-import tempfile
-import time
-from dataclasses import asdict, fields, is_dataclass, replace
-from enum import Enum
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..bounds import Verdict, bootstrap_mean, fit_slope, verdict
+from ..report import fmt, pyplot, save_figure
 
 __all__ = [
     "ExperimentError",
-    "progress",
     "log_grid",
     "curve",
-    "machine_info",
-    "lm_info",
-    "jsonable",
-    "write_json",
     "fits_table",
     "points_table",
     "verdict_line",
+    "run_line",
     "plot_curves",
     "plot_scaling",
     "encode",
-    "start_ids",
     "apply_overrides",
     "verdict_counts",
     "nanmean",
@@ -51,11 +39,6 @@ __all__ = [
 
 class ExperimentError(ValueError):
     """A bad experiment name, setting or input; one-line message."""
-
-
-def progress(message: str) -> None:
-    """One line on stderr per unit of work, so a long full-mode run shows where it is."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def log_grid(lo: int, hi: int, count: int) -> tuple[int, ...]:
@@ -132,17 +115,13 @@ def curve(
     }
 
 
-def _f(x, spec=".3g") -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def verdict_line(c: dict) -> str:
     """One report line: the numbers behind the verdict, and what the theory assumes that the
     setup does not give it."""
     f = c["fit"]
     pred = "no prediction" if c["predicted"] is None else f"predicted {c['predicted']:g} ({c['basis']})"
-    line = (f"- **{c['name']}**: slope {_f(f['slope'])} [{_f(f['ci_low'])}, {_f(f['ci_high'])}] over "
-            f"N = {_f(f['n_min'], 'g')}…{_f(f['n_max'], 'g')} ({f['n_points']} points, {f['n_draws']} draws); "
+    line = (f"- **{c['name']}**: slope {fmt(f['slope'])} [{fmt(f['ci_low'])}, {fmt(f['ci_high'])}] over "
+            f"N = {fmt(f['n_min'], 'g')}…{fmt(f['n_max'], 'g')} ({f['n_points']} points, {f['n_draws']} draws); "
             f"{pred} → **{c['verdict']}**")
     lo, hi = f["ci_low"], f["ci_high"]
     if lo is not None and hi is not None and lo <= 0 <= hi:
@@ -152,13 +131,20 @@ def verdict_line(c: dict) -> str:
     return line
 
 
+def run_line(res: dict) -> str:
+    """The report line saying what ran where: the LM, the machine, the wall time, the seed."""
+    return (f"LM `{res['lm']['name']}` ({res['lm']['n_params']:,} parameters) on {res['machine']['platform']}, "
+            f"{res['machine']['torch_threads']} threads; wall time {res['wall_time_s']:.1f} s for "
+            f"{res['lm_tokens']:,} LM tokens; seed {res['seed']}.")
+
+
 def fits_table(curves: Sequence[dict]) -> str:
     lines = ["| curve | N regime | slope | 95% interval | predicted | verdict |", "|---|---|---:|---|---:|---|"]
     for c in curves:
         f = c["fit"]
         lines.append(
-            f"| {c['name']} | {_f(f['n_min'], 'g')}–{_f(f['n_max'], 'g')} | {_f(f['slope'])} | "
-            f"[{_f(f['ci_low'])}, {_f(f['ci_high'])}] | {_f(c['predicted'], 'g')} | {c['verdict']} |")
+            f"| {c['name']} | {fmt(f['n_min'], 'g')}–{fmt(f['n_max'], 'g')} | {fmt(f['slope'])} | "
+            f"[{fmt(f['ci_low'])}, {fmt(f['ci_high'])}] | {fmt(c['predicted'], 'g')} | {c['verdict']} |")
     return "\n".join(lines)
 
 
@@ -167,75 +153,17 @@ def points_table(curves: Sequence[dict]) -> str:
     lines = ["| curve | N | mean | 95% interval |", "|---|---:|---:|---|"]
     for c in curves:
         for n, m, lo, hi in zip(c["n"], c["mean"], c["low"], c["high"]):
-            lines.append(f"| {c['name']} | {n} | {_f(m, '.4f')} | [{_f(lo, '.4f')}, {_f(hi, '.4f')}] |")
+            lines.append(f"| {c['name']} | {n} | {fmt(m, '.4f')} | [{fmt(lo, '.4f')}, {fmt(hi, '.4f')}] |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- output files
-
-
-def jsonable(obj):
-    """numpy scalars/arrays, dataclasses, Enums, Paths -> JSON types; NaN/inf -> None."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, Enum):
-        return obj.value
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return jsonable(asdict(obj))
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic write (temp file + rename), strict JSON (no NaN)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def machine_info() -> dict:
-    import torch
-
-    return {
-        "platform": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "numpy": np.__version__,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def lm_info(lm) -> dict:
-    return {"name": lm.name, "n_params": int(sum(p.numel() for p in lm.model.parameters())),
-            "device": str(lm.device), "context_length": _context_length(lm)}
-
-
-def _context_length(lm) -> int:
-    return int(getattr(lm, "context_length", None) or getattr(lm.model.config, "max_position_embeddings", 2048))
 
 
 # ----------------------------------------------------------------------------- plots
 
 
 def _axes(title: str, xlabel: str, ylabel: str):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.6))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
@@ -248,16 +176,6 @@ def _axes(title: str, xlabel: str, ylabel: str):
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     return fig, ax
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_curves(path: Path, curves: Sequence[dict], *, title: str, ylabel: str, xlabel: str = "N (examples)") -> Path:
@@ -288,7 +206,7 @@ def plot_curves(path: Path, curves: Sequence[dict], *, title: str, ylabel: str, 
     ax.plot([], [], "k--", lw=1, label="fitted power law")
     ax.plot([], [], "k:", lw=1.5, label="theory shape C·N^predicted (C fitted)")
     ax.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scaling(path: Path, scaling: dict, *, title: str, xlabel: str, ylabel: str) -> Path:
@@ -306,7 +224,7 @@ def plot_scaling(path: Path, scaling: dict, *, title: str, xlabel: str, ylabel: 
     ax.set_xticks(p)
     ax.set_xticklabels([f"{v:g}" for v in p])
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -315,15 +233,6 @@ def plot_scaling(path: Path, scaling: dict, *, title: str, xlabel: str, ylabel: 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text` alone: no special tokens (prompts are concatenations of pieces)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def start_ids(tokenizer) -> list[int]:
-    """What the tokenizer puts before any text on its own (a BOS for Llama-style tokenizers,
-    nothing for SmolLM2): every prompt starts with it, as in normal use."""
-    with_special = list(tokenizer("a")["input_ids"])
-    plain = encode(tokenizer, "a")
-    k = len(with_special) - len(plain)
-    return with_special[:k] if k > 0 and with_special[k:] == plain else []
 
 
 def nanmean(a, axis=None):

@@ -2,26 +2,26 @@
 
 - `fit_logreg`: L2-regularised multinomial logistic regression (L-BFGS, float64): the
   "fine-tuned" reference of the linear experiment, and a linear probe on text features;
-- `hash_bow`: hashed bag of word uni/bi-grams, unit norm (a lexical feature map);
-- `knn_vote`: k nearest neighbours by cosine over `hash_bow`, majority vote. A legitimate
-  retrieval baseline with the retrieval experiment's predictor signature; reports label it
-  as such, never as the LM;
-- `bow_logreg`: `fit_logreg` on `hash_bow` of the pool, the stand-in for a fine-tuned model.
+- `knn_vote`: k nearest neighbours by cosine over hashed bags of word uni/bi-grams (the
+  engine's own `hashing:DIM` embedder, embed.py), majority vote. A legitimate retrieval
+  baseline with the retrieval experiment's predictor signature; reports label it as such,
+  never as the LM;
+- `bow_logreg`: `fit_logreg` on the same hashed features of the pool, the stand-in for a
+  fine-tuned model.
 """
 
 from __future__ import annotations
 
-import re
-import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..data import Dataset
+from ...data import Dataset
+from ...embed import get_embedder
 
-__all__ = ["LogReg", "fit_logreg", "hash_bow", "knn_vote", "bow_logreg", "Predictor"]
+__all__ = ["LogReg", "fit_logreg", "knn_vote", "bow_logreg", "Predictor"]
 
 # predict(pool, test) -> (predicted labels, label probabilities [len(test), len(pool.labels)])
 Predictor = Callable[[Dataset, Dataset], "tuple[list[str], np.ndarray]"]
@@ -104,34 +104,19 @@ def _newton_binary(X: np.ndarray, t: np.ndarray, l2: float, max_iter: int) -> np
     return w
 
 
-_WORD = re.compile(r"[a-z0-9']+")
-
-
 class _Features:
-    """hash_bow with a per-text memo: the experiments call predictors on nested subsets of one
-    pool, so each text is hashed once."""
+    """The hashing embedder with a per-text memo: the experiments call predictors on nested
+    subsets of one pool, so each text is embedded once. float32 [n, dim], unit norm."""
 
     def __init__(self, dim: int):
         self.dim, self.memo = dim, {}
+        self.embedder = get_embedder(f"hashing:{dim}")
 
     def __call__(self, texts) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self.memo]
         if missing:
-            self.memo.update(zip(missing, hash_bow(missing, self.dim)))
+            self.memo.update(zip(missing, self.embedder.encode(missing)))
         return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-
-
-def hash_bow(texts, dim: int = 1024) -> np.ndarray:
-    """float32 [n, dim], unit norm: signed feature hashing (crc32, deterministic) of lower-cased
-    word unigrams and bigrams."""
-    out = np.zeros((len(texts), dim), dtype=np.float32)
-    for i, t in enumerate(texts):
-        w = _WORD.findall(t.lower())
-        for g in w + [a + " " + b for a, b in zip(w, w[1:])]:
-            h = zlib.crc32(g.encode())
-            out[i, h % dim] += 1.0 if (h >> 31) & 1 else -1.0
-    norm = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.where(norm > 0, norm, 1.0)
 
 
 def knn_vote(k: int = 8, dim: int = 1024) -> Predictor:
@@ -165,8 +150,8 @@ def knn_vote(k: int = 8, dim: int = 1024) -> Predictor:
 
 
 def bow_logreg(l2: float = 1e-3, dim: int = 512, max_iter: int = 50) -> Predictor:
-    """BASELINE stand-in for a fine-tuned model: a logistic-regression probe on `hash_bow`
-    features, trained on the pool."""
+    """BASELINE stand-in for a fine-tuned model: a logistic-regression probe on hashed
+    bag-of-words features, trained on the pool."""
     feats = _Features(dim)
 
     def predict(pool: Dataset, test: Dataset) -> tuple[list[str], np.ndarray]:

@@ -37,8 +37,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -47,20 +45,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from .data import Dataset, Record, TaskKind, group_references
-from .embed import get_embedder
-from .evaluate import evaluate
-from .experiments.common import jsonable, machine_info, write_json
-from .finetune import FINETUNE_META_FILE, FinetuneConfig, finetune, load_finetuned
-from .index import ExampleIndex, index_path
-from .lm import DEFAULT_LM, LM, load_lm
-from .metrics import rouge_l_pair
-from .pipeline import Engine, PipelineConfig, index_template
-from .prompt import PromptBuilder, Template
-from .select import SelectionMethod, select_many
-from .soft_prompt import (SoftPromptConfig, SoftPromptMethod, TrainSettings, build_examples, fit_soft_prompt,
-                          split_train_eval, train_soft_prompt)
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META_FILE, SoftPromptMethod, load_finetuned
+from ..atomic import publish_dir
+from ..data import Dataset, TaskKind, group_references, load_dataset
+from ..embed import Embedder, get_embedder
+from ..evaluate import evaluate
+from ..index import ExampleIndex, index_path
+from ..lm import DEFAULT_LM, LM, load_lm
+from ..metrics import rouge_l_pair
+from ..pipeline import Engine, PipelineConfig
+from ..prompt import PromptBuilder, Template
+from ..resolve import resolve_template
+from ..select import SelectionMethod
+from ..train.finetune import FinetuneConfig, finetune
+from ..train.loop import TrainSettings
+from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
+from .report import fmt, jsonable, machine_info, pyplot, save_figure, write_json, write_report
 
 __all__ = [
     "CompareMethod",
@@ -78,6 +80,9 @@ __all__ = [
     "total_variation",
     "mean_total_variation",
     "run_compare",
+    "open_study",
+    "Study",
+    "StudySettings",
     "format_report",
     "REPORT_JSON",
     "REPORT_MD",
@@ -230,21 +235,8 @@ def _test_subset(test: Dataset, limit: int | None) -> Dataset:
     return test.subsample(limit, 0)
 
 
-def _atomic_dir(final: Path):
-    """A fresh temp folder beside `final`; `_publish` renames it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    tmp.chmod(0o755)
-    if final.is_dir() and not any(final.iterdir()):
-        final.rmdir()  # an empty folder the user made for it
-    os.replace(tmp, final)
-
-
 def _has_model(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in (FINETUNE_META_FILE, "config.json", "adapter_config.json"))
+    return any((folder / f).is_file() for f in (FINETUNE_META_FILE, "config.json", ADAPTER_CONFIG))
 
 
 def _files_fingerprint(folder: Path) -> list:
@@ -263,133 +255,90 @@ def _mean_std(values: Sequence[float | None]) -> dict:
 # ----------------------------------------------------------------------------- the context of one comparison
 
 
+@dataclass(frozen=True)
+class StudySettings:
+    """The run-wide choices every training and evaluation of one comparison shares."""
+
+    k: int  # demonstrations (kNN, random, IPT)
+    n_virtual: int  # soft-prompt tokens
+    soft_train: TrainSettings  # its seed is replaced by each run's
+    batch_size: int
+    max_new_tokens: int  # generation
+    progress: bool
+
+
 @dataclass
-class _Ctx:
+class Study:
+    """One comparison's loaded parts, built once by `open_study` and passed to every step."""
+
     lm: LM
     index: ExampleIndex
-    index_name: str
-    indexes_dir: str | None
-    embedder: object
-    template: Template
-    builder: PromptBuilder
-    pool: Dataset
-    test: Dataset
-    k: int
-    n_virtual: int
-    soft_train: TrainSettings
+    name: str  # the index's name in the report
+    index_ref: str  # what PipelineConfig.index names: the index folder, or an in-memory index's name
+    embedder: Embedder
+    builder: PromptBuilder  # the template every method is trained and evaluated with
+    pool: Dataset  # training records (soft prompts and the reference)
+    test: Dataset  # the test subset every method runs on
+    test_source: str  # the test set's name before subsetting
     out: Path
-    progress: bool
-    batch_size: int
-    max_new_tokens: int
-    base: dict  # fingerprint of everything every run shares
+    settings: StudySettings
+    fingerprint: dict  # what every run shares (LM, template, pool, index, test): part of each cache key
+
+    @property
+    def template(self) -> Template:
+        return self.builder.template
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def _random_demo_examples(ctx: _Ctx, records: Sequence[Record], *, budget: int, seed: int):
-    """IPT's training examples with k RANDOM demonstrations from the index (leave-one-out), drawn
-    as the engine draws them for method 'random' (seeded per query), assembled by the builder
-    exactly as build_examples assembles the kNN ones -> (examples, skipped)."""
-    kind, labels = ctx.pool.kind, ctx.pool.labels
-    base, skipped = build_examples(records, ctx.builder, kind=kind, labels=labels, budget=budget,
-                                   n_virtual=ctx.n_virtual)  # targets, and what fits at all
-    if not base:
-        return base, skipped
-    by_id = {r.id: r for r in records}
-    recs = [by_id[e.record_id] for e in base]
-    room = [max(map(len, e.candidates)) if e.candidates else len(e.target_ids) for e in base]
-    sels = select_many(
-        ctx.index, ctx.embedder.encode([r.input for r in recs]), method=SelectionMethod.RANDOM, k=ctx.k,
-        budgets=[budget - ctx.builder.reserved(r.input, ctx.n_virtual, a) for r, a in zip(recs, room)],
-        demo_lengths=ctx.builder.demo_lengths(ctx.index.records), exclude_ids=[r.id for r in recs],
-        query_texts=[r.input for r in recs], seed=seed)
-    out = []
-    for e, r, sel, a in zip(base, recs, sels, room):
-        demos = [ctx.index.records[i] for i in sel.ids]
-        if any(d.id == r.id for d in demos):
-            raise RuntimeError(f"leave-one-out violated: record {r.id} drew itself")
-        prompt = ctx.builder.assemble(demos, r.input, budget=budget - ctx.n_virtual, answer_tokens=a)
-        out.append(replace(e, prompt_ids=tuple(prompt.ids), demo_ids=tuple(d.id for d in demos)))
-    return out, skipped
-
-
-def _train_ipt_random(ctx: _Ctx, config: SoftPromptConfig, out: Path):
-    """train_soft_prompt's flow (same split, same metadata) with random instead of kNN demos."""
-    budget = config.budget or ctx.lm.context_length
-    fit, held = split_train_eval(ctx.pool, config.train)
-    seed = config.train.seed
-    examples, skipped = _random_demo_examples(ctx, fit.records, budget=budget, seed=seed)
-    held_ex, skipped_eval = _random_demo_examples(ctx, held.records, budget=budget, seed=seed) if held else ([], 0)
-    meta = {
-        "template": ctx.builder.template.to_dict(), "budget": budget, "kind": ctx.pool.kind.value,
-        "labels": list(ctx.pool.labels), "train_sha256": ctx.pool.sha256, "demos": "random",
-        "index": {k: ctx.index.manifest.get(k) for k in ("dataset", "dataset_sha256", "count")},
-        "embedder": ctx.embedder.name, "metrics": {"skipped_too_long": skipped + skipped_eval},
-    }
-    return fit_soft_prompt(ctx.lm, examples, held_ex, config, out=out, meta=meta)
-
-
-def _adapter(ctx: _Ctx, method: str, spec: _Spec, seed: int) -> tuple[Path, dict]:
+def _adapter(study: Study, method: str, spec: _Spec, seed: int) -> tuple[Path, dict]:
     """out/adapters/<method>-seed<s>: trained now, or reused when trained with these settings."""
-    folder = ctx.out / "adapters" / f"{method}-seed{seed}"
-    k = ctx.k if spec.train is SoftPromptMethod.IPT else 0
-    config = SoftPromptConfig(method=spec.train, n_virtual=ctx.n_virtual, k=k,
-                              train=replace(ctx.soft_train, seed=seed))
+    folder = study.out / "adapters" / f"{method}-seed{seed}"
+    k = study.settings.k if spec.train is SoftPromptMethod.IPT else 0
+    config = SoftPromptConfig(method=spec.train, n_virtual=study.settings.n_virtual, k=k,
+                              train=replace(study.settings.soft_train, seed=seed))
     settings = {"method": spec.train.value, "train_demos": spec.train_demos.value if spec.train_demos else None,
-                "k": k, "n_virtual": ctx.n_virtual, "train": asdict(config.train), "lr": config.lr,
-                **{key: ctx.base[key] for key in ("lm", "template", "index", "train_pool")}}
+                "k": k, "n_virtual": study.settings.n_virtual, "train": asdict(config.train), "lr": config.lr,
+                **{key: study.fingerprint[key] for key in ("lm", "template", "index", "train_pool")}}
     if folder.exists():
         stored = json.loads((folder / RUN_FILE).read_text()) if (folder / RUN_FILE).is_file() else None
         if stored is None or stored["settings"] != jsonable(settings):
             raise CompareError(f"{folder} was trained with other settings than this run's; "
                                "delete it or choose another --out")
         return folder, {**stored, "reused": True}
-    tmp = _atomic_dir(folder)
-    try:
+    with publish_dir(folder) as tmp:
         t0 = time.perf_counter()
-        if spec.train_demos is SelectionMethod.RANDOM:
-            result = _train_ipt_random(ctx, config, tmp)
-        else:
-            result = train_soft_prompt(ctx.lm, ctx.pool, config, builder=ctx.builder, index=ctx.index,
-                                       embedder=ctx.embedder, out=tmp)
+        result = train_soft_prompt(study.lm, study.pool, config, builder=study.builder, index=study.index,
+                                   embedder=study.embedder, out=tmp, demos=spec.train_demos or SelectionMethod.KNN)
         info = {"settings": settings, "train_seconds": time.perf_counter() - t0,
                 "trainable_params": sum(p.numel() for p in result.model.prompt_encoder.parameters()),
                 "saved_params": None, "metrics": result.metrics}
         del result
-        from safetensors import safe_open
-
-        with safe_open(str(tmp / "adapter_model.safetensors"), "pt") as f:
+        with safe_open(str(tmp / ADAPTER_WEIGHTS), "pt") as f:
             info["saved_params"] = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
         write_json(tmp / RUN_FILE, info)
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder, {**jsonable(info), "reused": False}
 
 
-def _reference(ctx: _Ctx, reference: Path, config: FinetuneConfig) -> tuple[LM, dict]:
+def _reference(study: Study, reference: Path, config: FinetuneConfig) -> tuple[LM, dict]:
     """The fine-tuned reference: trained into `reference` unless a model is already there."""
     notes, trained = [], False
     if not _has_model(reference):
         if reference.exists() and any(reference.iterdir()):
             raise CompareError(f"{reference} holds files but no fine-tuned model; give an empty or new folder")
-        tmp = _atomic_dir(reference)
-        try:
-            finetune(ctx.lm, ctx.pool, config, builder=ctx.builder, out=tmp)
-            _publish(tmp, reference)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publish_dir(reference) as tmp:
+            finetune(study.lm, study.pool, config, builder=study.builder, out=tmp)
         trained = True
     meta_file = reference / FINETUNE_META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("train_sha256") and meta["train_sha256"] != ctx.pool.sha256:
+    if meta.get("train_sha256") and meta["train_sha256"] != study.pool.sha256:
         notes.append(f"the reference in {reference} was trained on another pool than this run's soft prompts")
-    if meta.get("lm") and meta["lm"] != ctx.lm.name:
-        notes.append(f"the reference was fine-tuned from {meta['lm']!r}, this run's LM is {ctx.lm.name!r}")
-    if meta.get("template") and meta["template"] != ctx.template.to_dict():
+    if meta.get("lm") and meta["lm"] != study.lm.name:
+        notes.append(f"the reference was fine-tuned from {meta['lm']!r}, this run's LM is {study.lm.name!r}")
+    if meta.get("template") and meta["template"] != study.template.to_dict():
         notes.append("the reference was trained with another prompt template than this run's")
-    tuned = load_finetuned(reference, base=ctx.lm)
+    tuned = load_finetuned(reference, base=study.lm)
     metrics = meta.get("metrics", {})
     info = {
         "path": str(reference), "trained_now": trained, "method": meta.get("method", "unknown"),
@@ -404,27 +353,27 @@ def _reference(ctx: _Ctx, reference: Path, config: FinetuneConfig) -> tuple[LM, 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _evaluate(ctx: _Ctx, method: str, spec: _Spec, seed: int, *, lm: LM, adapter: Path | None,
+def _evaluate(study: Study, method: str, spec: _Spec, seed: int, *, lm: LM, adapter: Path | None,
               extra: dict) -> dict:
     """One evaluation on the test subset, cached in out/runs/<method>-seed<s>.json."""
-    path = ctx.out / "runs" / f"{method}-seed{seed}.json"
-    k = 0 if spec.demos is SelectionMethod.ZERO else ctx.k
-    fingerprint = _sha({**ctx.base, "method": method, "seed": seed, "k": k, "extra": extra,
-                        "max_new_tokens": ctx.max_new_tokens if ctx.test.kind is TaskKind.GENERATION else None})
+    path = study.out / "runs" / f"{method}-seed{seed}.json"
+    k = 0 if spec.demos is SelectionMethod.ZERO else study.settings.k
+    fingerprint = _sha({**study.fingerprint, "method": method, "seed": seed, "k": k, "extra": extra,
+                        "max_new_tokens": study.settings.max_new_tokens if study.test.kind is TaskKind.GENERATION else None})
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("fingerprint") == fingerprint:
             return {**cached, "reused": True}
-    config = PipelineConfig(index=ctx.index_name, indexes_dir=ctx.indexes_dir, lm=lm.name, template=ctx.template,
+    config = PipelineConfig(index=study.index_ref, lm=lm.name, template=study.template,
                             method=spec.demos, k=k, soft_prompt=str(adapter) if adapter else None, seed=seed,
-                            batch_size=ctx.batch_size, max_new_tokens=ctx.max_new_tokens)
-    engine = Engine.load(config, lm=lm, embedder=ctx.embedder, index=ctx.index)
-    res = evaluate(engine, ctx.test, progress=ctx.progress)
+                            batch_size=study.settings.batch_size, max_new_tokens=study.settings.max_new_tokens)
+    engine = Engine.load(config, lm=lm, embedder=study.embedder, index=study.index)
+    res = evaluate(engine, study.test, progress=study.settings.progress)
     run = {"method": method, "seed": seed, "k": k, "demos": spec.demos.value, "fingerprint": fingerprint,
            **{key: v for key, v in res.items() if key != "predictions"}}
     preds = res["predictions"]
-    if ctx.test.kind is TaskKind.CLASSIFICATION:
-        labels = list(ctx.index.labels)
+    if study.test.kind is TaskKind.CLASSIFICATION:
+        labels = list(study.index.labels)
         run["pred"] = [p["pred"] for p in preds]
         run["probs"] = [[p["probs"][lab] for lab in labels] for p in preds]  # [n, L] in label order
     else:
@@ -434,20 +383,20 @@ def _evaluate(ctx: _Ctx, method: str, spec: _Spec, seed: int, *, lm: LM, adapter
     return {**run, "reused": False}
 
 
-def _example_scores(ctx: _Ctx, run: dict) -> np.ndarray:
+def _example_scores(study: Study, run: dict) -> np.ndarray:
     """Per-example score in report points: correctness x 100, or best ROUGE-L (0-100)."""
-    if ctx.test.kind is TaskKind.CLASSIFICATION:
-        return 100.0 * (np.asarray(run["pred"]) == np.asarray([r.output for r in ctx.test.records]))
-    refs = [refs for _, refs in group_references(ctx.test.records)]
+    if study.test.kind is TaskKind.CLASSIFICATION:
+        return 100.0 * (np.asarray(run["pred"]) == np.asarray([r.output for r in study.test.records]))
+    refs = [refs for _, refs in group_references(study.test.records)]
     return 100.0 * np.asarray([max(rouge_l_pair(h, r) for r in rs) for h, rs in zip(run["pred"], refs)])
 
 
 # ----------------------------------------------------------------------------- rows and checks
 
 
-def _row(ctx: _Ctx, method: str, spec: _Spec, runs: list[dict], ref: dict, train: list[dict] | None,
+def _row(study: Study, method: str, spec: _Spec, runs: list[dict], ref: dict, train: list[dict] | None,
          ref_info: dict) -> dict:
-    cls = ctx.test.kind is TaskKind.CLASSIFICATION
+    cls = study.test.kind is TaskKind.CLASSIFICATION
     metrics = ("accuracy", "macro_f1") if cls else ("rouge_l", "bleu")
     row = {"method": method, "title": spec.title, "eval_demos": spec.demos.value,
            "train_demos": spec.train_demos.value if spec.train_demos else ("none" if spec.train else None),
@@ -479,14 +428,14 @@ def _row(ctx: _Ctx, method: str, spec: _Spec, runs: list[dict], ref: dict, train
     return row
 
 
-def _compare_pair(ctx: _Ctx, runs_a: list[dict], runs_b: list[dict]) -> dict:
+def _compare_pair(study: Study, runs_a: list[dict], runs_b: list[dict]) -> dict:
     """a - b in points, with a standard error from the test examples (paired, each method's
     per-example score averaged over its seeds) and from the seeds (their spread), combined."""
-    a = np.mean([_example_scores(ctx, r) for r in runs_a], axis=0)  # [n]
-    b = np.mean([_example_scores(ctx, r) for r in runs_b], axis=0)
+    a = np.mean([_example_scores(study, r) for r in runs_a], axis=0)  # [n]
+    b = np.mean([_example_scores(study, r) for r in runs_b], axis=0)
     d = a - b
     se_test = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    var = lambda runs: float(np.var([_example_scores(ctx, r).mean() for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+    var = lambda runs: float(np.var([_example_scores(study, r).mean() for r in runs], ddof=1)) if len(runs) > 1 else 0.0
     se_seed = math.sqrt(var(runs_a) / len(runs_a) + var(runs_b) / len(runs_b))
     se = math.sqrt(se_test ** 2 + se_seed ** 2)
     delta = float(d.mean())
@@ -494,16 +443,16 @@ def _compare_pair(ctx: _Ctx, runs_a: list[dict], runs_b: list[dict]) -> dict:
     return {"delta": delta, "se": se, "se_test": se_test, "se_seed": se_seed, "verdict": verdict}
 
 
-def _checks(ctx: _Ctx, rows: dict[str, dict], runs: dict[str, list[dict]]) -> dict:
-    unit = "accuracy points" if ctx.test.kind is TaskKind.CLASSIFICATION else "ROUGE-L points"
-    metric = "accuracy" if ctx.test.kind is TaskKind.CLASSIFICATION else "rouge_l"
+def _checks(study: Study, rows: dict[str, dict], runs: dict[str, list[dict]]) -> dict:
+    unit = "accuracy points" if study.test.kind is TaskKind.CLASSIFICATION else "ROUGE-L points"
+    metric = "accuracy" if study.test.kind is TaskKind.CLASSIFICATION else "rouge_l"
     scale = 100.0 if metric == "accuracy" else 1.0
     have = lambda *ms: all(m in runs for m in ms)
     pt, ipt, iptr = CompareMethod.PROMPT_TUNING.value, CompareMethod.IPT.value, CompareMethod.IPT_RANDOM.value
     out = {"unit": unit}
 
     if have(pt, ipt, iptr):
-        knn, rnd = _compare_pair(ctx, runs[ipt], runs[pt]), _compare_pair(ctx, runs[iptr], runs[pt])
+        knn, rnd = _compare_pair(study, runs[ipt], runs[pt]), _compare_pair(study, runs[iptr], runs[pt])
         holds = knn["verdict"] == "better" and rnd["verdict"] != "better"
         why = ("IPT beats PT with kNN demos and not with random ones" if holds else
                "IPT does not beat PT even with kNN demos" if knn["verdict"] != "better" else
@@ -529,7 +478,7 @@ def _checks(ctx: _Ctx, rows: dict[str, dict], runs: dict[str, list[dict]]) -> di
         close, agrees = gap <= 2.0, agree > 0.9
         out["goal"] = {"gap": gap, "agreement": agree, "within_2_points": close, "agreement_above_90": agrees,
                        "verdict": "met" if close and agrees else "not met",
-                       "pair": _compare_pair(ctx, runs[ref], runs[ipt])}
+                       "pair": _compare_pair(study, runs[ref], runs[ipt])}
     else:
         out["goal"] = {"verdict": "not checked", "why": f"needs method {ipt}"}
     return out
@@ -540,7 +489,7 @@ def _checks(ctx: _Ctx, rows: dict[str, dict], runs: dict[str, list[dict]]) -> di
 
 def run_compare(
     index: str | Path | ExampleIndex,
-    test: Dataset,
+    test: Dataset | str | Path,
     *,
     out: Path,
     reference: Path | None = None,
@@ -564,27 +513,64 @@ def run_compare(
     and write out/report.json, out/report.md and out/report.png; returns the report dict.
 
     index: a name under indexes_dir, a folder, or an ExampleIndex (its records are the training
-    pool, subsampled to `train_pool` with seed 0, and the demonstrations). reference: the
+    pool, subsampled to `train_pool` with seed 0, and the demonstrations). test: a Dataset, or a
+    file / built-in name read with the index's kind and labels. reference: the
     fine-tuned model's folder, trained there by `finetune` when it holds no model yet (default
     out/reference). methods: CompareMethod values (default DEFAULT_METHODS; the reference is
     always run). soft_train: the soft prompts' TrainSettings (its seed is replaced by each of
     range(seeds)). threads: torch threads during the run, restored after (None: as load_lm set
     them; on a loaded shared CPU 1 thread was 3-7x faster than 2). max_new_tokens: generation."""
     t_start, load_start = time.perf_counter(), os.getloadavg()
-    for name, value, least, why in (
-        ("seeds", seeds, 1, ""), ("k", k, 1, " (kNN, random and IPT need demonstrations)"),
-        ("train_pool", train_pool, 2, ""), ("test_limit", test_limit, 1, ""), ("n_virtual", n_virtual, 1, ""),
-        ("max_new_tokens", max_new_tokens, 1, ""), ("threads", threads, 1, ""),
-    ):  # None: the option is off (train_pool, test_limit, threads)
-        if value is not None and value < least:
-            raise CompareError(f"{name} must be >= {least}{why}, got {value}")
+    _check_options(seeds=seeds, k=k, train_pool=train_pool, test_limit=test_limit, n_virtual=n_virtual,
+                   max_new_tokens=max_new_tokens, threads=threads)
     chosen = _methods(methods)
-    soft_train = soft_train or default_soft_train()
+    settings = StudySettings(k=k, n_virtual=n_virtual, soft_train=soft_train or default_soft_train(),
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     finetune_config = finetune_config or default_finetune()
     out = Path(out)
     reference = Path(reference) if reference else out / "reference"
+    threads_before = torch.get_num_threads()
+    study = open_study(index, test, out=out, lm=lm, indexes_dir=indexes_dir, template=template,
+                       train_pool=train_pool, test_limit=test_limit, settings=settings)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        ref_run, ref_info, ref_seconds = _run_reference(study, reference, finetune_config, threads)
+        runs, trained, timings = _run_methods(study, chosen, seeds, ref_run)
+        timings[CompareMethod.FINETUNED.value] = ref_seconds
+        rows = {m: _row(study, m, _SPECS[CompareMethod(m)], runs[m], ref_run, trained.get(m), ref_info) for m in runs}
+        for m, row in rows.items():
+            row["this_run_seconds"] = timings[m]  # what this invocation spent (reused work is not redone)
+        requested = {"methods": [m.value for m in chosen], "seeds": seeds, "train_pool_requested": train_pool,
+                     "test_limit": test_limit, "finetune": {**asdict(finetune_config), "lr": finetune_config.lr}}
+        report = _report(study, requested, [rows[m.value] for m in chosen], runs, ref_info, load_start)
+        report["checks"] = _checks(study, rows, runs)
+        report["wall_seconds"] = time.perf_counter() - t_start
+        write_report(out, report, format_report(report), json_name=REPORT_JSON, md_name=REPORT_MD)
+        _plot(report, out / REPORT_PNG)
+        return jsonable(report)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def _check_options(**options) -> None:
+    """The numeric options' lower bounds; None switches an option off (train_pool, test_limit, threads)."""
+    why = {"k": " (kNN, random and IPT need demonstrations)"}
+    least = {"train_pool": 2}
+    for name, value in options.items():
+        if value is not None and value < least.get(name, 1):
+            raise CompareError(f"{name} must be >= {least.get(name, 1)}{why.get(name, '')}, got {value}")
+
+
+def open_study(index: str | Path | ExampleIndex, test: Dataset | str | Path, *, out: Path, lm: LM | str | None,
+               indexes_dir: Path | None, template: Template | None, train_pool: int | None,
+               test_limit: int | None, settings: StudySettings) -> Study:
+    """Load the index once, the test set against it (kind, labels), the LM, the template
+    (resolve.py's precedence), the training pool and the test subset."""
     idx, index_name, folder = _load_index(index, indexes_dir)
+    if not isinstance(test, Dataset):  # a file or built-in name, read with the index's kind and labels
+        test = load_dataset(test, kind=idx.kind, labels=idx.labels or None)
     if test.kind is not idx.kind:
         raise CompareError(f"the test set is {test.kind.value} data but the index holds {idx.kind.value}")
     if test.kind is TaskKind.CLASSIFICATION:
@@ -593,102 +579,90 @@ def run_compare(
             raise CompareError(f"test labels {unknown} are not among the index's labels {list(idx.labels)}")
     if len(test) == 0:
         raise CompareError("the test set is empty")
-    if template is None:
-        template = index_template(idx)
-
-    threads_before = torch.get_num_threads()
+    template = resolve_template(idx.kind, given=template, stored=idx.template, dataset=idx.manifest.get("dataset"))
     lm = lm if isinstance(lm, LM) else load_lm(str(lm or DEFAULT_LM))
-    if threads:
+    pool = idx.dataset.subsample(train_pool, 0) if train_pool else idx.dataset
+    test_set = _test_subset(test, test_limit)
+    fingerprint = {"lm": lm.name, "template": template.to_dict(), "train_pool": pool.sha256,
+                   "index": {key: idx.manifest.get(key) for key in ("dataset_sha256", "count", "embedder")},
+                   "test": test_set.sha256}
+    return Study(lm=lm, index=idx, name=index_name, index_ref=str(folder) if folder else index_name,
+                 embedder=get_embedder(idx.manifest["embedder"]), builder=PromptBuilder(template, lm.tokenizer, idx.labels),
+                 pool=pool, test=test_set, test_source=test.name, out=out, settings=settings, fingerprint=fingerprint)
+
+
+def _run_reference(study: Study, reference: Path, config: FinetuneConfig, threads: int | None):
+    """Train (or reuse) the fine-tuned reference and evaluate it -> (run, info, seconds)."""
+    t0 = time.perf_counter()
+    tuned, ref_info = _reference(study, reference, config)
+    if threads:  # load_lm (full fine-tuning) sets the thread count again
         torch.set_num_threads(threads)
-    try:
-        embedder = get_embedder(idx.manifest["embedder"])
-        pool = idx.dataset.subsample(train_pool, 0) if train_pool else idx.dataset
-        test_set = _test_subset(test, test_limit)
-        builder = PromptBuilder(template, lm.tokenizer, idx.labels)
-        base = {"lm": lm.name, "template": template.to_dict(), "train_pool": pool.sha256,
-                "index": {key: idx.manifest.get(key) for key in ("dataset_sha256", "count", "embedder")},
-                "test": test_set.sha256}
-        ctx = _Ctx(lm, idx, str(folder) if folder else index_name, None, embedder, template, builder, pool,
-                   test_set, k, n_virtual, soft_train, out, progress, batch_size, max_new_tokens, base)
-        out.mkdir(parents=True, exist_ok=True)
+    ref_run = _evaluate(study, CompareMethod.FINETUNED.value, _SPECS[CompareMethod.FINETUNED], 0, lm=tuned,
+                        adapter=None, extra={"reference": ref_info["fingerprint"]})
+    return ref_run, ref_info, time.perf_counter() - t0
 
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        tuned, ref_info = _reference(ctx, reference, finetune_config)
-        if threads:  # load_lm (full fine-tuning) sets the thread count again
-            torch.set_num_threads(threads)
-        ref_run = _evaluate(ctx, CompareMethod.FINETUNED.value, _SPECS[CompareMethod.FINETUNED], 0, lm=tuned,
-                            adapter=None, extra={"reference": ref_info["fingerprint"]})
-        del tuned
-        timings[CompareMethod.FINETUNED.value] = time.perf_counter() - t0
 
-        runs: dict[str, list[dict]] = {}
-        trained: dict[str, list[dict]] = {}
-        for m in chosen:
-            if m is CompareMethod.FINETUNED:
-                runs[m.value] = [ref_run]
-                continue
-            spec, t0 = _SPECS[m], time.perf_counter()
-            runs[m.value], trained[m.value] = [], []
-            for seed in range(seeds) if spec.seeded else [0]:
-                adapter, info = _adapter(ctx, spec.adapter, spec, seed) if spec.train else (None, None)
-                if info:
-                    trained[m.value].append(info)
-                runs[m.value].append(_evaluate(ctx, m.value, spec, seed, lm=lm, adapter=adapter,
-                                               extra={"adapter": info["settings"] if info else None}))
-            timings[m.value] = time.perf_counter() - t0
+def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run: dict):
+    """Every chosen method, each seed (training its soft prompt first when it has one)
+    -> (runs, training infos, seconds) per method."""
+    runs: dict[str, list[dict]] = {}
+    trained: dict[str, list[dict]] = {}
+    timings: dict[str, float] = {}
+    for m in chosen:
+        if m is CompareMethod.FINETUNED:
+            runs[m.value] = [ref_run]
+            continue
+        spec, t0 = _SPECS[m], time.perf_counter()
+        runs[m.value], trained[m.value] = [], []
+        for seed in range(seeds) if spec.seeded else [0]:
+            adapter, info = _adapter(study, spec.adapter, spec, seed) if spec.train else (None, None)
+            if info:
+                trained[m.value].append(info)
+            runs[m.value].append(_evaluate(study, m.value, spec, seed, lm=study.lm, adapter=adapter,
+                                           extra={"adapter": info["settings"] if info else None}))
+        timings[m.value] = time.perf_counter() - t0
+    return runs, trained, timings
 
-        rows = {m: _row(ctx, m, _SPECS[CompareMethod(m)], runs[m], ref_run, trained.get(m), ref_info) for m in runs}
-        for m, row in rows.items():
-            row["this_run_seconds"] = timings[m]  # what this invocation spent (reused work is not redone)
-        report = {
-            "format_version": FORMAT_VERSION,
-            "name": index_name,
-            "kind": test_set.kind.value,
-            "metric": "accuracy" if test_set.kind is TaskKind.CLASSIFICATION else "rouge_l",
-            "labels": list(idx.labels),
-            "settings": {
-                "methods": [m.value for m in chosen], "seeds": seeds, "k": k, "n_virtual": n_virtual,
-                "train_pool": len(pool), "train_pool_requested": train_pool, "train_pool_sha256": pool.sha256,
-                "test_limit": test_limit, "test_n": ref_run["n"], "test_records": len(test_set),
-                "test_sha256": test_set.sha256, "test_source": test.name, "soft_train": asdict(soft_train),
-                "finetune": {**asdict(finetune_config), "lr": finetune_config.lr},
-                "template": template.to_dict(), "lm": lm.name, "index": index_name,
-                "index_count": idx.manifest.get("count"), "embedder": embedder.name,
-                "batch_size": batch_size, "max_new_tokens": max_new_tokens, "defaults_basis": DEFAULTS_BASIS,
-                "std": "sample standard deviation (ddof=1) over seeds; None for one run",
-            },
-            "machine": {**machine_info(), "torch_threads": torch.get_num_threads(),
-                        "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())},
-            "reference": {key: v for key, v in ref_info.items() if key != "fingerprint"},
-            "test": {"ids": [r.id for r in test_set.records]} | (
-                {"gold": [r.output for r in test_set.records]} if test_set.kind is TaskKind.CLASSIFICATION
-                else {"inputs": [i for i, _ in group_references(test_set.records)]}),
-            "rows": [rows[m.value] for m in chosen],
-            "checks": _checks(ctx, rows, runs),
-            "runs": {m: [{key: r[key] for key in ("seed", "k", "demos", "pred", "probs", "seconds", "reused")
-                          if key in r} for r in rs] for m, rs in runs.items()},
-            "wall_seconds": time.perf_counter() - t_start,
-        }
-        write_json(out / REPORT_JSON, report)
-        (out / REPORT_MD).write_text(format_report(report))
-        _plot(report, out / REPORT_PNG)
-        return jsonable(report)
-    finally:
-        torch.set_num_threads(threads_before)
+
+def _report(study: Study, requested: dict, rows: list[dict], runs: dict, ref_info: dict, load_start) -> dict:
+    """report.json's content (checks and wall time are added by the caller)."""
+    st, test, cls = study.settings, study.test, study.test.kind is TaskKind.CLASSIFICATION
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": study.name,
+        "kind": test.kind.value,
+        "metric": "accuracy" if cls else "rouge_l",
+        "labels": list(study.index.labels),
+        "settings": {
+            "methods": requested["methods"], "seeds": requested["seeds"], "k": st.k, "n_virtual": st.n_virtual,
+            "train_pool": len(study.pool), "train_pool_requested": requested["train_pool_requested"],
+            "train_pool_sha256": study.pool.sha256, "test_limit": requested["test_limit"],
+            "test_n": runs[CompareMethod.FINETUNED.value][0]["n"], "test_records": len(test),
+            "test_sha256": test.sha256, "test_source": study.test_source, "soft_train": asdict(st.soft_train),
+            "finetune": requested["finetune"], "template": study.template.to_dict(), "lm": study.lm.name,
+            "index": study.name, "index_count": study.index.manifest.get("count"), "embedder": study.embedder.name,
+            "batch_size": st.batch_size, "max_new_tokens": st.max_new_tokens, "defaults_basis": DEFAULTS_BASIS,
+            "std": "sample standard deviation (ddof=1) over seeds; None for one run",
+        },
+        "machine": {**machine_info(), "torch_threads": torch.get_num_threads(),
+                    "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())},
+        "reference": {key: v for key, v in ref_info.items() if key != "fingerprint"},
+        "test": {"ids": [r.id for r in test.records]} | (
+            {"gold": [r.output for r in test.records]} if cls
+            else {"inputs": [i for i, _ in group_references(test.records)]}),
+        "rows": rows,
+        "runs": {m: [{key: r[key] for key in ("seed", "k", "demos", "pred", "probs", "seconds", "reused")
+                      if key in r} for r in rs] for m, rs in runs.items()},
+    }
 
 
 # ----------------------------------------------------------------------------- report.md and the plot
 
 
-def _f(x, spec=".3f") -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
 def _ms(d: dict | None, scale=1.0, spec=".1f") -> str:
     if not d or d["mean"] is None:
         return "–"
-    return _f(d["mean"] * scale, spec) + ("" if d["std"] is None else f" ± {_f(d['std'] * scale, spec)}")
+    return fmt(d["mean"] * scale, spec) + ("" if d["std"] is None else f" ± {fmt(d['std'] * scale, spec)}")
 
 
 def _params(n) -> str:
@@ -723,7 +697,7 @@ def format_report(report: dict) -> str:
             r["title"], demos, _ms(r[main], scale), _ms(r[second], scale),
             _ms(r["agreement"], 100.0), _ms(r["tv"], 1.0, ".3f") if r["tv"] else "–",
             _params(r["trainable_params"]) + saved(r), _ms(r["train_seconds"], 1.0, ".0f"),
-            _f(r["queries_per_s"], ".2f"), _f(r["wall_seconds"], ".0f")]) + " |")
+            fmt(r["queries_per_s"], ".2f"), fmt(r["wall_seconds"], ".0f")]) + " |")
     c, unit = report["checks"], report["checks"]["unit"]
     lines += ["", "**kNN + soft prompt** is the `ipt` row: a prompt-tuning soft prompt trained with each "
               "training example's k nearest demonstrations and evaluated with the test input's k nearest "
@@ -778,11 +752,7 @@ def format_report(report: dict) -> str:
 def _plot(report: dict, path: Path) -> None:
     """Bars (mean ± std over seeds): the task metric with the reference's level and the goal
     band, agreement with the reference (90% line), and TV distance to it (classification)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cls = report["kind"] == "classification"
     main, scale = ("accuracy", 100.0) if cls else ("rouge_l", 1.0)
     rows = report["rows"]
@@ -810,7 +780,4 @@ def _plot(report: dict, path: Path) -> None:
             ax.axhline(90, color="k", ls=":", lw=1, label="90%")
             ax.legend(fontsize=7)
     fig.suptitle(f"{report['name']}: {report['settings']['test_n']} test examples", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

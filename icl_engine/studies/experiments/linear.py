@@ -23,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ...prompt import start_ids
+from ...score import compute_prefix, score_continuations
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
+from ..report import finish, lm_info, machine_info, progress
 from .baselines import fit_logreg
 from .common import (
-    ExperimentError, curve, encode, fits_table, lm_info, machine_info, nanmean, plot_curves, plot_scaling, points_table,
-    progress, start_ids, verdict_counts, verdict_line, write_json,
+    ExperimentError, curve, encode, fits_table, nanmean, plot_curves, plot_scaling, points_table, run_line,
+    verdict_counts, verdict_line,
 )
 
 __all__ = ["LinearConfig", "run_linear", "plot_linear"]
@@ -124,8 +127,6 @@ def _draw(cfg: LinearConfig, d: int, r: int, seed: int):
 
 def _icl_in_context(lm, R: _Render, demo_ids, queries, order_perm, prefix_cache, cfg):
     """Label predictions with demos [order_perm] in context as one shared prefix."""
-    from ..score import compute_prefix, score_continuations
-
     if prefix_cache is not None:  # order 0 extends the previous N's prefix (nested draws)
         base, n_prev = prefix_cache
         new = [t for i in order_perm[n_prev:] for t in demo_ids[i]]
@@ -142,8 +143,6 @@ def _icl_in_context(lm, R: _Render, demo_ids, queries, order_perm, prefix_cache,
 def _icl_retrieval(lm, R: _Render, demo_ids, X, Xt, queries, k, rng_order, cfg):
     """Each test point gets its own prompt: the k nearest training points (Euclidean),
     nearest last, or shuffled when rng_order is given."""
-    from ..score import score_continuations
-
     prompts = []
     for x, q in zip(Xt, queries):
         near = np.argsort(np.linalg.norm(X - x, axis=1), kind="stable")[:k][::-1]  # nearest last
@@ -282,18 +281,13 @@ def run_linear(out: Path, *, lm, config: LinearConfig, seed: int = 0) -> dict:
         "raw": {str(d): {k: v for k, v in m.items()} for d, m in raw.items()},
     }
     results["plots"] = plot_linear(out, results)
-    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    write_json(out / "results.json", results)
-    (out / "report.md").write_text(_report(results, cfg))
-    return results
+    return finish(out, results, t0, lambda res: _report(res, cfg))
 
 
 def _report(res: dict, cfg: LinearConfig) -> str:
     lines = [
         "# Bounds experiment: linear classification", "",
-        f"LM `{res['lm']['name']}` ({res['lm']['n_params']:,} parameters) on {res['machine']['platform']}, "
-        f"{res['machine']['torch_threads']} threads; wall time {res['wall_time_s']:.1f} s for "
-        f"{res['lm_tokens']:,} LM tokens; seed {res['seed']}.",
+        run_line(res),
         f"dims {list(cfg.dims)}, N {list(cfg.n_grid)}, {cfg.draws} draws, {cfg.orders} orders in context, "
         f"{cfg.n_test} test points, context budget {cfg.budget} tokens, retrieval k = {cfg.k}, "
         f"inputs rounded to {cfg.decimals} decimal(s), label noise {cfg.label_noise:g}.",

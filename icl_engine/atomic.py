@@ -1,0 +1,71 @@
+"""Atomic writes: a reader sees the old file (or folder) or the new one, never half of one;
+and the matching read of a small JSON file with one-line errors.
+
+    write_json(path, obj)              # temp file beside it, then os.replace
+    write_text(path, text)
+    with publish_dir(final) as tmp:    # fill tmp; on success it is renamed to `final`
+        ...
+    read_json(path, "the template")    # ValueError "path:line: the template is not valid JSON (...)"
+
+The temp file or folder lives beside the target (same filesystem, so the rename is atomic)
+and starts with a dot, so a crash leaves at most a hidden leftover, never a torn target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["write_text", "write_json", "publish_dir", "read_json"]
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, *, allow_nan: bool = True) -> None:
+    """Indented, key-sorted JSON and a final newline (the format of every JSON file we write)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=allow_nan) + "\n")
+
+
+@contextmanager
+def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temp folder beside `final`; when the block succeeds it is renamed to `final` (an
+    empty folder already there, e.g. one the user made for it, is replaced). When the block
+    fails, the temp folder is removed and `final` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        if final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError):
+    """The JSON in `path`; an unreadable file or invalid JSON raises `error` with one line
+    naming the file (and line) and `what` it should hold."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None

@@ -1,0 +1,58 @@
+"""Plain-text presentation for the CLI: each function turns what a library call returned (a
+JSON-ready dict or list) into the lines `icl` prints. The library never formats for a terminal."""
+
+from __future__ import annotations
+
+from .evaluate import format_table
+
+__all__ = ["format_info", "format_hits", "format_prediction", "format_generation", "format_eval", "format_demo"]
+
+
+def format_info(info: dict) -> str:
+    keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
+    return "\n".join(f"{k:>10}: {info[k]}" for k in keys if k in info)
+
+
+def format_hits(hits: list[dict]) -> str:
+    return "\n".join(f"{h['score']:.3f}  [{h['label']}]  {h['text']}" for h in hits)
+
+
+def format_prediction(p: dict) -> str:
+    probs = "  ".join(f"{lab}={x:.3f}" for lab, x in p["probs"].items())
+    lines = [f"label: {p['label']}   ({probs}; {p['prompt_tokens']} prompt tokens)"]
+    lines += [f"  demo {d['score']:.3f} [{d['output']}] {d['input']}" for d in p["demos"]]
+    return "\n".join(lines + _budget_note(p))
+
+
+def _budget_note(p: dict) -> list[str]:
+    """Nothing is left out silently: say what the token budget cost."""
+    notes = []
+    if p.get("dropped"):
+        notes.append(f"{p['dropped']} more demonstration(s) left out: the token budget was full")
+    if p.get("skipped"):
+        notes.append(f"{len(p['skipped'])} demonstration(s) skipped: each alone is longer than the budget")
+    return [f"  note: {n}" for n in notes]
+
+
+def format_generation(g: dict) -> str:
+    lines = [g["text"], f"({g['prompt_tokens']} prompt tokens)"]
+    lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
+    return "\n".join(lines + _budget_note(g))
+
+
+def format_eval(r: dict) -> str:
+    out = [format_table([r]), f"{r['seconds']:.1f} s"]
+    if "confusion_matrix" in r:
+        width = max(len(lab) for lab in r["labels"])
+        out.append("confusion (rows gold, columns predicted):")
+        out += [f"  {lab:>{width}}  " + " ".join(f"{c:5d}" for c in row) for lab, row in zip(r["labels"], r["confusion_matrix"])]
+    return "\n".join(out)
+
+
+def format_demo(d: dict) -> str:
+    """api.run_demo's result: where the index came from, the three methods, one example."""
+    idx, ex = d["index"], d["example"]
+    lines = [f"index: {'built' if idx['built'] else 'reusing'} {idx['path']} ({idx['count']} reviews)", "",
+             format_table(d["rows"]), "", f"example: {ex['input']!r} (gold: {ex['gold']})",
+             format_prediction(ex["prediction"])]
+    return "\n".join(lines)

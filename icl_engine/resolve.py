@@ -1,0 +1,71 @@
+"""One place that turns a PipelineConfig into the parts an engine runs with, with one
+precedence for each, used by the engine, the API, training set-up and the studies.
+
+    parts = resolve(config)                  # or resolve(config, lm=lm, index=index): reuse loaded parts
+    parts.folder, parts.index, parts.embedder, parts.lm, parts.soft, parts.template
+
+Precedence (first that applies wins):
+  index folder  config.index as a folder path if one exists, else a name under config.indexes_dir
+                (that argument > env ICL_INDEXES > ./indexes); an ExampleIndex passed in is used
+                as it is (its folder is still the one config.index names, for template.json).
+  embedder      one passed in, else the embedder named in the index's manifest.
+  LM            one passed in, else config.lm: a fine-tuned reference folder (icl finetune) loads
+                with its adapter or weights; anything else through load_lm.
+  adapter       config.soft_prompt (a soft prompt folder), else none.
+  template      config.template > the template the soft prompt was trained with > the template
+                stored with the index (index.template) > the built-in dataset's template
+                (registry) for the index's dataset name > Template.default(kind).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import SoftPrompt, load_model, load_soft_prompt
+from .config import PipelineConfig
+from .data import TaskKind
+from .embed import Embedder, get_embedder
+from .index import ExampleIndex, index_path
+from .lm import LM
+from .prompt import Template
+from .registry import builtin_template
+
+__all__ = ["Resolved", "resolve", "resolve_template"]
+
+
+def resolve_template(kind: TaskKind, *, given: Template | None = None, soft: SoftPrompt | None = None,
+                     stored: dict | None = None, dataset: str | None = None) -> Template:
+    """The template by the documented precedence: given > soft prompt's > the one stored with
+    the index (`index.template`) > the built-in dataset's (by name) > the task default."""
+    if given is not None:
+        return given
+    if soft is not None and soft.template is not None:
+        return soft.template
+    if stored:
+        return Template.from_dict(stored)
+    return (builtin_template(dataset) if dataset else None) or Template.default(kind)
+
+
+@dataclass
+class Resolved:
+    folder: Path  # the folder config.index names (it may not exist for an index passed in)
+    index: ExampleIndex
+    embedder: Embedder
+    lm: LM
+    soft: SoftPrompt | None
+    template: Template
+
+
+def resolve(config: PipelineConfig, *, lm: LM | None = None, embedder: Embedder | None = None,
+            index: ExampleIndex | None = None, template: Template | None = None) -> Resolved:
+    """Load what `config` names, reusing any part passed in (an LM already loaded, an index
+    built in memory). `template` stands in for config.template when the config has none."""
+    folder = index_path(config.index, config.indexes_dir)
+    index = index if index is not None else ExampleIndex.load(folder)
+    embedder = embedder or get_embedder(index.manifest["embedder"])
+    lm = lm or load_model(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    soft = load_soft_prompt(config.soft_prompt) if config.soft_prompt else None
+    tpl = resolve_template(index.kind, given=config.template or template, soft=soft, stored=index.template,
+                           dataset=index.manifest.get("dataset"))
+    return Resolved(folder, index, embedder, lm, soft, tpl)

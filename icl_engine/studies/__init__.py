@@ -1,0 +1,1 @@
+"""Studies layer: the approximation report (compare), the sample-size bounds and their experiments."""

@@ -1,0 +1,150 @@
+"""The one resolver (config -> index folder, template, LM, adapter), the built-in registry and
+the engine cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA, make_tiny_model, make_tiny_tokenizer
+from icl_engine.config import ConfigError, PipelineConfig
+from icl_engine.data import Dataset, DataError, TaskKind, make_records
+from icl_engine.embed import get_embedder
+from icl_engine.engines import EngineCache, get_engine
+from icl_engine.index import ExampleIndex
+from icl_engine.prompt import Template
+from icl_engine.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE, builtin, data_dir
+from icl_engine.resolve import resolve, resolve_template
+
+ROWS = [("a wonderful film", "positive"), ("a dull boring film", "negative"), ("great acting", "positive"),
+        ("terrible plot", "negative")]
+STORED = Template(instruction="stored with the index", input_format="R: {input}\nS:", output_format=" {output}")
+GIVEN = Template(instruction="given", input_format="G: {input}\n", output_format="{output}")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resolve")
+    tok = make_tiny_tokenizer()
+    lm_dir = root / "tiny-lm"
+    make_tiny_model(len(tok)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    ds = Dataset("rotten_tomatoes:train", TaskKind.CLASSIFICATION, make_records(ROWS), ("negative", "positive"))
+    ExampleIndex.build(ds, get_embedder("hashing:64")).save(root / "indexes" / "plain")
+    ExampleIndex.build(ds, get_embedder("hashing:64")).save(root / "indexes" / "stored", template=STORED.to_dict())
+    return root, lm_dir
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_builtin_names_follow_one_convention():
+    assert builtin("rotten_tomatoes") is BUILTINS["rotten_tomatoes"]
+    assert builtin("rotten_tomatoes:train[16@0]").template == SENTIMENT_TEMPLATE
+    assert builtin("snips_intents:test").template == INTENT_TEMPLATE
+    # a file named like a split is not the built-in (the old name-cutting guess took it for one)
+    assert builtin("rotten_tomatoes_train") is None and builtin("imdb") is None and builtin("") is None
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("ICL_SHARED_DATA", raising=False)
+    assert data_dir() == data_dir(None) and data_dir().parts[-2:] == ("shared", "data")
+    monkeypatch.setenv("ICL_SHARED_DATA", str(tmp_path))
+    assert data_dir() == tmp_path and data_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_builtin_splits_are_named_by_the_convention(tmp_path):
+    with pytest.raises(DataError, match="snips_intents.jsonl"):
+        BUILTINS["snips_intents"].splits(tmp_path)
+    if not (SHARED_DATA / "snips_intents.jsonl").exists():
+        pytest.skip("needs ../shared/data/snips_intents.jsonl")
+    pool, test = BUILTINS["snips_intents"].splits(SHARED_DATA)
+    assert (pool.name, test.name) == ("snips_intents:train", "snips_intents:test")
+    assert set(pool.labels) == set(BUILTINS["snips_intents"].labels)
+    assert builtin(pool.subsample(8, 0).name) is BUILTINS["snips_intents"]
+
+
+# ----------------------------------------------------------------------------- template precedence
+
+
+def test_template_precedence(workspace):
+    root, _ = workspace
+    stored = ExampleIndex.load(root / "indexes" / "stored").template
+    assert ExampleIndex.load(root / "indexes" / "plain").template is None
+    kind = TaskKind.CLASSIFICATION
+    assert resolve_template(kind, given=GIVEN, stored=stored, dataset="rotten_tomatoes:train") == GIVEN
+    assert resolve_template(kind, stored=stored, dataset="rotten_tomatoes:train") == STORED
+    assert resolve_template(kind, stored=None, dataset="rotten_tomatoes:train") == SENTIMENT_TEMPLATE
+    assert resolve_template(kind, stored=None, dataset="my_reviews") == Template.default(kind)
+    assert resolve_template(kind) == Template.default(kind)
+
+
+def test_resolve_loads_what_the_config_names(workspace):
+    root, lm_dir = workspace
+    parts = resolve(PipelineConfig(index="stored", indexes_dir=str(root / "indexes"), lm=str(lm_dir)))
+    assert parts.folder == root / "indexes" / "stored" and parts.template == STORED and parts.soft is None
+    assert len(parts.index) == len(ROWS) and parts.embedder.name == parts.index.manifest["embedder"]
+    again = resolve(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), template=GIVEN), lm=parts.lm,
+                    index=parts.index)
+    assert again.lm is parts.lm and again.index is parts.index and again.template == GIVEN
+
+
+def test_config_file_mistakes_are_one_line(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="c.json:1"):
+        PipelineConfig.load(bad)
+    bad.write_text(json.dumps({"index": "x", "kk": 1}))
+    with pytest.raises(ConfigError, match="unknown pipeline config fields"):
+        PipelineConfig.load(bad)
+    bad.write_text(json.dumps({"k": 1}))
+    with pytest.raises(ConfigError, match="index"):
+        PipelineConfig.load(bad)
+
+
+# ----------------------------------------------------------------------------- engine cache
+
+
+def test_engine_cache_loads_once_and_shares_parts(workspace):
+    root, lm_dir = workspace
+    cache = EngineCache(size=2)
+    cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=2)
+    first = cache.get(cfg)
+    assert cache.get(PipelineConfig(**{**cfg.__dict__})) is first  # equal config: the same engine
+    other = cache.get(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=1))
+    assert other is not first and other.lm is first.lm and other.index is first.index  # loaded once
+    third = cache.get(PipelineConfig(index="stored", indexes_dir=str(root / "indexes"), lm=str(lm_dir)))
+    assert third.lm is first.lm and third.index is not first.index  # another folder: its own index
+    assert len(cache) == 2 and cache.get(cfg) is not first  # the least recently used was dropped
+    assert get_engine(first) is first
+    [p1], [p2] = first.classify(["a great film"]), other.classify(["a great film"])
+    assert len(p1.demos) == 2 and len(p2.demos) == 1
+
+
+def test_engine_cache_reloads_a_rebuilt_index(workspace, tmp_path):
+    _, lm_dir = workspace
+    ds = Dataset("d", TaskKind.CLASSIFICATION, make_records(ROWS), ("negative", "positive"))
+    ExampleIndex.build(ds, get_embedder("hashing:64")).save(tmp_path / "idx")
+    cache = EngineCache()
+    cfg = PipelineConfig(index=str(tmp_path / "idx"), lm=str(lm_dir))
+    first = cache.get(cfg)
+    bigger = Dataset("d", TaskKind.CLASSIFICATION, make_records(ROWS + [("fine film", "positive")]),
+                     ("negative", "positive"))
+    ExampleIndex.build(bigger, get_embedder("hashing:64")).save(tmp_path / "idx", replace=True)
+    second = cache.get(cfg)
+    assert second is not first and len(second.index) == len(ROWS) + 1 and second.lm is first.lm
+
+
+def test_api_query_functions_take_an_engine_or_a_config(workspace):
+    from icl_engine import api
+    from icl_engine.engines import ENGINES
+
+    root, lm_dir = workspace
+    cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=2)
+    ENGINES.clear()
+    by_config = api.classify(cfg, "a great film")
+    engine = get_engine(cfg)  # the one api.classify loaded, from the default cache
+    assert len(ENGINES) == 1 and get_engine(PipelineConfig.from_dict(cfg.to_dict())) is engine
+    assert api.classify(engine, "a great film") == by_config
+    ENGINES.clear()
