@@ -329,7 +329,11 @@ def _target_logits(model, batch, offset: int) -> torch.Tensor:
     prompt would be the biggest tensor of the step. `offset`: virtual tokens the model puts
     before the input (prompt tuning), which shift the positions."""
     ids, mask, pos, _ = batch
-    return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos + offset).logits
+    with warnings.catch_warnings():
+        # PEFT's prefix tuning hands its virtual key/values to the model as `past_key_values`,
+        # which transformers 5.24 deprecates for `cache`: PEFT's call, not one we can change.
+        warnings.filterwarnings("ignore", r"`past_key_values` is deprecated", FutureWarning)
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos + offset).logits
 
 
 def _loss(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -513,7 +517,7 @@ def _initialise(peft_model, lm: LM, config: SoftPromptConfig) -> None:
         # Li & Liang: prefixes initialised with the activations of real words train better.
         # The key/values of those tokens at positions 0..n-1 are exactly what the prefix holds.
         ids = torch.tensor([_init_tokens(lm, config, gen)], device=lm.device)
-        cache = lm.model(input_ids=ids, use_cache=True).past_key_values
+        cache = lm.model(input_ids=ids, use_cache=True).cache
         weight.copy_(_pack_kv([(layer.keys, layer.values) for layer in cache.layers]).float())
 
 
