@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from .data import Record, TaskKind
 
-__all__ = ["Template", "PromptBuilder", "Prompt", "Span", "PromptTooLong", "PARTS"]
+__all__ = ["Template", "PromptBuilder", "Prompt", "Span", "PromptTooLong", "PARTS", "start_ids"]
 
 PARTS = ("bos", "instruction", "demo", "separator", "query", "suffix")  # Span.part values
 _SENTINEL = "\u2063ICL_USER_TURN\u2063"  # stands for the user turn when rendering a chat template
@@ -166,7 +166,7 @@ class Prompt:
         return [s.record_id for s in self.spans if s.part == "demo"]
 
 
-def _start_ids(tokenizer) -> list[int]:
+def start_ids(tokenizer) -> list[int]:
     """What the tokenizer itself puts before a text: BOS for checkpoints whose post-processor
     adds one (many Llamas), nothing for SmolLM2 / GPT-2 style ones. In transformers 5 this is
     per checkpoint (add_bos_token defaults to False, the tokenizer.json post-processor
@@ -194,7 +194,7 @@ class PromptBuilder:
             self._tail = [("suffix", suffix)]
         else:
             instruction = self.encode(template.instruction) if template.instruction else []
-            self._head = [("bos", _start_ids(tokenizer)), ("instruction", instruction)]
+            self._head = [("bos", start_ids(tokenizer)), ("instruction", instruction)]
             if instruction:
                 self._head.append(("separator", self.sep_ids))
             self._tail = []

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..bounds import Verdict, bootstrap_mean, fit_slope, verdict
+from ..prompt import start_ids  # re-exported: the experiments' prompts start like the engine's
 
 __all__ = [
     "ExperimentError",
@@ -200,11 +201,7 @@ def machine_info() -> dict:
 
 def lm_info(lm) -> dict:
     return {"name": lm.name, "n_params": int(sum(p.numel() for p in lm.model.parameters())),
-            "device": str(lm.device), "context_length": _context_length(lm)}
-
-
-def _context_length(lm) -> int:
-    return int(getattr(lm, "context_length", None) or getattr(lm.model.config, "max_position_embeddings", 2048))
+            "device": str(lm.device), "context_length": lm.context_length}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -297,15 +294,6 @@ def plot_scaling(path: Path, scaling: dict, *, title: str, xlabel: str, ylabel: 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text` alone: no special tokens (prompts are concatenations of pieces)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def start_ids(tokenizer) -> list[int]:
-    """What the tokenizer puts before any text on its own (a BOS for Llama-style tokenizers,
-    nothing for SmolLM2): every prompt starts with it, as in normal use."""
-    with_special = list(tokenizer("a")["input_ids"])
-    plain = encode(tokenizer, "a")
-    k = len(with_special) - len(plain)
-    return with_special[:k] if k > 0 and with_special[k:] == plain else []
 
 
 def nanmean(a, axis=None):

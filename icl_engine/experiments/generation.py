@@ -172,7 +172,7 @@ def run_generation(out: Path, *, lm, config: GenerationConfig, seed: int = 0) ->
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pool = output_tokens(lm.tokenizer, max(cfg.vocab_sizes))
-    ctx_len = int(getattr(lm, "context_length", None) or lm.model.config.max_position_embeddings)
+    ctx_len = lm.context_length
     tok = lm.tokenizer
     demo_len = max(len(encode(tok, f"context {c + 1} ->")) for c in range(cfg.m)) + 1 + len(encode(tok, "\n"))
     fits = [n for n in cfg.n_grid if len(start_ids(tok)) + (n + 1) * demo_len <= ctx_len]  # + the query
