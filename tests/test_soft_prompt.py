@@ -5,6 +5,7 @@ prefix) and generation."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -53,7 +54,9 @@ def index(dataset):
 
 def peft_logprobs(peft_model, ids: list[int]) -> torch.Tensor:
     """Log-probs [T, V] of the PeftModel over input `ids` (virtual positions dropped)."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # PEFT's prefix tuning passes its key/values as the deprecated `past_key_values`
+        warnings.filterwarnings("ignore", r"`past_key_values` is deprecated", FutureWarning)
         logits = peft_model(input_ids=torch.tensor([ids])).logits[0]
     return logits[-len(ids):].float().log_softmax(-1)
 
@@ -336,9 +339,9 @@ def test_zero_prefix_is_not_a_no_op_it_only_takes_attention_mass(lm):
     with torch.no_grad():
         base = lm.model(input_ids=ids, output_attentions=True)
         cache = soft.prefix(lm).cache(1, lm.model.config)
-        with_prefix = lm.model(input_ids=ids, past_key_values=cache, position_ids=pos, output_attentions=True,
+        with_prefix = lm.model(input_ids=ids, cache=cache, position_ids=pos, output_attentions=True,
                                attention_mask=torch.ones(1, n + T, dtype=torch.long))
-        masked = lm.model(input_ids=ids, past_key_values=soft.prefix(lm).cache(1, lm.model.config),
+        masked = lm.model(input_ids=ids, cache=soft.prefix(lm).cache(1, lm.model.config),
                           position_ids=pos, attention_mask=torch.tensor([[0] * n + [1] * T]))
     hook.remove()
     a0, a1 = base.attentions[0], with_prefix.attentions[0]  # layer 0: [1, H, T, T], [1, H, T, n+T]

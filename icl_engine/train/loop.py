@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -234,7 +235,11 @@ def _target_logits(model, batch, offset: int) -> torch.Tensor:
     prompt would be the biggest tensor of the step. `offset`: virtual tokens the model puts
     before the input (prompt tuning), which shift the positions."""
     ids, mask, pos, _ = batch
-    return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos + offset).logits
+    with warnings.catch_warnings():
+        # PEFT's prefix tuning hands its virtual key/values to the model as `past_key_values`,
+        # which transformers 5.24 deprecates for `cache`: PEFT's call, not one we can change.
+        warnings.filterwarnings("ignore", r"`past_key_values` is deprecated", FutureWarning)
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos + offset).logits
 
 
 def _loss(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,7 @@ def _initialise(peft_model, lm: LM, config: SoftPromptConfig) -> None:
         # Li & Liang: prefixes initialised with the activations of real words train better.
         # The key/values of those tokens at positions 0..n-1 are exactly what the prefix holds.
         ids = torch.tensor([_init_tokens(lm, config, gen)], device=lm.device)
-        cache = lm.model(input_ids=ids, use_cache=True).past_key_values
+        cache = lm.model(input_ids=ids, use_cache=True).cache
         weight.copy_(_pack_kv([(layer.keys, layer.values) for layer in cache.layers]).float())
 
 

@@ -1,0 +1,226 @@
+"""The Hugging Face backend: a transformers causal LM in process (what `load_lm` returns).
+
+Every model call and every KV cache of the engine lives here, on the transformers 5 Cache API
+(`cache=` in, `out.cache` out; the old `past_key_values` names are deprecated).
+
+Scoring a batch of prompts against L label continuations takes two forwards at most:
+  1. prompt pass: the prompts, left-padded; the log-probs at the last position give every
+     label's first token, and the pass leaves a KV cache of the prompt.
+  2. label pass (only when some label has 2+ tokens): the labels' tokens (all but the last of
+     each) packed side by side into one short sequence that reads the prompt cache; a 4D mask
+     lets each packed token see the prompt and the earlier tokens of its own label only, and
+     each label's tokens take positions len(prompt), len(prompt)+1, ... as if it were alone.
+Positions are computed from the attention mask, so a padded row scores exactly like an unpadded
+one. A `Prefix` is computed once and every batch reads a fresh cache over its tensors.
+Generation: one prompt pass, then one token per step reading the cache; rows that finish leave
+the batch (and the cache), so the remaining rows stop paying for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..backend import Ids, Prefix
+from ..generate import cut_at_stop
+
+__all__ = ["HFBackend", "prefix_cache"]
+
+
+def prefix_cache(prefix: Prefix, batch: int, config=None) -> DynamicCache:
+    """A fresh cache holding the prefix for `batch` rows. DynamicCache.update concatenates into
+    new tensors, so the prefix's own tensors are never written to."""
+    if prefix.past_key_values is None:
+        raise ValueError("this prefix holds ids only (built by a backend without a KV cache)")
+    expand = lambda t: t.expand(batch, -1, -1, -1)  # noqa: E731  [1, H, P, D] -> [B, H, P, D]
+    return DynamicCache([(expand(k), expand(v)) for k, v in prefix.past_key_values], config=config)
+
+
+@dataclass
+class HFBackend:
+    model: torch.nn.Module  # a causal LM in eval mode, on `device`
+    tokenizer: object  # a transformers tokenizer; always has a pad token
+    name: str
+    device: torch.device
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_length(self) -> int:
+        """Positions the model was trained for: the largest prompt (+ answer) worth sending."""
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        extra = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids |= set(extra) if isinstance(extra, (list, tuple)) else {extra}
+        return {i for i in ids if i is not None}
+
+    # ------------------------------------------------------------------ model calls
+
+    def _cache(self, prefix: Prefix | None, batch: int) -> DynamicCache:
+        config = self.model.config
+        return prefix_cache(prefix, batch, config) if prefix is not None else DynamicCache(config=config)
+
+    def _last_only(self) -> dict:
+        """Ask for logits at the last position only: the lm_head over the whole prompt is the
+        biggest single matmul for small models with large vocabularies."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+    @torch.inference_mode()
+    def compute_prefix(self, ids: Sequence[int] | None = None, embeds: torch.Tensor | None = None, *,
+                       base: Prefix | None = None) -> Prefix:
+        parts = []
+        if embeds is not None:
+            e = embeds if embeds.ndim == 3 else embeds[None]
+            parts.append(e.to(self.device, self.dtype))  # [1, P, H]
+        if ids:
+            t = torch.tensor([list(ids)], device=self.device)
+            parts.append(self.model.get_input_embeddings()(t))  # [1, N, H]
+        if not parts:
+            return base
+        x = torch.cat(parts, dim=1)  # [1, N, H]
+        p0, n = (base.length if base else 0), x.shape[1]
+        out = self.model(
+            inputs_embeds=x, attention_mask=torch.ones(1, p0 + n, dtype=torch.long, device=self.device),
+            position_ids=torch.arange(p0, p0 + n, device=self.device)[None], cache=self._cache(base, 1),
+            use_cache=True, **self._last_only(),
+        )
+        # ids stand for the prefix only when no soft prompt or raw key/values went into it
+        alone = None
+        if ids and embeds is None and (base is None or base.ids is not None):
+            alone = (base.ids if base else ()) + tuple(ids)
+        return Prefix(out.cache, p0 + n, logprobs=out.logits[0, -1].float().log_softmax(-1), ids=alone)
+
+    def prefill(self, rows: Ids, prefix: Prefix | None):
+        """Prompt pass over left-padded rows.
+
+        -> logprobs [B, V] at each row's last token, the cache [B, H, P+T, D], the attention
+        mask [B, P+T] (1 = real), next position [B] (where each row's next token goes)."""
+        B, T, P = len(rows), max(len(r) for r in rows), (prefix.length if prefix else 0)
+        pad = self.tokenizer.pad_token_id or 0
+        dev = self.device
+        ids = torch.tensor([[pad] * (T - len(r)) + list(r) for r in rows], dtype=torch.long, device=dev)  # [B, T]
+        mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=dev)
+        # positions count real tokens only, so padding never shifts a row's rotary phases
+        pos = (mask.cumsum(1) - 1).clamp(min=0) + P  # [B, T]
+        full = torch.cat([torch.ones(B, P, dtype=torch.long, device=dev), mask], 1)  # [B, P+T]
+        cache = self._cache(prefix, B)
+        lengths = mask.sum(1)  # [B]
+        if T == 0:  # every row is empty after the prefix: the prefix's last position predicts
+            return prefix.logprobs.to(dev).expand(B, -1).clone(), cache, full, lengths + P
+        out = self.model(input_ids=ids, attention_mask=full, position_ids=pos, cache=cache, use_cache=True,
+                         **self._last_only())
+        logprobs = out.logits[:, -1].float().log_softmax(-1)  # [B, V]
+        empty = lengths == 0
+        if empty.any():  # this row's last position is padding; the prefix's last position predicts
+            logprobs[empty] = prefix.logprobs.to(dev)
+        return logprobs, out.cache, full, lengths + P
+
+    # ------------------------------------------------------------------ the LMBackend methods
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, rows: Ids, prefix: Prefix | None) -> torch.Tensor:
+        return self.prefill(rows, prefix)[0]  # [B, V]
+
+    @torch.inference_mode()
+    def score_batch(self, rows: Ids, continuations: Ids, prefix: Prefix | None) -> torch.Tensor:
+        """-> summed log-probs [B, L] of every label after every row."""
+        packed = _Packed.build(continuations, self.device)
+        logprobs, cache, full, next_pos = self.prefill(rows, prefix)
+        B = len(rows)
+        scores = logprobs[:, packed.first]  # [B, L] first tokens, from the prompt pass
+        C = packed.ids.numel()
+        if C == 0:  # all labels are single tokens: done in one pass
+            return scores
+        K = full.shape[1]  # P+T cached positions
+        see = torch.cat([full.bool()[:, None, :].expand(B, C, K), packed.block.expand(B, C, C)], -1)  # [B, C, K+C]
+        mask = torch.zeros(B, 1, C, K + C, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~see[:, None], torch.finfo(self.dtype).min)  # additive: works for sdpa and eager
+        out = self.model(input_ids=packed.ids.expand(B, C), attention_mask=mask,
+                         position_ids=next_pos[:, None] + packed.off[None], cache=cache, use_cache=True)
+        lp = out.logits.float().log_softmax(-1)  # [B, C, V]
+        got = lp.gather(-1, packed.target.expand(B, C)[..., None])[..., 0]  # [B, C]
+        return scores.index_add(1, packed.seg, got)
+
+    @torch.inference_mode()
+    def sequence_logprobs(self, ids: Sequence[int], prefix: Prefix | None) -> torch.Tensor:
+        P, n = (prefix.length if prefix else 0), len(ids)
+        seq = torch.tensor([list(ids)], device=self.device)  # [1, N]
+        return self.model(
+            input_ids=seq, attention_mask=torch.ones(1, P + n, dtype=torch.long, device=self.device),
+            position_ids=torch.arange(P, P + n, device=self.device)[None],
+            cache=self._cache(prefix, 1) if prefix else None, use_cache=prefix is not None,
+        ).logits[0].float().log_softmax(-1)  # [N, V]
+
+    @torch.inference_mode()
+    def generate_batch(self, rows: Ids, *, prefix: Prefix | None, max_new_tokens: int, stop: Sequence[str],
+                       pick: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+        logprobs, cache, mask, pos = self.prefill(rows, prefix)  # [B, V], cache, [B, P+T], [B]
+        B, eos, decode = len(rows), self.eos_ids, self.tokenizer.decode
+        new: list[list[int]] = [[] for _ in range(B)]  # generated ids per row, eos excluded
+        live = torch.arange(B, device=self.device)  # original row of each row still in the batch
+        for step in range(max_new_tokens):
+            nxt = pick(logprobs)  # [B']
+            done = []
+            for r, (row, tok) in enumerate(zip(live.tolist(), nxt.tolist())):
+                if tok in eos:
+                    done.append(r)
+                    continue
+                new[row].append(tok)
+                # a stop string may span tokens (or end mid-token): look at the decoded text
+                if stop and cut_at_stop(decode(new[row], skip_special_tokens=True), stop)[1]:
+                    done.append(r)
+            if step == max_new_tokens - 1:
+                break
+            if done:  # drop finished rows from every tensor and from the cache
+                keep = torch.tensor(sorted(set(range(len(live))) - set(done)), dtype=torch.long, device=self.device)
+                if keep.numel() == 0:
+                    break
+                live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)  # [B', K+1]
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                             cache=cache, use_cache=True)
+            cache, pos = out.cache, pos + 1
+            logprobs = out.logits[:, -1].float().log_softmax(-1)
+        return [cut_at_stop(decode(n, skip_special_tokens=True), stop)[0] for n in new]
+
+
+@dataclass
+class _Packed:
+    """The labels' tokens side by side (all but each label's last token): C tokens."""
+
+    first: torch.Tensor  # [L] first token of each label
+    ids: torch.Tensor  # [C] packed input tokens
+    seg: torch.Tensor  # [C] which label each packed token belongs to
+    off: torch.Tensor  # [C] its offset inside the label
+    target: torch.Tensor  # [C] the token it predicts
+    block: torch.Tensor  # [C, C] bool: packed token i may see packed token j
+
+    @classmethod
+    def build(cls, conts: Ids, device) -> "_Packed":
+        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+        seg = t([j for j, c in enumerate(conts) for _ in c[:-1]])
+        off = t([o for c in conts for o in range(len(c) - 1)])
+        block = (seg[:, None] == seg[None, :]) & (off[:, None] >= off[None, :])  # causal within a label
+        return cls(
+            first=t([c[0] for c in conts]), ids=t([x for c in conts for x in c[:-1]]), seg=seg, off=off,
+            target=t([x for c in conts for x in c[1:]]), block=block,
+        )
