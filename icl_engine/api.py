@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .adapters import load_finetuned
+from .atomic import check_out_dir
 from .data import load_dataset
 from .embed import DEFAULT_EMBEDDER, get_embedder
 from .engines import get_engine
@@ -171,6 +172,7 @@ def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | Non
          init_text: str | None = None, train_pool: int | None = None, lm: str = DEFAULT_LM,
          template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen."""
+    check_out_dir(out)
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
                            train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))
@@ -183,6 +185,7 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
                        lr: float | None = None, batch_size: int = 8, seed: int = 0, train_pool: int | None = None,
                        lm: str = DEFAULT_LM, template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """Fine-tune the base LM on an index's records (full, or LoRA): the reference ICL approximates."""
+    check_out_dir(out)
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = FinetuneConfig(method="lora" if lora else "full",
                          train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["write_text", "write_json", "publish_dir", "read_json"]
+__all__ = ["write_text", "write_json", "publish_dir", "read_json", "check_out_dir"]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -69,3 +69,16 @@ def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = Valu
         raise error(f"{path}: cannot read {what} ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise error(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None
+
+
+def check_out_dir(path: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse, before any long work, an output folder that cannot be made or written: a file in
+    its place or above it, or a read-only parent. ValueError with one line."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {parent} is not writable")

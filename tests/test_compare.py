@@ -166,6 +166,18 @@ def test_user_mistakes_are_one_line_errors(workspace, kw, match):
         compare(workspace, **kw)
 
 
+def test_the_reference_is_trained_only_when_asked_for(workspace, tmp_path):
+    """`--methods zero` alone once fine-tuned a reference for 13 minutes: now it needs one."""
+    root, lm_dir, test = workspace
+    with pytest.raises(CompareError, match="no fine-tuned reference in .*add 'finetuned'"):
+        run_compare("tiny", test, out=tmp_path / "out", methods=["zero"], lm=str(lm_dir),
+                    indexes_dir=root / "indexes")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        run_compare("tiny", test, out=tmp_path / "file" / "out", lm=str(lm_dir), indexes_dir=root / "indexes")
+
+
 def test_unknown_test_labels_and_missing_index(workspace):
     root, lm_dir, _ = workspace
     odd = Dataset("odd", TaskKind.CLASSIFICATION, make_records([("meh", "neutral")]), ("neutral",))
@@ -187,7 +199,7 @@ def test_generation_report(tmp_path):
     ExampleIndex.build(train, get_embedder("hashing:64")).save(tmp_path / "idx")
     test = Dataset("gen-test", TaskKind.GENERATION, make_records(pairs[7:] + [(pairs[8][0], "another ref")]), ())
     quick = TrainSettings(max_steps=1, batch_size=4, eval_fraction=0.0)
-    report = run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out", methods=["zero", "prompt_tuning", "ipt"],
+    report = run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out", methods=["zero", "prompt_tuning", "ipt", "finetuned"],
                          seeds=1, k=1, lm=str(lm_dir), train_pool=None, test_limit=None, n_virtual=2, threads=1,
                          progress=False, soft_train=quick, max_new_tokens=4,
                          finetune_config=FinetuneConfig(train=quick))

@@ -48,7 +48,7 @@ import torch
 from safetensors import safe_open
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META_FILE, SoftPromptMethod, load_finetuned
-from ..atomic import publish_dir
+from ..atomic import check_out_dir, publish_dir
 from ..data import Dataset, TaskKind, group_references, load_dataset
 from ..embed import Embedder, get_embedder
 from ..evaluate import evaluate
@@ -517,7 +517,7 @@ def run_compare(
     file / built-in name read with the index's kind and labels. reference: the
     fine-tuned model's folder, trained there by `finetune` when it holds no model yet (default
     out/reference). methods: CompareMethod values (default DEFAULT_METHODS; the reference is
-    always run). soft_train: the soft prompts' TrainSettings (its seed is replaced by each of
+    always run, but trained here only when it is among the methods asked for). soft_train: the soft prompts' TrainSettings (its seed is replaced by each of
     range(seeds)). threads: torch threads during the run, restored after (None: as load_lm set
     them; on a loaded shared CPU 1 thread was 3-7x faster than 2). max_new_tokens: generation."""
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -529,6 +529,11 @@ def run_compare(
     finetune_config = finetune_config or default_finetune()
     out = Path(out)
     reference = Path(reference) if reference else out / "reference"
+    check_out_dir(out)
+    if methods is not None and CompareMethod.FINETUNED.value not in methods and not _has_model(reference):
+        # training it takes the longest of all (13 minutes on 2 cores): only when asked for
+        raise CompareError(f"no fine-tuned reference in {reference}: pass --reference with one (icl finetune), "
+                           f"or add '{CompareMethod.FINETUNED.value}' to the methods to train it here")
     threads_before = torch.get_num_threads()
     study = open_study(index, test, out=out, lm=lm, indexes_dir=indexes_dir, template=template,
                        train_pool=train_pool, test_limit=test_limit, settings=settings)
