@@ -69,6 +69,7 @@ class Dataset:
     kind: TaskKind
     records: tuple[Record, ...]
     labels: tuple[str, ...]  # deterministic label order; () for generation
+    fields: tuple[str, ...] = ()  # (input field, output field) of the file it came from, when known
 
     def __len__(self) -> int:
         return len(self.records)
@@ -88,7 +89,8 @@ class Dataset:
         return h.hexdigest()
 
     def select(self, indices: Iterable[int], name: str | None = None) -> "Dataset":
-        return Dataset(name or self.name, self.kind, tuple(self.records[i] for i in indices), self.labels)
+        return Dataset(name or self.name, self.kind, tuple(self.records[i] for i in indices), self.labels,
+                       self.fields)
 
     def subsample(self, n: int, seed: int = 0) -> "Dataset":
         """n records drawn without replacement (seeded), kept in their original order."""
@@ -187,7 +189,7 @@ def _load_file(
     kind: TaskKind | None,
     text_field: str | None,
     label_field: str | None,
-) -> tuple[TaskKind, list[tuple[str, str]]]:
+) -> tuple[TaskKind, list[tuple[str, str]], tuple[str, str]]:
     rows = _read_rows(path)
     first = next(rows, None)
     if first is None:
@@ -214,7 +216,7 @@ def _load_file(
                 raise DataError(f"{path}:{n}: field {f!r} is empty")
             vals.append(v)
         pairs.append((vals[0], vals[1]))
-    return kind, pairs
+    return kind, pairs, (tf, lf)
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -273,7 +275,7 @@ def _hf_dataset(name: str, split: str, text_field: str | None, label_field: str 
     names = getattr(ds.features[lf], "names", None)  # ClassLabel: ints -> names
     pairs = [(str(r[tf]).strip(), names[r[lf]] if names else str(r[lf]).strip()) for r in ds]
     kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
-    return kind, pairs
+    return kind, pairs, (tf, lf)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -296,15 +298,16 @@ def load_dataset(
     kind = TaskKind(kind) if kind is not None else None
     path = Path(source)
     name = str(source)
+    fields: tuple[str, ...] = ()
     if path.exists():
-        kind, pairs = _load_file(path, kind, text_field, label_field)
+        kind, pairs, fields = _load_file(path, kind, text_field, label_field)
         name = path.stem
     elif name in BUILTIN_DATASETS:
         kind, pairs = _builtin(name)
     elif path.suffix in (".jsonl", ".csv", ".tsv", ".json", ".ndjson", ".bz2"):
         raise DataError(f"{source}: no such file")
     else:
-        kind, pairs = _hf_dataset(name, hf_split, text_field, label_field)
+        kind, pairs, fields = _hf_dataset(name, hf_split, text_field, label_field)
     if kind is TaskKind.CLASSIFICATION:
         present = sorted({p[1] for p in pairs})
         if labels is not None:
@@ -320,7 +323,7 @@ def load_dataset(
             raise DataError(f"{source}: field 'label' has only one class ({present[0]!r}); classification needs two or more")
     else:
         labels = ()
-    return Dataset(name, kind, make_records(pairs), tuple(labels))
+    return Dataset(name, kind, make_records(pairs), tuple(labels), fields)
 
 
 def group_references(records: Sequence[Record]) -> list[tuple[str, list[str]]]:

@@ -255,7 +255,8 @@ class ExampleIndex:
 
     @property
     def dataset(self) -> Dataset:
-        return Dataset(self.manifest["dataset"], self.kind, self.records, self.labels)
+        return Dataset(self.manifest["dataset"], self.kind, self.records, self.labels,
+                       tuple(self.manifest.get("fields", ())))
 
     # -- build / search / add
 
@@ -276,6 +277,7 @@ class ExampleIndex:
             "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
             "index_params": params, "count": len(dataset), "dataset": dataset.name,
             "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),
+            "fields": list(dataset.fields),
             "created": _now(), "files": {},  # files: filled in by save()
         }
         index, res = _to_device(cpu_index, config.use_gpu)
@@ -585,6 +587,8 @@ def _read_manifest(path: Path, bad) -> dict:
         raise bad(f"manifest.json: unsupported metric {m['metric']!r} (normalized={m['normalized']})")
     if not all(isinstance(lab, str) for lab in m["labels"]):
         raise bad("manifest.json: labels must be strings")
+    if not (isinstance(m.get("fields", []), list) and all(isinstance(f, str) for f in m.get("fields", []))):
+        raise bad("manifest.json: fields must be a list of strings")
     return m
 
 
