@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from .adapters import load_finetuned
@@ -23,9 +24,11 @@ from .index import ExampleIndex, IndexConfig, IndexType, check_writable, delete_
 from .lm import DEFAULT_LM, load_lm
 from .pipeline import Engine, PipelineConfig
 from .prompt import PromptBuilder, Template
-from .registry import BUILTINS
+from .registry import builtin_template
 from .resolve import resolve_template
 from .select import SelectionMethod, select_demonstrations
+from .template_search import search_templates
+from .templates import data_template, template_candidates
 from .studies import compare as cmp
 from .studies import experiments
 from .studies.bounds import theory_table
@@ -35,27 +38,69 @@ from .train.loop import TrainSettings
 from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
-    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
+    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
     "generate", "evaluate_file", "run_demo", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
-# the built-in datasets' templates, stored with an index built from one (registry.BUILTINS)
-_BUILTIN_TEMPLATES = {name: task.template for name, task in BUILTINS.items()}
+SEARCH_FILE = "template_search.json"  # the template search's table, stored with the index
 
 
 def build_index(data: str, name: str, *, text_field=None, label_field=None, embedder: str = DEFAULT_EMBEDDER,
                 index_type: IndexType = IndexType.FLAT, template: Path | None = None,
-                indexes_dir: Path | None = None, force: bool = False) -> dict:
+                indexes_dir: Path | None = None, force: bool = False, auto_template: bool = False,
+                lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150) -> dict:
     """Load `data`, embed it and save the index as `name` (replacing an existing index only with
-    `force`); returns the manifest. Everything that can be checked is checked before embedding."""
+    `force`); returns the manifest, with the template chosen and any notes about it.
+
+    The template stored with the index: `template` (a JSON file) if given; else with
+    `auto_template` the best of a few candidates on a held-out slice of the data (template_search);
+    else the built-in dataset's; else one made from the data (templates.data_template).
+    Everything that can be checked is checked before embedding."""
     folder = index_path(name, indexes_dir, for_write=True)
     check_writable(folder, replace=force)
+    given = Template.from_json(template) if template else None
     dataset = load_dataset(data, text_field=text_field, label_field=label_field)
-    tpl = Template.from_json(template) if template else _BUILTIN_TEMPLATES.get(str(data).split(":")[0])
-    index = ExampleIndex.build(dataset, get_embedder(embedder), IndexConfig(index_type=IndexType(index_type)))
+    builtin = None if Path(str(data)).exists() else builtin_template(str(data))
+    default, notes = data_template(dataset)  # also refuses labels that read the same as words
+    model = load_lm(lm) if auto_template and given is None else None  # a bad --lm fails before embedding
+    emb = get_embedder(embedder)
+    index = ExampleIndex.build(dataset, emb, IndexConfig(index_type=IndexType(index_type)))
+    extras, search = {}, None
+    if given is not None:
+        tpl, source = given, "given"
+    elif auto_template:
+        candidates = {**({"built-in": builtin} if builtin else {}), **template_candidates(dataset)}
+        search = search_templates(index, model, emb, k=search_k, n_validation=search_examples,
+                                  candidates=candidates)
+        tpl, source, notes = search.template, f"search: {search.best}", notes + search.notes
+        extras[SEARCH_FILE] = search.to_dict()
+    elif builtin is not None:
+        tpl, source, notes = builtin, "built-in", []
+    else:
+        tpl, source = default, "made from the data"
     # the index stores its default template; the index itself never formats
-    index.save(folder, replace=force, template=tpl.to_dict() if tpl is not None else None)
-    return index_info(name, indexes_dir=indexes_dir)
+    index.save(folder, replace=force, template=tpl.to_dict(), extras=extras)
+    info = index_info(name, indexes_dir=indexes_dir)
+    return {**info, "template_source": source, "template_notes": notes,
+            **({"template_search": search.to_dict()} if search else {})}
+
+
+def search_index_template(name: str, *, lm: str = DEFAULT_LM, k: int = 8, examples: int = 150,
+                          indexes_dir: Path | None = None) -> dict:
+    """Run the template search on an existing index and store the winner with it (a new version
+    of the index, published like a rebuild); returns the search's table."""
+    folder = index_path(name, indexes_dir, for_write=True)
+    index = ExampleIndex.load(folder)
+    dataset = index.dataset
+    candidates = template_candidates(dataset)
+    if index.template:  # the template it has now competes too, and wins ties
+        candidates = {"current": Template.from_dict(index.template), **candidates}
+    search = search_templates(index, load_lm(lm), get_embedder(index.manifest["embedder"]), k=k,
+                              n_validation=examples, candidates=candidates)
+    index.manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    index.save(folder, replace=True, template=search.template.to_dict(), extras={**index.extras,
+                                                                                  SEARCH_FILE: search.to_dict()})
+    return {"name": name, "path": str(folder), **search.to_dict()}
 
 
 def index_info(name: str, *, indexes_dir: Path | None = None) -> dict:

@@ -16,7 +16,8 @@ import typer
 from typer.core import TyperGroup
 
 from . import api
-from .cli_format import format_demo, format_eval, format_generation, format_hits, format_info, format_prediction
+from .cli_format import (format_demo, format_eval, format_generation, format_hits, format_info, format_prediction,
+                         format_template_search)
 from .config import PipelineConfig
 from .errors import one_line
 from .index import IndexType
@@ -110,12 +111,43 @@ def index_build(
     template: Optional[Path] = typer.Option(None, "--template", help="Default prompt template (JSON) stored with the index."),
     indexes_dir: Optional[Path] = IndexesDir,
     force: bool = typer.Option(False, "--force", help="Replace an existing index of this name."),
+    auto_template: bool = typer.Option(False, "--auto-template", help="Choose the stored template by accuracy "
+                                       "(ROUGE-L) on a held-out slice of the data; costs candidates x examples queries."),
+    search_examples: int = typer.Option(150, "--search-examples", min=1, help="--auto-template: held-out examples "
+                                        "per candidate (bounds the cost)."),
+    search_k: int = typer.Option(8, "--search-k", min=1, help="--auto-template: demonstrations per query."),
+    lm: str = typer.Option(api.DEFAULT_LM, "--lm", help="--auto-template: the LM that scores the candidates."),
     as_json: bool = AsJson,
 ):
-    """Embed a labelled dataset and save a persistent index."""
+    """Embed a labelled dataset and save a persistent index (with a prompt template made from the
+    data unless --template or --auto-template says otherwise)."""
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
-                           index_type=index_type, template=template, indexes_dir=indexes_dir, force=force)
-    _print_json(info) if as_json else typer.echo(format_info(info))
+                           index_type=index_type, template=template, indexes_dir=indexes_dir, force=force,
+                           auto_template=auto_template, lm=lm, search_k=search_k, search_examples=search_examples)
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(format_info(info))
+    if "template_search" in info:
+        typer.echo(format_template_search(info["template_search"]))
+
+
+template_app = typer.Typer(no_args_is_help=True, help="Prompt templates of an index.")
+app.add_typer(template_app, name="template")
+
+
+@template_app.command("search")
+def template_search(
+    name: str,
+    k: int = typer.Option(8, "--k", min=1, help="Demonstrations per query."),
+    examples: int = typer.Option(150, "--examples", min=1, help="Held-out examples per candidate (bounds the cost)."),
+    lm: str = typer.Option(api.DEFAULT_LM, "--lm", help="The LM that scores the candidates."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    as_json: bool = AsJson,
+):
+    """Score candidate templates on a held-out slice of an index's data and store the best with it."""
+    result = api.search_index_template(name, lm=lm, k=k, examples=examples, indexes_dir=indexes_dir)
+    _print_json(result) if as_json else typer.echo(format_template_search(result))
 
 
 @index_app.command("delete")

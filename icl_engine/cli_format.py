@@ -10,7 +10,25 @@ __all__ = ["format_info", "format_hits", "format_prediction", "format_generation
 
 def format_info(info: dict) -> str:
     keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
-    return "\n".join(f"{k:>10}: {info[k]}" for k in keys if k in info)
+    lines = [f"{k:>10}: {info[k]}" for k in keys if k in info]
+    if "template_source" in info:
+        lines.append(f"{'template':>10}: {info['template_source']}")
+    lines += [f"{'note':>10}: {n}" for n in info.get("template_notes", [])]
+    return "\n".join(lines)
+
+
+def format_template_search(r: dict) -> str:
+    """The candidates' table: held-out score, cost, the winner marked."""
+    lines = [f"template search: {r['n_validation']} held-out examples, {r['metric']}, {r['seconds']:.0f} s", "",
+             f"| candidate | {r['metric']} | seconds | instruction | input format |", "|---|---|---|---|---|"]
+    for c in r["candidates"]:
+        score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
+        mark = " (chosen)" if c["name"] == r["best"] else ""
+        t = c["template"]
+        lines.append(f"| {c['name']}{mark} | {score} | {c['seconds']:.0f} | {t['instruction'][:60]!r} | "
+                     f"{t['input_format']!r} |")
+    lines += [f"note: {n}" for n in r.get("notes", [])]
+    return "\n".join(lines)
 
 
 def format_hits(hits: list[dict]) -> str:
@@ -54,5 +72,7 @@ def format_demo(d: dict) -> str:
     idx, ex = d["index"], d["example"]
     lines = [f"index: {'built' if idx['built'] else 'reusing'} {idx['path']} ({idx['count']} reviews)", "",
              format_table(d["rows"]), "", f"example: {ex['input']!r} (gold: {ex['gold']})",
-             format_prediction(ex["prediction"])]
+             format_prediction(ex["prediction"]), "",
+             "your own data: icl index build FILE.jsonl --name NAME [--auto-template], "
+             "then icl eval NAME --test TEST.jsonl (see the README)"]
     return "\n".join(lines)

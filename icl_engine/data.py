@@ -131,7 +131,7 @@ def make_records(pairs: Iterable[tuple[str, str]]) -> tuple[Record, ...]:
 
 # ----------------------------------------------------------------------------- file readers
 
-_TEXT_FIELDS = ("text", "input", "sentence", "question", "source")
+_TEXT_FIELDS = ("text", "input", "sentence", "question", "source", "review", "utterance", "query", "content", "document")
 _LABEL_FIELDS = ("label", "output", "target", "answer", "intent")
 
 

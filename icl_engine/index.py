@@ -49,6 +49,7 @@ MANIFEST = "manifest.json"
 FAISS_FILE, RECORDS_FILE, VECTORS_FILE = "index.faiss", "records.jsonl", "vectors.npy"
 DATA_FILES = (FAISS_FILE, RECORDS_FILE, VECTORS_FILE)
 TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
+_EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
 _SMALL_QUERY = 4  # below this many queries a flat CPU search is a single-threaded scan (see search)
 
 
@@ -245,6 +246,7 @@ class ExampleIndex:
         self.manifest, self.config = manifest, config
         self._faiss, self._gpu_res = faiss_index, gpu_resources
         self.template: dict | None = None  # the default prompt template stored with it (prompt.Template's dict)
+        self.extras: dict[str, dict] = {}  # other JSON files stored with it, e.g. template_search.json
 
     def __len__(self) -> int:
         return len(self.records)
@@ -357,14 +359,20 @@ class ExampleIndex:
     # -- persistence
 
     def save(self, path: str | os.PathLike, *, replace: bool = False, template: dict | None = None,
-             lock_timeout: float | None = None) -> Path:
+             extras: dict[str, dict] | None = None, lock_timeout: float | None = None) -> Path:
         """Publish the index as folder `path` (see store.py); returns the folder.
 
         An existing index there is replaced only with `replace=True` (else IndexExistsError), and
         only if this engine made it; any other existing folder is refused untouched. `template`
         (a prompt template as a dict) is stored with this version: a rebuild never inherits the
-        previous version's template. Readers see the old index or the new one, never a mix.
+        previous version's template. `extras`: other JSON objects stored as files of this version
+        ({"template_search.json": {...}}), verified on load like the rest, read back as `.extras`.
+        Readers see the old index or the new one, never a mix.
         """
+        extras = dict(extras or {})
+        for name in extras:
+            if not _EXTRA.match(name) or name in (*DATA_FILES, MANIFEST, TEMPLATE_FILE):
+                raise ValueError(f"save: extra file name {name!r} must be a plain *.json name of the index's own")
         folder = Path(path)
         check_writable(folder, replace=replace)
         created = not folder.exists()
@@ -373,7 +381,7 @@ class ExampleIndex:
             with store.writer_lock(folder, lock_timeout, what=f"index {str(folder)!r}"):
                 # checked again under the lock: another build may have published meanwhile
                 legacy = check_writable(folder, replace=replace) == "legacy"
-                store.publish(folder, lambda tmp: self._write(tmp, template))
+                store.publish(folder, lambda tmp: self._write(tmp, template, extras))
                 if legacy:  # the layout-1 files at the top are now shadowed by CURRENT
                     for name in (*DATA_FILES, MANIFEST, TEMPLATE_FILE):
                         (folder / name).unlink(missing_ok=True)
@@ -384,7 +392,7 @@ class ExampleIndex:
             raise
         return folder
 
-    def _write(self, tmp: Path, template: dict | None) -> None:
+    def _write(self, tmp: Path, template: dict | None, extras: dict[str, dict]) -> None:
         faiss.write_index(_to_cpu(self._faiss), str(tmp / FAISS_FILE))
         lines = [json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) for r in self.records]
         (tmp / RECORDS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -393,6 +401,9 @@ class ExampleIndex:
         if template is not None:
             (tmp / TEMPLATE_FILE).write_text(json.dumps(template, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             names.append(TEMPLATE_FILE)
+        for name, obj in extras.items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            names.append(name)
         files = {}
         for name in names:
             data = (tmp / name).read_bytes()
@@ -400,7 +411,7 @@ class ExampleIndex:
         self.manifest["files"] = files
         self.manifest["created_by"] = "icl_engine"
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        self.template = template
+        self.template, self.extras = template, extras
 
     @classmethod
     def load(cls, path: str | os.PathLike, embedder_name: str | None = None, *,
@@ -445,7 +456,10 @@ class ExampleIndex:
             raise bad(f"built with embedder {m['embedder']!r}, not {canonical_name(embedder_name)!r}")
         blobs = {}
         optional = (TEMPLATE_FILE,) if TEMPLATE_FILE in m["files"] else ()
-        for name in (*DATA_FILES, *optional):  # read once, verify, then parse those very bytes
+        extra_names = sorted(n for n in m["files"] if n not in (*DATA_FILES, TEMPLATE_FILE))
+        if not all(_EXTRA.match(n) for n in extra_names):
+            raise bad(f"manifest.json lists files that are not the index's: {extra_names}")
+        for name in (*DATA_FILES, *optional, *extra_names):  # read once, verify, then parse those very bytes
             entry = m["files"].get(name)
             if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                     and isinstance(entry.get("size"), int)):
@@ -463,6 +477,7 @@ class ExampleIndex:
             records = tuple(_parse_record(line) for line in blobs[RECORDS_FILE].decode("utf-8").split("\n") if line)
             cpu_index = faiss.deserialize_index(np.frombuffer(blobs[FAISS_FILE], dtype=np.uint8))
             template = json.loads(blobs[TEMPLATE_FILE]) if optional else _legacy_template(version)
+            extras = {name: json.loads(blobs[name]) for name in extra_names}
         except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as e:
             first_line = str(e).splitlines()[0] if str(e) else ""
             raise bad(f"unreadable index files ({type(e).__name__}: {first_line})") from None
@@ -480,8 +495,9 @@ class ExampleIndex:
         if not _faiss_matches(cpu_index, config, m["index_params"]):
             raise bad(f"index.faiss is a {type(cpu_index).__name__}, "
                       f"not the manifest's {m['index_type']} {m['index_params']}")
-        if template is not None and not isinstance(template, dict):
-            raise bad(f"{TEMPLATE_FILE} is not a JSON object")
+        for name, obj in (*extras.items(), (TEMPLATE_FILE, template if template is not None else {})):
+            if not isinstance(obj, dict):
+                raise bad(f"{name} is not a JSON object")
         labels = tuple(m["labels"])
         dataset = Dataset(m["dataset"], kind, records, labels)
         if dataset.sha256 != m["dataset_sha256"]:
@@ -491,7 +507,7 @@ class ExampleIndex:
         _set_search_params(cpu_index, m["index_params"])
         index, res = _to_device(cpu_index, use_gpu)
         loaded = cls(records, kind, labels, vectors, m, config, index, res)
-        loaded.template = template
+        loaded.template, loaded.extras = template, extras
         return loaded
 
 

@@ -60,6 +60,7 @@ def base(tmp_path_factory):
     _jsonl(w / "dictlabel.jsonl", [{"text": "a", "label": {"y": 1}}])
     _jsonl(w / "floatlabel.jsonl", [{"text": "a", "label": 0.5}])
     _jsonl(w / "unknownlabel.jsonl", [{"text": "a", "label": "neutral"}])
+    _jsonl(w / "clash.jsonl", [{"text": "a", "label": "a_b"}, {"text": "b", "label": "a-b"}])
     (w / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "positive"}\n')
     (w / "data.txt").write_text("a film\n")
     (w / "nofields.csv").write_text("a,b\n1,2\n")
@@ -133,6 +134,8 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
         "build: unknown file type": ["index", "build", "data.txt", "--name", "x"],
         "build: CSV without known fields": ["index", "build", "nofields.csv", "--name", "x"],
         "build: unknown --text-field": [*build, "--name", "x", "--text-field", "body"],
+        "build: labels that read the same as words": ["index", "build", "clash.jsonl", "--name", "x"],
+        "build: --auto-template with a missing LM": [*build, "--name", "x", "--auto-template", "--lm", "./no-lm"],
         "build: unknown index type": [*build, "--name", "x", "--index-type", "btree"],
         "build: unloadable embedder": ["index", "build", "good.jsonl", "--name", "x", "--embedder", "./no-model"],
         "build: missing template file": [*build, "--name", "x", "--template", "nope.json"],
