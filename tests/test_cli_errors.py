@@ -66,6 +66,7 @@ def base(tmp_path_factory):
     (w / "nofields.csv").write_text("a,b\n1,2\n")
     (w / "a_file").write_text("not a folder\n")
     (w / "bad_template.json").write_text('{"instruction": 3, "nonsense": true}')
+    (w / "plain_template.json").write_text('{"input_format": "{input}\\nAnswer:", "output_format": " {output}"}')
     app = w / "app"  # the data-loss report: a project folder that happens to hold a manifest.json
     for sub in ("src", ".git"):
         (app / sub).mkdir(parents=True)
@@ -229,11 +230,13 @@ def test_usage_errors_exit_2_and_user_errors_exit_1(base):
 def test_budget_that_leaves_demonstrations_out_says_so(base):
     root, work, lm, _ = base
     env = {**os.environ, "ICL_INDEXES": str(work / "indexes"), "ICL_CACHE": str(root / "cache")}
+    plain = ["--template", "plain_template.json"]  # the budget below is sized for it
     p = subprocess.run([str(ICL), "classify", "good", "a moving film", "--k", "4", "--budget", "50", "--lm", str(lm),
-                        "--json"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+                        *plain, "--json"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert len(out["demos"]) == 1 and out["dropped"] == 3 and out["skipped"] == []  # was: 1 demo, "skipped": []
-    p = subprocess.run([str(ICL), "classify", "good", "a moving film", "--k", "4", "--budget", "50", "--lm", str(lm)],
+    p = subprocess.run([str(ICL), "classify", "good", "a moving film", "--k", "4", "--budget", "50", "--lm", str(lm),
+                        *plain],
                        cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert "note: 3 more demonstration(s) left out: the token budget was full" in p.stdout
