@@ -66,7 +66,7 @@ def test_bad_input_one_line_errors(tmp_path, name, content, match):
 def test_missing_file_and_field(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_dataset(tmp_path / "nope.jsonl")
-    p = write(tmp_path, "d.jsonl", '{"review": "x", "y": "a"}\n')
+    p = write(tmp_path, "d.jsonl", '{"body": "x", "y": "a"}\n')
     with pytest.raises(DataError, match="no text field"):
         load_dataset(p)
     assert load_dataset(write(tmp_path, "e.jsonl", '{"review": "x", "y": "a"}\n{"review": "z", "y": "b"}\n'),
