@@ -37,7 +37,7 @@ from icl_engine.pipeline import Engine  # noqa: E402
 from icl_engine.prompt import Template  # noqa: E402
 from icl_engine.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE  # noqa: E402
 from icl_engine.template_search import search_templates  # noqa: E402
-from icl_engine.templates import data_template  # noqa: E402
+from icl_engine.templates import data_template, template_candidates  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 HAND = {"rt": SENTIMENT_TEMPLATE, "snips": INTENT_TEMPLATE}
@@ -76,7 +76,8 @@ def run_dataset(name: str, args, lm, emb, out: Path) -> dict:
     index = ExampleIndex.build(pool, emb)
     default, notes = data_template(pool)
     search = cached(out / "runs" / f"{name}-search.json",
-                    {"pool": pool.sha256, "k": args.k, "n": args.search_examples, "lm": lm.name, "dtype": args.dtype},
+                    {"pool": pool.sha256, "k": args.k, "n": args.search_examples, "lm": lm.name, "dtype": args.dtype,
+                     "candidates": {n: t.to_dict() for n, t in template_candidates(pool).items()}},
                     lambda: search_templates(index, lm, emb, k=args.k, n_validation=args.search_examples).to_dict())
     best = next(c for c in search["candidates"] if c["name"] == search["best"])
     templates = {"hand-written": HAND[name], "default (made from the data)": default}

@@ -39,6 +39,8 @@ def test_verbalize(label, words):
 
 def test_default_names_the_task_the_field_and_the_labels():
     tpl, notes = data_template(dataset(["get_weather", "play_music"]))
+    assert tpl.instruction == ""  # measured: an instruction cost SmolLM2 accuracy (templates.py)
+    tpl, notes = data_template(dataset(["get_weather", "play_music"]), instruction=True)
     assert tpl.instruction == "Classify each utterance as one of: get weather, play music."
     assert tpl.input_format == "Utterance: {input}\nIntent:" and tpl.output_format == " {output}"
     assert tpl.verbalizers == {"get_weather": "get weather", "play_music": "play music"} and notes == []
@@ -50,7 +52,7 @@ def test_default_names_the_task_the_field_and_the_labels():
 
 def test_many_labels_are_not_listed_and_clashing_labels_are_refused():
     many = [f"class_{i}" for i in range(MAX_LISTED_LABELS + 1)]
-    tpl, notes = data_template(dataset(many, n=60))
+    tpl, notes = data_template(dataset(many, n=60), instruction=True)
     assert tpl.instruction == "Classify each utterance." and "too many to list" in notes[0]
     with pytest.raises(TemplateError, match=r"labels \['a-b', 'a_b'\] read the same"):
         data_template(dataset(["a_b", "a-b"]))
