@@ -6,9 +6,9 @@ stage through a `demo_lengths(row_ids) -> list[int]` callable (exact counts with
 LM's tokenizer), so this module never formats or tokenises anything.
 
 Flow for one query:
-  candidates   search in similarity order (or a seeded random draw from the pool) until they
-               hold fetch_k distinct inputs; each input stands for one record, its most similar
-               (a generation pool holds one record per reference, all with the input's vector)
+  candidates   search in similarity order until they hold fetch_k distinct inputs, each input
+               standing for one record, its first (a generation pool holds one record per
+               reference, all with the input's vector); or a seeded random draw of records
   exclude      drop the query's own record, copies of its text, repeated candidate texts
   rank         relevance order: search order (knn), pick order (mmr), round-robin (balanced)
   pack         keep a relevance-order prefix that fits the budget; skip demos too long alone
@@ -302,46 +302,64 @@ def select_many(
     groups = input_groups(index)
     fetch = min(groups.count, fetch_k or _default_fetch(method, k))  # distinct inputs per query
     rngs = [_rng(seed, t, v) for t, v in zip(query_texts, qv)]
-    if method is SelectionMethod.RANDOM:  # uniform over the distinct inputs; scores are still real similarities
-        window, limit = fetch, groups.count
-        rows = np.stack([groups.first[g.choice(groups.count, size=fetch, replace=False)] for g in rngs])  # [q, f]
-        scores = np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)  # [q, f]
+    if method is SelectionMethod.RANDOM:  # same pool, uniform over records; scores are still real similarities
+        window = min(n, fetch_k or _default_fetch(method, k))
+        rows = np.stack([g.choice(n, size=window, replace=False) for g in rngs]).astype(np.int64)  # [q, w]
+        scores = np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)  # [q, w]
     else:
         # fetch x (records per input) rows usually hold `fetch` inputs: one search for all queries
-        window, limit = min(n, math.ceil(fetch * n / groups.count)), n
+        window = min(n, math.ceil(fetch * n / groups.count))
         scores, rows = index.search(qv, window)  # [q, w] float32, int64 (-1 padding)
 
     out = []
     for i in range(nq):
         def wider(size: int, i=i) -> tuple[np.ndarray, np.ndarray]:
-            return _fetch_one(index, groups, method, qv[i], _rng(seed, query_texts[i], qv[i]), size)
+            return _fetch_one(index, method, qv[i], _rng(seed, query_texts[i], qv[i]), size)
 
         window_i = (np.asarray(rows[i], np.int64), np.asarray(scores[i], np.float32))
-        rows_i, scores_i = _candidates(index, groups, window_i, wider, window, limit, fetch, k, exclude_ids[i],
-                                       query_texts[i])
+        if method is SelectionMethod.RANDOM:
+            rows_i, scores_i = _drawn(index, window_i, wider, window, k, exclude_ids[i], query_texts[i])
+        else:
+            rows_i, scores_i = _candidates(index, groups, window_i, wider, window, fetch, k, exclude_ids[i],
+                                           query_texts[i])
         out.append(_select_one(index, qv[i], rows_i, scores_i, method, k, budgets[i], demo_lengths, mmr_lambda,
                                order, labels, rngs[i]))
     return out
 
 
-def _fetch_one(index, groups: InputGroups, method: SelectionMethod, q: np.ndarray, rng: np.random.Generator,
+def _fetch_one(index, method: SelectionMethod, q: np.ndarray, rng: np.random.Generator,
                size: int) -> tuple[np.ndarray, np.ndarray]:
     """A wider window for one query [d]: (rows [size], scores [size]) by search, or a larger
-    draw of distinct inputs (the same seeded generator, so it is reproducible)."""
+    draw (the same seeded generator, so it is reproducible)."""
     if method is SelectionMethod.RANDOM:
-        rows = groups.first[rng.choice(groups.count, size=size, replace=False)]
+        rows = rng.choice(len(index.records), size=size, replace=False).astype(np.int64)
         return rows, (index.vectors[rows] @ q).astype(np.float32)
     scores, rows = index.search(q[None], size)  # [1, size]
     return np.asarray(rows[0], np.int64), np.asarray(scores[0], np.float32)
 
 
-def _candidates(index, groups: InputGroups, first, wider, window: int, limit: int, fetch: int, k: int,
+def _drawn(index, first, wider, window: int, k: int, exclude_id, query_text) -> tuple[np.ndarray, np.ndarray]:
+    """Random: the draw (rows [w], scores [w]) in draw order, less the query's own record and
+    copies of its text, one record per input (`exclude` keeps an input's first drawn record, one
+    of its references); drawn again, larger, when that leaves fewer than k."""
+    rows, scores = first
+    while True:
+        keep = exclude([index.records[r].input for r in rows], [index.records[r].id for r in rows],
+                       exclude_id=exclude_id, query_text=query_text)
+        if len(keep) >= k or window >= len(index.records):
+            return rows[keep], scores[keep]
+        window = min(len(index.records), 4 * window)
+        rows, scores = wider(window)
+
+
+def _candidates(index, groups: InputGroups, first, wider, window: int, fetch: int, k: int,
                 exclude_id, query_text) -> tuple[np.ndarray, np.ndarray]:
-    """One query's candidates: (rows [c], scores [c]) in similarity (or draw) order: the `fetch`
-    most similar distinct inputs, one record each (`InputGroups.representatives`), less the
-    query's own record and copies of its text. `first` is this query's window [w] from the
-    batched search (or draw); a window holding fewer inputs than needed (many references per
-    input, or exclusions leaving fewer than k) grows, wider(size), up to `limit`."""
+    """kNN, MMR, balanced: (rows [c], scores [c]) in similarity order: the `fetch` most similar
+    distinct inputs, one record each (`InputGroups.representatives`), less the query's own
+    record and copies of its text. `first` is this query's window [w] from the batched search; a
+    window holding fewer inputs than needed (many references per input, or exclusions leaving
+    fewer than k) grows, wider(size), up to the whole pool."""
+    limit = len(index.records)
     rows, scores = first
     target = fetch
     while True:
