@@ -22,6 +22,7 @@ from .config import PipelineConfig
 from .errors import one_line
 from .index import IndexType
 from .lm import DType
+from .progress import set_log_file
 from .score import Calibration
 from .select import SelectionMethod
 from .studies.bounds import format_theory_table
@@ -94,6 +95,8 @@ app.add_typer(index_app, name="index")
 
 IndexesDir = typer.Option(None, "--indexes-dir", envvar="ICL_INDEXES", help="Where indexes live (default ./indexes).")
 AsJson = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
+LogFile = typer.Option(None, "--log", envvar="ICL_LOG", help="Append progress lines (every ~10 s of long work) "
+                       "to this file too.")
 
 
 def _print_json(obj) -> None:
@@ -117,10 +120,13 @@ def index_build(
                                         "per candidate (bounds the cost)."),
     search_k: int = typer.Option(8, "--search-k", min=1, help="--auto-template: demonstrations per query."),
     lm: str = typer.Option(api.DEFAULT_LM, "--lm", help="--auto-template: the LM that scores the candidates."),
+    log: Optional[Path] = LogFile,
     as_json: bool = AsJson,
 ):
     """Embed a labelled dataset and save a persistent index (with a prompt template made from the
-    data unless --template or --auto-template says otherwise)."""
+    data unless --template or --auto-template says otherwise). A generation file (fields input,
+    output) may hold a list of references per input: one demonstration per reference."""
+    set_log_file(log)
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
                            index_type=index_type, template=template, indexes_dir=indexes_dir, force=force,
                            auto_template=auto_template, lm=lm, search_k=search_k, search_examples=search_examples)
@@ -302,7 +308,9 @@ def eval_cmd(
     method: SelectionMethod = _METHOD,
     k: int = _K,
     budget: Optional[int] = _BUDGET,
-    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N rows of the test "
+                                        "file (generation: the first N distinct inputs)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Generation: most tokens per output."),
     seed: int = _SEED,
     lm: str = _LM,
     calibrate: bool = typer.Option(False, "--calibrate"),
@@ -318,12 +326,15 @@ def eval_cmd(
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
     predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
+    log: Optional[Path] = LogFile,
 ):
-    """Evaluate on a labelled test file: accuracy/macro-F1/confusion, or BLEU/ROUGE-L."""
+    """Evaluate on a labelled test file: accuracy/macro-F1/confusion, or BLEU/ROUGE-L against all
+    references of an input."""
     if calibrate and calibration is Calibration.NONE:
         calibration = Calibration.CONTEXTUAL
+    set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
-                  batch_size, trust_remote_code, dtype=dtype)
+                  batch_size, trust_remote_code, max_new_tokens, dtype=dtype)
     result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field)
     if not predictions:
         result.pop("predictions", None)

@@ -43,8 +43,11 @@ def format_prediction(p: dict) -> str:
 
 
 def _budget_note(p: dict) -> list[str]:
-    """Nothing is left out silently: say what the token budget cost."""
+    """Nothing is left out silently: say what the token budget cost, and when the index had too
+    few distinct inputs for k."""
     notes = []
+    if p.get("short"):
+        notes.append(f"{p['short']} demonstration(s) fewer than asked: the index has no more distinct inputs")
     if p.get("dropped"):
         notes.append(f"{p['dropped']} more demonstration(s) left out: the token budget was full")
     if p.get("skipped"):
@@ -60,6 +63,13 @@ def format_generation(g: dict) -> str:
 
 def format_eval(r: dict) -> str:
     out = [format_table([r]), f"{r['seconds']:.1f} s"]
+    f = r.get("fewer_demos")
+    if f:  # never silent: queries that got fewer than k demonstrations, and why
+        why = [f"{f['short']} missing: the index has no more distinct inputs" if f["short"] else "",
+               f"{f['dropped']} left out: the token budget was full" if f["dropped"] else "",
+               f"{f['skipped']} skipped: each alone is longer than the budget" if f["skipped"] else ""]
+        out.append(f"note: {f['queries']} of {r['n']} queries had fewer than {r['k']} demonstrations "
+                   f"({'; '.join(w for w in why if w)})")
     if "confusion_matrix" in r:
         width = max(len(lab) for lab in r["labels"])
         out.append("confusion (rows gold, columns predicted):")

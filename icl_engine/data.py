@@ -5,6 +5,10 @@ Every source (JSONL, CSV, the built-in Rotten Tomatoes, a Hugging Face dataset) 
 Downstream stages only ever see `Record.input` (what goes into the prompt) and `Record.output`
 (the label, or the reference text for generation).
 
+A generation file may hold all the references of an input as a list in its output field
+(CommonGen, WebNLG): that row becomes one record per reference, the same input in each, side
+by side; evaluation scores against all of them (`group_references`).
+
 Record ids are content hashes, so they are stable when a file is reordered or grows, which is
 what leave-one-out selection and the embedding cache rely on.
 """
@@ -184,6 +188,40 @@ def _pick_field(fields: Sequence[str], given: str | None, candidates: Sequence[s
     raise DataError(f"{path}:1: no {what} field (looked for {', '.join(candidates)}; pass --{what}-field)")
 
 
+def _describe(v) -> str:
+    """What a non-string value is, for a one-line error: 'a list (["a", 1])'."""
+    what = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(v), type(v).__name__)
+    return f"{what} ({json.dumps(v)[:40]})"
+
+
+def _field_values(v, f: str, where: str, *, references: bool = False, output: bool = False) -> list[str]:
+    """The string(s) a row's field holds. Generation files often keep all the references of one
+    input in a list (CommonGen, WebNLG): with `references` (the output field of generation data)
+    a list of strings is one value per reference. Everywhere else a value is one string (an
+    integer class id becomes "0"/"1"); a list there is refused, as before."""
+    if v is None:
+        raise DataError(f"{where}: missing field {f!r}")
+    if isinstance(v, list) and references:
+        if not v:
+            raise DataError(f"{where}: field {f!r} is an empty list (expected one or more reference strings)")
+        bad = next((x for x in v if not isinstance(x, str)), None)
+        if bad is not None or any(not x.strip() for x in v):
+            what = _describe(bad) if bad is not None else "an empty string"
+            raise DataError(f"{where}: field {f!r} holds {what}; a list of references must hold non-empty strings")
+        return [x.strip() for x in v]
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)  # integer class ids (0/1) are common; they are taken as the strings "0"/"1"
+    elif not isinstance(v, str):
+        hint = ("; a list of references is read for generation data (fields input/output)"
+                if output and isinstance(v, list) else "")
+        raise DataError(f"{where}: field {f!r} is {_describe(v)}, expected a string{hint}")
+    v = v.strip()
+    if not v:
+        raise DataError(f"{where}: field {f!r} is empty")
+    return [v]
+
+
 def _load_file(
     path: Path,
     kind: TaskKind | None,
@@ -201,21 +239,9 @@ def _load_file(
         kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
     pairs = []
     for n, row in [first, *rows]:
-        vals = []
-        for f in (tf, lf):
-            v = row.get(f)
-            if v is None:
-                raise DataError(f"{path}:{n}: missing field {f!r}")
-            if isinstance(v, int) and not isinstance(v, bool):
-                v = str(v)  # integer class ids (0/1) are common; they are taken as the strings "0"/"1"
-            elif not isinstance(v, str):
-                kind = {bool: "a boolean", float: "a number", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
-                raise DataError(f"{path}:{n}: field {f!r} is {kind} ({json.dumps(v)[:40]}), expected a string")
-            v = v.strip()
-            if not v:
-                raise DataError(f"{path}:{n}: field {f!r} is empty")
-            vals.append(v)
-        pairs.append((vals[0], vals[1]))
+        [inp] = _field_values(row.get(tf), tf, f"{path}:{n}")
+        refs = _field_values(row.get(lf), lf, f"{path}:{n}", references=kind is TaskKind.GENERATION, output=True)
+        pairs += [(inp, out) for out in refs]  # one record per reference, in a row: an input's records stay together
     return kind, pairs, (tf, lf)
 
 
@@ -273,8 +299,14 @@ def _hf_dataset(name: str, split: str, text_field: str | None, label_field: str 
     tf = _pick_field(fields, text_field, _TEXT_FIELDS, "text", Path(name))
     lf = _pick_field(fields, label_field, _LABEL_FIELDS, "label", Path(name))
     names = getattr(ds.features[lf], "names", None)  # ClassLabel: ints -> names
-    pairs = [(str(r[tf]).strip(), names[r[lf]] if names else str(r[lf]).strip()) for r in ds]
     kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
+    pairs = []
+    for i, r in enumerate(ds):
+        if kind is TaskKind.GENERATION and isinstance(r[lf], list):  # all the references of one input
+            refs = _field_values(r[lf], lf, f"{name}:{i + 1}", references=True, output=True)
+        else:
+            refs = [names[r[lf]] if names else str(r[lf]).strip()]
+        pairs += [(str(r[tf]).strip(), out) for out in refs]
     return kind, pairs, (tf, lf)
 
 

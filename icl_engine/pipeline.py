@@ -48,6 +48,7 @@ class Prediction:
     skipped: tuple[str, ...] = ()  # ids of demonstrations too long for the budget on their own
     log_scores: list[float] = field(default_factory=list)  # uncalibrated log p(label | prompt)
     dropped: int = 0  # demonstrations left out because the more similar ones kept filled the budget
+    short: int = 0  # fewer demonstrations than k: the index has no more distinct inputs
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Generation:
     prompt_tokens: int
     skipped: tuple[str, ...] = ()  # as in Prediction
     dropped: int = 0
+    short: int = 0
 
 
 @dataclass
@@ -162,6 +164,7 @@ class Engine:
                 prompt_tokens=len(pr.ids) + self.n_virtual,
                 skipped=self._skipped(sel),
                 dropped=sel.dropped,
+                short=sel.short,
             )
             for p, raw, sel, pr in zip(probs, log_scores, selections, prompts)
         ]
@@ -188,6 +191,6 @@ class Engine:
             max_new_tokens=max_new_tokens or self.config.max_new_tokens,
             stop=(self.builder.template.separator,), seed=self.config.seed, **sampling,
         )
-        return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual, self._skipped(s), s.dropped)
-                for t, s, p in zip(texts, selections, prompts)]
+        return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual, self._skipped(s), s.dropped,
+                           s.short) for t, s, p in zip(texts, selections, prompts)]
 

@@ -6,7 +6,9 @@ stage through a `demo_lengths(row_ids) -> list[int]` callable (exact counts with
 LM's tokenizer), so this module never formats or tokenises anything.
 
 Flow for one query:
-  candidates   search(fetch_k) in similarity order (or a seeded random draw from the pool)
+  candidates   search in similarity order until they hold fetch_k distinct inputs, each input
+               standing for one record, its first (a generation pool holds one record per
+               reference, all with the input's vector); or a seeded random draw of records
   exclude      drop the query's own record, copies of its text, repeated candidate texts
   rank         relevance order: search order (knn), pick order (mmr), round-robin (balanced)
   pack         keep a relevance-order prefix that fits the budget; skip demos too long alone
@@ -16,6 +18,8 @@ Flow for one query:
 from __future__ import annotations
 
 import hashlib
+import math
+import weakref
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Sequence
@@ -26,6 +30,8 @@ __all__ = [
     "SelectionMethod",
     "DemoOrder",
     "Selection",
+    "InputGroups",
+    "input_groups",
     "top_k",
     "mmr",
     "label_balanced",
@@ -58,13 +64,66 @@ class Selection:
     scores: np.ndarray  # float32 [k'] similarity to the query, aligned with ids
     skipped: tuple[int, ...] = ()  # rows too long for the whole budget (never truncated)
     dropped: int = 0  # demos the budget cost, beyond the skipped: up to k, how many more there would be without it
+    short: int = 0  # demos fewer than k because the pool has no more distinct inputs (the query's own left out)
 
     @classmethod
-    def empty(cls) -> "Selection":
-        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32))
+    def empty(cls, short: int = 0) -> "Selection":
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), short=short)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass(frozen=True, eq=False)
+class InputGroups:
+    """The pool's distinct inputs. A generation pool holds one record per reference, so one
+    input may own many rows (CommonGen: ~4, E2E: up to 18); demonstrations are distinct inputs."""
+
+    of: np.ndarray  # int64 [n]: each row's input, numbered in first-seen order
+    first: np.ndarray  # int64 [G]: each input's first row (all its rows share its text, so its vector)
+    second: np.ndarray  # int64 [G]: its second row, -1 if none (stands in when the first is excluded by id)
+
+    @property
+    def count(self) -> int:
+        return len(self.first)
+
+    def representatives(self, rows: np.ndarray, records, exclude_id: str | None = None) -> np.ndarray:
+        """rows [c] -> int64 [c]: each row's input's first row, or its second when the first
+        is the record excluded by id (an input of one record keeps it: `exclude` drops it)."""
+        g = self.of[rows]
+        reps = self.first[g]
+        if exclude_id is not None:
+            own = np.fromiter((records[r].id == exclude_id for r in reps), bool, len(reps))
+            reps = np.where(own & (self.second[g] >= 0), self.second[g], reps)
+        return reps.astype(np.int64)
+
+
+_GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # index -> (its records, InputGroups)
+
+
+def input_groups(index) -> InputGroups:
+    """The distinct inputs of `index.records`, computed once per index (again after `add`)."""
+    try:
+        records, groups = _GROUPS.get(index, (None, None))
+    except TypeError:  # an index object that takes no weak reference: no cache
+        records = groups = None
+    if records is index.records:
+        return groups
+    number: dict[str, int] = {}
+    of = np.fromiter((number.setdefault(r.input, len(number)) for r in index.records), np.int64, len(index.records))
+    first = np.full(len(number), -1, np.int64)
+    second = np.full(len(number), -1, np.int64)
+    for row, g in enumerate(of.tolist()):
+        if first[g] < 0:
+            first[g] = row
+        elif second[g] < 0:
+            second[g] = row
+    groups = InputGroups(of, first, second)
+    try:
+        _GROUPS[index] = (index.records, groups)
+    except TypeError:
+        pass
+    return groups
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -235,34 +294,100 @@ def select_many(
     labels = tuple(getattr(index, "labels", ()) or ())
     if method is SelectionMethod.BALANCED and not labels:
         raise ValueError("method 'balanced' needs a classification index (this one has no labels)")
-    if method is SelectionMethod.ZERO or k == 0 or n == 0 or nq == 0:
+    if method is SelectionMethod.ZERO or k == 0 or nq == 0:
         return [Selection.empty() for _ in range(nq)]
+    if n == 0:
+        return [Selection.empty(short=k) for _ in range(nq)]
 
-    fetch = min(n, fetch_k or _default_fetch(method, k))
+    groups = input_groups(index)
+    fetch = min(groups.count, fetch_k or _default_fetch(method, k))  # distinct inputs per query
     rngs = [_rng(seed, t, v) for t, v in zip(query_texts, qv)]
-    if method is SelectionMethod.RANDOM:  # same pool, uniform; scores are still real similarities
-        rows = np.stack([g.choice(n, size=fetch, replace=False) for g in rngs]).astype(np.int64)  # [q, f]
-        scores = np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)  # [q, f]
+    if method is SelectionMethod.RANDOM:  # same pool, uniform over records; scores are still real similarities
+        window = min(n, fetch_k or _default_fetch(method, k))
+        rows = np.stack([g.choice(n, size=window, replace=False) for g in rngs]).astype(np.int64)  # [q, w]
+        scores = np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)  # [q, w]
     else:
-        scores, rows = index.search(qv, fetch)  # [q, f] float32, int64 (-1 padding)
+        # fetch x (records per input) rows usually hold `fetch` inputs: one search for all queries
+        window = min(n, math.ceil(fetch * n / groups.count))
+        scores, rows = index.search(qv, window)  # [q, w] float32, int64 (-1 padding)
 
     out = []
     for i in range(nq):
-        out.append(_select_one(
-            index, qv[i], np.asarray(rows[i], np.int64), np.asarray(scores[i], np.float32), method, k,
-            budgets[i], demo_lengths, exclude_ids[i], query_texts[i], mmr_lambda, order, labels, rngs[i]))
+        def wider(size: int, i=i) -> tuple[np.ndarray, np.ndarray]:
+            return _fetch_one(index, method, qv[i], _rng(seed, query_texts[i], qv[i]), size)
+
+        window_i = (np.asarray(rows[i], np.int64), np.asarray(scores[i], np.float32))
+        if method is SelectionMethod.RANDOM:
+            rows_i, scores_i = _drawn(index, window_i, wider, window, k, exclude_ids[i], query_texts[i])
+        else:
+            rows_i, scores_i = _candidates(index, groups, window_i, wider, window, fetch, k, exclude_ids[i],
+                                           query_texts[i])
+        out.append(_select_one(index, qv[i], rows_i, scores_i, method, k, budgets[i], demo_lengths, mmr_lambda,
+                               order, labels, rngs[i]))
     return out
 
 
-def _select_one(index, q, rows, scores, method, k, budget, demo_lengths, exclude_id, query_text,
-                lam, order, labels, rng) -> Selection:
-    """rows [f], scores [f] candidates of one query, in similarity (or draw) order."""
-    valid = rows >= 0
-    rows, scores = rows[valid], scores[valid]
+def _fetch_one(index, method: SelectionMethod, q: np.ndarray, rng: np.random.Generator,
+               size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A wider window for one query [d]: (rows [size], scores [size]) by search, or a larger
+    draw (the same seeded generator, so it is reproducible)."""
+    if method is SelectionMethod.RANDOM:
+        rows = rng.choice(len(index.records), size=size, replace=False).astype(np.int64)
+        return rows, (index.vectors[rows] @ q).astype(np.float32)
+    scores, rows = index.search(q[None], size)  # [1, size]
+    return np.asarray(rows[0], np.int64), np.asarray(scores[0], np.float32)
+
+
+def _drawn(index, first, wider, window: int, k: int, exclude_id, query_text) -> tuple[np.ndarray, np.ndarray]:
+    """Random: the draw (rows [w], scores [w]) in draw order, less the query's own record and
+    copies of its text, one record per input (`exclude` keeps an input's first drawn record, one
+    of its references); drawn again, larger, when that leaves fewer than k."""
+    rows, scores = first
+    while True:
+        keep = exclude([index.records[r].input for r in rows], [index.records[r].id for r in rows],
+                       exclude_id=exclude_id, query_text=query_text)
+        if len(keep) >= k or window >= len(index.records):
+            return rows[keep], scores[keep]
+        window = min(len(index.records), 4 * window)
+        rows, scores = wider(window)
+
+
+def _candidates(index, groups: InputGroups, first, wider, window: int, fetch: int, k: int,
+                exclude_id, query_text) -> tuple[np.ndarray, np.ndarray]:
+    """kNN, MMR, balanced: (rows [c], scores [c]) in similarity order: the `fetch` most similar
+    distinct inputs, one record each (`InputGroups.representatives`), less the query's own
+    record and copies of its text. `first` is this query's window [w] from the batched search; a
+    window holding fewer inputs than needed (many references per input, or exclusions leaving
+    fewer than k) grows, wider(size), up to the whole pool."""
+    limit = len(index.records)
+    rows, scores = first
+    target = fetch
+    while True:
+        valid = rows >= 0
+        rows, scores = rows[valid], scores[valid]
+        _, seen_at = np.unique(groups.of[rows], return_index=True)
+        seen_at.sort()  # [have] window position of each input's first row, in window order
+        have = len(seen_at)
+        while True:
+            at = seen_at[:target]
+            reps = groups.representatives(rows[at], index.records, exclude_id)
+            keep = exclude([index.records[r].input for r in reps], [index.records[r].id for r in reps],
+                           exclude_id=exclude_id, query_text=query_text)
+            if len(keep) >= k or target >= groups.count:
+                break
+            target = min(groups.count, target + k - len(keep))  # exclusions took some: look further
+            if have < target:
+                break
+        if have >= target or window >= limit:
+            return reps[keep], scores[at][keep]
+        window = min(limit, 4 * window)
+        rows, scores = wider(window)
+
+
+def _select_one(index, q, rows, scores, method, k, budget, demo_lengths, lam, order, labels, rng) -> Selection:
+    """rows [c], scores [c]: one query's candidates (`_candidates`), in similarity (or draw) order."""
     recs = index.records
-    keep = exclude([recs[r].input for r in rows], [recs[r].id for r in rows],
-                   exclude_id=exclude_id, query_text=query_text)
-    rows, scores = rows[keep], scores[keep]
+    short = max(0, k - len(rows))  # the pool has no more distinct inputs: said, never silent
 
     # relevance order; with a budget every candidate is ranked, so packing can step past long ones
     m = len(rows) if budget is not None else k
@@ -294,7 +419,7 @@ def _select_one(index, q, rows, scores, method, k, budget, demo_lengths, exclude
         rank = rank[::-1]
     elif order is DemoOrder.RANDOM:
         rank = rng.permutation(len(rows))
-    return Selection(rows[rank].astype(np.int64), scores[rank].astype(np.float32), skipped, dropped)
+    return Selection(rows[rank].astype(np.int64), scores[rank].astype(np.float32), skipped, dropped, short)
 
 
 def select_demonstrations(

@@ -57,6 +57,8 @@ def base(tmp_path_factory):
     _jsonl(w / "nolabel.jsonl", [{"text": "a"}])
     _jsonl(w / "emptyfield.jsonl", [{"text": "", "label": "positive"}])
     _jsonl(w / "listlabel.jsonl", [{"text": "a", "label": ["positive"]}])
+    _jsonl(w / "emptyrefs.jsonl", [{"input": "a", "output": ["x"]}, {"input": "b", "output": []}])
+    _jsonl(w / "numrefs.jsonl", [{"input": "a", "output": ["x", 3]}])
     _jsonl(w / "dictlabel.jsonl", [{"text": "a", "label": {"y": 1}}])
     _jsonl(w / "floatlabel.jsonl", [{"text": "a", "label": 0.5}])
     _jsonl(w / "unknownlabel.jsonl", [{"text": "a", "label": "neutral"}])
@@ -129,6 +131,8 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
         "build: missing label field": ["index", "build", "nolabel.jsonl", "--name", "x"],
         "build: empty field": ["index", "build", "emptyfield.jsonl", "--name", "x"],
         "build: list label": ["index", "build", "listlabel.jsonl", "--name", "x"],
+        "build: empty reference list": ["index", "build", "emptyrefs.jsonl", "--name", "x"],
+        "build: reference list holding a number": ["index", "build", "numrefs.jsonl", "--name", "x"],
         "build: object label": ["index", "build", "dictlabel.jsonl", "--name", "x"],
         "build: float label": ["index", "build", "floatlabel.jsonl", "--name", "x"],
         "build: not UTF-8": ["index", "build", "latin1.jsonl", "--name", "x"],
@@ -158,6 +162,8 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
         "eval: missing test file": ["eval", "good", "--test", "missing.jsonl", *L],
         "eval: unknown test label": ["eval", "good", "--test", "unknownlabel.jsonl", *L],
         "eval: unknown method": ["eval", "good", "--test", "good.jsonl", "--method", "magic", *L],
+        "eval: --log in a missing folder": ["eval", "gen", "--test", "gen.jsonl", "--log", "nofolder/run.log", *L],
+        "eval: --max-new-tokens 0": ["eval", "gen", "--test", "gen.jsonl", "--max-new-tokens", "0", *L],
         "tune: --out is a file": ["tune", "good", "--out", "a_file", "--steps", "1", *L],
         "finetune: --out is a file": ["finetune", "good", "--out", "a_file", "--steps", "1", *L],
         "bounds: draws not a number": ["bounds", "run", "--experiment", "linear", "--quick", "--set", 'draws="two"',

@@ -107,3 +107,56 @@ def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
     p.write_text("\n".join(json.dumps({"text": t, "label": str(i % 2)}, ensure_ascii=False) for i, t in enumerate(texts)) + "\n",
                  encoding="utf-8")
     assert [r.input for r in load_dataset(p)] == texts
+
+
+# ----------------------------------------------------------------------------- generation files as users have them
+
+
+def test_a_list_of_references_is_one_record_per_reference(tmp_path):
+    rows = [{"input": "dog, frisbee, catch", "output": ["A dog catches a frisbee.", "The dog caught the frisbee."]},
+            {"input": "cat, sofa", "output": "A cat sleeps on the sofa."},  # a plain string still works
+            {"input": "dog, frisbee, catch", "output": ["  A dog leaps for a frisbee. "]}]  # the input again, later
+    d = load_dataset(write(tmp_path, "cg.jsonl", "\n".join(json.dumps(r) for r in rows)))
+    assert d.kind is TaskKind.GENERATION and len(d) == 4
+    assert [(r.input, r.output) for r in d] == [
+        ("dog, frisbee, catch", "A dog catches a frisbee."), ("dog, frisbee, catch", "The dog caught the frisbee."),
+        ("cat, sofa", "A cat sleeps on the sofa."), ("dog, frisbee, catch", "A dog leaps for a frisbee.")]
+    assert "[" not in "".join(r.output for r in d)  # not the string "['...']"
+    assert d.records == make_records((r.input, r.output) for r in d)  # ids stay content hashes
+    assert group_references(d.records) == [
+        ("dog, frisbee, catch",
+         ["A dog catches a frisbee.", "The dog caught the frisbee.", "A dog leaps for a frisbee."]),
+        ("cat, sofa", ["A cat sleeps on the sofa."])]
+    train, test = d.split(0.5, seed=0)  # all the references of an input on one side
+    assert not {r.input for r in train} & {r.input for r in test} and len(train) + len(test) == 4
+    # the same through the kind given and other field names
+    p = write(tmp_path, "other.jsonl", json.dumps({"concepts": "a b", "targets": ["x", "y"]}))
+    g = load_dataset(p, kind="generation", text_field="concepts", label_field="targets")
+    assert [(r.input, r.output) for r in g] == [("a b", "x"), ("a b", "y")]
+
+
+@pytest.mark.parametrize("output,match", [
+    ([], r"g\.jsonl:2: field 'output' is an empty list"),
+    (["fine", 3], r"g\.jsonl:2: field 'output' holds a number \(3\); a list of references must hold non-empty strings"),
+    (["fine", "  "], r"g\.jsonl:2: field 'output' holds an empty string"),
+    (["fine", ["nested"]], r"g\.jsonl:2: field 'output' holds a list"),
+])
+def test_bad_reference_lists_are_one_line_errors(tmp_path, output, match):
+    p = write(tmp_path, "g.jsonl", json.dumps({"input": "a", "output": "b"}) + "\n"
+              + json.dumps({"input": "c", "output": output}) + "\n")
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(p)
+    assert "\n" not in str(e.value)
+
+
+def test_lists_stay_refused_for_classification_and_for_inputs(tmp_path):
+    p = write(tmp_path, "c.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": ["x", "y"]}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:2: field 'label' is a list .*expected a string; a list of "
+                                        r"references is read for generation data"):
+        load_dataset(p)
+    p = write(tmp_path, "k.jsonl", '{"input": "a", "output": ["x"]}\n')
+    with pytest.raises(DataError, match="field 'output' is a list"):  # classification asked for
+        load_dataset(p, kind="classification")
+    p = write(tmp_path, "i.jsonl", '{"input": ["a", "b"], "output": "x"}\n')
+    with pytest.raises(DataError, match=r"i\.jsonl:1: field 'input' is a list \(\[.*expected a string$"):
+        load_dataset(p)

@@ -13,6 +13,7 @@ from icl_engine.select import (
     Selection,
     SelectionMethod,
     exclude,
+    input_groups,
     label_balanced,
     mmr,
     pack,
@@ -283,3 +284,157 @@ def test_argument_errors(index):
         select_demonstrations(index, q, k=5, fetch_k=2)
     with pytest.raises(ValueError):
         select_demonstrations(index, q, method="nearest")
+
+
+# ----------------------------------------------------------------------------- pools with several records per input
+
+
+class ReversedTies(FakeIndex):
+    """Exact search that returns tied rows last-first: the engine must not depend on tie order."""
+
+    def search(self, qv, k):
+        self.searches += 1
+        sims = qv @ self.vectors.T  # [q, n]
+        n = sims.shape[1]
+        ids = (n - 1 - np.argsort(-sims[:, ::-1], axis=1, kind="stable"))[:, :k]
+        scores = np.take_along_axis(sims, ids, 1)
+        pad = k - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1).astype(np.int64)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf).astype(np.float32)
+        return scores, ids
+
+
+def reference_pool(seed, n_inputs=30, max_refs=6, d=16, shuffle=False):
+    """A generation pool as a list-output file gives it: each input once per reference (1 to
+    max_refs, consecutive, or shuffled), every record of an input with the input's vector."""
+    rng = np.random.default_rng(seed)
+    refs = rng.integers(1, max_refs + 1, size=n_inputs)
+    pairs = [(f"concepts {i}", f"sentence {j} about {i}") for i in range(n_inputs) for j in range(refs[i])]
+    if shuffle:
+        pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    vecs = unit(rng, n_inputs, d)
+    recs = make_records(pairs)
+    return ReversedTies(recs, np.stack([vecs[int(r.input.split()[1])] for r in recs])), rng
+
+
+def distinct_ranking(index, q, *, exclude_id=None, query_text=None, fetch=None):
+    """Brute force: every record by similarity (ties: the earlier row), one per input (its
+    first record not excluded by id), only the `fetch` most similar inputs, the query's own
+    input and record left out."""
+    first = {}
+    for r, rec in enumerate(index.records):
+        first.setdefault(rec.input, r)
+    # one similarity per input: a matrix product may round identical rows differently
+    sims = {inp: float(index.vectors[r] @ q) for inp, r in first.items()}
+    order = sorted(range(len(index.records)), key=lambda r: (-sims[index.records[r].input], r))
+    seen, ranked = set(), []
+    for r in order:
+        rec = index.records[r]
+        if rec.input in seen or rec.id == exclude_id and any(
+                o.input == rec.input and o.id != exclude_id for o in index.records):
+            continue  # another record of the input stands in for the excluded one
+        seen.add(rec.input)
+        ranked.append(r)
+    ranked = ranked[:fetch]
+    return [r for r in ranked if index.records[r].id != exclude_id and index.records[r].input != query_text]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_knn_over_references_is_k_distinct_inputs_like_brute_force(seed, shuffle):
+    index, rng = reference_pool(seed, shuffle=shuffle)
+    qv = unit(rng, 5)
+    for k in (1, 4, 8):
+        many = select_many(index, qv, k=k, order="nearest_first")
+        for v, sel in zip(qv, many):
+            want = distinct_ranking(index, v)[:k]
+            assert sel.ids.tolist() == want and sel.short == 0
+            assert len({index.records[i].input for i in sel.ids}) == k
+            np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ v, atol=1e-6)
+    # the query is an input of the pool: never its own input, whichever of its records is excluded
+    for row in rng.integers(0, len(index.records), size=6):
+        own = index.records[row]
+        sel = select_demonstrations(index, index.vectors[row], k=8, exclude_id=own.id, query_text=own.input,
+                                    order="nearest_first")
+        assert own.input not in {index.records[i].input for i in sel.ids}
+        assert sel.ids.tolist() == distinct_ranking(index, index.vectors[row], exclude_id=own.id,
+                                                    query_text=own.input)[:8]
+        # leave-one-out by id alone: the input stays, through another of its records if it has one
+        sel = select_demonstrations(index, index.vectors[row], k=8, exclude_id=own.id, order="nearest_first")
+        assert sel.ids.tolist() == distinct_ranking(index, index.vectors[row], exclude_id=own.id)[:8]
+        assert row not in sel.ids
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mmr_and_random_over_references_pick_distinct_inputs(seed):
+    index, rng = reference_pool(seed, n_inputs=60, shuffle=True)
+    for q in unit(rng, 3):
+        fetch = max(4 * 5, 32) + 5  # _default_fetch(mmr, 5)
+        cands = distinct_ranking(index, q, fetch=fetch)
+        sims = (index.vectors @ q).astype(np.float32)
+        want = [cands[i] for i in mmr(q, index.vectors[cands], 5, 0.3, relevance=sims[cands])]
+        sel = select_demonstrations(index, q, method="mmr", k=5, mmr_lambda=0.3)
+        assert sorted(sel.ids.tolist()) == sorted(want)
+        for s in range(10):
+            sel = select_demonstrations(index, q, method="random", k=8, seed=s, query_text="concepts 3")
+            inputs = [index.records[i].input for i in sel.ids]
+            assert len(sel) == 8 and len(set(inputs)) == 8 and "concepts 3" not in inputs
+            np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=1e-6)
+
+
+def test_random_draws_again_when_one_input_fills_the_draw():
+    # input 0 owns 200 of 210 records: the first draw (k + 8 + k records) holds few distinct inputs
+    pairs = [("popular", f"ref {j}") for j in range(200)] + [(f"rare {i}", "ref") for i in range(10)]
+    rng = np.random.default_rng(0)
+    vecs = unit(rng, 11)
+    index = FakeIndex(make_records(pairs), np.stack([vecs[0]] * 200 + list(vecs[1:])))
+    for s in range(20):
+        sel = select_demonstrations(index, vecs[3], method="random", k=6, seed=s)
+        inputs = [index.records[i].input for i in sel.ids]
+        assert len(sel) == 6 and len(set(inputs)) == 6 and sel.short == 0
+        assert sel.ids.tolist() == select_demonstrations(index, vecs[3], method="random", k=6, seed=s).ids.tolist()
+    sel = select_demonstrations(index, vecs[3], method="random", k=20, seed=0)
+    assert len(sel) == 11 and sel.short == 9  # the whole pool holds 11 inputs
+
+
+def test_fewer_distinct_inputs_than_k_is_reported_not_silent():
+    index, rng = reference_pool(0, n_inputs=5)
+    q = unit(rng, 1)[0]
+    for method in ("knn", "mmr", "random"):
+        sel = select_demonstrations(index, q, method=method, k=8)
+        assert len(sel) == 5 and sel.short == 3
+        assert len({index.records[i].input for i in sel.ids}) == 5
+        own = index.records[0]
+        sel = select_demonstrations(index, q, method=method, k=8, query_text=own.input, budget=10_000,
+                                    demo_lengths=lambda rows: [1] * len(rows))
+        assert len(sel) == 4 and sel.short == 4 and sel.dropped == 0
+    assert select_demonstrations(FakeIndex([], np.zeros((0, 16))), q, k=3).short == 3
+    assert select_demonstrations(index, q, method="zero", k=3).short == 0
+
+
+def test_a_window_with_too_few_inputs_grows():
+    # 40 inputs; the 3 nearest own 30 records each: the first window (~k+8+k inputs' worth) must grow
+    rng = np.random.default_rng(1)
+    vecs = unit(rng, 40)
+    q = vecs[0]
+    near = np.argsort(-(vecs @ q))[:3]
+    pairs = [(f"in {i}", f"ref {j}") for i in range(40) for j in range(30 if i in near else 1)]
+    recs = make_records(pairs)
+    index = FakeIndex(recs, np.stack([vecs[int(r.input.split()[1])] for r in recs]))
+    sel = select_demonstrations(index, q, k=8, order="nearest_first")
+    assert sel.ids.tolist() == distinct_ranking(index, q)[:8] and index.searches > 1
+    index.searches = 0
+    [a, b] = select_many(index, np.stack([q, vecs[5]]), k=8)  # one search, plus more for the query that needs them
+    assert index.searches <= 3 and len(a) == len(b) == 8
+
+
+def test_input_groups_follow_the_records():
+    recs = make_records([("a", "1"), ("b", "1"), ("a", "2"), ("c", "1"), ("a", "3")])
+    index = FakeIndex(recs, np.eye(5, 16))
+    g = input_groups(index)
+    assert g.of.tolist() == [0, 1, 0, 2, 0] and g.first.tolist() == [0, 1, 3] and g.second.tolist() == [2, -1, -1]
+    assert input_groups(index) is g  # cached
+    assert g.representatives(np.array([4, 1, 2]), recs).tolist() == [0, 1, 0]
+    assert g.representatives(np.array([4, 1]), recs, exclude_id=recs[0].id).tolist() == [2, 1]
+    index.records = recs[:2]
+    assert input_groups(index).count == 2  # recomputed when the records change

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, is_dataclass
 from enum import Enum
@@ -20,14 +19,16 @@ import numpy as np
 
 from ..atomic import write_json as write_json_file
 from ..atomic import write_text
+from ..progress import say
 
 __all__ = ["progress", "jsonable", "write_json", "write_report", "finish", "machine_info", "lm_info", "fmt",
            "pyplot", "save_figure"]
 
 
 def progress(message: str) -> None:
-    """One line on stderr per unit of work, so a long run shows where it is."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """One line on stderr per unit of work, so a long run shows where it is (and in the
+    --log / ICL_LOG file, progress.py)."""
+    say(message)
 
 
 def jsonable(obj):

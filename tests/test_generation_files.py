@@ -1,0 +1,95 @@
+"""Generation files as users have them, through the installed `icl` script: a CommonGen-like
+JSONL whose output field holds a list of references is indexed as one demonstration per
+reference, kNN picks k distinct inputs, and BLEU/ROUGE-L score against all the references."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from icl_engine.index import ExampleIndex
+from icl_engine.metrics import bleu, rouge_l
+
+ICL = Path(sys.executable).with_name("icl")
+WORDS = ["dog", "frisbee", "catch", "cat", "sofa", "sleep", "boy", "ball", "kick", "girl", "kite", "fly", "man",
+         "car", "drive", "woman", "bike", "ride"]
+TRAIN = [{"input": ", ".join(WORDS[i:i + 3]),
+          "output": [f"The {WORDS[i]} and the {WORDS[i + 1]} {WORDS[i + 2]}{'s' * j} together." for j in range(1 + i % 4)]}
+         for i in range(0, 15)]
+TEST = [{"input": "dog, ball, catch", "output": ["A dog catches the ball.", "The dog caught a ball in the park."]},
+        {"input": "girl, kite", "output": ["A girl flies a kite."]},
+        {"input": "man, bike, ride", "output": ["A man rides his bike.", "The man is riding a bike.",
+                                                 "A man rides a bike down the road."]}]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("genfiles")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEST))
+    tok = make_tiny_tokenizer()
+    make_tiny_model(len(tok)).save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    env = {**os.environ, "ICL_INDEXES": str(root / "indexes"), "ICL_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop("ICL_LOG", None)
+    out = icl(root, env, "index", "build", "train.jsonl", "--name", "cg", "--embedder", "hashing:64", "--json")
+    assert out["kind"] == "generation" and out["count"] == sum(len(r["output"]) for r in TRAIN)  # one per reference
+    return root, env
+
+
+def icl(root: Path, env: dict, *args: str, as_json: bool = True):
+    assert ICL.is_file(), f"the console script is not installed beside {sys.executable}"
+    p = subprocess.run([str(ICL), *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "", p.stderr  # a short run in a pipe: no progress lines, no tqdm carriage returns
+    return json.loads(p.stdout) if as_json else p.stdout
+
+
+def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work):
+    root, env = work
+    records = {r.id: r for r in ExampleIndex.load(root / "indexes" / "cg").records}
+    assert not any(r.output.startswith("[") for r in records.values())  # not the string "['...']"
+    lm = str(root / "lm")
+    out = icl(root, env, "eval", "cg", "--test", "test.jsonl", "--method", "knn", "--k", "4", "--lm", lm,
+              "--max-new-tokens", "6", "--json", "--predictions", "--log", "run.log")
+    assert out["n"] == len(TEST) and "fewer_demos" not in out
+    for pred, row in zip(out["predictions"], TEST):
+        inputs = [records[d].input for d in pred["demos"]]
+        assert len(inputs) == 4 and len(set(inputs)) == 4 and row["input"] not in inputs
+        assert pred["references"] == row["output"]  # every reference kept for evaluation
+    hyps, refs = [p["output"] for p in out["predictions"]], [r["output"] for r in TEST]
+    assert out["bleu"] == pytest.approx(bleu(hyps, refs)) and out["rouge_l"] == pytest.approx(rouge_l(hyps, refs))
+    assert (root / "run.log").is_file()  # --log: created at once; a run this short writes no line into it
+
+    # --max-new-tokens reaches the decoder: greedy outputs of 2 tokens begin the outputs of 6
+    short = icl(root, env, "eval", "cg", "--test", "test.jsonl", "--method", "knn", "--k", "4", "--lm", lm,
+                "--max-new-tokens", "2", "--json", "--predictions")
+    pairs = [(s["output"], long) for s, long in zip(short["predictions"], hyps)]
+    assert all(long.startswith(s) for s, long in pairs) and any(len(s) < len(long) for s, long in pairs)
+    # --limit: the first N distinct inputs of the test file
+    assert icl(root, env, "eval", "cg", "--test", "test.jsonl", "--k", "4", "--lm", lm, "--max-new-tokens", "2",
+               "--limit", "2", "--json")["n"] == 2
+
+
+def test_fewer_distinct_inputs_than_k_is_said(work):
+    root, env = work
+    lm = str(root / "lm")
+    text = icl(root, env, "eval", "cg", "--test", "test.jsonl", "--k", "20", "--lm", lm, "--max-new-tokens", "2",
+               as_json=False)
+    assert f"note: 3 of 3 queries had fewer than 20 demonstrations ({3 * (20 - len(TRAIN))} missing: the index " \
+           "has no more distinct inputs" in text
+    gen = icl(root, env, "generate", "cg", "boy, kite, fly", "--k", "20", "--lm", lm, "--max-new-tokens", "2",
+              "--json")
+    assert gen["short"] == 20 - len(TRAIN) and len(gen["demos"]) + gen["dropped"] == len(TRAIN)
+    assert len({d["input"] for d in gen["demos"]}) == len(gen["demos"])
+    text = icl(root, env, "generate", "cg", "boy, kite, fly", "--k", "20", "--lm", lm, "--max-new-tokens", "2",
+               as_json=False)
+    assert f"note: {20 - len(TRAIN)} demonstration(s) fewer than asked: the index has no more distinct inputs" in text
+    hits = icl(root, env, "index", "search", "cg", "dog, frisbee", "-k", "5", "--json")
+    assert len({h["text"] for h in hits}) == 5
