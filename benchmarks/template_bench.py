@@ -77,7 +77,8 @@ def run_dataset(name: str, args, lm, emb, out: Path) -> dict:
     default, notes = data_template(pool)
     search = cached(out / "runs" / f"{name}-search.json",
                     {"pool": pool.sha256, "k": args.k, "n": args.search_examples, "lm": lm.name, "dtype": args.dtype,
-                     "candidates": {n: t.to_dict() for n, t in template_candidates(pool).items()}},
+                     "candidates": {n: t.to_dict() for n, t in template_candidates(pool).items()},
+                     "rule": "one standard error"},
                     lambda: search_templates(index, lm, emb, k=args.k, n_validation=args.search_examples).to_dict())
     best = next(c for c in search["candidates"] if c["name"] == search["best"])
     templates = {"hand-written": HAND[name], "default (made from the data)": default}

@@ -7,7 +7,8 @@ keep the best (`icl index build --auto-template`, `icl template search NAME`).
 Each candidate classifies the same seeded slice of the index's own records with kNN-k
 demonstrations retrieved from the rest of the pool (never the record itself, nor a copy of its
 text), so the score is an honest held-out accuracy (ROUGE-L for generation). The default comes
-first and wins ties: another candidate must do strictly better. Cost: candidates x slice queries.
+first and is kept unless a candidate beats it by more than one standard error of the paired
+difference on the slice (the one-standard-error rule). Cost: candidates x slice queries.
 """
 
 from __future__ import annotations
@@ -59,15 +60,26 @@ def validation_slice(dataset: Dataset, n: int, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(rows, min(n, len(rows))))
 
 
-def _score(engine: Engine, dataset: Dataset, rows: list[int]) -> float:
+def _score(engine: Engine, dataset: Dataset, rows: list[int]) -> tuple[float, list[float]]:
+    """(the metric over the slice, the per-example scores it averages)."""
     recs = [dataset.records[i] for i in rows]
     queries, exclude = [r.input for r in recs], [r.id for r in recs]
     if dataset.kind is TaskKind.CLASSIFICATION:
         preds = engine.classify(queries, exclude_ids=exclude)
-        return accuracy([r.output for r in recs], [p.label for p in preds])
+        per = [float(r.output == p.label) for r, p in zip(recs, preds)]
+        return accuracy([r.output for r in recs], [p.label for p in preds]), per
     refs = dict(group_references(dataset.records))
     gens = engine.generate(queries, exclude_ids=exclude)
-    return rouge_l([g.text for g in gens], [refs[q] for q in queries])
+    per = [rouge_l([g.text], [refs[q]]) for g, q in zip(gens, queries)]
+    return rouge_l([g.text for g in gens], [refs[q] for q in queries]), per
+
+
+def paired_gain(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same examples and its standard error."""
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
+    return mean, (var / len(d)) ** 0.5
 
 
 def search_templates(index: ExampleIndex, lm: LM, embedder: Embedder, *, k: int = 8, n_validation: int = 150,
@@ -98,11 +110,19 @@ def search_templates(index: ExampleIndex, lm: LM, embedder: Embedder, *, k: int 
                                 max_new_tokens=max_new_tokens)
         engine = Engine.from_parts(config, index, embedder, lm, candidates[name])
         t0 = time.perf_counter()
-        score = _score(engine, dataset, rows)
+        score, per = _score(engine, dataset, rows)
         table.append({"name": name, "template": candidates[name], "metric": metric, "score": score, "n": len(rows),
-                      "seconds": time.perf_counter() - t0})
-    best = table[0]
+                      "seconds": time.perf_counter() - t0, "per_example": per})
+    # One-standard-error rule: a candidate replaces the default only when its paired gain over the
+    # default on the slice is larger than that gain's standard error. With 150 examples one
+    # example is 0.7 points; picking the plain maximum chose noise (on SNIPS: 0.940 vs 0.933 on
+    # the slice, then 3.6 points worse on the test set).
+    best, base = table[0], table[0]["per_example"]
     for row in table[1:]:
-        if row["score"] > best["score"]:  # strictly better: the default wins ties
+        gain, se = paired_gain(row["per_example"], base)
+        row["gain_over_default"], row["gain_se"] = gain, se
+        if gain > se and row["score"] > best["score"]:
             best = row
+    for row in table:
+        del row["per_example"]
     return SearchResult(best["name"], best["template"], table, metric, len(rows), time.perf_counter() - t_start)

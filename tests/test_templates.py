@@ -98,8 +98,9 @@ def test_search_scores_every_candidate_held_out_and_the_default_wins_ties(parts,
     rows = validation_slice(ds, 12)
     for queries, exclude in seen:  # each held-out record is never its own demonstration
         assert exclude == [ds.records[i].id for i in rows] and queries == [ds.records[i].input for i in rows]
-    scores = {row["name"]: row["score"] for row in result.table}
-    assert result.best == ("c" if scores["c"] > scores["a"] else "a")
+    c = result.table[1]
+    assert c["gain_over_default"] == pytest.approx(c["score"] - result.table[0]["score"])
+    assert result.best == ("c" if c["gain_over_default"] > c["gain_se"] else "a")
     tie = search_templates(index, lm, emb, k=2, n_validation=12, candidates={"first": same, "second": Template(
         input_format="{input} =>", output_format=" {output}")})
     if tie.table[0]["score"] == tie.table[1]["score"]:
