@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ from icl_engine.lm import load_lm  # noqa: E402
 from icl_engine.pipeline import Engine  # noqa: E402
 from icl_engine.prompt import Template  # noqa: E402
 from icl_engine.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE  # noqa: E402
-from icl_engine.template_search import search_templates  # noqa: E402
+from icl_engine.template_search import paired_gain, search_templates  # noqa: E402
 from icl_engine.templates import data_template, template_candidates  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -61,14 +60,6 @@ def cached(path: Path, fingerprint: dict, run):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
-
-
-def paired(a: list[int], b: list[int]) -> dict:
-    """Mean difference a - b of per-example correctness and its standard error."""
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
-    return {"diff": mean, "se": math.sqrt(var / len(d))}
 
 
 def run_dataset(name: str, args, lm, emb, out: Path) -> dict:
@@ -103,8 +94,8 @@ def run_dataset(name: str, args, lm, emb, out: Path) -> dict:
                          "seconds": r["seconds"]})
             print(f"{name} {tname} {method}-{args.k}: {r['accuracy']:.3f} (n={r['n']})", file=sys.stderr, flush=True)
     for row in rows:
-        row["vs_hand_written"] = paired(correct[(row["template"], row["method"])],
-                                        correct[("hand-written", row["method"])])
+        diff, se = paired_gain(correct[(row["template"], row["method"])], correct[("hand-written", row["method"])])
+        row["vs_hand_written"] = {"diff": diff, "se": se}
     for tname in templates:
         acc = {row["method"]: row["accuracy"] for row in rows if row["template"] == tname}
         for row in rows:

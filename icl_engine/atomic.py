@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["write_text", "write_json", "publish_dir", "read_json", "check_out_dir"]
+__all__ = ["write_text", "write_json", "publish_dir", "read_json", "check_out_dir", "nearest_existing"]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -71,13 +71,19 @@ def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = Valu
         raise error(f"{path}:{e.lineno}: {what} is not valid JSON ({e.msg})") from None
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor: what a write there needs
+    to be a writable folder."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
 def check_out_dir(path: str | os.PathLike, what: str = "--out") -> None:
     """Refuse, before any long work, an output folder that cannot be made or written: a file in
     its place or above it, or a read-only parent. ValueError with one line."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{what} {path} is a file, not a folder")
-    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    parent = nearest_existing(path)
     if not parent.is_dir():
         raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -37,6 +37,7 @@ import faiss
 import numpy as np
 
 from . import store
+from .atomic import nearest_existing
 from .data import Dataset, Record, TaskKind
 from .embed import canonical_name
 
@@ -537,7 +538,7 @@ def folder_state(folder: Path) -> str:
 def check_writable(folder: Path, *, replace: bool) -> str:
     """Refuse, before any long work, a save that could not or must not happen; returns the
     folder's state (see folder_state)."""
-    parent = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    parent = nearest_existing(folder)
     if not parent.is_dir():
         raise IndexWriteError(f"{parent} is a file, not a folder")
     state = folder_state(folder)

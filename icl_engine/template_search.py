@@ -27,7 +27,7 @@ from .pipeline import Engine
 from .prompt import Template
 from .templates import template_candidates
 
-__all__ = ["SearchResult", "search_templates", "validation_slice", "MIN_POOL"]
+__all__ = ["SearchResult", "search_templates", "validation_slice", "paired_gain", "MIN_POOL"]
 
 MIN_POOL = 20  # below this many records (or distinct inputs) there is nothing to hold out
 
