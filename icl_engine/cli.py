@@ -138,6 +138,8 @@ def index_build(
         typer.echo(format_template_search(info["template_search"]))
 
 
+anchors_app = typer.Typer(no_args_is_help=True, help="kNN prompting's anchors (Xu et al. 2023).")
+app.add_typer(anchors_app, name="anchors")
 template_app = typer.Typer(no_args_is_help=True, help="Prompt templates of an index.")
 app.add_typer(template_app, name="template")
 
@@ -201,7 +203,8 @@ _FLAG_FIELDS = {
     "indexes_dir": ("indexes_dir",), "lm": ("lm",), "k": ("k",), "budget": ("budget",), "method": ("method",),
     "calibration": ("calibration", "calibrate"), "template": ("template",), "soft_prompt": ("soft_prompt",),
     "seed": ("seed",), "batch_size": ("batch_size",), "trust_remote_code": ("trust_remote_code",),
-    "max_new_tokens": ("max_new_tokens",), "dtype": ("dtype",),
+    "max_new_tokens": ("max_new_tokens",), "dtype": ("dtype",), "anchors": ("anchors",), "anchor_k": ("anchor_k",),
+    "anchor_weight": ("anchor_weight",),
 }
 
 
@@ -213,13 +216,15 @@ def _given(ctx: typer.Context, param: str) -> bool:
 
 
 def _config(ctx: typer.Context, config_file: Optional[Path], name, indexes_dir, lm, k, budget, method, calibration,
-            template, soft_prompt, seed, batch_size, trust_remote_code, max_new_tokens=64, dtype=None) -> PipelineConfig:
+            template, soft_prompt, seed, batch_size, trust_remote_code, max_new_tokens=64, dtype=None,
+            anchors=None, anchor_k=8, anchor_weight=1.0) -> PipelineConfig:
     """The pipeline config of a query command. Precedence: NAME and the options given on the
     command line (or by their environment variable) > the --config file > the options' defaults."""
     cli = api.make_config(name, indexes_dir=indexes_dir, lm=lm, k=k, budget=budget, method=method,
                           calibration=calibration, template=template, soft_prompt=soft_prompt, seed=seed,
                           batch_size=batch_size, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens,
-                          dtype=dtype.value if dtype else None)
+                          dtype=dtype.value if dtype else None, anchors=str(anchors) if anchors else None,
+                          anchor_k=anchor_k, anchor_weight=anchor_weight)
     if config_file is None:
         return cli
     merged, flags = PipelineConfig.load(config_file).to_dict(), cli.to_dict()
@@ -241,6 +246,10 @@ _BATCH = typer.Option(8, "--batch-size", min=1)
 _TRC = typer.Option(False, "--trust-remote-code", help="Allow the LM's own code from its folder/hub (off by default).")
 _CONFIG = typer.Option(None, "--config", help="A pipeline config JSON (PipelineConfig.save); NAME and the "
                        "options given here override its fields.")
+_ANCHORS = typer.Option(None, "--anchors", help="kNN prompting: an anchors folder (icl anchors build).")
+_ANCHOR_K = typer.Option(8, "--anchor-k", min=1, help="kNN prompting: anchors that vote.")
+_ANCHOR_W = typer.Option(1.0, "--anchor-weight", min=0.0, max=1.0, help="kNN prompting's share of the label "
+                         "probabilities (1: anchors alone; below 1: mixed with the demonstrations' scores).")
 _DTYPE = typer.Option(None, "--dtype", help="LM weights' dtype (default: exact float32 on CPU). bfloat16 is "
                       "faster on CPUs with AMX but changes the scores slightly.")
 
@@ -262,14 +271,17 @@ def classify(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    anchors: Optional[Path] = _ANCHORS,
+    anchor_k: int = _ANCHOR_K,
+    anchor_weight: float = _ANCHOR_W,
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
 ):
-    """Classify one text with retrieved demonstrations (label log-likelihood)."""
+    """Classify one text with retrieved demonstrations (label log-likelihood), or by kNN prompting."""
     if calibrate and calibration is Calibration.NONE:
         calibration = Calibration.CONTEXTUAL
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
-                  1, trust_remote_code, dtype=dtype)
+                  1, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k, anchor_weight=anchor_weight)
     result = api.classify(cfg, text)
     _print_json(result) if as_json else typer.echo(format_prediction(result))
 
@@ -323,6 +335,9 @@ def eval_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    anchors: Optional[Path] = _ANCHORS,
+    anchor_k: int = _ANCHOR_K,
+    anchor_weight: float = _ANCHOR_W,
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
     predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
@@ -334,7 +349,8 @@ def eval_cmd(
         calibration = Calibration.CONTEXTUAL
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
-                  batch_size, trust_remote_code, max_new_tokens, dtype=dtype)
+                  batch_size, trust_remote_code, max_new_tokens, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
+                  anchor_weight=anchor_weight)
     result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field)
     if not predictions:
         result.pop("predictions", None)
@@ -374,6 +390,26 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+@anchors_app.command("build")
+def anchors_build(
+    name: str,
+    out: Path = typer.Option(..., "--out", help="A new or empty folder for the anchors."),
+    per_label: int = typer.Option(1, "--per-label", min=0, help="Context demonstrations per label."),
+    support: int = typer.Option(1024, "--support", min=1, help="Vocabulary tokens kept per distribution."),
+    seed: int = _SEED,
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    force: bool = typer.Option(False, "--force", help="Replace anchors already in OUT."),
+    lm: str = _LM,
+    template: Optional[Path] = _TEMPLATE,
+    indexes_dir: Optional[Path] = IndexesDir,
+):
+    """kNN prompting: the LM's next-token distribution for every record of the index after a
+    fixed short context, for `classify/eval --anchors OUT`."""
+    _print_json(api.build_anchors(name, out=out, per_label=per_label, support=support, seed=seed,
+                                  batch_size=batch_size, force=force, lm=lm, template=template,
+                                  indexes_dir=indexes_dir))
+
+
 @app.command()
 def tune(
     name: str,
@@ -389,17 +425,25 @@ def tune(
     init: Optional[str] = typer.Option(None, "--init", help="text | vocab | random (| zero for prefix)"),
     init_text: Optional[str] = typer.Option(None, "--init-text"),
     train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2, help="Subsample the index's records."),
+    distill_from: Optional[Path] = typer.Option(None, "--distill-from", help="A fine-tuned reference (icl "
+                                                "finetune): learn its label distribution on the training records."),
+    alpha: float = typer.Option(1.0, "--alpha", min=0.0, max=1.0, help="With --distill-from: weight of the KL to "
+                                "the reference (the rest on the gold labels)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace a trained soft prompt in OUT."),
     lm: str = _LM,
     template: Optional[Path] = _TEMPLATE,
     indexes_dir: Optional[Path] = IndexesDir,
 ):
-    """Train a soft prompt with the LM frozen (prompt tuning, prefix tuning, instruction prompt tuning)."""
+    """Train a soft prompt with the LM frozen (prompt tuning, prefix tuning, instruction prompt tuning),
+    optionally distilled from the fine-tuned reference."""
     methods = {"prompt": "prompt_tuning", "prefix": "prefix_tuning", "ipt": "ipt"}
     if method not in methods and method not in methods.values():
         raise typer.BadParameter(f"choose from {', '.join(methods)}", param_hint="--method")
     _print_json(api.tune(name, out=out, method=methods.get(method, method), n_virtual=virtual_tokens, k=k,
                          steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, init=init,
-                         init_text=init_text, train_pool=train_pool, lm=lm, template=template, indexes_dir=indexes_dir))
+                         init_text=init_text, train_pool=train_pool, distill_from=distill_from, alpha=alpha,
+                         resume=resume, force=force, lm=lm, template=template, indexes_dir=indexes_dir))
 
 
 @app.command()
@@ -407,20 +451,29 @@ def finetune(
     name: str,
     out: Path = typer.Option(..., "--out"),
     lora: bool = typer.Option(False, "--lora", help="LoRA through PEFT instead of full fine-tuning."),
-    epochs: int = typer.Option(1, "--epochs", min=1),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="At most this many epochs (early stopping may end sooner)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1),
     lr: Optional[float] = typer.Option(None, "--lr"),
     batch_size: int = _BATCH,
     seed: int = _SEED,
     train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1,
+                                             help="Steps between held-out evaluations (default: once per epoch)."),
+    patience: int = typer.Option(3, "--patience", min=1, help="Stop after this many evaluations without a better "
+                                 "held-out loss."),
+    min_epochs: float = typer.Option(0.0, "--min-epochs", min=0.0, help="No early stop before this many epochs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace a finished model in OUT."),
     lm: str = _LM,
     template: Optional[Path] = _TEMPLATE,
     indexes_dir: Optional[Path] = IndexesDir,
 ):
     """Fine-tune the base LM on the index's records: the reference that ICL approximates."""
     _print_json(api.finetune_reference(name, out=out, lora=lora, epochs=epochs, steps=steps, lr=lr,
-                                       batch_size=batch_size, seed=seed, train_pool=train_pool, lm=lm,
-                                       template=template, indexes_dir=indexes_dir))
+                                       batch_size=batch_size, seed=seed, train_pool=train_pool,
+                                       eval_every=eval_every, patience=patience, min_epochs=min_epochs,
+                                       resume=resume, force=force, lm=lm, template=template,
+                                       indexes_dir=indexes_dir))
 
 
 @app.command()

@@ -47,6 +47,12 @@ class PipelineConfig:
     # AMX is several times faster but changes the scores (benchmarks/classify_bench.py reports by how much).
     dtype: str | None = None
     trust_remote_code: bool = False
+    # kNN prompting (knn_prompt.py): a folder of anchors built for this index, LM and template; the
+    # label shares of the `anchor_k` nearest anchors get `anchor_weight` (1: kNN prompting alone,
+    # no demonstrations scored; 0 < w < 1: mixed with the in-context label probabilities).
+    anchors: str | None = None
+    anchor_k: int = 8
+    anchor_weight: float = 1.0
 
     def __post_init__(self):
         self.method = SelectionMethod(self.method)
@@ -58,6 +64,10 @@ class PipelineConfig:
             raise ValueError(f"k must be >= 0, got {self.k}")
         if self.budget is not None and self.budget <= 0:
             raise ValueError(f"budget must be positive, got {self.budget}")
+        if self.anchor_k < 1:
+            raise ValueError(f"anchor_k must be >= 1, got {self.anchor_k}")
+        if not 0.0 < self.anchor_weight <= 1.0:
+            raise ValueError(f"anchor_weight must be in (0, 1], got {self.anchor_weight}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.dtype is not None:

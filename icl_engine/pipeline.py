@@ -18,7 +18,8 @@ from .config import PipelineConfig
 from .data import TaskKind
 from .embed import Embedder
 from .generate import generate
-from .index import ExampleIndex
+from .index import ExampleIndex, index_version
+from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
 from .prompt import Prompt, PromptBuilder, Template
 from .resolve import resolve
@@ -70,6 +71,7 @@ class Engine:
     builder: PromptBuilder
     prefix: Prefix | None = None  # soft prompt + instruction, computed once, shared by all queries
     n_virtual: int = 0  # soft-prompt tokens in the prefix (they count against the budget)
+    knn: KnnPrompter | None = None  # kNN prompting's anchors, when config.anchors names them
 
     @classmethod
     def load(cls, config: PipelineConfig, *, lm: LM | None = None, embedder: Embedder | None = None,
@@ -77,7 +79,16 @@ class Engine:
         """Load what the config names (resolve.py decides which template, LM and adapter),
         reusing any part passed in."""
         parts = resolve(config, lm=lm, embedder=embedder, index=index)
-        return cls.from_parts(config, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
+        engine = cls.from_parts(config, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
+        if config.anchors:
+            engine.use_anchors(Anchors.load(config.anchors, lm=parts.lm, builder=engine.builder, index=parts.index,
+                                            index_version=index_version(parts.folder) if index is None else None))
+        return engine
+
+    def use_anchors(self, anchors: Anchors) -> None:
+        """Label by kNN prompting (alone, or mixed with the demonstrations' label probabilities
+        as config.anchor_weight says)."""
+        self.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, batch_size=self.config.batch_size)
 
     @classmethod
     def from_parts(cls, config: PipelineConfig, index: ExampleIndex, embedder: Embedder, lm: LM,
@@ -143,6 +154,8 @@ class Engine:
     def classify(self, queries: Sequence[str], *, method=None, k=None, exclude_ids=None) -> list[Prediction]:
         if self.index.kind is not TaskKind.CLASSIFICATION:
             raise ValueError(f"index {self.config.index!r} holds {self.index.kind.value} data; use generate")
+        if self.knn is not None and self.config.anchor_weight >= 1.0:
+            return self._knn_classify(queries)
         selections = self.select(queries, method=method, k=k, exclude_ids=exclude_ids)
         prompts = self._prompts(queries, selections)
         log_scores = self._score(prompts)  # [q, L]
@@ -154,6 +167,9 @@ class Engine:
         else:
             log_probs = normalize(log_scores)
         probs = np.exp(log_probs)
+        if self.knn is not None:  # a mixture: anchor_weight on the anchors' votes
+            w = self.config.anchor_weight
+            probs = (1 - w) * probs + w * self.knn.predict(queries, self.config.anchor_k)[0]
         labels = self.index.labels
         return [
             Prediction(
@@ -167,6 +183,19 @@ class Engine:
                 short=sel.short,
             )
             for p, raw, sel, pr in zip(probs, log_scores, selections, prompts)
+        ]
+
+    def _knn_classify(self, queries: Sequence[str]) -> list[Prediction]:
+        """kNN prompting alone: the label shares of the nearest anchors; the anchors that voted
+        are shown as the demonstrations (score = -KL distance), the prompt is context + query."""
+        probs, nearest, dist = self.knn.predict(queries, self.config.anchor_k, distances=True)
+        recs, labels = self.index.records, self.index.labels
+        tokens = [self.knn.prompt_tokens(q) for q in queries]
+        return [
+            Prediction(label=labels[int(np.argmax(p))], probs={lab: float(x) for lab, x in zip(labels, p)},
+                       demos=[Demo(recs[i].id, -float(d), recs[i].input, recs[i].output) for i, d in zip(rows, ds)],
+                       prompt_tokens=n, log_scores=[float(x) for x in np.log(np.clip(p, 1e-12, None))])
+            for p, rows, ds, n in zip(probs, nearest, dist, tokens)
         ]
 
     def content_free_probs(self, selections: Sequence[Selection]) -> np.ndarray:

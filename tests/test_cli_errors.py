@@ -79,6 +79,8 @@ def base(tmp_path_factory):
     api.build_index(str(w / "good.jsonl"), "good", embedder="hashing:64", indexes_dir=indexes)
     api.build_index(str(w / "gen.jsonl"), "gen", embedder="hashing:64", indexes_dir=indexes)
     api.build_index(str(w / "good.jsonl"), "broken", embedder="hashing:64", indexes_dir=indexes)
+    _jsonl(w / "good2.jsonl", [{"text": t + " again", "label": lab} for t, lab in ROWS])
+    api.build_index(str(w / "good2.jsonl"), "good2", embedder="hashing:64", indexes_dir=indexes)
     from icl_engine.store import current_version
 
     vectors = current_version(indexes / "broken") / "vectors.npy"
@@ -94,6 +96,7 @@ def base(tmp_path_factory):
     lm = root / "tiny-lm"
     make_tiny_model(len(tok)).save_pretrained(lm)
     tok.save_pretrained(lm)
+    api.build_anchors("good", out=w / "anchors_good", support=16, lm=str(lm), indexes_dir=indexes)
     broken_lm = root / "broken-lm"
     shutil.copytree(lm, broken_lm)
     (broken_lm / "config.json").write_text('{"model_type": "llama", ')
@@ -166,6 +169,24 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
         "eval: --max-new-tokens 0": ["eval", "gen", "--test", "gen.jsonl", "--max-new-tokens", "0", *L],
         "tune: --out is a file": ["tune", "good", "--out", "a_file", "--steps", "1", *L],
         "finetune: --out is a file": ["finetune", "good", "--out", "a_file", "--steps", "1", *L],
+        "finetune: --out is a foreign folder (even with --resume)": ["finetune", "good", "--out", "app", "--steps",
+                                                                     "1", "--resume", *L],
+        "tune: --out is a foreign folder": ["tune", "good", "--out", "anchors_good", "--steps", "1", *L],
+        "tune: --distill-from a folder that is no reference": ["tune", "good", "--out", "sp_new", "--steps", "1",
+                                                              "--distill-from", "anchors_good", *L],
+        "tune: --alpha 2": ["tune", "good", "--out", "sp_new", "--distill-from", "anchors_good", "--alpha", "2", *L],
+        # kNN prompting's anchors
+        "anchors: --out is a foreign folder": ["anchors", "build", "good", "--out", "app", *L],
+        "anchors: --out holds anchors, no --force": ["anchors", "build", "good", "--out", "anchors_good", *L],
+        "anchors: --out is a file": ["anchors", "build", "good", "--out", "a_file", *L],
+        "classify: --anchors not an anchors folder": ["classify", "good", "a film", "--anchors", "app", *L],
+        "classify: anchors for another template": ["classify", "good", "a film", "--anchors", "anchors_good",
+                                                   "--template", "plain_template.json", *L],
+        "classify: anchors for another index": ["classify", "good2", "a film", "--anchors", "anchors_good", *L],
+        "classify: --anchor-k beyond the anchors": ["classify", "good", "a film", "--anchors", "anchors_good",
+                                                    "--anchor-k", "99", *L],
+        "eval: --anchor-weight 0": ["eval", "good", "--test", "good.jsonl", "--anchors", "anchors_good",
+                                    "--anchor-weight", "0", *L],
         "bounds: draws not a number": ["bounds", "run", "--experiment", "linear", "--quick", "--set", 'draws="two"',
                                        "--out", "bounds_out", *L],
         "bounds: unknown experiment": ["bounds", "run", "--experiment", "nope", "--out", "bounds_out", *L],

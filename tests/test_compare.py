@@ -82,7 +82,7 @@ def test_report_has_every_row_and_column(workspace, report):
                     "queries_per_s", "wall_seconds", "this_run_seconds"):
             assert col in r, (name, col)
         assert {"mean", "std", "per_seed"} <= set(r["accuracy"])
-        seeded = name not in ("zero", "knn", "finetuned")
+        seeded = name not in ("zero", "knn", "finetuned", "knn_prompting", "knn_prompting_icl")
         assert len(r["seeds"]) == (SEEDS if seeded else 1), name
         assert (r["accuracy"]["std"] is not None) == seeded, name
         assert 0.0 <= r["agreement"]["mean"] <= 1.0 and 0.0 <= r["tv"]["mean"] <= 1.0
@@ -98,9 +98,18 @@ def test_report_has_every_row_and_column(workspace, report):
     assert rows["ipt"]["train_steps"] == [2, 2] and rows["ipt"]["trained_now"] == SEEDS
     assert rows["prompt_tuning_knn"]["trained_now"] == 0  # evaluates prompt_tuning's soft prompts
     assert (rows["ipt"]["k"], rows["ipt_random"]["eval_demos"], rows["zero"]["k"]) == (2, "random", 0)
-    for m in ("prompt_tuning", "prefix_tuning", "ipt", "ipt_random"):
+    for m in ("prompt_tuning", "prefix_tuning", "ipt", "ipt_random", "ipt_distill", "prompt_tuning_distill"):
         for s in range(SEEDS):
             assert (out / "adapters" / f"{m}-seed{s}" / "adapter_model.safetensors").is_file()
+    meta = json.loads((out / "adapters" / "ipt_distill-seed0" / "icl_soft_prompt.json").read_text())
+    assert meta["distill"]["alpha"] == 1.0 and meta["k"] == 2
+    assert (out / "anchors" / "anchors.safetensors").is_file()  # kNN prompting's, built once for both rows
+    for name, r in rows.items():  # paired-bootstrap intervals around each gap and agreement
+        if name != "finetuned":
+            lo, hi = r["gap_to_ref"]["ci95"]
+            assert lo <= r["gap_to_ref"]["mean"] <= hi
+            lo, hi = r["agreement_ci95"]
+            assert lo <= 100 * r["agreement"]["mean"] + 1e-9 and 100 * r["agreement"]["mean"] - 1e-9 <= hi
     s = report["settings"]
     assert (s["seeds"], s["k"], s["test_n"], s["train_pool"]) == (SEEDS, 2, len(TEST), len(ROWS))
     assert report["machine"]["torch_threads"] == 1 and report["machine"]["cpu_count"] >= 1
@@ -130,8 +139,12 @@ def test_checks_and_markdown(workspace, report):
         assert {"delta", "se", "verdict"} <= set(c["finding1"][key])
     assert c["finding2"]["verdict"] in ("supported", "not supported")
     rows = {r["method"]: r for r in report["rows"]}
-    assert c["goal"]["gap"] == pytest.approx(100 * (rows["finetuned"]["accuracy"]["mean"] - rows["ipt"]["accuracy"]["mean"]))
-    assert c["goal"]["verdict"] == ("met" if c["goal"]["gap"] <= 2 and c["goal"]["agreement"] > 0.9 else "not met")
+    g = c["goal"]
+    assert g["gap"] == pytest.approx(100 * (rows["finetuned"]["accuracy"]["mean"] - rows[g["method"]]["accuracy"]["mean"]))
+    met = {m for m, x in g["all"].items() if x["gap"] <= 2 and x["agreement"] >= 0.9}
+    assert g["verdict"] == ("met" if met else "not met") and (g["method"] in met if met else True)
+    if not met:  # then the best is the one that agrees most
+        assert g["agreement"] == max(x["agreement"] for x in g["all"].values())
     out = workspace[0] / "report"
     md = (out / REPORT_MD).read_text()
     for text in ("| method |", "IPT, random demos", "kNN + soft prompt", "Supported" if c["finding1"]["verdict"] ==

@@ -140,3 +140,79 @@ def test_generation_finetune(lm, tmp_path):
     tuned = load_finetuned(tmp_path)
     [text] = generate(tuned, [PromptBuilder(tpl, lm.tokenizer).assemble([], "name Blue").ids], max_new_tokens=4)
     assert isinstance(text, str)
+
+
+# ----------------------------------------------------------------------------- resumable runs
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, calls: int):
+    """Make the training step raise on its (calls+1)-th call, as a kill mid-run would stop it."""
+    import icl_engine.train.loop as loop
+
+    real, count = loop._step, {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_step", step)
+    return lambda: monkeypatch.setattr(loop, "_step", real)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_an_interrupted_run_resumes_to_the_same_model(lm, dataset, builder, tmp_path, monkeypatch, method):
+    settings = dict(max_steps=7, batch_size=2, eval_every=2, eval_fraction=0.25, patience=None, seed=3)
+    cfg = FinetuneConfig(method=method, train=TrainSettings(**settings))
+    whole = finetune(lm, dataset, cfg, builder=builder, out=tmp_path / "whole")
+
+    restore = _kill_after(monkeypatch, 5)  # killed during step 6, after the checkpoint of step 4
+    with pytest.raises(Killed):
+        finetune(lm, dataset, cfg, builder=builder, out=tmp_path / "cut")
+    restore()
+    assert (tmp_path / "cut" / "checkpoint" / "state.json").is_file()
+    with pytest.raises(ValueError, match="unfinished run.s checkpoint: pass --resume"):
+        finetune(lm, dataset, cfg, builder=builder, out=tmp_path / "cut")
+    other = FinetuneConfig(method=method, train=TrainSettings(**{**settings, "batch_size": 3}))
+    with pytest.raises(ValueError, match="other settings"):
+        finetune(lm, dataset, other, builder=builder, out=tmp_path / "cut", resume=True)
+    resumed = finetune(lm, dataset, cfg, builder=builder, out=tmp_path / "cut", resume=True)
+
+    assert resumed.metrics["resumed"] and resumed.metrics["steps"] == whole.metrics["steps"] == 7
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history] == [0, 2, 4, 6, 7]
+    np.testing.assert_allclose([r["eval_loss"] for r in resumed.history], [r["eval_loss"] for r in whole.history],
+                               rtol=1e-5)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "cut" / "checkpoint").exists()  # removed once the model is saved
+    log = [json.loads(line) for line in (tmp_path / "cut" / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 2, 4, 6, 7]
+
+
+def test_a_trained_folder_is_replaced_only_with_force(lm, dataset, builder, tmp_path):
+    cfg = FinetuneConfig(method="lora", train=TrainSettings(max_steps=1, batch_size=4, eval_fraction=0.0))
+    finetune(lm, dataset, cfg, builder=builder, out=tmp_path)
+    before = (tmp_path / FINETUNE_META_FILE).read_text()
+    with pytest.raises(ValueError, match="already holds a trained model.*--force"):
+        finetune(lm, dataset, cfg, builder=builder, out=tmp_path)
+    assert (tmp_path / FINETUNE_META_FILE).read_text() == before
+    finetune(lm, dataset, cfg, builder=builder, out=tmp_path, force=True)
+
+
+def test_min_epochs_holds_off_early_stopping(lm, dataset, builder, tmp_path):
+    # lr 0 never improves the held-out loss: patience 1 stops at the first evaluation after step 0,
+    # unless min_epochs says the run must first see every example twice
+    base = dict(max_steps=40, batch_size=4, eval_every=1, eval_fraction=0.25, patience=1, lr=1e-12)
+    quick = finetune(lm, dataset, FinetuneConfig(method="lora", train=TrainSettings(**base)), builder=builder,
+                     out=tmp_path / "a")
+    held = finetune(lm, dataset, FinetuneConfig(method="lora", train=TrainSettings(**base, min_epochs=2)),
+                    builder=builder, out=tmp_path / "b")
+    per_epoch = -(-held.metrics["n_train"] // 4)
+    assert quick.metrics["steps"] == 1
+    assert held.metrics["steps"] == 2 * per_epoch
+    assert held.metrics["examples_seen"] == 2 * held.metrics["n_train"]

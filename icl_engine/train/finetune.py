@@ -33,7 +33,8 @@ from ..atomic import write_json
 from ..data import Dataset
 from ..lm import LM
 from ..score import score_continuations
-from .loop import Example, TrainResult, TrainSettings, build_examples, choice, data_meta, prepare, run_meta, train_loop
+from .loop import (Example, TrainResult, TrainSettings, build_examples, check_train_out, choice, data_meta, prepare,
+                   run_meta, train_loop)
 
 __all__ = ["FinetuneMethod", "FinetuneConfig", "DEFAULT_LR", "fit_finetune", "finetune"]
 
@@ -75,18 +76,27 @@ class FinetuneConfig:
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget must be positive, got {self.budget}")
 
+    def lora_meta(self) -> dict | None:
+        if self.method is not FinetuneMethod.LORA:
+            return None
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": list(self.target_modules) if self.target_modules else None}
+
     @property
     def lr(self) -> float:
         return self.train.lr or DEFAULT_LR[self.method.value]
 
 
 def fit_finetune(lm: LM, examples: Sequence[Example], held_out: Sequence[Example], config: FinetuneConfig,
-                 *, out: Path, meta: dict | None = None) -> TrainResult:
+                 *, out: Path, meta: dict | None = None, resume: bool = False, force: bool = False) -> TrainResult:
     """The training core over pre-tokenised examples: copy the LM, (LoRA-)train the copy, save
-    it and icl_finetune.json (`meta` adds to the metadata). `lm` itself is left untouched."""
+    it and icl_finetune.json (`meta` adds to the metadata). `lm` itself is left untouched.
+    A finished model in `out` is replaced only with `force`; `resume` continues an interrupted
+    run from its checkpoint."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     out = Path(out)
+    check_train_out(out, FINETUNE_META_FILE, force=force, resume=resume)
     settings = config.train
     model = copy.deepcopy(lm.model)  # the caller's LM stays the frozen base
     if config.method is FinetuneMethod.LORA:
@@ -107,24 +117,26 @@ def fit_finetune(lm: LM, examples: Sequence[Example], held_out: Sequence[Example
 
     history, metrics = train_loop(
         model, params, examples, held_out, settings, lr=config.lr, pad_id=lm.tokenizer.pad_token_id or 0,
-        device=lm.device, out=out, train_mode=True, scorer=scorer, desc=f"finetune-{config.method.value}")
+        device=lm.device, out=out, train_mode=True, scorer=scorer, desc=f"finetune-{config.method.value}",
+        resume=resume, fingerprint={"method": config.method.value, "lm": lm.name, "lora": config.lora_meta(),
+                                    "data": (meta or {}).get("train_sha256"), "template": (meta or {}).get("template")})
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     lm.tokenizer.save_pretrained(out)
-    lora_meta = {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-                 "target_modules": list(config.target_modules) if config.target_modules else None}
     full = run_meta(format_version=FORMAT_VERSION, method=config.method.value, lm_name=lm.name, settings=settings,
                     lr=config.lr, metrics={**metrics, "trainable_params": sum(p.numel() for p in params)}, meta=meta,
-                    extra={"k": 0, "lora": lora_meta if config.method is FinetuneMethod.LORA else None})
+                    extra={"k": 0, "lora": config.lora_meta()})
     write_json(out / FINETUNE_META_FILE, full)
     return TrainResult(out, history, full["metrics"], model)
 
 
-def finetune(lm: LM, train: Dataset, config: FinetuneConfig, *, builder, out: Path) -> TrainResult:
+def finetune(lm: LM, train: Dataset, config: FinetuneConfig, *, builder, out: Path, resume: bool = False,
+             force: bool = False) -> TrainResult:
     """Fine-tune a copy of `lm` on `train` (zero-shot prompts from `builder`, the same split and
     targets as the soft prompts), save it to `out` and return the evaluation history and
     metrics. `lm` itself is left untouched; reload with load_finetuned(out)."""
     budget = config.budget or lm.context_length
     examples, held_examples, skipped = prepare(train, config.train, lambda records: build_examples(
         records, builder, kind=train.kind, labels=train.labels, budget=budget))
-    return fit_finetune(lm, examples, held_examples, config, out=out, meta=data_meta(train, builder, budget, skipped))
+    return fit_finetune(lm, examples, held_examples, config, out=out, meta=data_meta(train, builder, budget, skipped),
+                        resume=resume, force=force)

@@ -30,6 +30,7 @@ from ..data import Dataset, Record, TaskKind
 from ..embed import get_embedder
 from ..prompt import PromptTooLong
 from ..select import SelectionMethod, select_many
+from .checkpoint import CHECKPOINT_DIR, Checkpoint
 
 __all__ = [
     "TrainingError",
@@ -45,6 +46,10 @@ __all__ = [
     "run_meta",
     "train_loop",
     "LOG_FILE",
+    "LossFn",
+    "check_train_out",
+    "gold_loss",
+    "label_logprobs",
 ]
 
 LOG_FILE = "train_log.jsonl"  # one JSON line per evaluation, written as training goes
@@ -77,6 +82,7 @@ class TrainSettings:
     eval_every: int | None = None  # steps between evaluations; None: once per epoch
     max_eval: int = 256  # at most this many held-out examples are evaluated
     patience: int | None = 3  # stop after this many evaluations without a better eval loss
+    min_epochs: float = 0.0  # early stopping may not stop before this many epochs
     seed: int = 0
 
     def __post_init__(self):
@@ -102,6 +108,8 @@ class TrainSettings:
             raise ValueError(f"max_eval must be >= 1, got {self.max_eval}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.min_epochs < 0:
+            raise ValueError(f"min_epochs must be >= 0, got {self.min_epochs}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":
@@ -124,6 +132,7 @@ class Example:
     demo_ids: tuple[str, ...] = ()  # record ids of the demonstrations in the prompt (IPT)
     candidates: tuple[tuple[int, ...], ...] = ()  # classification: every label's tokens, in label order
     answer: int = -1  # index of the gold label in candidates
+    teacher: tuple[float, ...] = ()  # distillation: the reference's log p over the labels (distill.py)
 
 
 def split_train_eval(train: Dataset, settings: TrainSettings) -> tuple[Dataset, Dataset | None]:
@@ -248,6 +257,7 @@ def _loss(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
 
 
 Scorer = Callable[[list[list[int]], list[list[int]]], np.ndarray]  # (prompts, labels) -> log p [q, L]
+LossFn = Callable[[torch.nn.Module, Sequence[Example]], torch.Tensor]  # (model, batch's examples) -> scalar loss
 
 
 @torch.no_grad()
@@ -280,12 +290,17 @@ def _evaluate(model, examples: Sequence[Example], batch_size: int, pad_id: int, 
 def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Example],
                held_out: Sequence[Example], settings: TrainSettings, *, lr: float, pad_id: int, device,
                out: Path, offset: int = 0, train_mode: bool = False, scorer: Scorer | None = None,
-               desc: str = "train") -> tuple[list[dict], dict]:
+               desc: str = "train", loss_fn: LossFn | None = None, resume: bool = False,
+               fingerprint: dict | None = None) -> tuple[list[dict], dict]:
     """AdamW with linear warm-up and linear decay over `params` (the only ones updated), seeded
     shuffling, evaluation on `held_out` every `eval_every` steps (and before the first step),
-    early stopping on the held-out loss, and the best parameters restored at the end.
-    `scorer` scores classification labels for evaluation (required when examples have labels).
-    Evaluations are appended to `out/train_log.jsonl` as they happen. -> (history, metrics)."""
+    early stopping on the held-out loss (not before settings.min_epochs), and the best
+    parameters restored at the end. `scorer` scores classification labels for evaluation
+    (required when examples have labels); `loss_fn(model, examples)` replaces the gold
+    targets' cross-entropy (distill.py). Evaluations are appended to `out/train_log.jsonl`.
+    At every evaluation the whole state is checkpointed in `out/checkpoint/`; with `resume` a run
+    continues from there (refused when `fingerprint` -- the caller's description of the run --
+    differs). The checkpoint is removed when training ends. -> (history, metrics)."""
     if not train:
         raise TrainingError("no training examples (all prompts too long for the budget?)")
     params = list(params)
@@ -293,15 +308,30 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
     total = settings.max_steps or settings.epochs * per_epoch
     eval_every = settings.eval_every or per_epoch
     opt, sched = _optimizer(params, settings, lr, total)
-    rng = random.Random(settings.seed)
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / LOG_FILE).open("w")
+    ckpt = Checkpoint(out / CHECKPOINT_DIR)
+    fingerprint = {**(fingerprint or {}), "settings": asdict(settings), "lr": lr, "n_train": len(train),
+                   "n_eval": len(held_out), "n_params": [list(p.shape) for p in params]}
     history: list[dict] = []
     best = {"eval_loss": math.inf, "step": 0, "state": None}
-    bad, step, running, t0 = 0, 0, [], time.perf_counter()
+    bad, step, running, t_before = 0, 0, [], 0.0
+    saved = ckpt.load(params, opt, sched, fingerprint) if resume else None
+    if saved is not None:
+        state, best_state = saved
+        step, bad, history, running, t_before = (state["step"], state["bad"], state["history"], state["running"],
+                                                 state["seconds"])
+        best.update(state["best"], state=best_state)
+    elif ckpt.exists():
+        raise TrainingError(f"{out} holds an unfinished run's checkpoint: pass --resume to continue it, "
+                            f"or remove {ckpt.folder}")
+    log = (out / LOG_FILE).open("w")
+    for row in history:  # a resumed run's log starts with the evaluations made before
+        log.write(json.dumps(row) + "\n")
+    t0 = time.perf_counter() - t_before
+    loss_fn = loss_fn or gold_loss(pad_id, device, offset)
 
     def evaluate() -> bool:
-        """Log one evaluation; True when early stopping says stop."""
+        """Log one evaluation and checkpoint; True when early stopping says stop."""
         nonlocal bad
         row = {"step": step, "epoch": round(step / per_epoch, 3), "lr": sched.get_last_lr()[0],
                "train_loss": sum(running) / len(running) if running else None}
@@ -313,27 +343,38 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
         history.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
-        if not held_out:
-            return False
-        if row["eval_loss"] < best["eval_loss"]:
+        if held_out and row["eval_loss"] < best["eval_loss"]:
             # a copy of the trained parameters (all of them for full fine-tuning)
             best.update(eval_loss=row["eval_loss"], eval_accuracy=row["eval_accuracy"], step=step,
                         state=[p.detach().clone() for p in params])
             bad = 0
-        else:
+        elif held_out:
             bad += 1
-        return settings.patience is not None and bad >= settings.patience
+        if step < total:  # the last evaluation needs no checkpoint: the caller saves the result
+            ckpt.save(params=params, best=best["state"], optimizer=opt, scheduler=sched, state={
+                "fingerprint": fingerprint, "step": step, "bad": bad, "history": history, "running": running,
+                "seconds": row["seconds"], "best": {k: v for k, v in best.items() if k != "state"}})
+        return should_stop()
 
-    bar = tqdm(total=total, desc=desc, unit="step")
+    def should_stop() -> bool:
+        early = step >= settings.min_epochs * per_epoch
+        return bool(held_out) and settings.patience is not None and bad >= settings.patience and early
+
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step")
     try:
-        stop = evaluate()
-        while step < total and not stop:
+        stop = evaluate() if step == 0 else should_stop()  # a run killed after deciding to stop
+        epoch_rng = random.Random(settings.seed)
+        for epoch in range(total // per_epoch + 1):
             order = list(range(len(train)))
-            rng.shuffle(order)
-            for s in range(0, len(order), settings.batch_size):
+            epoch_rng.shuffle(order)  # epoch e's order: the e-th shuffle, also when resuming
+            if stop or step >= total:
+                break
+            if (epoch + 1) * per_epoch <= step:
+                continue  # finished before the checkpoint
+            for s in range((step - epoch * per_epoch) * settings.batch_size, len(order), settings.batch_size):
                 model.train(train_mode)  # a frozen LM stays in eval mode: no dropout noise
-                batch = _batch([train[i] for i in order[s : s + settings.batch_size]], pad_id, device)
-                loss = _step(model, params, batch, offset, opt, sched, settings.grad_clip)
+                examples = [train[i] for i in order[s : s + settings.batch_size]]
+                loss = _step(model, params, examples, opt, sched, settings.grad_clip, loss_fn)
                 step += 1
                 running.append(loss)
                 bar.update(1)
@@ -350,13 +391,16 @@ def train_loop(model, params: Sequence[torch.nn.Parameter], train: Sequence[Exam
         with torch.no_grad():
             for p, v in zip(params, best["state"]):
                 p.copy_(v)
+    ckpt.remove()
     return history, {
         "steps": step, "epochs": round(step / per_epoch, 3), "n_train": len(train), "n_eval": len(held_out),
+        "examples_seen": step // per_epoch * len(train) + min(step % per_epoch * settings.batch_size, len(train)),
         "best_step": best["step"] if held_out else step,
         "best_eval_loss": best["eval_loss"] if held_out else None,
         "best_eval_accuracy": best.get("eval_accuracy") if held_out else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "seconds": round(time.perf_counter() - t0, 3),
+        "resumed": saved is not None,
     }
 
 
@@ -369,9 +413,30 @@ def _optimizer(params, settings: TrainSettings, lr: float, total: int):
     return opt, sched
 
 
-def _step(model, params, batch, offset: int, opt, sched, grad_clip: float | None) -> float:
+def gold_loss(pad_id: int, device, offset: int = 0) -> LossFn:
+    """The default loss: mean NLL of the gold target tokens (never the prompt's)."""
+    def loss(model, examples):
+        batch = _batch(examples, pad_id, device)
+        return _loss(_target_logits(model, batch, offset), batch[3])
+
+    return loss
+
+
+def label_logprobs(model, examples: Sequence[Example], pad_id: int, device, offset: int = 0) -> torch.Tensor:
+    """Each example's log p over its labels, with gradients: [B, L]. Every (prompt, label) pair is
+    a row (B*L rows: the labels' tokens teacher-forced after the prompt), summed over the label's
+    tokens, then normalised over the L labels."""
+    rows = [Example(e.prompt_ids, c) for e in examples for c in e.candidates]
+    batch = _batch(rows, pad_id, device)
+    logp = _target_logits(model, batch, offset).float().log_softmax(-1)  # [B*L, K, V]
+    tgt = batch[3]
+    tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)  # [B*L, K]
+    return tok.sum(1).view(len(examples), -1).log_softmax(-1)
+
+
+def _step(model, params, examples, opt, sched, grad_clip: float | None, loss_fn: LossFn) -> float:
     """One optimiser step on one batch; returns its loss."""
-    loss = _loss(_target_logits(model, batch, offset), batch[3])
+    loss = loss_fn(model, examples)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -392,6 +457,23 @@ def prepare(train: Dataset, settings: TrainSettings,
     examples, skipped = build(fit.records)
     held_examples, skipped_eval = build(held.records) if held else ([], 0)
     return examples, held_examples, skipped + skipped_eval
+
+
+def check_train_out(out: Path, meta_file: str, *, force: bool, resume: bool) -> None:
+    """What a training run may write into `out`: a new or empty folder; its own interrupted run
+    (with `resume`); its own finished model (replaced only with `force`). Anything else -- a
+    folder of other files -- is refused before any work, so nothing of the user's is touched."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    trained, unfinished = (out / meta_file).is_file(), (out / CHECKPOINT_DIR / "state.json").is_file()
+    if unfinished and not resume:
+        raise TrainingError(f"{out} holds an unfinished run's checkpoint: pass --resume to continue it, "
+                            f"or remove {out / CHECKPOINT_DIR}")
+    if trained and not unfinished and not force:
+        raise TrainingError(f"{out} already holds a trained model; choose another --out, or pass --force to replace it")
+    if not trained and not unfinished:
+        raise TrainingError(f"{out} is not empty and holds no training run of ours: choose a new or empty folder")
 
 
 def data_meta(train: Dataset, builder, budget: int, skipped: int) -> dict:

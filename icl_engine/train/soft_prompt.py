@@ -40,11 +40,13 @@ import torch
 
 from ..adapters import META_FILE, SoftPrompt, SoftPromptError, SoftPromptMethod, hidden_size
 from ..atomic import write_json
-from ..data import Dataset
+from ..data import Dataset, TaskKind
 from ..lm import LM
 from ..score import score_continuations
 from ..select import SelectionMethod
-from .loop import Example, TrainResult, TrainSettings, build_examples, choice, data_meta, prepare, run_meta, train_loop
+from .distill import distill_loss, teacher_logprobs, with_teacher
+from .loop import (Example, TrainingError, TrainResult, TrainSettings, build_examples, check_train_out, choice, data_meta,
+                   prepare, run_meta, train_loop)
 
 __all__ = [
     "PromptInit",
@@ -222,12 +224,17 @@ def _enum_value(x):
 
 
 def fit_soft_prompt(lm: LM, examples: Sequence[Example], held_out: Sequence[Example], config: SoftPromptConfig,
-                    *, out: Path, meta: dict | None = None) -> TrainResult:
+                    *, out: Path, meta: dict | None = None, alpha: float = 1.0, resume: bool = False,
+                    force: bool = False) -> TrainResult:
     """The training core over pre-tokenised examples: wrap the frozen LM with PEFT, initialise,
     train (only the soft prompt), save the adapter and icl_soft_prompt.json (`meta` adds to the
-    metadata)."""
+    metadata). Examples carrying a teacher distribution are distilled (distill.py, weight
+    `alpha` on the KL term). A trained folder is replaced only with `force`; `resume` continues
+    an interrupted run."""
     out = Path(out)
+    check_train_out(out, META_FILE, force=force, resume=resume)
     settings = config.train
+    distilled = bool(examples and examples[0].teacher)
     with _peft_soft_prompt(lm, config) as peft_model:
         offset = config.n_virtual if config.method is not SoftPromptMethod.PREFIX_TUNING else 0
 
@@ -238,7 +245,12 @@ def fit_soft_prompt(lm: LM, examples: Sequence[Example], held_out: Sequence[Exam
         history, metrics = train_loop(
             peft_model, list(peft_model.prompt_encoder.parameters()), examples, held_out, settings,
             lr=config.lr, pad_id=lm.tokenizer.pad_token_id or 0, device=lm.device, out=out, offset=offset,
-            scorer=scorer, desc=config.method.value)
+            scorer=scorer, desc=config.method.value, resume=resume,
+            loss_fn=distill_loss(alpha, pad_id=lm.tokenizer.pad_token_id or 0, device=lm.device, offset=offset)
+            if distilled else None,
+            fingerprint={"method": config.method.value, "lm": lm.name, "n_virtual": config.n_virtual, "k": config.k,
+                         "init": config.init.value, "data": (meta or {}).get("train_sha256"),
+                         "distill": (meta or {}).get("distill")})
         peft_model.save_pretrained(out, safe_serialization=True)
     prefix = config.method is SoftPromptMethod.PREFIX_TUNING
     full = run_meta(format_version=FORMAT_VERSION, method=config.method.value, lm_name=lm.name, settings=settings,
@@ -250,14 +262,18 @@ def fit_soft_prompt(lm: LM, examples: Sequence[Example], held_out: Sequence[Exam
 
 
 def train_soft_prompt(lm: LM, train: Dataset, config: SoftPromptConfig, *, builder, index=None,
-                      embedder=None, out: Path, demos: SelectionMethod = SelectionMethod.KNN) -> TrainResult:
+                      embedder=None, out: Path, demos: SelectionMethod = SelectionMethod.KNN,
+                      teacher: LM | None = None, alpha: float = 1.0, resume: bool = False,
+                      force: bool = False) -> TrainResult:
     """Train a soft prompt on `train` with the LM frozen, save it to `out` (PEFT adapter +
     icl_soft_prompt.json + train_log.jsonl) and return the evaluation history and metrics.
 
     Prompts come from `builder` (the template the engine will use). IPT retrieves
     demonstrations from `index` (queries embedded with `embedder`, default the index's own) for
     training and held-out examples alike, each leaving itself out: the k nearest, or with
-    demos="random" k random ones (Sun et al.'s control; seeded by the training seed)."""
+    demos="random" k random ones (Sun et al.'s control; seeded by the training seed).
+    With a `teacher` (the fine-tuned reference, distill.load_teacher) the soft prompt learns the
+    teacher's label distribution on each training record (weight `alpha`, the rest on gold)."""
     demos = SelectionMethod(demos)
     budget = config.budget or lm.context_length
     examples, held_examples, skipped = prepare(train, config.train, lambda records: build_examples(
@@ -268,4 +284,12 @@ def train_soft_prompt(lm: LM, train: Dataset, config: SoftPromptConfig, *, build
         meta["demos"] = demos.value
     meta["index"] = None if index is None else {k: index.manifest.get(k) for k in ("dataset", "dataset_sha256", "count")}
     meta["embedder"] = None if index is None else embedder.name if embedder else index.manifest.get("embedder")
-    return fit_soft_prompt(lm, examples, held_examples, config, out=out, meta=meta)
+    if teacher is not None:
+        if train.kind is not TaskKind.CLASSIFICATION:
+            raise TrainingError("distilling label distributions needs a classification index")
+        used = {e.record_id for e in examples}
+        examples = with_teacher(examples, teacher_logprobs(teacher, builder, [r for r in train.records if r.id in used],
+                                                           batch_size=config.train.batch_size))
+        meta["distill"] = {"teacher": teacher.name, "alpha": alpha}
+    return fit_soft_prompt(lm, examples, held_examples, config, out=out, meta=meta, alpha=alpha, resume=resume,
+                           force=force)

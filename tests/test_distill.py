@@ -1,0 +1,105 @@
+"""Distillation from the fine-tuned reference on a tiny random Llama: the student's label
+distribution against the engine's brute-force scorer, a zero loss when student and teacher agree,
+a soft prompt that moves toward its teacher, and references that do not belong refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SENTIMENT_ROWS, make_tiny_lm, sentiment_template
+from icl_engine.adapters import FINETUNE_META_FILE
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.prompt import PromptBuilder, Template
+from icl_engine.score import normalize, score_brute_force, score_continuations
+from icl_engine.train.distill import distill_loss, load_teacher, teacher_logprobs, with_teacher
+from icl_engine.train.finetune import FinetuneConfig, finetune
+from icl_engine.train.loop import TrainSettings, TrainingError, build_examples, label_logprobs
+from icl_engine.train.soft_prompt import SoftPromptConfig, train_soft_prompt
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    return make_tiny_lm(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return Dataset("tiny", TaskKind.CLASSIFICATION, make_records(SENTIMENT_ROWS), ("negative", "positive"))
+
+
+@pytest.fixture(scope="module")
+def builder(lm, dataset):
+    return PromptBuilder(sentiment_template(), lm.tokenizer, dataset.labels)
+
+
+@pytest.fixture(scope="module")
+def reference(lm, dataset, builder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    cfg = FinetuneConfig(train=TrainSettings(max_steps=6, batch_size=4, eval_fraction=0.0, lr=1e-2))
+    finetune(lm, dataset, cfg, builder=builder, out=out)
+    return out
+
+
+def test_label_logprobs_match_the_brute_force_scorer(lm, dataset, builder):
+    examples, _ = build_examples(dataset.records[:5], builder, kind=dataset.kind, labels=dataset.labels, budget=512)
+    got = label_logprobs(lm.model, examples, lm.tokenizer.pad_token_id or 0, lm.device).detach().numpy()
+    labels = [builder.label_ids(lab) for lab in dataset.labels]
+    want = normalize(score_brute_force(lm, [list(e.prompt_ids) for e in examples], labels))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_the_loss_is_zero_when_the_student_is_the_teacher(lm, dataset, builder):
+    examples, _ = build_examples(dataset.records[:4], builder, kind=dataset.kind, labels=dataset.labels, budget=512)
+    own = teacher_logprobs(lm, builder, dataset.records[:4])
+    loss = distill_loss(1.0, pad_id=lm.tokenizer.pad_token_id or 0, device=lm.device)
+    assert loss(lm.model, with_teacher(examples, own)).item() == pytest.approx(0.0, abs=1e-5)
+    half = distill_loss(0.5, pad_id=lm.tokenizer.pad_token_id or 0, device=lm.device)
+    gold = -np.mean([own[e.record_id][e.answer] for e in examples])
+    assert half(lm.model, with_teacher(examples, own)).item() == pytest.approx(0.5 * gold, rel=1e-4)
+    with pytest.raises(TrainingError, match="alpha"):
+        distill_loss(1.5, pad_id=0, device="cpu")
+
+
+def kl_to(teacher: dict, lm, builder, records, prefix=None) -> float:
+    labels = [builder.label_ids(lab) for lab in builder.labels]
+    student = normalize(score_continuations(lm, [builder.assemble([], r.input).ids for r in records], labels,
+                                            prefix=prefix))
+    t = np.stack([teacher[r.id] for r in records])
+    return float((np.exp(t) * (t - student)).sum(1).mean())
+
+
+def test_a_distilled_soft_prompt_moves_toward_its_teacher(lm, dataset, builder, reference, tmp_path):
+    teacher = load_teacher(reference, lm=lm, builder=builder, labels=dataset.labels)
+    targets = teacher_logprobs(teacher, builder, dataset.records)
+    before = kl_to(targets, lm, builder, dataset.records)
+    cfg = SoftPromptConfig(n_virtual=4, train=TrainSettings(max_steps=30, batch_size=4, eval_fraction=0.0, lr=5e-2))
+    result = train_soft_prompt(lm, dataset, cfg, builder=builder, out=tmp_path / "sp", teacher=teacher, alpha=1.0)
+    from icl_engine.adapters import load_soft_prompt
+
+    soft = load_soft_prompt(tmp_path / "sp")
+    after = kl_to(targets, lm, builder, dataset.records, prefix=soft.prefix(lm))
+    assert after < 0.5 * before, (before, after)
+    meta = json.loads((tmp_path / "sp" / "icl_soft_prompt.json").read_text())
+    assert meta["distill"] == {"teacher": teacher.name, "alpha": 1.0} and result.metrics["steps"] == 30
+
+
+def test_references_that_do_not_belong_are_refused(lm, dataset, builder, reference, tmp_path):
+    with pytest.raises(TrainingError, match="not a fine-tuned reference folder"):
+        load_teacher(tmp_path, lm=lm, builder=builder, labels=dataset.labels)
+    with pytest.raises(TrainingError, match="labels .* differ"):
+        load_teacher(reference, lm=lm, builder=builder, labels=("bad", "good"))
+    other = PromptBuilder(Template(input_format="{input} =", output_format=" {output}"), lm.tokenizer, dataset.labels)
+    with pytest.raises(TrainingError, match="another template"):
+        load_teacher(reference, lm=lm, builder=other, labels=dataset.labels)
+    meta = json.loads((reference / FINETUNE_META_FILE).read_text())
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    (alien / FINETUNE_META_FILE).write_text(json.dumps({**meta, "lm": "gpt2"}))
+    with pytest.raises(TrainingError, match="fine-tuned from 'gpt2'"):
+        load_teacher(alien, lm=lm, builder=builder, labels=dataset.labels)

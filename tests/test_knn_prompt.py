@@ -1,0 +1,115 @@
+"""kNN prompting on a tiny random Llama: the support projection and KL against brute force, a
+query that is an anchor's own text finds that anchor at distance 0 (anchors and queries go
+through the same context), and anchors for another LM, template or index are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SENTIMENT_ROWS, make_tiny_lm
+from icl_engine.data import Dataset, TaskKind, make_records
+from icl_engine.embed import get_embedder
+from icl_engine.index import ExampleIndex
+from icl_engine.knn_prompt import (AnchorConfig, AnchorError, Anchors, KnnPrompter, build_anchors, kl_to_anchors,
+                                   on_support)
+from icl_engine.prompt import PromptBuilder, Template
+from icl_engine.score import next_token_logprobs
+
+TEMPLATE = Template(instruction="Sentiment.", input_format="Review: {input}\nSentiment:", output_format=" {output}")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    return make_tiny_lm(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def index():
+    ds = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(SENTIMENT_ROWS), ("negative", "positive"))
+    return ExampleIndex.build(ds, get_embedder("hashing:64"))
+
+
+@pytest.fixture(scope="module")
+def builder(lm, index):
+    return PromptBuilder(TEMPLATE, lm.tokenizer, index.labels)
+
+
+@pytest.fixture(scope="module")
+def anchors(lm, builder, index):
+    return build_anchors(lm, builder, index, AnchorConfig(per_label=1, support=50, sample=8, batch_size=4))
+
+
+def test_on_support_keeps_the_mass_and_is_exact_on_the_full_vocabulary():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 20)) * 3
+    logp = (logits - np.log(np.exp(logits).sum(1, keepdims=True))).astype(np.float32)
+    part = on_support(logp, np.array([1, 5, 7]))
+    np.testing.assert_allclose(np.exp(part.astype(np.float64)).sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(part[:, :3], logp[:, [1, 5, 7]])
+    full = on_support(logp, np.arange(19))  # all but one token: the rest bin is exactly that token
+    np.testing.assert_allclose(full[:, -1], logp[:, 19], atol=1e-4)
+
+
+def test_kl_matches_brute_force():
+    rng = np.random.default_rng(1)
+
+    def dist(n, s):
+        x = rng.normal(size=(n, s))
+        return x - np.log(np.exp(x).sum(1, keepdims=True))
+
+    a, q = dist(5, 7), dist(3, 7)
+    brute = np.array([[np.sum(np.exp(a[n]) * (a[n] - q[i])) for n in range(5)] for i in range(3)])
+    pa = np.exp(a)
+    np.testing.assert_allclose(kl_to_anchors(pa, (pa * a).sum(1), q), brute, atol=1e-10)
+
+
+def test_a_query_finds_its_own_anchor_at_distance_zero(lm, builder, index, anchors):
+    knn = KnnPrompter(lm, builder, anchors, index, batch_size=3)
+    texts = [r.input for r in index.records]
+    q = knn.query_logp(texts)  # [n, S+1]: the same numbers as the anchors' rows
+    np.testing.assert_allclose(q, anchors.logp, atol=1e-5)
+    probs, nearest = knn.predict(texts, k=1)
+    assert list(nearest[:, 0]) == list(range(len(texts)))
+    assert [index.labels[int(np.argmax(p))] for p in probs] == [r.output for r in index.records]
+    probs, _ = knn.predict(texts[:2], k=5)
+    assert np.allclose(probs.sum(1), 1) and set(np.round(probs.ravel() * 5, 4)) <= {0, 1, 2, 3, 4, 5}
+
+
+def test_anchor_rows_equal_full_prompts_without_a_cached_context(lm, builder, index, anchors):
+    # the cached-context path against the obvious one: the whole prompt through the LM
+    by_id = {r.id: r for r in index.records}
+    context = [by_id[i] for i in anchors.context_ids]
+    assert sorted(r.output for r in context) == ["negative", "positive"]  # one per label
+    full = [builder.assemble(context, r.input).ids for r in index.records[:4]]
+    np.testing.assert_allclose(on_support(next_token_logprobs(lm, full), anchors.support), anchors.logp[:4],
+                               atol=1e-4)
+
+
+def test_save_load_and_refusals(lm, builder, index, anchors, tmp_path, tiny_tokenizer):
+    anchors.save(tmp_path / "a")
+    back = Anchors.load(tmp_path / "a", lm=lm, builder=builder, index=index)
+    np.testing.assert_array_equal(back.logp, anchors.logp)
+    assert back.context_ids == anchors.context_ids and back.ids == anchors.ids
+    other = PromptBuilder(Template(input_format="Text: {input}\nLabel:", output_format=" {output}"), lm.tokenizer,
+                          index.labels)
+    with pytest.raises(AnchorError, match="another template.*icl anchors build"):
+        Anchors.load(tmp_path / "a", lm=lm, builder=other, index=index)
+    renamed = make_tiny_lm(tiny_tokenizer)
+    renamed.name = "another-lm"
+    with pytest.raises(AnchorError, match="another lm"):
+        Anchors.load(tmp_path / "a", lm=renamed, builder=builder, index=index)
+    smaller = ExampleIndex.build(index.dataset.subsample(6, 0), get_embedder("hashing:64"))
+    with pytest.raises(AnchorError, match="another (labels|index sha256)"):
+        Anchors.load(tmp_path / "a", lm=lm, builder=builder, index=smaller)
+    with pytest.raises(AnchorError, match="another index version"):
+        Anchors.load(tmp_path / "a", lm=lm, builder=builder, index=index, index_version="v-other")
+    with pytest.raises(AnchorError, match="holds no kNN-prompting anchors"):
+        Anchors.load(tmp_path, lm=lm, builder=builder, index=index)
+    (tmp_path / "a" / "manifest.json").write_text("{")
+    with pytest.raises(AnchorError, match="not valid JSON"):
+        Anchors.load(tmp_path / "a", lm=lm, builder=builder, index=index)
+    manifest = json.loads(json.dumps(anchors.manifest))
+    assert manifest["config"]["support"] == 50 and manifest["lm"] == lm.name
