@@ -487,16 +487,21 @@ def compare(
     k: int = typer.Option(4, "--k", min=1),
     train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Soft-prompt training steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Soft-prompt training steps (with "
+                                        "--eval-every: at most this many, default 400)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Soft prompts: early stopping on a "
+                                             "held-out 10 % of the pool, evaluated every N steps."),
+    anchor_k: int = typer.Option(8, "--anchor-k", min=1, help="kNN prompting: anchors that vote."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     lm: str = _LM,
     template: Optional[Path] = _TEMPLATE,
     indexes_dir: Optional[Path] = IndexesDir,
 ):
-    """Approximation report: zero/random/kNN, soft prompts and the fine-tuned reference, side by side."""
+    """Approximation report: zero/random/kNN, soft prompts (plain and distilled), kNN prompting and the
+    fine-tuned reference, side by side."""
     report = api.compare(name, test, out=out, reference=reference, methods=methods, seeds=seeds, k=k,
-                         train_pool=train_pool, test_limit=test_limit, steps=steps, threads=threads, lm=lm,
-                         template=template, indexes_dir=indexes_dir)
+                         train_pool=train_pool, test_limit=test_limit, steps=steps, eval_every=eval_every,
+                         anchor_k=anchor_k, threads=threads, lm=lm, template=template, indexes_dir=indexes_dir)
     typer.echo(report["markdown"])
 
 

@@ -576,6 +576,7 @@ def run_compare(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool = True,
+    anchor_k: int = 8,
 ) -> dict:
     """Run every method on the same test subset, compare each with the fine-tuned reference
     and write out/report.json, out/report.md and out/report.png; returns the report dict.
@@ -590,10 +591,11 @@ def run_compare(
     them; on a loaded shared CPU 1 thread was 3-7x faster than 2). max_new_tokens: generation."""
     t_start, load_start = time.perf_counter(), os.getloadavg()
     _check_options(seeds=seeds, k=k, train_pool=train_pool, test_limit=test_limit, n_virtual=n_virtual,
-                   max_new_tokens=max_new_tokens, threads=threads)
+                   max_new_tokens=max_new_tokens, threads=threads, anchor_k=anchor_k)
     chosen = _methods(methods)
     settings = StudySettings(k=k, n_virtual=n_virtual, soft_train=soft_train or default_soft_train(),
-                             batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                             anchor_k=anchor_k)
     finetune_config = finetune_config or default_finetune()
     out = Path(out)
     reference = Path(reference) if reference else out / "reference"
@@ -718,6 +720,7 @@ def _report(study: Study, requested: dict, rows: list[dict], runs: dict, ref_inf
             "finetune": requested["finetune"], "template": study.template.to_dict(), "lm": study.lm.name,
             "index": study.name, "index_count": study.index.manifest.get("count"), "embedder": study.embedder.name,
             "batch_size": st.batch_size, "max_new_tokens": st.max_new_tokens, "defaults_basis": DEFAULTS_BASIS,
+            "anchor_k": st.anchor_k, "anchors": asdict(st.anchors),
             "std": "sample standard deviation (ddof=1) over seeds; None for one run",
         },
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads(),

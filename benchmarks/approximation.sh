@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The approximation study of issue 11, stage by stage, resumable: run it again after an
+# interruption and every stage picks up what is already there (an index is built once, a
+# reference resumes from its checkpoint, compare reuses every trained soft prompt, every anchor
+# set and every evaluation whose settings match).
+#
+#   bash benchmarks/approximation.sh snips reference     # fine-tune the reference (early stopping)
+#   bash benchmarks/approximation.sh snips compare       # the report, SEEDS=1 first, SEEDS=3 later
+#   bash benchmarks/approximation.sh rt reference
+#   bash benchmarks/approximation.sh rt compare
+#
+# One torch thread per job (two jobs at most on the 2-core machine); float32 everywhere, so every
+# row of a report has the same precision. RUNS (default ../runs/approximation) holds the indexes,
+# references and reports; the committed results are copied to benchmarks/results/compare/.
+set -euo pipefail
+task=${1:?task: rt | snips}
+stage=${2:?stage: reference | compare}
+here=$(cd "$(dirname "$0")/.." && pwd)
+icl=${ICL:-$here/.venv/bin/icl}
+data=${ICL_SHARED_DATA:-$here/../shared/data}
+runs=${RUNS:-$here/../runs/approximation}
+seeds=${SEEDS:-1}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 ICL_SHARED_DATA=$data
+mkdir -p "$runs/logs"
+
+# the index: Rotten Tomatoes' canonical train split; SNIPS split 80/20 with seed 0 (as eval_suite)
+case $task in
+  rt)
+    test=$data/rotten_tomatoes_test.jsonl; limit=500
+    "$icl" index info rt --indexes-dir "$runs/indexes" >/dev/null 2>&1 ||
+      "$icl" index build rotten_tomatoes:train --name rt --indexes-dir "$runs/indexes"
+    ref_args=(--epochs 2 --min-epochs 1 --eval-every 150 --patience 3) ;;
+  snips)
+    test=$runs/snips_test.jsonl; limit=139
+    if [ ! -f "$runs/snips_train.jsonl" ]; then
+      "$here/.venv/bin/python" - "$data/snips_intents.jsonl" "$runs" <<'EOF'
+import json, sys
+from icl_engine.data import load_dataset
+pool, test = load_dataset(sys.argv[1]).split(0.2, seed=0)
+for name, part in (("train", pool), ("test", test)):
+    with open(f"{sys.argv[2]}/snips_{name}.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": r.id, "text": r.input, "label": r.output}) + "\n" for r in part.records)
+EOF
+    fi
+    "$icl" index info snips --indexes-dir "$runs/indexes" >/dev/null 2>&1 || {
+      "$here/.venv/bin/python" -c "from icl_engine.registry import INTENT_TEMPLATE as T; T.to_json('$runs/intent.json')"
+      "$icl" index build "$runs/snips_train.jsonl" --name snips --template "$runs/intent.json" --indexes-dir "$runs/indexes"; }
+    ref_args=(--epochs 10 --min-epochs 1 --patience 3) ;;
+  *) echo "unknown task $task" >&2; exit 2 ;;
+esac
+ref=$runs/ft/$task-full
+
+case $stage in
+  reference)
+    if [ -f "$ref/icl_finetune.json" ]; then echo "reference done: $ref"; exit 0; fi
+    resume=(); [ -f "$ref/checkpoint/state.json" ] && resume=(--resume)
+    "$icl" finetune "$task" --out "$ref" "${ref_args[@]}" "${resume[@]}" --indexes-dir "$runs/indexes" \
+      2>&1 | tee -a "$runs/logs/reference-$task.log" ;;
+  compare)
+    [ -f "$ref/icl_finetune.json" ] || { echo "no reference yet: run the reference stage first" >&2; exit 1; }
+    methods=(zero knn knn_prompting knn_prompting_icl ipt ipt_distill finetuned)
+    margs=(); for m in "${methods[@]}"; do margs+=(--methods "$m"); done
+    time "$icl" compare "$task" --test "$test" --test-limit "$limit" --reference "$ref" \
+      --out "$runs/compare/$task" --k 8 --anchor-k 8 --seeds "$seeds" --threads 1 --eval-every 25 --steps 300 \
+      "${margs[@]}" --indexes-dir "$runs/indexes" 2>&1 | tee -a "$runs/logs/compare-$task.log" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
