@@ -113,3 +113,27 @@ def test_save_load_and_refusals(lm, builder, index, anchors, tmp_path, tiny_toke
         Anchors.load(tmp_path / "a", lm=lm, builder=builder, index=index)
     manifest = json.loads(json.dumps(anchors.manifest))
     assert manifest["config"]["support"] == 50 and manifest["lm"] == lm.name
+
+
+def test_the_engine_classifies_by_anchors_alone_or_mixed(lm, builder, index, anchors):
+    from icl_engine.pipeline import Engine, PipelineConfig
+
+    queries = ["a great film", "a dull plot", "wonderful"]
+    alone = Engine.from_parts(PipelineConfig(index="tiny", k=2, anchor_k=3), index, get_embedder("hashing:64"), lm,
+                              TEMPLATE)
+    alone.use_anchors(anchors)
+    preds = alone.classify(queries)
+    shares, nearest = alone.knn.predict(queries, 3)
+    for p, s, rows in zip(preds, shares, nearest):
+        assert [p.probs[lab] for lab in index.labels] == pytest.approx(list(s))
+        assert [d.id for d in p.demos] == [index.records[i].id for i in rows]  # the anchors that voted
+        assert all(d.score <= 1e-6 for d in p.demos) and p.prompt_tokens > 0  # score = -KL
+
+    icl = Engine.from_parts(PipelineConfig(index="tiny", k=2), index, get_embedder("hashing:64"), lm, TEMPLATE)
+    mixed = Engine.from_parts(PipelineConfig(index="tiny", k=2, anchor_k=3, anchor_weight=0.5), index,
+                              get_embedder("hashing:64"), lm, TEMPLATE)
+    mixed.use_anchors(anchors)
+    for a, b, s in zip(icl.classify(queries), mixed.classify(queries), shares):
+        want = 0.5 * np.array([a.probs[lab] for lab in index.labels]) + 0.5 * s
+        assert [b.probs[lab] for lab in index.labels] == pytest.approx(list(want))
+        assert [d.id for d in a.demos] == [d.id for d in b.demos]  # the demonstrations are ICL's
