@@ -6,6 +6,8 @@ backend does one prompt pass (left-padded batch, shared with scoring), then one 
 reading the KV cache; rows that finish (eos or a stop string) leave the batch, so the remaining
 rows stop paying for them. Stop strings are matched on the decoded text of the new tokens, since
 a stop like "\\n\\n" may be one token or two; the returned text is cut before the first stop.
+`generate_stream` runs the same loop for one prompt and hands out the text as it is decoded (the
+service's server-sent events) and each token picked (its OpenAI-compatible completions).
 """
 
 from __future__ import annotations

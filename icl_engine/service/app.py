@@ -33,7 +33,7 @@ from .state import NotFound, Options, Service
 
 __all__ = ["create_app", "APIError", "Context", "OPEN_PATHS", "router"]
 
-log = logging.getLogger("icl_engine.service")
+log = logging.getLogger("uvicorn.error")  # the server's own log: shown with its start-up lines
 OPEN_PATHS = ("/healthz", "/readyz")  # never behind the API key: probes carry none
 
 
