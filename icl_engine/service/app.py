@@ -76,7 +76,7 @@ class Context:
         """Await the request's work within the timeout, turning each failure into its status."""
         try:
             return await asyncio.wait_for(work(), self.config.timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
             raise APIError(504, f"no answer within {self.config.timeout_s:g} s") from None
         except APIError:
             raise
@@ -329,7 +329,7 @@ async def _events(service: Service, cfg, text: str, timeout: float):
         while (piece := await asyncio.wait_for(pieces.get(), timeout)) is not None:
             yield f"data: {json.dumps({'text': piece}, ensure_ascii=False)}\n\n"
         yield f"event: done\ndata: {json.dumps(asdict(job.result()), ensure_ascii=False)}\n\n"
-    except TimeoutError:
+    except asyncio.TimeoutError:
         yield f"event: error\ndata: {json.dumps({'error': f'no new text within {timeout:g} s'})}\n\n"
     except Exception as e:
         if not isinstance(e, ValueError):

@@ -77,7 +77,7 @@ class MicroBatcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
                 break
         batch, n = [], 0
         while self._waiting and (not batch or n + len(self._waiting[0].texts) <= self.max_batch_size):
