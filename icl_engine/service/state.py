@@ -105,8 +105,7 @@ class Service:
         self.lm = load_model(self.config.lm, dtype=self.config.dtype)
         self.engines = EngineCache(self.config.engines, lm=self.lm)
         for name in self.config.indexes:
-            self.engine_sync(PipelineConfig(index=name, indexes_dir=self.config.indexes_dir, lm=self.config.lm,
-                                            dtype=self.config.dtype, batch_size=self.config.batch_size))
+            self.engine_sync(self.pipeline_config(Options(name)))
 
     def engine_sync(self, config: PipelineConfig) -> Engine:
         """The engine of a config, over the service's LM and its loaded copy of the index (loaded
