@@ -61,7 +61,7 @@ case $stage in
     methods=(zero knn knn_prompting knn_prompting_icl ipt ipt_distill finetuned)
     margs=(); for m in "${methods[@]}"; do margs+=(--methods "$m"); done
     time "$icl" compare "$task" --test "$test" --test-limit "$limit" --reference "$ref" \
-      --out "$runs/compare/$task" --k 8 --anchor-k 8 --seeds "$seeds" --threads 1 --eval-every 25 --steps 300 \
+      --out "$runs/compare/$task" --k 8 --anchor-k 8 --seeds "$seeds" --threads 1 --eval-every 25 --steps "${STEPS:-300}" \
       "${margs[@]}" --indexes-dir "$runs/indexes" 2>&1 | tee -a "$runs/logs/compare-$task.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -44,8 +44,9 @@ from .train.loop import TrainSettings, check_train_out
 from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
-    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
-    "generate", "evaluate_file", "run_demo", "build_anchors", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
+    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "search_index_template", "index_info", "delete_index_folder",
+    "list_index_infos", "search", "search_loaded", "make_config", "classify", "generate", "evaluate_file", "run_demo",
+    "build_anchors", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
 SEARCH_FILE = "template_search.json"  # the template search's table, stored with the index
@@ -142,7 +143,12 @@ def list_index_infos(*, indexes_dir: Path | None = None) -> list[dict]:
 def search(name: str, query: str, *, k: int = 8, mmr_lambda: float | None = None,
            indexes_dir: Path | None = None) -> list[dict]:
     index = ExampleIndex.load(index_path(name, indexes_dir))
-    embedder = get_embedder(index.manifest["embedder"])
+    return search_loaded(index, get_embedder(index.manifest["embedder"]), query, k=k, mmr_lambda=mmr_lambda)
+
+
+def search_loaded(index: ExampleIndex, embedder, query: str, *, k: int = 8,
+                  mmr_lambda: float | None = None) -> list[dict]:
+    """`search` over an index and embedder already in memory (a long-lived service's)."""
     [qv] = embedder.encode([query])
     method = SelectionMethod.KNN if mmr_lambda is None else SelectionMethod.MMR
     sel = select_demonstrations(index, qv, method=method, k=k, query_text=query,

@@ -368,6 +368,37 @@ def demo(
     typer.echo(format_demo(api.run_demo(n=n, k=k, lm=lm, indexes_dir=indexes_dir)))
 
 
+@app.command()
+def serve(
+    index: Optional[List[str]] = typer.Option(None, "--index", help="An index to load at start (repeat); "
+                                              "others load when a request first names them."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    max_batch_size: int = typer.Option(64, "--max-batch-size", min=1, help="Most texts merged into one engine "
+                                       "call (and per request)."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="How long a request waits for others "
+                                      "to share its batch."),
+    batch_size: int = _BATCH,
+    timeout: float = typer.Option(60.0, "--timeout", min=0.001, help="Seconds before a request is answered 504."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ICL_API_KEY", help="Require "
+                                          "'Authorization: Bearer KEY' on every endpoint but /healthz and /readyz."),
+    adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", envvar="ICL_ADAPTERS", help="Soft prompts "
+                                                "a request may name (default ./adapters)."),
+    lm: str = _LM,
+    dtype: Optional[DType] = _DTYPE,
+):
+    """Serve the engine over HTTP (FastAPI): classify, generate, search, OpenAI-compatible
+    completions, health, readiness and Prometheus metrics; docs at /docs."""
+    from .service import ServeConfig, serve as run_service
+
+    run_service(ServeConfig(
+        indexes=tuple(index or ()), indexes_dir=str(indexes_dir) if indexes_dir else None, host=host, port=port,
+        max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batch_size=batch_size, timeout_s=timeout,
+        api_key=api_key, adapters_dir=str(adapters_dir) if adapters_dir else None, lm=lm,
+        dtype=dtype.value if dtype else None))
+
+
 def main() -> None:
     """The `icl` console script: usage errors are one line too (exit 2); bare `icl` prints help."""
     try:

@@ -9,13 +9,15 @@ Ray actor or a notebook loads the LM, the embedder and the index once and answer
 An entry is keyed by every field of the config and by the index's current version (index_version),
 so rebuilding or replacing an index under the same name loads it afresh.
 The least recently used engine is dropped when the cache is full. Not thread-safe: give each
-worker thread its own cache, or hold a lock around get().
+worker thread its own cache, or hold a lock around get(). `EngineCache(lm=model)` gives every
+engine that one loaded LM (a service serving all its indexes with one model).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from .backend import LMBackend
 from .config import PipelineConfig
 from .index import index_path, index_version
 from .pipeline import Engine
@@ -31,22 +33,25 @@ def _folder_stamp(config: PipelineConfig) -> str | None:
 
 
 class EngineCache:
-    def __init__(self, size: int = 2):
+    def __init__(self, size: int = 2, *, lm: LMBackend | None = None):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size = size
+        self.lm = lm  # when given, the LM of every engine (its configs' lm fields only name it)
         self._engines: OrderedDict[tuple, Engine] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._engines)
 
-    def get(self, config: PipelineConfig) -> Engine:
+    def get(self, config: PipelineConfig, **parts) -> Engine:
+        """The cached engine of `config`, else a new one, built from `parts` (an index and its
+        embedder the caller holds loaded) and what cached engines can share."""
         stamp = _folder_stamp(config)
         key = (config.key(), stamp)
         if key in self._engines:
             self._engines.move_to_end(key)
             return self._engines[key]
-        engine = Engine.load(config, **self._reusable(config, stamp))
+        engine = Engine.load(config, **{**self._reusable(config, stamp), **parts})
         self._engines[key] = engine
         while len(self._engines) > self.size:
             self._engines.popitem(last=False)
@@ -55,10 +60,11 @@ class EngineCache:
     def _reusable(self, config: PipelineConfig, stamp) -> dict:
         """Parts of cached engines this config can share: the LM (same name, dtype, trust
         setting) and the index with its embedder (same folder, unchanged)."""
-        parts = {}
+        parts = {} if self.lm is None else {"lm": self.lm}
         for (key, other_stamp), engine in self._engines.items():
             c = engine.config
-            if (c.lm, c.dtype, c.trust_remote_code) == (config.lm, config.dtype, config.trust_remote_code):
+            if self.lm is None and (c.lm, c.dtype, c.trust_remote_code) == (config.lm, config.dtype,
+                                                                              config.trust_remote_code):
                 parts["lm"] = engine.lm
             same_folder = index_path(c.index, c.indexes_dir) == index_path(config.index, config.indexes_dir)
             if stamp is not None and other_stamp == stamp and same_folder:

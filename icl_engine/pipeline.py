@@ -9,7 +9,7 @@ Every stage lives in its own module; this file only wires them together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .adapters import SoftPrompt
 from .config import PipelineConfig
 from .data import TaskKind
 from .embed import Embedder
-from .generate import generate
+from .generate import generate, generate_stream
 from .index import ExampleIndex, index_version
 from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
@@ -223,3 +223,19 @@ class Engine:
         return [Generation(t.strip(), self._demos(s), len(p.ids) + self.n_virtual, self._skipped(s), s.dropped,
                            s.short) for t, s, p in zip(texts, selections, prompts)]
 
+
+    def generate_stream(self, input: str, on_text: Callable[[str], None], *, method=None, k=None,
+                        max_new_tokens: int | None = None, **sampling) -> Generation:
+        """`generate` for one input, telling `on_text` each piece of the output as it is decoded
+        (generate.generate_stream); the pieces join to the returned Generation's text before its
+        surrounding whitespace is stripped."""
+        [sel] = self.select([input], method=method, k=k)
+        [prompt] = self._prompts([input], [sel])
+        ids = prompt.ids[prompt.shared_len:] if self.prefix is not None else prompt.ids
+        text = generate_stream(
+            self.lm, ids, on_text=on_text, prefix=self.prefix,
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            stop=(self.builder.template.separator,), seed=self.config.seed, **sampling,
+        )
+        return Generation(text.strip(), self._demos(sel), len(prompt.ids) + self.n_virtual, self._skipped(sel),
+                          sel.dropped, sel.short)

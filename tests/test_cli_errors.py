@@ -191,6 +191,9 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
                                        "--out", "bounds_out", *L],
         "bounds: unknown experiment": ["bounds", "run", "--experiment", "nope", "--out", "bounds_out", *L],
         "bounds theory: negative eps": ["bounds", "theory", "--eps", "-1"],
+        "serve: unknown --index": ["serve", "--index", "nope", *L],
+        "serve: --index a path": ["serve", "--index", "../indexes/good", *L],
+        "serve: port out of range": ["serve", "--port", "70000", *L],
         "unknown command": ["frobnicate"],
         "unknown option": ["index", "info", "good", "--colour"],
     }

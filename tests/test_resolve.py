@@ -136,6 +136,24 @@ def test_engine_cache_reloads_a_rebuilt_index(workspace, tmp_path):
     assert second is not first and len(second.index) == len(ROWS) + 1 and second.lm is first.lm
 
 
+def test_engine_cache_with_one_lm_and_given_parts(workspace):
+    """EngineCache(lm=...) gives every engine that LM (its configs' lm names only key it); parts
+    passed to get() build a new engine (a service's loaded index and shared embedder)."""
+    from conftest import make_tiny_lm
+
+    root, _ = workspace
+    lm = make_tiny_lm(make_tiny_tokenizer())
+    cache = EngineCache(size=4, lm=lm)
+    cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm="not-loaded-by-name", k=2)
+    index = ExampleIndex.load(root / "indexes" / "plain")
+    embedder = get_embedder("hashing:64")
+    engine = cache.get(cfg, index=index, embedder=embedder)
+    assert engine.lm is lm and engine.index is index and engine.embedder is embedder
+    assert cache.get(cfg) is engine
+    other = cache.get(PipelineConfig(index="stored", indexes_dir=str(root / "indexes"), lm="x"))
+    assert other.lm is lm and other.index is not index
+
+
 def test_api_query_functions_take_an_engine_or_a_config(workspace):
     from icl_engine import api
     from icl_engine.engines import ENGINES

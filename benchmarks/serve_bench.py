@@ -1,0 +1,237 @@
+"""`icl serve` under load: 1, 8 and 32 concurrent clients sending Rotten Tomatoes test reviews
+(k = 8, the default SmolLM2 and MiniLM) to a real `icl serve` process over loopback, next to the
+offline throughput of what `icl eval` runs (api.evaluate_file) with the same settings, measured in
+the same run before and after the clients (so drifting load on a shared machine hits both).
+
+    .venv/bin/python benchmarks/serve_bench.py                  # a few minutes on 2 cores
+    .venv/bin/python benchmarks/serve_bench.py --levels 1:4 8:16 32:32 --offline 32   # quicker
+
+Each level is closed-loop: `clients` threads, each sending its next request when its last is
+answered, until `requests` have been sent; queries/s = requests / wall seconds of the level.
+Latency is per request (client side). Both processes run with ICL_NUM_THREADS torch threads
+(default 1). Bounded: every request has a client timeout, and the script stops the server
+with SIGTERM (its exit code is recorded). Writes benchmarks/results/serve/serve_bench.json
+and .md. The index `rotten_tomatoes` (built-in train split) is built under ./indexes if absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ICL = Path(sys.executable).with_name("icl")
+OUT = ROOT / "benchmarks" / "results" / "serve"
+INDEX = "rotten_tomatoes"
+
+
+def load_avg() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]  # nearest rank
+
+
+# The offline side, in its own process like the server: what `icl eval` runs (api.evaluate_file ->
+# evaluate), on an engine warmed by the same two requests the server gets before its levels (the
+# first call tokenizes every demonstration once; `icl eval`'s own seconds would include that).
+OFFLINE = """
+import json, sys
+from icl_engine import api
+from icl_engine.engines import get_engine
+cfg = api.make_config(sys.argv[1], k=int(sys.argv[2]), batch_size=int(sys.argv[3]))
+engine = get_engine(cfg)
+engine.classify(sys.argv[5:7])
+r = api.evaluate_file(engine, "rotten_tomatoes:test", limit=int(sys.argv[4]))
+print(json.dumps({"n": r["n"], "seconds": r["seconds"], "accuracy": r["accuracy"]}))
+"""
+
+
+def offline(args, env, warm: list[str]) -> dict:
+    """Offline evaluation of the first n test reviews, models loaded and warmed beforehand."""
+    p = subprocess.run([sys.executable, "-c", OFFLINE, INDEX, str(args.k), str(args.batch_size), str(args.offline),
+                        *warm], env=env, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"offline evaluation failed: {p.stderr.strip()[-2000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return {**r, "qps": r["n"] / r["seconds"]}
+
+
+def level(url: str, texts: list[str], clients: int, requests: int, k: int, timeout: float) -> dict:
+    """Closed loop: `clients` threads share `requests` requests."""
+    lock, lat, status, labels = threading.Lock(), [], [], []
+    todo = iter(range(requests))
+
+    def client():
+        with httpx.Client(timeout=timeout) as c:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(f"{url}/v1/classify", json={"index": INDEX, "text": texts[i % len(texts)], "k": k})
+                    code = r.status_code
+                    label = r.json().get("label") if code == 200 else None
+                except httpx.HTTPError:
+                    code, label = "transport", None
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                    status.append(code)
+                    labels.append((i, label))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": requests, "seconds": wall, "qps": requests / wall,
+            "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
+            "ok": sum(s == 200 for s in status), "errors_4xx": sum(isinstance(s, int) and 400 <= s < 500 for s in status),
+            "errors_5xx": sum(isinstance(s, int) and s >= 500 for s in status),
+            "transport_errors": sum(s == "transport" for s in status)}
+
+
+def batch_sizes(url: str) -> dict:
+    """The server's own histogram of texts per engine call (sum / count)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    get = lambda name: float(next(l.split()[-1] for l in text.splitlines() if l.startswith(name + " ")))  # noqa: E731,E741
+    return {"calls": get("icl_batch_texts_count"), "texts": get("icl_batch_texts_sum")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--levels", nargs="+", default=["1:8", "8:32", "32:64"], help="CLIENTS:REQUESTS per level")
+    ap.add_argument("--offline", type=int, default=64, help="test reviews per offline `icl eval` run")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="LM rows per forward (server and eval alike)")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--timeout", type=float, default=600, help="client timeout per request / per eval, seconds")
+    args = ap.parse_args()
+    levels = [tuple(int(x) for x in lv.split(":")) for lv in args.levels]
+    env = {**os.environ, "ICL_NUM_THREADS": str(args.threads), "ICL_INDEXES": str(ROOT / "indexes")}
+    if not (ROOT / "indexes" / INDEX).exists():
+        subprocess.run([str(ICL), "index", "build", "rotten_tomatoes:train", "--name", INDEX], env=env, check=True,
+                       cwd=ROOT)
+    from icl_engine.data import load_dataset
+
+    texts = [r.input for r in load_dataset("rotten_tomatoes:test").records]
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = load_avg()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(ICL), "serve", "--index", INDEX, "--port", str(port), "--batch-size",
+                               str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms), "--timeout",
+                               str(args.timeout)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"icl serve exited: {server.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - t0 > 300:
+                raise SystemExit("icl serve not ready in 300 s")
+            time.sleep(0.5)
+        ready_s = time.perf_counter() - t0
+        print(f"server ready in {ready_s:.1f} s; offline eval 1 ...", flush=True)
+        off = [offline(args, env, texts[:2])]
+        level(url, texts, 1, 2, args.k, args.timeout)  # warm-up: the same two reviews
+        rows = []
+        for clients, requests in levels:
+            before = batch_sizes(url)
+            row = level(url, texts, clients, requests, args.k, args.timeout)
+            after = batch_sizes(url)
+            calls = after["calls"] - before["calls"]
+            row["mean_batch_texts"] = (after["texts"] - before["texts"]) / calls if calls else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print("offline eval 2 ...", flush=True)
+        off.append(offline(args, env, texts[:2]))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            exit_code = server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            exit_code = "killed after 120 s"
+    load_end = load_avg()
+    offline_qps = statistics.mean(o["qps"] for o in off)
+    lone_p50 = next((r["p50"] for r in rows if r["clients"] == 1), None)
+    for r in rows:
+        r["vs_offline"] = r["qps"] / offline_qps
+        r["p99_bound"] = 3 * lone_p50 + args.max_wait_ms / 1000 if lone_p50 else None
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "started": started,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "torch_threads_per_process": args.threads},
+        "load_start": load_start, "load_end": load_end, "settings": vars(args), "server_ready_s": ready_s,
+        "offline": off, "offline_qps": offline_qps, "levels": rows, "server_exit_code": exit_code,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / "serve_bench.md").write_text(markdown(result) + "\n")
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    lines = [
+        "# `icl serve` under load", "",
+        f"`{r['command']}`, {r['started']}", "",
+        f"Machine: {r['machine']['processor'] or 'CPU'}, {r['machine']['cpu_count']} CPUs, "
+        f"{r['machine']['platform']}; {s['threads']} torch thread(s) per process (server, and `icl eval`). "
+        f"Shared machine: `uptime` at start: {r['load_start']}; at end: {r['load_end']}.", "",
+        f"Rotten Tomatoes test reviews, k = {s['k']}, default LM (SmolLM2-135M, float32) and embedder, index "
+        f"`rotten_tomatoes` (built-in train split); server: --max-wait-ms {s['max_wait_ms']:g}, --batch-size "
+        f"{s['batch_size']} (LM rows per forward, as `icl eval --batch-size`), --max-batch-size 64.", "",
+        f"Offline evaluation (what `icl eval --limit {s['offline']}` runs, warmed like the server; same "
+        "settings, its own process), before and after the clients: "
+        + ", ".join(f"{o['qps']:.2f} q/s" for o in r["offline"]) + f"; mean {r['offline_qps']:.2f} q/s.", "",
+        "| clients | requests | q/s | vs offline | p50 s | p95 s | p99 s | p99 bound s | mean texts per engine call "
+        "| 4xx | 5xx | transport errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in r["levels"]:
+        bound = "–" if x["p99_bound"] is None else f"{x['p99_bound']:.2f}"
+        mean_b = "–" if x["mean_batch_texts"] is None else f"{x['mean_batch_texts']:.1f}"
+        lines.append(f"| {x['clients']} | {x['requests']} | {x['qps']:.2f} | {100 * x['vs_offline']:.0f} % | "
+                     f"{x['p50']:.2f} | {x['p95']:.2f} | {x['p99']:.2f} | {bound} | {mean_b} | {x['errors_4xx']} | "
+                     f"{x['errors_5xx']} | {x['transport_errors']} |")
+    lines += ["", "p99 bound = 3 x the lone request's p50 + the batching wait (the issue's target). "
+              f"Server exit code after SIGTERM: {r['server_exit_code']}."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

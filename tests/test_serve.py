@@ -1,0 +1,427 @@
+"""`icl serve`: every endpoint and error class in process (FastAPI's TestClient), answers equal
+to the offline engine's whatever batch a request shared, and one real `icl serve` process
+started, queried and stopped with SIGTERM. Tiny random LM, hashing embedder: no downloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from icl_engine import api  # noqa: E402
+from icl_engine.service import ServeConfig, create_app  # noqa: E402
+
+ICL = Path(sys.executable).with_name("icl")
+ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
+        ("a dull boring film", "negative"), ("terrible plot and bad acting", "negative"),
+        ("the movie was great", "positive"), ("a boring movie with a dull plot", "negative")]
+QUERIES = ["a great film", "boring", "the acting was wonderful and the plot was great and moving",
+           "terrible", "a dull film with bad acting", "great great great", "the movie", "a moving story"]
+# Queries whose similarities to the 6 records are all distinct. With ties (common with a 64-dim
+# hashing embedder on 6 records), which tied record is selected depends on the search path:
+# index.search scans fewer than 4 queries with numpy and more with faiss, and they break ties
+# differently, so a tie can change the demonstrations between batched and lone queries (offline
+# `icl eval` vs `icl classify` alike). Batching must not change the LM's scores: that is tested here.
+DISTINCT = ["a great film", "a dull film with bad acting", "a wonderful moving film", "bad acting and a dull plot",
+            "a great story with wonderful acting", "a dull and boring plot"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Indexes (classification, generation), a tiny LM folder, a soft prompt for another LM."""
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "good.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in ROWS))
+    gen = root / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"input": t, "output": lab}) + "\n" for t, lab in ROWS))
+    indexes = root / "indexes"
+    api.build_index(str(data), "good", embedder="hashing:64", indexes_dir=indexes)
+    api.build_index(str(gen), "gen", embedder="hashing:64", indexes_dir=indexes)
+    tok = make_tiny_tokenizer()
+    lm = root / "tiny-lm"
+    make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(lm)
+    tok.save_pretrained(lm)
+    adapters = root / "adapters"
+    _soft_prompt(adapters / "wide", width=48)  # the tiny LM's hidden size is 32
+    return root, indexes, lm, adapters
+
+
+def _soft_prompt(folder: Path, width: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 2,
+                                                            "token_dim": width}))
+    save_file({"prompt_embeddings": torch.zeros(2, width)}, str(folder / "adapter_model.safetensors"))
+
+
+def _config(world, **kw) -> ServeConfig:
+    root, indexes, lm, adapters = world
+    return ServeConfig(**{"indexes": ("good",), "indexes_dir": str(indexes), "lm": str(lm),
+                          "adapters_dir": str(adapters), **kw})
+
+
+def _wait_ready(client, seconds: float = 60) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not ready: {client.get('/readyz').json()}")
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    with TestClient(create_app(_config(world, max_wait_ms=100))) as c:
+        _wait_ready(c)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline(world, client):
+    """The offline engine over the same LM object, index and settings the service uses."""
+    from icl_engine.pipeline import Engine, PipelineConfig
+
+    service = client.app.state.service
+    _, indexes, lm, _ = world
+    return lambda index="good", **kw: Engine.load(PipelineConfig(index=index, indexes_dir=str(indexes), lm=str(lm),
+                                                                 **kw), lm=service.lm)
+
+
+def _one_sentence(r) -> str:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"], str) and body["error"] and "\n" not in body["error"], body
+    return body["error"]
+
+
+# ----------------------------------------------------------------------------- health, docs, metrics
+
+
+def test_health_ready_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["indexes"] == ["good"]
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/classify", "/v1/completions"}
+    assert client.get("/docs").status_code == 200
+
+
+def test_readyz_is_503_until_loaded(world):
+    app = create_app(_config(world))
+    service = app.state.service
+    gate = threading.Event()
+    with TestClient(app) as c:
+        service.worker.submit(gate.wait)  # the worker is busy: the LM cannot load yet
+        try:
+            # the load was queued at start-up; until it runs the service is alive but not ready
+            if not service.ready:
+                r = c.get("/readyz")
+                assert r.status_code == 503 and r.json()["ready"] is False
+            assert c.get("/healthz").status_code == 200
+        finally:
+            gate.set()
+        _wait_ready(c)
+
+
+def test_failed_load_says_why(world):
+    with TestClient(create_app(_config(world, lm=str(world[0] / "no-such-lm")))) as c:
+        end = time.monotonic() + 30
+        while "error" not in c.get("/readyz").json() and time.monotonic() < end:
+            time.sleep(0.05)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "no-such-lm" in r.json()["error"]
+        r = c.post("/v1/classify", json={"index": "good", "text": "a film"})
+        assert r.status_code == 503 and _one_sentence(r)
+
+
+def test_metrics_prometheus_text(client):
+    client.post("/v1/classify", json={"index": "good", "text": "a film"})
+    client.post("/v1/classify", json={"index": "nope", "text": "a film"})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in ("# TYPE icl_requests_total counter", "# TYPE icl_request_duration_seconds histogram",
+                 "# TYPE icl_batch_texts histogram", "# TYPE icl_queue_texts gauge", "icl_ready 1.0"):
+        assert line in text, line
+    assert 'icl_requests_total{endpoint="/v1/classify",status="200"}' in text
+    assert 'icl_request_errors_total{endpoint="/v1/classify",status="404"}' in text
+    assert 'icl_request_duration_seconds_bucket{endpoint="/v1/classify",le="+Inf"}' in text
+    assert "icl_batch_texts_count" in text and "icl_batch_texts_sum" in text
+
+
+# ----------------------------------------------------------------------------- classify, batching
+
+
+def test_classify_is_icl_classify_json(client, offline):
+    got = client.post("/v1/classify", json={"index": "good", "text": "a great film", "k": 3})
+    assert got.status_code == 200, got.text
+    [want] = offline(k=3).classify(["a great film"])
+    want = json.loads(json.dumps(asdict(want)))
+    assert got.json().keys() == want.keys()
+    np.testing.assert_allclose(got.json()["log_scores"], want["log_scores"], rtol=0, atol=1e-5)
+    assert got.json()["label"] == want["label"] and got.json()["demos"] == want["demos"]
+    assert got.json()["prompt_tokens"] == want["prompt_tokens"]
+    many = client.post("/v1/classify", json={"index": "good", "texts": QUERIES[:3], "k": 3}).json()["predictions"]
+    assert [p["label"] for p in many] == [p.label for p in offline(k=3).classify(QUERIES[:3])]
+
+
+@pytest.mark.parametrize("calibration", ["none", "contextual"])
+def test_concurrent_requests_share_batches_and_answer_as_offline(client, offline, calibration):
+    """Requests of different lengths sent together are merged into engine calls (padding); each
+    answer's log-scores equal the offline engine's for that text alone within 1e-5."""
+    metrics = client.app.state.metrics
+    before = metrics.batch_requests.collect()[0].samples
+    body = lambda q: {"index": "good", "text": q, "k": 4, "calibration": calibration}  # noqa: E731
+    with ThreadPoolExecutor(len(DISTINCT) * 2) as pool:
+        answers = list(pool.map(lambda q: client.post("/v1/classify", json=body(q)), DISTINCT * 2))
+    engine = offline(k=4, calibration=calibration)
+    for q, r in zip(DISTINCT * 2, answers):
+        assert r.status_code == 200, r.text
+        [alone] = engine.classify([q])
+        np.testing.assert_allclose(r.json()["log_scores"], alone.log_scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(list(r.json()["probs"].values()), list(alone.probs.values()), rtol=0, atol=1e-5)
+        assert [d["id"] for d in r.json()["demos"]] == [d.id for d in alone.demos]
+    after = metrics.batch_requests.collect()[0].samples
+    count = lambda samples: next(s.value for s in samples if s.name.endswith("_count"))  # noqa: E731
+    total = lambda samples: next(s.value for s in samples if s.name.endswith("_sum"))  # noqa: E731
+    calls, requests = count(after) - count(before), total(after) - total(before)
+    assert requests == len(DISTINCT) * 2 and calls < requests, "no two requests shared an engine call"
+
+
+def test_a_bad_request_in_a_batch_fails_alone(client, world):
+    """A query too long for the budget fails its own request only, not the batch it joined."""
+    long = " ".join(["wonderful"] * 600)
+    with ThreadPoolExecutor(4) as pool:
+        rs = list(pool.map(lambda q: client.post("/v1/classify", json={"index": "good", "text": q}),
+                           ["a great film", long, "boring", "a dull film"]))
+    assert [r.status_code for r in rs] == [200, 400, 200, 200], [r.text for r in rs]
+    _one_sentence(rs[1])
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"index": "nope", "text": "a film"}, 404),  # unknown index
+    ({"index": "../indexes/good", "text": "a film"}, 400),  # a path: never outside the indexes dir
+    ({"index": "/etc", "text": "a film"}, 400),
+    ({"index": "good", "text": "   "}, 400),  # empty text
+    ({"index": "good", "texts": []}, 400),
+    ({"index": "good", "text": "x" * 20_001}, 413),  # oversized text
+    ({"index": "good", "texts": ["a film"] * 65}, 413),  # too many texts
+    ({"index": "good", "text": "a film", "k": -1}, 422),  # bad k
+    ({"index": "good", "text": "a film", "k": "many"}, 422),
+    ({"index": "good", "text": "a film", "method": "magic"}, 422),
+    ({"index": "good", "text": "a film", "texts": ["b"]}, 422),
+    ({"index": "good"}, 422),
+    ({"text": "a film"}, 422),
+    ({"index": "good", "text": "a film", "colour": "red"}, 422),
+    ({"index": "good", "text": "a film", "labels": ["positive", "neutral"]}, 400),  # unknown label set
+    ({"index": "good", "text": "a film", "soft_prompt": "wide"}, 400),  # a soft prompt for another LM
+    ({"index": "good", "text": "a film", "soft_prompt": "missing"}, 404),
+    ({"index": "good", "text": "a film", "soft_prompt": "../x"}, 400),
+    ({"index": "gen", "text": "a film"}, 400),  # a generation index cannot classify
+])
+def test_classify_errors_are_one_sentence(client, body, status):
+    r = client.post("/v1/classify", json=body)
+    assert r.status_code == status, r.text
+    _one_sentence(r)
+
+
+def test_malformed_json_and_unknown_routes(client):
+    r = client.post("/v1/classify", content=b'{"index": "good", "text": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in _one_sentence(r)
+    r = client.post("/v1/classify")
+    assert r.status_code == 400 and _one_sentence(r)
+    assert client.get("/v1/nothing").status_code == 404 and _one_sentence(client.get("/v1/nothing"))
+    assert client.get("/v1/classify").status_code == 405
+    r = client.post("/v1/search", json={"index": "good", "query": "a film", "k": 0})
+    assert r.status_code == 422 and _one_sentence(r)
+
+
+def test_labels_that_match_are_accepted(client):
+    r = client.post("/v1/classify", json={"index": "good", "text": "a film", "labels": ["negative", "positive"]})
+    assert r.status_code == 200, r.text
+
+
+def test_failure_and_timeout_never_take_the_server_down(world, monkeypatch):
+    from icl_engine.pipeline import Engine
+
+    with TestClient(create_app(_config(world, timeout_s=0.5))) as c:
+        _wait_ready(c)
+        service = c.app.state.service
+        monkeypatch.setattr(Engine, "classify", lambda self, texts, **kw: 1 / 0)
+        r = c.post("/v1/classify", json={"index": "good", "text": "a film"})
+        assert r.status_code == 500 and _one_sentence(r).startswith("ZeroDivisionError")
+        monkeypatch.undo()
+        gate = threading.Event()
+        service.worker.submit(gate.wait, 5)  # the model is busy past the timeout
+        r = c.post("/v1/classify", json={"index": "good", "text": "a film"})
+        gate.set()
+        assert r.status_code == 504 and _one_sentence(r)
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/v1/classify", json={"index": "good", "text": "a film"}).status_code == 200
+
+
+def test_api_key(world, monkeypatch):
+    with TestClient(create_app(_config(world, api_key="s3cret"))) as c:
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code in (200, 503)
+        for path in ("/v1/indexes", "/metrics", "/openapi.json"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and _one_sentence(r)
+        assert c.get("/v1/indexes", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/indexes", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- generate, search, indexes
+
+
+def test_generate_and_its_stream(client, offline):
+    body = {"index": "gen", "input": "a great film", "k": 2, "max_new_tokens": 12}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    [want] = offline("gen", k=2, max_new_tokens=12).generate(["a great film"])
+    assert r.json() == json.loads(json.dumps(asdict(want)))
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in s.read().decode().split("\n\n") if e]
+    pieces = [json.loads(e.removeprefix("data: "))["text"] for e in events[:-1]]
+    assert events[-1].startswith("event: done\ndata: ")
+    done = json.loads(events[-1].split("data: ", 1)[1])
+    assert done == r.json() and "".join(pieces).strip() == done["text"]
+    r = client.post("/v1/generate", json={"index": "nope", "input": "x", "stream": True})
+    assert r.status_code == 404 and _one_sentence(r)
+
+
+def test_generate_stream_equals_generate(tiny_tokenizer):
+    from conftest import make_tiny_lm
+
+    from icl_engine.generate import generate, generate_stream, stream_safe
+
+    lm = make_tiny_lm(tiny_tokenizer)
+    for prompt, stop in [("the movie was", ("\n\n",)), ("a dull", ("e",)), ("great", ())]:
+        pieces, tokens = [], []
+        text = generate_stream(lm, prompt, on_text=pieces.append, on_token=tokens.append, max_new_tokens=20, stop=stop)
+        assert text == generate(lm, [prompt], max_new_tokens=20, stop=stop)[0]
+        assert "".join(pieces) == text and 1 <= len(tokens) <= 20
+    assert stream_safe("ab\n", ("\n\n",)) == "ab" and stream_safe("ab\n\ncd", ("\n\n",)) == "ab"
+
+
+def test_search_and_indexes(client, world):
+    r = client.post("/v1/search", json={"index": "good", "query": "a great film", "k": 3})
+    assert r.status_code == 200
+    assert r.json()["hits"] == api.search("good", "a great film", k=3, indexes_dir=world[1])
+    rows = client.get("/v1/indexes").json()["indexes"]
+    assert {r["name"]: r["loaded"] for r in rows}["good"] is True and {r["name"] for r in rows} == {"good", "gen"}
+    info = client.get("/v1/indexes/good").json()
+    assert info["count"] == len(ROWS) and info["loaded"] is True
+    assert client.get("/v1/indexes/nope").status_code == 404
+    assert client.get("/v1/indexes/..%2Fx").status_code in (400, 404)
+    assert client.get("/v1/indexes/.hidden").status_code == 400
+
+
+# ----------------------------------------------------------------------------- OpenAI completions
+
+
+def test_completions_echo_logprobs_score_like_the_reference(client):
+    """lm-evaluation-harness's log-likelihood request: echo, max_tokens 1, logprobs 1; its
+    token_logprobs[ctxlen:-1] sum to the brute-force score of the continuation."""
+    from icl_engine.score import score_brute_force
+
+    lm = client.app.state.service.lm
+    ctx, cont = lm.tokenizer("the movie was").input_ids, lm.tokenizer(" great").input_ids
+    r = client.post("/v1/completions", json={"model": "x", "prompt": [ctx + cont], "max_tokens": 1, "echo": True,
+                                              "logprobs": 1, "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ctx) + len(cont) + 1 and lp["token_logprobs"][0] is None
+    want = score_brute_force(lm, [ctx], [cont])[0, 0]
+    assert abs(sum(lp["token_logprobs"][len(ctx):-1]) - want) < 1e-4
+    greedy = [t == max(top.values()) for t, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:])]
+    assert greedy[-1]  # the generated token is the greedy one at temperature 0
+    text = choice["text"]
+    for tok, off in zip(lp["tokens"], lp["text_offset"]):
+        assert text[off:off + len(tok)] == tok
+    assert r.json()["object"] == "text_completion" and r.json()["usage"]["prompt_tokens"] == len(ctx) + len(cont)
+
+
+def test_completions_text_prompts_and_max_tokens(client):
+    r = client.post("/v1/completions", json={"prompt": ["a dull", "great acting"], "max_tokens": 0, "echo": True,
+                                              "logprobs": 0})
+    a, b = r.json()["choices"]
+    assert (a["index"], b["index"]) == (0, 1) and a["text"] == "a dull" and b["text"] == "great acting"
+    assert len(a["logprobs"]["tokens"]) == len(client.app.state.service.lm.tokenizer("a dull").input_ids)
+    r = client.post("/v1/completions", json={"prompt": "the movie", "max_tokens": 5, "temperature": 0})
+    [c] = r.json()["choices"]
+    assert c["logprobs"] is None and not c["text"].startswith("the movie") and c["finish_reason"] in ("length", "stop")
+    for bad, status in [({"prompt": ""}, 400), ({"prompt": [10**9]}, 400), ({"prompt": "x", "max_tokens": -1}, 422),
+                        ({"prompt": "x", "stream": True}, 400), ({"prompt": "x", "n": 2}, 422), ({}, 422)]:
+        r = client.post("/v1/completions", json=bad)
+        assert r.status_code == status, (bad, r.text)
+        _one_sentence(r)
+
+
+# ----------------------------------------------------------------------------- the real process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_icl_serve_process_starts_answers_and_stops_on_sigterm(world, tmp_path):
+    import httpx
+
+    _, indexes, lm, _ = world
+    port = _free_port()
+    env = {**os.environ, "ICL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([str(ICL), "serve", "--index", "good", "--indexes-dir", str(indexes), "--lm", str(lm),
+                             "--port", str(port), "--max-wait-ms", "300"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, "not ready in 120 s"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/classify", json={"index": "good", "text": "a great film"}, timeout=30)
+        assert r.status_code == 200 and r.json()["label"] in ("positive", "negative")
+        # a request in flight when SIGTERM arrives is answered before the process exits
+        with ThreadPoolExecutor(1) as pool:
+            inflight = pool.submit(httpx.post, f"{url}/v1/classify", json={"index": "good", "text": "boring"},
+                                   timeout=30)
+            time.sleep(0.1)  # it waits in the batcher (300 ms)
+            proc.send_signal(signal.SIGTERM)
+            assert inflight.result().status_code == 200
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stdout.read()
+    assert "Traceback" not in log and f"127.0.0.1:{port}" in log
