@@ -227,7 +227,8 @@ def _load_file(
     kind: TaskKind | None,
     text_field: str | None,
     label_field: str | None,
-) -> tuple[TaskKind, list[tuple[str, str]], tuple[str, str]]:
+    id_field: str | None = None,
+) -> tuple[TaskKind, list[tuple[str, str]], tuple[str, str], list[str] | None]:
     rows = _read_rows(path)
     first = next(rows, None)
     if first is None:
@@ -237,12 +238,22 @@ def _load_file(
     lf = _pick_field(fields, label_field, _LABEL_FIELDS, "label", path)
     if kind is None:  # inferred: input/output means generation, anything else classification
         kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
-    pairs = []
+    if id_field is not None:
+        _pick_field(fields, id_field, (), "id", path)
+    pairs, ids, seen = [], [] if id_field else None, {}
     for n, row in [first, *rows]:
         [inp] = _field_values(row.get(tf), tf, f"{path}:{n}")
         refs = _field_values(row.get(lf), lf, f"{path}:{n}", references=kind is TaskKind.GENERATION, output=True)
         pairs += [(inp, out) for out in refs]  # one record per reference, in a row: an input's records stay together
-    return kind, pairs, (tf, lf)
+        if id_field:  # the row's own id; its 2nd, 3rd... reference get "#2", "#3" (index.row_id)
+            [rid] = _field_values(row.get(id_field), id_field, f"{path}:{n}")
+            if "#" in rid:
+                raise DataError(f"{path}:{n}: id {rid!r} contains '#' (reserved for the references of one row)")
+            if rid in seen:
+                raise DataError(f"{path}:{n}: id {rid!r} repeats line {seen[rid]}'s")
+            seen[rid] = n
+            ids += [rid if j == 0 else f"{rid}#{j + 1}" for j in range(len(refs))]
+    return kind, pairs, (tf, lf), ids
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -321,19 +332,25 @@ def load_dataset(
     label_field: str | None = None,
     labels: Sequence[str] | None = None,
     hf_split: str = "train",
+    id_field: str | None = None,
 ) -> Dataset:
     """Load a labelled dataset from a JSONL/CSV path, a built-in name, or a Hugging Face name.
 
     `labels` fixes the label order (and rejects rows with other labels); otherwise labels are
     sorted. Classification needs at least two classes (in the file, or in the given list).
+    `id_field` (files only): record ids come from that field (unique per row) instead of
+    content hashes, so an index update can replace a row whose text or label changed.
     """
     kind = TaskKind(kind) if kind is not None else None
     path = Path(source)
     name = str(source)
     fields: tuple[str, ...] = ()
+    ids = None
     if path.exists():
-        kind, pairs, fields = _load_file(path, kind, text_field, label_field)
+        kind, pairs, fields, ids = _load_file(path, kind, text_field, label_field, id_field)
         name = path.stem
+    elif id_field is not None:
+        raise DataError(f"{source}: an id field is read from files only")
     elif name in BUILTIN_DATASETS:
         kind, pairs = _builtin(name)
     elif path.suffix in (".jsonl", ".csv", ".tsv", ".json", ".ndjson", ".bz2"):
@@ -355,7 +372,8 @@ def load_dataset(
             raise DataError(f"{source}: field 'label' has only one class ({present[0]!r}); classification needs two or more")
     else:
         labels = ()
-    return Dataset(name, kind, make_records(pairs), tuple(labels), fields)
+    records = make_records(pairs) if ids is None else tuple(Record(i, a, b) for i, (a, b) in zip(ids, pairs))
+    return Dataset(name, kind, records, tuple(labels), fields)
 
 
 def group_references(records: Sequence[Record]) -> list[tuple[str, list[str]]]:
