@@ -14,6 +14,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import ray_jobs
 from .adapters import load_finetuned
 from .atomic import check_out_dir
 from .data import load_dataset
@@ -39,7 +40,7 @@ from .train.loop import TrainSettings
 from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
-    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "add_to_index", "remove_from_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
+    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "ray_options", "add_to_index", "remove_from_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
     "generate", "evaluate_file", "run_demo", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
@@ -49,7 +50,8 @@ SEARCH_FILE = "template_search.json"  # the template search's table, stored with
 def build_index(data: str, name: str, *, text_field=None, label_field=None, embedder: str = DEFAULT_EMBEDDER,
                 index_type: IndexType = IndexType.FLAT, template: Path | None = None,
                 indexes_dir: Path | None = None, force: bool = False, auto_template: bool = False,
-                lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150, id_field: str | None = None) -> dict:
+                lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150, id_field: str | None = None,
+                ray: "ray_jobs.RayOptions | None" = None) -> dict:
     """Load `data`, embed it and save the index as `name` (replacing an existing index only with
     `force`); returns the manifest, with the template chosen and any notes about it.
 
@@ -57,16 +59,26 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     `auto_template` the best of a few candidates on a held-out slice of the data (template_search);
     else the built-in dataset's; else one made from the data (templates.data_template).
     `id_field`: record ids from that field of the file (see add_to_index), remembered by the index.
+    `ray`: read and embed on Ray (ray_jobs): the same index as without it, made by an actor pool.
     Everything that can be checked is checked before embedding."""
     folder = index_path(name, indexes_dir, for_write=True)
     check_writable(folder, replace=force)
     given = Template.from_json(template) if template else None
-    dataset = load_dataset(data, text_field=text_field, label_field=label_field, id_field=id_field)
+    if ray is not None:  # reading and embedding are one distributed step; the checks below follow it
+        dataset, vectors = ray_jobs.read_and_embed(data, embedder=embedder, options=ray, text_field=text_field,
+                                                   label_field=label_field, id_field=id_field)
+    else:
+        dataset = load_dataset(data, text_field=text_field, label_field=label_field, id_field=id_field)
     builtin = None if Path(str(data)).exists() else builtin_template(str(data))
     default, notes = data_template(dataset)  # also refuses labels that read the same as words
     model = load_lm(lm) if auto_template and given is None else None  # a bad --lm fails before embedding
-    emb = get_embedder(embedder)
-    index = ExampleIndex.build(dataset, emb, IndexConfig(index_type=IndexType(index_type)))
+    config = IndexConfig(index_type=IndexType(index_type))
+    if ray is not None:
+        emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
+        index = ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
+    else:
+        emb = get_embedder(embedder)
+        index = ExampleIndex.build(dataset, emb, config)
     if id_field:
         index.manifest["id_field"] = id_field
     extras, search = {}, None
@@ -87,6 +99,17 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     info = index_info(name, indexes_dir=indexes_dir)
     return {**info, "template_source": source, "template_notes": notes,
             **({"template_search": search.to_dict()} if search else {})}
+
+
+def ray_options(enabled: bool, *, address: str | None = None, workers: int = 2) -> "ray_jobs.RayOptions | None":
+    """The Ray options of a command's --ray flags, None without --ray; checks that Ray is
+    installed first (RayMissingError: one line with the install command)."""
+    if not enabled:
+        if address:
+            raise ValueError("--address needs --ray")
+        return None
+    ray_jobs.require_ray()
+    return ray_jobs.RayOptions(address=address, workers=workers)
 
 
 class UpdateError(ValueError):

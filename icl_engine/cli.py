@@ -140,6 +140,11 @@ def index_build(
     lm: str = typer.Option(api.DEFAULT_LM, "--lm", help="--auto-template: the LM that scores the candidates."),
     id_field: Optional[str] = typer.Option(None, "--id-field", help="Record ids from this field (default: content "
                                            "hashes); `icl index add` then replaces a row by its id."),
+    ray: bool = typer.Option(False, "--ray", help="Read with Ray Data and embed with a pool of Ray actors "
+                             "(needs icl-engine[ray]); DATA may then be .parquet or a URL."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster (default: start "
+                                          "one here)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: embedding actors (each loads the model once)."),
     log: Optional[Path] = LogFile,
     as_json: bool = AsJson,
 ):
@@ -150,7 +155,7 @@ def index_build(
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
                            index_type=index_type, template=template, indexes_dir=indexes_dir, force=force,
                            auto_template=auto_template, lm=lm, search_k=search_k, search_examples=search_examples,
-                           id_field=id_field)
+                           id_field=id_field, ray=api.ray_options(ray, address=address, workers=workers))
     if as_json:
         _print_json(info)
         return

@@ -36,6 +36,7 @@ __all__ = [
     "load_dataset",
     "group_references",
     "make_records",
+    "pick_fields",
 ]
 
 
@@ -188,6 +189,14 @@ def _pick_field(fields: Sequence[str], given: str | None, candidates: Sequence[s
     raise DataError(f"{path}:1: no {what} field (looked for {', '.join(candidates)}; pass --{what}-field)")
 
 
+def pick_fields(fields: Sequence[str], text_field: str | None = None, label_field: str | None = None,
+                source: str | Path = "") -> tuple[str, str]:
+    """(text field, label field) of a file with these columns: the ones given, else the first
+    known name (text, input, review, ...; label, output, intent, ...). DataError naming `source`."""
+    return (_pick_field(fields, text_field, _TEXT_FIELDS, "text", Path(source)),
+            _pick_field(fields, label_field, _LABEL_FIELDS, "label", Path(source)))
+
+
 def _describe(v) -> str:
     """What a non-string value is, for a one-line error: 'a list (["a", 1])'."""
     what = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
@@ -228,14 +237,14 @@ def _load_file(
     text_field: str | None,
     label_field: str | None,
     id_field: str | None = None,
+    rows: Iterable[dict] | None = None,
 ) -> tuple[TaskKind, list[tuple[str, str]], tuple[str, str], list[str] | None]:
-    rows = _read_rows(path)
+    rows = _read_rows(path) if rows is None else enumerate(rows, 1)
     first = next(rows, None)
     if first is None:
         raise DataError(f"{path}: the file has no rows")
     fields = list(first[1].keys())
-    tf = _pick_field(fields, text_field, _TEXT_FIELDS, "text", path)
-    lf = _pick_field(fields, label_field, _LABEL_FIELDS, "label", path)
+    tf, lf = pick_fields(fields, text_field, label_field, path)
     if kind is None:  # inferred: input/output means generation, anything else classification
         kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
     if id_field is not None:
@@ -333,6 +342,7 @@ def load_dataset(
     labels: Sequence[str] | None = None,
     hf_split: str = "train",
     id_field: str | None = None,
+    rows: Iterable[dict] | None = None,
 ) -> Dataset:
     """Load a labelled dataset from a JSONL/CSV path, a built-in name, or a Hugging Face name.
 
@@ -340,14 +350,16 @@ def load_dataset(
     sorted. Classification needs at least two classes (in the file, or in the given list).
     `id_field` (files only): record ids come from that field (unique per row) instead of
     content hashes, so an index update can replace a row whose text or label changed.
+    `rows`: the file's rows, already read in order (by Ray Data, from a path or URL), parsed
+    exactly as the file would be (line numbers in errors count rows).
     """
     kind = TaskKind(kind) if kind is not None else None
     path = Path(source)
     name = str(source)
     fields: tuple[str, ...] = ()
     ids = None
-    if path.exists():
-        kind, pairs, fields, ids = _load_file(path, kind, text_field, label_field, id_field)
+    if path.exists() or rows is not None:
+        kind, pairs, fields, ids = _load_file(path, kind, text_field, label_field, id_field, rows)
         name = path.stem
     elif id_field is not None:
         raise DataError(f"{source}: an id field is read from files only")

@@ -238,6 +238,14 @@ def _check_vectors(vectors, n: int, dim: int | None, who: str) -> np.ndarray:
     return vectors
 
 
+def _check_records(dataset: Dataset) -> None:
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} has no records to index")
+    ids = [r.id for r in dataset.records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"dataset {dataset.name!r} has duplicate record ids")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -279,17 +287,22 @@ class ExampleIndex:
     @classmethod
     def build(cls, dataset: Dataset, embedder, config: IndexConfig | None = None) -> "ExampleIndex":
         """Embed every record's input (cached texts are not re-embedded) and index the vectors."""
-        config = config or IndexConfig()
-        if len(dataset) == 0:
-            raise ValueError(f"dataset {dataset.name!r} has no records to index")
-        ids = [r.id for r in dataset.records]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"dataset {dataset.name!r} has duplicate record ids")
+        _check_records(dataset)  # before the long work
         vectors = _check_vectors(embedder.encode([r.input for r in dataset.records]), len(dataset), embedder.dim,
                                  f"embedder {embedder.name!r}")
+        return cls.from_vectors(dataset, vectors, embedder.name, config)
+
+    @classmethod
+    def from_vectors(cls, dataset: Dataset, vectors: np.ndarray, embedder_name: str,
+                     config: IndexConfig | None = None) -> "ExampleIndex":
+        """Index `dataset` with its records' embeddings `vectors` [n, d] (unit norm) made by
+        embedder `embedder_name` elsewhere (e.g. by Ray workers); `build` = embed + this."""
+        config = config or IndexConfig()
+        _check_records(dataset)
+        vectors = _check_vectors(vectors, len(dataset), None, f"embedder {embedder_name!r}")
         cpu_index, params = _make_faiss(vectors, config)
         manifest = {
-            "format_version": FORMAT_VERSION, "embedder": embedder.name, "dim": int(vectors.shape[1]),
+            "format_version": FORMAT_VERSION, "embedder": embedder_name, "dim": int(vectors.shape[1]),
             "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
             "index_params": params, "count": len(dataset), "dataset": dataset.name,
             "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),

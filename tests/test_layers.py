@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "icl_engine"
 
 # The layer of a module, by its dotted name under icl_engine; anything not listed is core.
-FRONT_ENDS = {"cli", "cli_format", "api", "console"}
+FRONT_ENDS = {"cli", "cli_format", "api", "console", "ray_jobs"}
 LAYERS = {"core": 0, "train": 1, "studies": 2, "front": 3}
 
 
@@ -98,6 +98,7 @@ def test_the_checker_sees_upward_imports(tmp_path):
 @pytest.mark.parametrize("module, layer", [
     ("icl_engine.pipeline", "core"), ("icl_engine.adapters", "core"), ("icl_engine.train.loop", "train"),
     ("icl_engine.studies.experiments.common", "studies"), ("icl_engine.cli", "front"), ("icl_engine.api", "front"),
+    ("icl_engine.ray_jobs", "front"),
 ])
 def test_layer_names(module, layer):
     assert layer_of(module) == layer
