@@ -14,7 +14,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import ray_jobs
+from . import ray_jobs, shards
 from .adapters import load_finetuned
 from .atomic import check_out_dir
 from .data import load_dataset
@@ -41,7 +41,7 @@ from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
     "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "ray_options", "add_to_index", "remove_from_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "make_config", "classify",
-    "generate", "evaluate_file", "run_demo", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
+    "generate", "evaluate_file", "classify_file", "run_demo", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
 SEARCH_FILE = "template_search.json"  # the template search's table, stored with the index
@@ -249,6 +249,13 @@ def evaluate_file(engine: Engine | PipelineConfig, test: str, *, limit=None, tex
     test_set = load_dataset(test, kind=index.kind, text_field=text_field, label_field=label_field,
                             labels=index.labels or None)
     return evaluate(get_engine(engine), test_set, limit=limit)
+
+
+def classify_file(config: PipelineConfig, source: str, out: Path, *, text_field: str | None = None,
+                  shard_size: int = 256, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+    """Label every text of a JSONL/CSV/Parquet file into `out`, resumably, in one process or on a
+    Ray actor pool of engines (shards.py); returns a summary (the labels are in `out`)."""
+    return shards.classify_file(config, source, out, text_field=text_field, shard_size=shard_size, ray=ray)
 
 
 def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> dict:

@@ -42,6 +42,7 @@ _KEPT_ON_INTERRUPT = {
     "finetune": "no model was written (it is written only when training ends)",
     "compare": "finished runs are kept under --out/runs and reused when you run it again",
     "run": "finished points are kept under --out and reused when you run it again",
+    "classify-file": "finished shards are kept in OUT.parts and reused when you run it again",
 }
 
 
@@ -399,6 +400,45 @@ def eval_cmd(
     if not predictions:
         result.pop("predictions", None)
     _print_json(result) if as_json else typer.echo(format_eval(result))
+
+
+@app.command("classify-file")
+def classify_file_cmd(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., help="JSONL/CSV (or Parquet) file of texts to label."),
+    out: Path = typer.Option(..., "--out", help="Output file: JSONL, or Parquet for a .parquet name. Finished "
+                             "shards are kept in OUT.parts/ and reused by a re-run."),
+    name: str = typer.Option(..., "--index", help="The index to draw demonstrations from."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    shard_size: int = typer.Option(256, "--shard-size", min=1, help="Texts per shard (the unit of resumption)."),
+    ray: bool = typer.Option(False, "--ray", help="Label with a pool of Ray actors, each holding one engine."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: engine actors (each loads the LM once)."),
+    k: int = _K,
+    budget: Optional[int] = _BUDGET,
+    method: SelectionMethod = _METHOD,
+    lm: str = _LM,
+    calibration: Calibration = typer.Option(Calibration.NONE, "--calibration"),
+    template: Optional[Path] = _TEMPLATE,
+    soft_prompt: Optional[Path] = _SOFT,
+    seed: int = _SEED,
+    batch_size: int = _BATCH,
+    indexes_dir: Optional[Path] = IndexesDir,
+    trust_remote_code: bool = _TRC,
+    dtype: Optional[DType] = _DTYPE,
+    config_file: Optional[Path] = _CONFIG,
+    log: Optional[Path] = LogFile,
+    as_json: bool = AsJson,
+):
+    """Label every text of a file (label, probabilities, demonstration ids per row), resumably."""
+    set_log_file(log)
+    cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
+                  batch_size, trust_remote_code, dtype=dtype)
+    result = api.classify_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
+                               ray=api.ray_options(ray, address=address, workers=workers))
+    _print_json(result) if as_json else typer.echo(
+        f"labelled {result['texts']} texts into {result['out']} ({result['shards']} shards, "
+        f"{result['resumed_shards']} reused from an earlier run; {result['seconds']:.1f} s)")
 
 
 @app.command()

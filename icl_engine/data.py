@@ -37,6 +37,7 @@ __all__ = [
     "group_references",
     "make_records",
     "pick_fields",
+    "read_texts",
 ]
 
 
@@ -386,6 +387,30 @@ def load_dataset(
         labels = ()
     records = make_records(pairs) if ids is None else tuple(Record(i, a, b) for i, (a, b) in zip(ids, pairs))
     return Dataset(name, kind, records, tuple(labels), fields)
+
+
+def read_texts(source: str | Path, text_field: str | None = None) -> tuple[list[str], str]:
+    """The texts of an unlabelled file to label -> (texts in file order, the field read): JSONL,
+    CSV/TSV, or Parquet when pyarrow is installed. The field is `text_field` or the first known
+    text field name; an empty or non-string text is a one-line DataError naming the row."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{source}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        rows = enumerate(table.to_pylist(), 1)
+    else:
+        rows = _read_rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{source}: the file has no rows")
+    tf = _pick_field(list(first[1].keys()), text_field, _TEXT_FIELDS, "text", path)
+    texts = [t for n, row in [first, *rows] for t in _field_values(row.get(tf), tf, f"{source}:{n}")]
+    return texts, tf
 
 
 def group_references(records: Sequence[Record]) -> list[tuple[str, list[str]]]:

@@ -25,7 +25,8 @@ import numpy as np
 
 from .data import BUILTIN_DATASETS, DataError, Dataset, load_dataset, pick_fields
 
-__all__ = ["RayMissingError", "RayOptions", "INSTALL_HINT", "require_ray", "init_ray", "read_and_embed", "embed_texts"]
+__all__ = ["RayMissingError", "RayOptions", "INSTALL_HINT", "require_ray", "init_ray", "read_and_embed", "embed_texts",
+           "classify_shards", "EmbedActor", "ClassifyActor"]
 
 INSTALL_HINT = "pip install 'icl-engine[ray]'"
 VECTOR = "__icl_vector"  # the column the actors add: float32 [d] per row
@@ -166,3 +167,47 @@ def read_and_embed(source: str, *, embedder: str, options: RayOptions, text_fiel
         by_text.setdefault(text_of(row.get(tf)), vector)
     dataset = load_dataset(source, text_field=text_field, label_field=label_field, id_field=id_field, rows=rows)
     return dataset, np.stack([by_text[r.input] for r in dataset.records]).astype(np.float32, copy=False)
+
+
+class ClassifyActor:
+    """One actor of the labelling pool: loads the engine (LM, index, embedder) once, then labels
+    whole shards and writes each one itself, atomically (shards.write_shard)."""
+
+    def __init__(self, config: dict, parts: str, threads: int):
+        import torch
+
+        from .pipeline import Engine, PipelineConfig
+
+        torch.set_num_threads(threads)
+        self.engine, self.parts = Engine.load(PipelineConfig.from_dict(config)), Path(parts)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .shards import prediction_rows, write_shard
+
+        done = []
+        for shard, start, texts in zip(batch["shard"], batch["start"], batch["texts"]):
+            write_shard(self.parts, int(shard), prediction_rows(self.engine, plain(texts), int(start)))
+            done.append(len(texts))
+        return {"shard": batch["shard"], "n": np.array(done)}
+
+
+def classify_shards(config, texts: Sequence[str], shards: Sequence[tuple[int, int, int]], parts: Path,
+                    options: RayOptions):
+    """Label `shards` [(shard, start, stop)] of `texts` with a pool of engines, each shard written
+    into `parts` by its actor; yields each finished shard's number of texts (for progress)."""
+    from .index import index_path
+
+    ray = init_ray(options)
+    config_dict = config.to_dict()  # with absolute paths: an actor's working directory is not ours
+    config_dict.update(index=str(index_path(config.index, config.indexes_dir).resolve()), indexes_dir=None)
+    for key in ("lm", "soft_prompt"):
+        if config_dict.get(key) and Path(config_dict[key]).exists():
+            config_dict[key] = str(Path(config_dict[key]).resolve())
+    items = ray.data.from_items([{"shard": s, "start": a, "texts": list(texts[a:b])} for s, a, b in shards],
+                                override_num_blocks=min(len(shards), _blocks(options)))
+    done = items.map_batches(ClassifyActor, fn_constructor_kwargs={
+        "config": config_dict, "parts": str(Path(parts).resolve()), "threads": max(1, int(options.cpus_per_worker))},
+        compute=ray.data.ActorPoolStrategy(size=options.workers), batch_size=1, num_cpus=options.cpus_per_worker,
+        batch_format="numpy")
+    for row in done.iter_rows():
+        yield int(row["n"])

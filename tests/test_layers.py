@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "icl_engine"
 
 # The layer of a module, by its dotted name under icl_engine; anything not listed is core.
-FRONT_ENDS = {"cli", "cli_format", "api", "console", "ray_jobs"}
+FRONT_ENDS = {"cli", "cli_format", "api", "console", "ray_jobs", "shards"}
 LAYERS = {"core": 0, "train": 1, "studies": 2, "front": 3}
 
 
