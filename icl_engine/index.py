@@ -389,6 +389,8 @@ class ExampleIndex:
         {"added", "replaced", "unchanged"} of rows. Appends when nothing is replaced."""
         vectors = _check_vectors(vectors, len(records), self.dim, "upsert")
         self._check_labels(records)
+        if len({r.id for r in records}) != len(records):
+            raise ValueError("upsert: the new records have duplicate ids")
         old_rows: dict[str, list[Record]] = {}
         for r in self.records:
             old_rows.setdefault(row_id(r.id), []).append(r)

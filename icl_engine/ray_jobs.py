@@ -43,6 +43,7 @@ class RayOptions:
     workers: int = 2  # actors in the embedding pool, each with its own copy of the model
     batch_size: int = 256  # rows per batch sent to an actor
     cpus_per_worker: float = 1.0  # Ray CPUs each actor reserves (and its torch threads, at least 1)
+    embedding_cache: bool = True  # actors read/write the on-disk embedding cache (off: embed everything, for timing)
 
     def __post_init__(self):
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -79,13 +80,14 @@ def init_ray(options: RayOptions):
 class EmbedActor:
     """One actor of the pool: loads the embedder once, then embeds batch after batch."""
 
-    def __init__(self, embedder: str, text_field: str, threads: int):
+    def __init__(self, embedder: str, text_field: str, threads: int, cache: bool = True):
         import torch
 
         from .embed import get_embedder
 
         torch.set_num_threads(threads)  # its share of the machine, not every core per actor
-        self.embedder, self.text_field = get_embedder(embedder), text_field
+        self.embedder = get_embedder(embedder, **({} if cache else {"cache_dir": False}))
+        self.text_field = text_field
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [text_of(v) for v in batch[self.text_field]]
@@ -136,7 +138,8 @@ def _embed(ds, embedder: str, text_field: str, options: RayOptions):
     import ray.data
 
     return ds.map_batches(EmbedActor, fn_constructor_kwargs={"embedder": embedder, "text_field": text_field,
-                                                             "threads": max(1, int(options.cpus_per_worker))},
+                                                             "threads": max(1, int(options.cpus_per_worker)),
+                                                             "cache": options.embedding_cache},
                           compute=ray.data.ActorPoolStrategy(size=options.workers), batch_size=options.batch_size,
                           num_cpus=options.cpus_per_worker, batch_format="numpy")
 

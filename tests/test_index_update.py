@@ -111,6 +111,10 @@ def test_remove_refuses_unknown_ids_and_emptying(emb):
     assert len(index) == 5  # nothing removed
     with pytest.raises(ValueError, match="empty"):
         index.remove([r.id for r in index.records])
+    twice = (Record("z", "w1", "neg"), Record("z", "w2", "pos"))
+    with pytest.raises(ValueError, match="duplicate ids"):
+        index.upsert(twice, emb.encode([r.input for r in twice]))
+    assert len(index) == 5
 
 
 def test_update_index_publishes_a_version_and_embeds_only_new_texts(emb, tmp_path):

@@ -7,7 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
-from icl_engine.ondisk import DATA_FILE, OnDiskConfig, build_ondisk, open_ondisk, recall_at_k
+from icl_engine.ondisk import (DATA_FILE, OnDiskConfig, build_ondisk, open_ondisk, open_vectors, recall_at_k,
+                               search_reranked)
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:
@@ -33,6 +34,11 @@ def test_ondisk_ivfpq_recall_against_flat(tmp_path):
     r = recall_at_k(found, exact)
     assert 0.6 < r <= 1.0  # PQ at 16 bytes a vector is lossy; ids are global rows across the shards
     assert recall_at_k(exact, exact) == 1.0
+    vectors = open_vectors(tmp_path / "ix", d)
+    np.testing.assert_array_equal(vectors, x)  # the raw rows, in shard order
+    scores, reranked = search_reranked(index, vectors, q, 8)
+    assert recall_at_k(reranked, exact) >= r and recall_at_k(reranked, exact) > 0.9
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[reranked]), atol=1e-5)  # exact scores
     _, top1 = index.search(x[:50], 1)
     assert np.mean(top1[:, 0] == np.arange(50)) > 0.8  # a stored vector finds itself (ids in shard order)
 
