@@ -14,14 +14,15 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import ray_jobs, shards
 from .adapters import FINETUNE_META_FILE, load_finetuned
 from .atomic import check_out_dir
 from .data import load_dataset
-from .embed import DEFAULT_EMBEDDER, get_embedder
+from .embed import DEFAULT_EMBEDDER, canonical_name, get_embedder
 from .engines import get_engine
 from .evaluate import evaluate
 from .index import (ExampleIndex, IndexConfig, IndexType, check_writable, delete_index, index_path, index_version,
-                    list_indexes)
+                    list_indexes, update_index)
 from .knn_prompt import AnchorConfig
 from .knn_prompt import build_anchors as make_anchors
 from .lm import DEFAULT_LM, load_lm
@@ -44,9 +45,10 @@ from .train.loop import TrainSettings, check_train_out
 from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
-    "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "search_index_template", "index_info", "delete_index_folder",
-    "list_index_infos", "search", "search_loaded", "make_config", "classify", "generate", "evaluate_file", "run_demo",
-    "build_anchors", "tune", "finetune_reference", "compare", "bounds_theory", "bounds_run",
+    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "ray_options", "add_to_index", "remove_from_index",
+    "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "search_loaded",
+    "make_config", "classify", "generate", "evaluate_file", "classify_file", "run_demo", "build_anchors", "tune",
+    "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
 SEARCH_FILE = "template_search.json"  # the template search's table, stored with the index
@@ -55,23 +57,37 @@ SEARCH_FILE = "template_search.json"  # the template search's table, stored with
 def build_index(data: str, name: str, *, text_field=None, label_field=None, embedder: str = DEFAULT_EMBEDDER,
                 index_type: IndexType = IndexType.FLAT, template: Path | None = None,
                 indexes_dir: Path | None = None, force: bool = False, auto_template: bool = False,
-                lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150) -> dict:
+                lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150, id_field: str | None = None,
+                ray: "ray_jobs.RayOptions | None" = None) -> dict:
     """Load `data`, embed it and save the index as `name` (replacing an existing index only with
     `force`); returns the manifest, with the template chosen and any notes about it.
 
     The template stored with the index: `template` (a JSON file) if given; else with
     `auto_template` the best of a few candidates on a held-out slice of the data (template_search);
     else the built-in dataset's; else one made from the data (templates.data_template).
+    `id_field`: record ids from that field of the file (see add_to_index), remembered by the index.
+    `ray`: read and embed on Ray (ray_jobs): the same index as without it, made by an actor pool.
     Everything that can be checked is checked before embedding."""
     folder = index_path(name, indexes_dir, for_write=True)
     check_writable(folder, replace=force)
     given = Template.from_json(template) if template else None
-    dataset = load_dataset(data, text_field=text_field, label_field=label_field)
+    if ray is not None:  # reading and embedding are one distributed step; the checks below follow it
+        dataset, vectors = ray_jobs.read_and_embed(data, embedder=embedder, options=ray, text_field=text_field,
+                                                   label_field=label_field, id_field=id_field)
+    else:
+        dataset = load_dataset(data, text_field=text_field, label_field=label_field, id_field=id_field)
     builtin = None if Path(str(data)).exists() else builtin_template(str(data))
     default, notes = data_template(dataset)  # also refuses labels that read the same as words
     model = load_lm(lm) if auto_template and given is None else None  # a bad --lm fails before embedding
-    emb = get_embedder(embedder)
-    index = ExampleIndex.build(dataset, emb, IndexConfig(index_type=IndexType(index_type)))
+    config = IndexConfig(index_type=IndexType(index_type))
+    if ray is not None:
+        emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
+        index = ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
+    else:
+        emb = get_embedder(embedder)
+        index = ExampleIndex.build(dataset, emb, config)
+    if id_field:
+        index.manifest["id_field"] = id_field
     extras, search = {}, None
     if given is not None:
         tpl, source = given, "given"
@@ -90,6 +106,61 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     info = index_info(name, indexes_dir=indexes_dir)
     return {**info, "template_source": source, "template_notes": notes,
             **({"template_search": search.to_dict()} if search else {})}
+
+
+def ray_options(enabled: bool, *, address: str | None = None, workers: int = 2) -> "ray_jobs.RayOptions | None":
+    """The Ray options of a command's --ray flags, None without --ray; checks that Ray is
+    installed first (RayMissingError: one line with the install command)."""
+    if not enabled:
+        if address:
+            raise ValueError("--address needs --ray")
+        return None
+    ray_jobs.require_ray()
+    return ray_jobs.RayOptions(address=address, workers=workers)
+
+
+class UpdateError(ValueError):
+    """Data that cannot go into an existing index as it is (another embedder, template or fields)."""
+
+
+def add_to_index(name: str, data: str, *, text_field=None, label_field=None, id_field=None,
+                 embedder: str | None = None, template: Path | None = None, indexes_dir: Path | None = None) -> dict:
+    """Upsert the records of `data` into index `name` as a new version (index.update_index):
+    a row whose id is in the index replaces it; only texts the index does not hold are embedded.
+
+    Ids are content hashes unless the file has an id field (`id_field`, default the one the
+    index was built with): without one, re-adding a record changes nothing and a changed label
+    is a new record. The data must fit the index: its embedder (`embedder`, when given), its
+    template (`template`, when given), its labels, and the field names its template was made from
+    (unless `text_field` / `label_field` name the fields explicitly)."""
+    folder = index_path(name, indexes_dir, for_write=True)
+    index = ExampleIndex.load(folder, use_gpu=False)
+    m = index.manifest
+    if embedder is not None and canonical_name(embedder) != m["embedder"]:
+        raise UpdateError(f"index {name!r} was built with embedder {m['embedder']!r}, not {canonical_name(embedder)!r}")
+    if template is not None:
+        stored = resolve_template(index.kind, stored=index.template, dataset=m.get("dataset")).to_dict()
+        if Template.from_json(template).to_dict() != stored:
+            raise UpdateError(f"{template} is not index {name!r}'s template; an update keeps the index's template "
+                              "(rebuild with --force to change it)")
+    dataset = load_dataset(data, kind=index.kind, text_field=text_field, label_field=label_field,
+                           labels=index.labels or None, id_field=id_field or m.get("id_field"))
+    have, got = tuple(m.get("fields") or ()), tuple(dataset.fields)
+    if have and got and have != got and text_field is None and label_field is None:  # named fields: the user's call
+        raise UpdateError(f"{data}: fields {'/'.join(got)} are not index {name!r}'s {'/'.join(have)}, which its "
+                          "template reads; rename them, or name them with --text-field/--label-field to add them anyway")
+    result = update_index(folder, records=dataset.records, index=index,
+                          embed=lambda texts: get_embedder(m["embedder"]).encode(texts))
+    return {"name": name, "path": str(folder), **result}
+
+
+def remove_from_index(name: str, ids, *, indexes_dir: Path | None = None) -> dict:
+    """Remove the records (or rows) with these ids from index `name`, as a new version."""
+    ids = [i for i in ids if i]
+    if not ids:
+        raise UpdateError("no ids to remove")
+    folder = index_path(name, indexes_dir, for_write=True)
+    return {"name": name, "path": str(folder), **update_index(folder, remove_ids=ids)}
 
 
 def search_index_template(name: str, *, lm: str = DEFAULT_LM, k: int = 8, examples: int = 150,
@@ -190,6 +261,13 @@ def evaluate_file(engine: Engine | PipelineConfig, test: str, *, limit=None, tex
     test_set = load_dataset(test, kind=index.kind, text_field=text_field, label_field=label_field,
                             labels=index.labels or None)
     return evaluate(get_engine(engine), test_set, limit=limit)
+
+
+def classify_file(config: PipelineConfig, source: str, out: Path, *, text_field: str | None = None,
+                  shard_size: int = 256, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+    """Label every text of a JSONL/CSV/Parquet file into `out`, resumably, in one process or on a
+    Ray actor pool of engines (shards.py); returns a summary (the labels are in `out`)."""
+    return shards.classify_file(config, source, out, text_field=text_field, shard_size=shard_size, ray=ray)
 
 
 def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> dict:

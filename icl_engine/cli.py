@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,10 +18,10 @@ from typer.core import TyperGroup
 
 from . import api
 from .cli_format import (format_demo, format_eval, format_generation, format_hits, format_info, format_prediction,
-                         format_template_search)
+                         format_template_search, format_update)
 from .config import PipelineConfig
 from .errors import one_line
-from .index import IndexType
+from .index import IndexType, StaleWarning
 from .lm import DType
 from .progress import set_log_file
 from .score import Calibration
@@ -35,10 +36,13 @@ __all__ = ["app", "main"]
 _KEPT_ON_INTERRUPT = {
     "build": "the index was left as it was (a new one is published only when complete)",
     "delete": "the index is either still there or entirely gone",
+    "add": "the index was left as it was (an update is published only when complete)",
+    "remove": "the index was left as it was (an update is published only when complete)",
     "tune": "no soft prompt was written (it is written only when training ends)",
     "finetune": "no model was written (it is written only when training ends)",
     "compare": "finished runs are kept under --out/runs and reused when you run it again",
     "run": "finished points are kept under --out and reused when you run it again",
+    "classify-file": "finished shards are kept in OUT.parts and reused when you run it again",
 }
 
 
@@ -85,9 +89,24 @@ def _setup() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    _one_line_stale_warnings()
     if not os.environ.get("ICL_DEBUG"):  # library chatter would stand between the user and the one error line
         hf_logging.set_verbosity_error()
         logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
+
+
+def _one_line_stale_warnings() -> None:
+    """A soft prompt trained on an earlier version of its index is used, with one line on stderr
+    (not Python's two-line warning with a source line)."""
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kw):
+        if issubclass(category, StaleWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, *args, **kw)
+
+    warnings.showwarning = show
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect example indexes.")
@@ -120,6 +139,13 @@ def index_build(
                                         "per candidate (bounds the cost)."),
     search_k: int = typer.Option(8, "--search-k", min=1, help="--auto-template: demonstrations per query."),
     lm: str = typer.Option(api.DEFAULT_LM, "--lm", help="--auto-template: the LM that scores the candidates."),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="Record ids from this field (default: content "
+                                           "hashes); `icl index add` then replaces a row by its id."),
+    ray: bool = typer.Option(False, "--ray", help="Read with Ray Data and embed with a pool of Ray actors "
+                             "(needs icl-engine[ray]); DATA may then be .parquet or a URL."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster (default: start "
+                                          "one here)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: embedding actors (each loads the model once)."),
     log: Optional[Path] = LogFile,
     as_json: bool = AsJson,
 ):
@@ -129,13 +155,48 @@ def index_build(
     set_log_file(log)
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
                            index_type=index_type, template=template, indexes_dir=indexes_dir, force=force,
-                           auto_template=auto_template, lm=lm, search_k=search_k, search_examples=search_examples)
+                           auto_template=auto_template, lm=lm, search_k=search_k, search_examples=search_examples,
+                           id_field=id_field, ray=api.ray_options(ray, address=address, workers=workers))
     if as_json:
         _print_json(info)
         return
     typer.echo(format_info(info))
     if "template_search" in info:
         typer.echo(format_template_search(info["template_search"]))
+
+
+@index_app.command("add")
+def index_add(
+    name: str,
+    data: str = typer.Argument(..., help="A JSONL/CSV file (or built-in name) with records for the index."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    label_field: Optional[str] = typer.Option(None, "--label-field"),
+    id_field: Optional[str] = typer.Option(None, "--id-field", help="Record ids from this field (default: the "
+                                           "index's, else content hashes)."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="Must be the index's embedder (checked)."),
+    template: Optional[Path] = typer.Option(None, "--template", help="Must be the index's template (checked)."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    log: Optional[Path] = LogFile,
+    as_json: bool = AsJson,
+):
+    """Add records to an index, replacing those with the same id (upsert), as a new version:
+    only new texts are embedded; readers see the old or the new version."""
+    set_log_file(log)
+    info = api.add_to_index(name, data, text_field=text_field, label_field=label_field, id_field=id_field,
+                            embedder=embedder, template=template, indexes_dir=indexes_dir)
+    _print_json(info) if as_json else typer.echo(format_update(info))
+
+
+@index_app.command("remove")
+def index_remove(
+    name: str,
+    ids: List[str] = typer.Option(..., "--ids", help="Record ids to remove (repeat, or comma-separated)."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    as_json: bool = AsJson,
+):
+    """Remove records from an index by id, as a new version (an unknown id changes nothing: error)."""
+    info = api.remove_from_index(name, [i.strip() for group in ids for i in group.split(",")], indexes_dir=indexes_dir)
+    _print_json(info) if as_json else typer.echo(format_update(info))
 
 
 anchors_app = typer.Typer(no_args_is_help=True, help="kNN prompting's anchors (Xu et al. 2023).")
@@ -355,6 +416,45 @@ def eval_cmd(
     if not predictions:
         result.pop("predictions", None)
     _print_json(result) if as_json else typer.echo(format_eval(result))
+
+
+@app.command("classify-file")
+def classify_file_cmd(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., help="JSONL/CSV (or Parquet) file of texts to label."),
+    out: Path = typer.Option(..., "--out", help="Output file: JSONL, or Parquet for a .parquet name. Finished "
+                             "shards are kept in OUT.parts/ and reused by a re-run."),
+    name: str = typer.Option(..., "--index", help="The index to draw demonstrations from."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    shard_size: int = typer.Option(256, "--shard-size", min=1, help="Texts per shard (the unit of resumption)."),
+    ray: bool = typer.Option(False, "--ray", help="Label with a pool of Ray actors, each holding one engine."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: engine actors (each loads the LM once)."),
+    k: int = _K,
+    budget: Optional[int] = _BUDGET,
+    method: SelectionMethod = _METHOD,
+    lm: str = _LM,
+    calibration: Calibration = typer.Option(Calibration.NONE, "--calibration"),
+    template: Optional[Path] = _TEMPLATE,
+    soft_prompt: Optional[Path] = _SOFT,
+    seed: int = _SEED,
+    batch_size: int = _BATCH,
+    indexes_dir: Optional[Path] = IndexesDir,
+    trust_remote_code: bool = _TRC,
+    dtype: Optional[DType] = _DTYPE,
+    config_file: Optional[Path] = _CONFIG,
+    log: Optional[Path] = LogFile,
+    as_json: bool = AsJson,
+):
+    """Label every text of a file (label, probabilities, demonstration ids per row), resumably."""
+    set_log_file(log)
+    cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
+                  batch_size, trust_remote_code, dtype=dtype)
+    result = api.classify_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
+                               ray=api.ray_options(ray, address=address, workers=workers))
+    _print_json(result) if as_json else typer.echo(
+        f"labelled {result['texts']} texts into {result['out']} ({result['shards']} shards, "
+        f"{result['resumed_shards']} reused from an earlier run; {result['seconds']:.1f} s)")
 
 
 @app.command()

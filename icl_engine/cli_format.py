@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .evaluate import format_table
 
-__all__ = ["format_info", "format_hits", "format_prediction", "format_generation", "format_eval", "format_demo"]
+__all__ = ["format_update", "format_info", "format_hits", "format_prediction", "format_generation", "format_eval", "format_demo"]
 
 
 def format_info(info: dict) -> str:
@@ -15,6 +15,14 @@ def format_info(info: dict) -> str:
         lines.append(f"{'template':>10}: {info['template_source']}")
     lines += [f"{'note':>10}: {n}" for n in info.get("template_notes", [])]
     return "\n".join(lines)
+
+
+def format_update(r: dict) -> str:
+    """`icl index add/remove`: what changed and the version now current."""
+    parts = [f"{r[k]} {k}" for k in ("added", "replaced", "unchanged", "removed") if r.get(k)]
+    changed = r["version"] != r["previous"]
+    return (f"{r['name']}: {', '.join(parts) or 'nothing to do'}; {r['count']} records"
+            + (f" (new version {r['version']})" if changed else " (unchanged)"))
 
 
 def format_template_search(r: dict) -> str:

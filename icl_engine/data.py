@@ -36,6 +36,8 @@ __all__ = [
     "load_dataset",
     "group_references",
     "make_records",
+    "pick_fields",
+    "read_texts",
 ]
 
 
@@ -188,6 +190,14 @@ def _pick_field(fields: Sequence[str], given: str | None, candidates: Sequence[s
     raise DataError(f"{path}:1: no {what} field (looked for {', '.join(candidates)}; pass --{what}-field)")
 
 
+def pick_fields(fields: Sequence[str], text_field: str | None = None, label_field: str | None = None,
+                source: str | Path = "") -> tuple[str, str]:
+    """(text field, label field) of a file with these columns: the ones given, else the first
+    known name (text, input, review, ...; label, output, intent, ...). DataError naming `source`."""
+    return (_pick_field(fields, text_field, _TEXT_FIELDS, "text", Path(source)),
+            _pick_field(fields, label_field, _LABEL_FIELDS, "label", Path(source)))
+
+
 def _describe(v) -> str:
     """What a non-string value is, for a one-line error: 'a list (["a", 1])'."""
     what = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
@@ -227,22 +237,33 @@ def _load_file(
     kind: TaskKind | None,
     text_field: str | None,
     label_field: str | None,
-) -> tuple[TaskKind, list[tuple[str, str]], tuple[str, str]]:
-    rows = _read_rows(path)
+    id_field: str | None = None,
+    rows: Iterable[dict] | None = None,
+) -> tuple[TaskKind, list[tuple[str, str]], tuple[str, str], list[str] | None]:
+    rows = _read_rows(path) if rows is None else enumerate(rows, 1)
     first = next(rows, None)
     if first is None:
         raise DataError(f"{path}: the file has no rows")
     fields = list(first[1].keys())
-    tf = _pick_field(fields, text_field, _TEXT_FIELDS, "text", path)
-    lf = _pick_field(fields, label_field, _LABEL_FIELDS, "label", path)
+    tf, lf = pick_fields(fields, text_field, label_field, path)
     if kind is None:  # inferred: input/output means generation, anything else classification
         kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
-    pairs = []
+    if id_field is not None:
+        _pick_field(fields, id_field, (), "id", path)
+    pairs, ids, seen = [], [] if id_field else None, {}
     for n, row in [first, *rows]:
         [inp] = _field_values(row.get(tf), tf, f"{path}:{n}")
         refs = _field_values(row.get(lf), lf, f"{path}:{n}", references=kind is TaskKind.GENERATION, output=True)
         pairs += [(inp, out) for out in refs]  # one record per reference, in a row: an input's records stay together
-    return kind, pairs, (tf, lf)
+        if id_field:  # the row's own id; its 2nd, 3rd... reference get "#2", "#3" (index.row_id)
+            [rid] = _field_values(row.get(id_field), id_field, f"{path}:{n}")
+            if "#" in rid:
+                raise DataError(f"{path}:{n}: id {rid!r} contains '#' (reserved for the references of one row)")
+            if rid in seen:
+                raise DataError(f"{path}:{n}: id {rid!r} repeats line {seen[rid]}'s")
+            seen[rid] = n
+            ids += [rid if j == 0 else f"{rid}#{j + 1}" for j in range(len(refs))]
+    return kind, pairs, (tf, lf), ids
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -321,19 +342,28 @@ def load_dataset(
     label_field: str | None = None,
     labels: Sequence[str] | None = None,
     hf_split: str = "train",
+    id_field: str | None = None,
+    rows: Iterable[dict] | None = None,
 ) -> Dataset:
     """Load a labelled dataset from a JSONL/CSV path, a built-in name, or a Hugging Face name.
 
     `labels` fixes the label order (and rejects rows with other labels); otherwise labels are
     sorted. Classification needs at least two classes (in the file, or in the given list).
+    `id_field` (files only): record ids come from that field (unique per row) instead of
+    content hashes, so an index update can replace a row whose text or label changed.
+    `rows`: the file's rows, already read in order (by Ray Data, from a path or URL), parsed
+    exactly as the file would be (line numbers in errors count rows).
     """
     kind = TaskKind(kind) if kind is not None else None
     path = Path(source)
     name = str(source)
     fields: tuple[str, ...] = ()
-    if path.exists():
-        kind, pairs, fields = _load_file(path, kind, text_field, label_field)
+    ids = None
+    if path.exists() or rows is not None:
+        kind, pairs, fields, ids = _load_file(path, kind, text_field, label_field, id_field, rows)
         name = path.stem
+    elif id_field is not None:
+        raise DataError(f"{source}: an id field is read from files only")
     elif name in BUILTIN_DATASETS:
         kind, pairs = _builtin(name)
     elif path.suffix in (".jsonl", ".csv", ".tsv", ".json", ".ndjson", ".bz2"):
@@ -355,7 +385,32 @@ def load_dataset(
             raise DataError(f"{source}: field 'label' has only one class ({present[0]!r}); classification needs two or more")
     else:
         labels = ()
-    return Dataset(name, kind, make_records(pairs), tuple(labels), fields)
+    records = make_records(pairs) if ids is None else tuple(Record(i, a, b) for i, (a, b) in zip(ids, pairs))
+    return Dataset(name, kind, records, tuple(labels), fields)
+
+
+def read_texts(source: str | Path, text_field: str | None = None) -> tuple[list[str], str]:
+    """The texts of an unlabelled file to label -> (texts in file order, the field read): JSONL,
+    CSV/TSV, or Parquet when pyarrow is installed. The field is `text_field` or the first known
+    text field name; an empty or non-string text is a one-line DataError naming the row."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{source}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        rows = enumerate(table.to_pylist(), 1)
+    else:
+        rows = _read_rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{source}: the file has no rows")
+    tf = _pick_field(list(first[1].keys()), text_field, _TEXT_FIELDS, "text", path)
+    texts = [t for n, row in [first, *rows] for t in _field_values(row.get(tf), tf, f"{source}:{n}")]
+    return texts, tf
 
 
 def group_references(records: Sequence[Record]) -> list[tuple[str, list[str]]]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -43,7 +43,8 @@ from .embed import canonical_name
 
 __all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "IndexExistsError", "IndexWriteError",
            "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
-           "check_writable", "delete_index", "list_indexes", "index_version"]
+           "check_writable", "delete_index", "list_indexes", "index_version", "row_id", "update_index",
+           "stale_note", "StaleWarning"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,6 +65,10 @@ class IndexExistsError(ValueError):
 
 class IndexWriteError(ValueError):
     """A save that must not or cannot happen (a foreign folder, a file in the way, no write access)."""
+
+
+class StaleWarning(UserWarning):
+    """Something trained on an earlier version of an index (a soft prompt) is used with a newer one."""
 
 
 class IndexType(str, Enum):
@@ -119,6 +124,13 @@ def check_index_name(name: str) -> str:
         raise ValueError(f"index name {name!r} must be 1-100 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
+
+
+def row_id(record_id: str) -> str:
+    """The row a record belongs to: a file row with an explicit id and several references
+    (generation) is one record per reference, ids "X", "X#2", "X#3"...; updates replace and
+    remove whole rows."""
+    return record_id.split("#", 1)[0]
 
 
 def index_path(name: str | os.PathLike, indexes_dir: str | os.PathLike | None = None, *,
@@ -226,6 +238,14 @@ def _check_vectors(vectors, n: int, dim: int | None, who: str) -> np.ndarray:
     return vectors
 
 
+def _check_records(dataset: Dataset) -> None:
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} has no records to index")
+    ids = [r.id for r in dataset.records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"dataset {dataset.name!r} has duplicate record ids")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -248,6 +268,7 @@ class ExampleIndex:
         self._faiss, self._gpu_res = faiss_index, gpu_resources
         self.template: dict | None = None  # the default prompt template stored with it (prompt.Template's dict)
         self.extras: dict[str, dict] = {}  # other JSON files stored with it, e.g. template_search.json
+        self.version: str | None = None  # the store version it was loaded from (None: built in memory, layout 1)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -266,17 +287,22 @@ class ExampleIndex:
     @classmethod
     def build(cls, dataset: Dataset, embedder, config: IndexConfig | None = None) -> "ExampleIndex":
         """Embed every record's input (cached texts are not re-embedded) and index the vectors."""
-        config = config or IndexConfig()
-        if len(dataset) == 0:
-            raise ValueError(f"dataset {dataset.name!r} has no records to index")
-        ids = [r.id for r in dataset.records]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"dataset {dataset.name!r} has duplicate record ids")
+        _check_records(dataset)  # before the long work
         vectors = _check_vectors(embedder.encode([r.input for r in dataset.records]), len(dataset), embedder.dim,
                                  f"embedder {embedder.name!r}")
+        return cls.from_vectors(dataset, vectors, embedder.name, config)
+
+    @classmethod
+    def from_vectors(cls, dataset: Dataset, vectors: np.ndarray, embedder_name: str,
+                     config: IndexConfig | None = None) -> "ExampleIndex":
+        """Index `dataset` with its records' embeddings `vectors` [n, d] (unit norm) made by
+        embedder `embedder_name` elsewhere (e.g. by Ray workers); `build` = embed + this."""
+        config = config or IndexConfig()
+        _check_records(dataset)
+        vectors = _check_vectors(vectors, len(dataset), None, f"embedder {embedder_name!r}")
         cpu_index, params = _make_faiss(vectors, config)
         manifest = {
-            "format_version": FORMAT_VERSION, "embedder": embedder.name, "dim": int(vectors.shape[1]),
+            "format_version": FORMAT_VERSION, "embedder": embedder_name, "dim": int(vectors.shape[1]),
             "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
             "index_params": params, "count": len(dataset), "dataset": dataset.name,
             "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),
@@ -357,6 +383,78 @@ class ExampleIndex:
             raise ValueError(f"embedder {embedder.name!r} (dim {embedder.dim}) does not match the index's "
                              f"{self.manifest['embedder']!r} (dim {self.dim})")
 
+    def upsert(self, records: Sequence[Record], vectors: np.ndarray) -> dict:
+        """Insert `records` ([m] with their embeddings `vectors` [m, d]); a row already in the
+        index (same `row_id`) is replaced by the new one with all its records. Returns the counts
+        {"added", "replaced", "unchanged"} of rows. Appends when nothing is replaced."""
+        vectors = _check_vectors(vectors, len(records), self.dim, "upsert")
+        self._check_labels(records)
+        if len({r.id for r in records}) != len(records):
+            raise ValueError("upsert: the new records have duplicate ids")
+        old_rows: dict[str, list[Record]] = {}
+        for r in self.records:
+            old_rows.setdefault(row_id(r.id), []).append(r)
+        new_rows: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            new_rows.setdefault(row_id(r.id), []).append(i)
+        counts = {"added": 0, "replaced": 0, "unchanged": 0}
+        take: list[int] = []  # positions in `records` that go into the index
+        for rid, positions in new_rows.items():
+            if old_rows.get(rid) == [records[i] for i in positions]:
+                counts["unchanged"] += 1
+                continue
+            counts["replaced" if rid in old_rows else "added"] += 1
+            take += positions
+        gone = {row_id(records[i].id) for i in take} & old_rows.keys()  # rows replaced
+        keep = np.array([row_id(r.id) not in gone for r in self.records], dtype=bool)  # [n]
+        self._set_rows(keep, [records[i] for i in take], vectors[take])
+        return counts
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Remove the records with these ids (an id of a row removes all its records, see
+        `row_id`); returns how many records went. An id that matches nothing is an error, and
+        then nothing is removed."""
+        ids = set(ids)
+        keep = np.array([r.id not in ids and row_id(r.id) not in ids for r in self.records], dtype=bool)  # [n]
+        found = {r.id for r in self.records} | {row_id(r.id) for r in self.records}
+        missing = sorted(ids - found)
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"remove: no record with id {', '.join(map(repr, missing[:5]))}{more} in the index")
+        if not keep.any():
+            raise ValueError("remove: that would leave the index empty; delete it instead (icl index delete)")
+        removed = int((~keep).sum())
+        self._set_rows(keep, [], np.zeros((0, self.dim), np.float32))
+        return removed
+
+    def _check_labels(self, records: Sequence[Record]) -> None:
+        if self.kind is TaskKind.CLASSIFICATION:
+            unknown = sorted({r.output for r in records} - set(self.labels))
+            if unknown:
+                raise ValueError(f"labels {unknown} are not among the index's labels {list(self.labels)}; "
+                                 "rebuild the index to add labels")
+
+    def _set_rows(self, keep: np.ndarray, records: list[Record], vectors: np.ndarray) -> None:
+        """Keep the rows where `keep` [n] is True, then append `records` with `vectors` [m, d].
+        Pure appends go straight into the faiss index (flat: a copy; IVF: assigned to the trained
+        cells; HNSW: inserted); a removal refills it from the stored vectors, IVF keeping its
+        trained cells, so nothing is re-embedded either way."""
+        if not keep.all():
+            self.vectors = self.vectors[keep]  # [n', d]
+            self.records = tuple(r for r, k in zip(self.records, keep) if k)
+            cpu = faiss.clone_index(_to_cpu(self._faiss))
+            if isinstance(cpu, faiss.IndexHNSW):  # HNSW cannot delete: a new graph over the same vectors
+                cpu, _ = _make_faiss(self.vectors, self.config)
+            else:
+                cpu.reset()  # flat: empty; IVF: empty lists, the trained cells stay
+                cpu.add(self.vectors)
+            _set_search_params(cpu, self.manifest["index_params"])
+            self._faiss, self._gpu_res = _to_device(cpu, self.config.use_gpu)
+        if len(records):
+            self._faiss.add(vectors)
+            self.vectors = np.concatenate([self.vectors, vectors])  # [n' + m, d]
+            self.records = self.records + tuple(records)
+
     # -- persistence
 
     def save(self, path: str | os.PathLike, *, replace: bool = False, template: dict | None = None,
@@ -380,18 +478,22 @@ class ExampleIndex:
         folder.mkdir(parents=True, exist_ok=True)
         try:
             with store.writer_lock(folder, lock_timeout, what=f"index {str(folder)!r}"):
-                # checked again under the lock: another build may have published meanwhile
-                legacy = check_writable(folder, replace=replace) == "legacy"
-                store.publish(folder, lambda tmp: self._write(tmp, template, extras))
-                if legacy:  # the layout-1 files at the top are now shadowed by CURRENT
-                    for name in (*DATA_FILES, MANIFEST, TEMPLATE_FILE):
-                        (folder / name).unlink(missing_ok=True)
-                _remove_stale_siblings(folder)
+                self.publish_locked(folder, replace=replace, template=template, extras=extras)
         except BaseException:
             if created and store.only_leftovers(folder):  # a failed first build leaves nothing
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         return folder
+
+    def publish_locked(self, folder: Path, *, replace: bool, template: dict | None, extras: dict[str, dict]) -> None:
+        """`save`'s publish, for a caller that holds the folder's writer lock (update_index)."""
+        # checked again under the lock: another build may have published meanwhile
+        legacy = check_writable(folder, replace=replace) == "legacy"
+        self.version = store.publish(folder, lambda tmp: self._write(tmp, template, extras)).name
+        if legacy:  # the layout-1 files at the top are now shadowed by CURRENT
+            for name in (*DATA_FILES, MANIFEST, TEMPLATE_FILE):
+                (folder / name).unlink(missing_ok=True)
+        _remove_stale_siblings(folder)
 
     def _write(self, tmp: Path, template: dict | None, extras: dict[str, dict]) -> None:
         faiss.write_index(_to_cpu(self._faiss), str(tmp / FAISS_FILE))
@@ -509,6 +611,7 @@ class ExampleIndex:
         index, res = _to_device(cpu_index, use_gpu)
         loaded = cls(records, kind, labels, vectors, m, config, index, res)
         loaded.template, loaded.extras = template, extras
+        loaded.version = version.name if version != folder else None
         return loaded
 
 
@@ -575,6 +678,93 @@ def delete_index(folder: Path, lock_timeout: float | None = None) -> None:
         raise IndexWriteError(f"{folder} is not an index made by icl_engine; refusing to delete it")
     with store.writer_lock(folder, lock_timeout, what=f"index {str(folder)!r}"):
         store.remove(folder)
+
+
+# ----------------------------------------------------------------------------- updates
+
+MAX_LINEAGE = 100  # past versions a manifest remembers (for stale_note)
+
+
+def update_index(folder: str | os.PathLike, *, records: Sequence[Record] = (), remove_ids: Sequence[str] = (),
+                 embed: Callable[[list[str]], np.ndarray] | None = None, check: Callable[["ExampleIndex"], None] | None = None,
+                 index: "ExampleIndex | None" = None, lock_timeout: float | None = None) -> dict:
+    """Upsert `records` into, and remove the rows `remove_ids` from, the index at `folder`, and
+    publish the result as a new version: readers see the old or the new one, a killed update
+    leaves the old one, and old versions are collected as after a rebuild.
+
+    Only texts the index does not hold are embedded (`embed(texts) -> [m, d]`), before the
+    writer lock is taken; under the lock the current version is read again if another writer
+    published meanwhile, so two updates at once both land (the second waits for the lock, up
+    to $ICL_LOCK_TIMEOUT). `check(index)` validates the loaded index (embedder, template) before
+    anything is embedded. `index`: the index already loaded from `folder` (read again under the
+    lock only if a writer published since). Returns the counts of rows added / replaced / unchanged, records
+    removed, the new count and the versions before and after (the same when nothing changed)."""
+    folder = Path(folder)
+    state = folder_state(folder)
+    if state == "none":
+        raise IndexFormatError(f"{folder}: no such index; build it first (icl index build)")
+    if state == "foreign":
+        raise IndexWriteError(f"{folder} exists and is not an index made by icl_engine; refusing to touch it")
+    index = index if index is not None else ExampleIndex.load(folder, use_gpu=False)
+    if check is not None:
+        check(index)
+    index._check_labels(records)
+    known = _stored_vectors(index)
+    texts = list(dict.fromkeys(r.input for r in records if r.input not in known))
+    if texts and embed is None:
+        raise ValueError("update_index: new texts to embed but no embedder given")
+    fresh = dict(zip(texts, _check_vectors(embed(texts), len(texts), index.dim, "embedder"))) if texts else {}
+    with store.writer_lock(folder, lock_timeout, what=f"index {str(folder)!r}"):
+        if index_version(folder) != index.version or index.version is None:  # another writer published meanwhile
+            index = ExampleIndex.load(folder, use_gpu=False)
+            if check is not None:
+                check(index)
+            known = {**_stored_vectors(index), **fresh}
+            late = list(dict.fromkeys(r.input for r in records if r.input not in known))
+            fresh.update(zip(late, _check_vectors(embed(late), len(late), index.dim, "embedder")) if late else ())
+        vectors = np.stack([fresh[r.input] if r.input in fresh else known[r.input] for r in records]) if records \
+            else np.zeros((0, index.dim), np.float32)  # [m, d]
+        before = {"version": index.version, "dataset_sha256": index.manifest["dataset_sha256"], "count": len(index)}
+        counts = index.upsert(records, vectors) if len(records) else {"added": 0, "replaced": 0, "unchanged": 0}
+        counts["removed"] = index.remove(remove_ids) if remove_ids else 0
+        if counts["added"] or counts["replaced"] or counts["removed"]:
+            _note_change(index, before, counts)
+            index.publish_locked(folder, replace=True, template=index.template, extras=index.extras)
+    return {**counts, "count": len(index), "version": index.version, "previous": before["version"]}
+
+
+def _stored_vectors(index: "ExampleIndex") -> dict[str, np.ndarray]:
+    """input text -> its stored vector [d]: what an update reuses instead of embedding again."""
+    return {r.input: index.vectors[i] for i, r in enumerate(index.records)}
+
+
+def _note_change(index: "ExampleIndex", before: dict, counts: dict) -> None:
+    """Record the update in the manifest: new count and hash, and one more lineage entry (the
+    first describes the build), so what was trained on an earlier version can tell."""
+    m = index.manifest
+    lineage = m.get("lineage") if isinstance(m.get("lineage"), list) else [
+        {"dataset_sha256": before["dataset_sha256"], "count": before["count"], "change": "build", "at": m["created"]}]
+    m.update(count=len(index), dataset_sha256=index.dataset.sha256, updated=_now(), files={})
+    lineage.append({"dataset_sha256": m["dataset_sha256"], "count": m["count"], "change": "update",
+                    "parent": before["version"], "at": m["updated"], **counts})
+    m["lineage"] = lineage[-MAX_LINEAGE:]
+
+
+def stale_note(index: "ExampleIndex", trained_on: dict | None, what: str) -> str | None:
+    """One line when `trained_on` (the {"dataset_sha256", "count"} of the index something was
+    trained on, e.g. a soft prompt's meta["index"]) is an earlier version of `index`; else None
+    (the same version, or something unrelated to this index)."""
+    sha = trained_on.get("dataset_sha256") if isinstance(trained_on, dict) else None
+    lineage = index.manifest.get("lineage")
+    if not sha or sha == index.manifest["dataset_sha256"] or not isinstance(lineage, list):
+        return None
+    shas = [e.get("dataset_sha256") if isinstance(e, dict) else None for e in lineage]
+    if sha not in shas:
+        return None
+    behind = len(shas) - 1 - max(i for i, s in enumerate(shas) if s == sha)
+    return (f"{what} was trained on an earlier version of this index ({trained_on.get('count')} records, "
+            f"{behind} update{'s' if behind != 1 else ''} ago; now {index.manifest['count']}): "
+            "retrain it to use the changed records")
 
 
 # ----------------------------------------------------------------------------- load helpers

@@ -11,7 +11,8 @@ Precedence (first that applies wins):
   embedder      one passed in, else the embedder named in the index's manifest.
   LM            one passed in, else config.lm: a fine-tuned reference folder (icl finetune) loads
                 with its adapter or weights; anything else through load_lm.
-  adapter       config.soft_prompt (a soft prompt folder), else none.
+  adapter       config.soft_prompt (a soft prompt folder), else none; one trained on an earlier
+                version of the index (before `icl index add/remove`) is used with a StaleWarning.
   template      config.template > the template the soft prompt was trained with > the template
                 stored with the index (index.template) > the built-in dataset's template
                 (registry) for the index's dataset name > Template.default(kind).
@@ -19,6 +20,7 @@ Precedence (first that applies wins):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from .adapters import SoftPrompt, load_model, load_soft_prompt
 from .config import PipelineConfig
 from .data import TaskKind
 from .embed import Embedder, get_embedder
-from .index import ExampleIndex, index_path
+from .index import ExampleIndex, StaleWarning, index_path, stale_note
 from .lm import LM
 from .prompt import Template
 from .registry import builtin_template
@@ -66,6 +68,9 @@ def resolve(config: PipelineConfig, *, lm: LM | None = None, embedder: Embedder 
     embedder = embedder or get_embedder(index.manifest["embedder"])
     lm = lm or load_model(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     soft = load_soft_prompt(config.soft_prompt) if config.soft_prompt else None
+    note = stale_note(index, soft.meta.get("index"), f"soft prompt {config.soft_prompt}") if soft else None
+    if note:  # still usable (the LM and template are the same): said once, never refused
+        warnings.warn(note, StaleWarning, stacklevel=2)
     tpl = resolve_template(index.kind, given=config.template or template, soft=soft, stored=index.template,
                            dataset=index.manifest.get("dataset"))
     return Resolved(folder, index, embedder, lm, soft, tpl)

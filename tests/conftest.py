@@ -111,3 +111,14 @@ def sentiment_template():
 
     return Template(instruction="Classify the review.", input_format="Review: {input}\nSentiment:",
                     output_format=" {output}", verbalizers={"positive": "A", "negative": "B"})
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (Ray 2.60 has no local_mode): 2 CPUs, no
+    dashboard. Skips where Ray is not installed (`bash scripts/test.sh` installs it)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'icl-engine[ray]')")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

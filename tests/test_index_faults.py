@@ -6,6 +6,7 @@ build."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -343,3 +344,119 @@ class IndexFolder(RuleBasedStateMachine):
 
 TestIndexFolder = IndexFolder.TestCase
 TestIndexFolder.settings = settings(max_examples=40, stateful_step_count=12, deadline=None)
+
+
+# ----------------------------------------------------------------------------- incremental updates
+
+# A base index and a batch that the writer adds and removes in turn: every published version
+# holds either BASE or BASE + BATCH.
+UPDATES = """
+from icl_engine.index import update_index
+BASE = A.dataset.select(range(N_BASE))
+BATCH = A.dataset.records[N_BASE:]
+"""
+N_BASE = 2900
+
+
+@pytest.fixture(scope="module")
+def update_hashes():
+    a = dataset(N_A, 1)
+    return {a.select(range(N_BASE)).sha256: "base", a.sha256: "base+batch"}
+
+
+def updater(body: str) -> subprocess.Popen:
+    return child(UPDATES.replace("N_BASE", str(N_BASE)) + textwrap.dedent(body))
+
+
+def test_readers_during_updates_see_the_old_or_the_new_version(tmp_path, update_hashes):
+    folder = tmp_path / "indexes" / "rt"
+    ExampleIndex.build(dataset(N_A, 1).select(range(N_BASE)), get_embedder("hashing:64")).save(folder)
+    seconds = 20
+    writer = updater(f"""
+        import time
+        end, updates = time.monotonic() + {seconds}, 0
+        while time.monotonic() < end:
+            if updates % 2 == 0:
+                update_index({str(folder)!r}, records=BATCH, embed=emb.encode)
+            else:
+                update_index({str(folder)!r}, remove_ids=[r.id for r in BATCH])
+            updates += 1
+        print(updates, flush=True)
+    """)
+    code = READER.format(folder=str(folder), seconds=seconds, known=sorted(update_hashes))
+    readers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(3)]
+    results = [json.loads(r.communicate(timeout=seconds + 120)[0]) for r in readers]
+    out, err = writer.communicate(timeout=seconds + 120)
+    assert writer.returncode == 0, err
+    updates = int(out.strip())
+    reads, failed = sum(r["reads"] for r in results), sum(r["failed"] for r in results)
+    print(f"\n{updates} updates (add 100 / remove 100), {reads} reads by 3 readers, {failed} failed")
+    assert failed == 0, [r["errors"] for r in results]
+    assert updates >= 6 and reads >= 50
+    check_holds(folder, update_hashes, {"base", "base+batch"})
+
+
+@pytest.mark.parametrize("step, expect", [("switch_pointer", "base"), ("collect_garbage", "base+batch")])
+def test_kill_9_during_an_update_leaves_the_old_or_the_new_version(tmp_path, update_hashes, step, expect):
+    folder = tmp_path / "indexes" / "rt"
+    proc = updater(f"""
+        import time
+        from icl_engine import store
+        folder = {str(folder)!r}
+        BASE_INDEX = ExampleIndex.build(BASE, emb)
+        BASE_INDEX.save(folder)
+        real = getattr(store, {step!r})
+        def paused(*args, **kw):
+            print("paused", flush=True)
+            time.sleep(120)
+        setattr(store, {step!r}, paused)
+        update_index(folder, records=BATCH, embed=emb.encode)
+    """)
+    wait_for(proc, "paused")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close(), proc.stderr.close()
+    assert check_holds(folder, update_hashes, {expect}) == expect
+    # the next update starts from what is published and cleans up what the killed one left
+    from icl_engine.index import update_index
+    base = dataset(N_A, 1)
+    r = update_index(folder, records=base.records[N_BASE:], embed=get_embedder("hashing:64").encode)
+    assert r["count"] == N_A and check_holds(folder, update_hashes, {"base+batch"})
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.startswith(".tmp-")] and len([n for n in names if n.startswith("v-")]) <= 2
+
+
+def test_a_second_writer_waits_for_the_lock_or_fails_in_one_line(tmp_path):
+    """While an update holds the lock, `icl index add` with a short $ICL_LOCK_TIMEOUT fails with one
+    line and changes nothing; two adds at once both land (the second reads the first's version)."""
+    folder = tmp_path / "indexes" / "rt"
+    files = []
+    for i in range(3):
+        path = tmp_path / f"d{i}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"review {j} of {i}", "label": "ab"[j % 2]}) + "\n"
+                                for j in range(50 + 10 * i)))
+        files.append(path)
+    ix = ["--indexes-dir", str(tmp_path / "indexes")]
+    subprocess.run([str(ICL), "index", "build", str(files[0]), "--name", "rt", "--embedder", "hashing:64", *ix],
+                   check=True, capture_output=True)
+    holder = child(f"""
+        import time
+        from icl_engine import store
+        with store.writer_lock(Path({str(folder)!r})):
+            print("locked", flush=True)
+            time.sleep(120)
+    """.replace("Path(", "__import__('pathlib').Path("))
+    wait_for(holder, "locked")
+    env = {**os.environ, "ICL_LOCK_TIMEOUT": "1"}
+    out = subprocess.run([str(ICL), "index", "add", "rt", str(files[1]), *ix], capture_output=True, text=True, env=env)
+    holder.kill(), holder.wait(), holder.stdout.close(), holder.stderr.close()
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"error: index {str(folder)!r} is being written by another process (waited 1 s for its lock); try again later"]
+    assert len(ExampleIndex.load(folder)) == 50
+    procs = [subprocess.Popen([str(ICL), "index", "add", "rt", str(f), *ix], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for f in files[1:]]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert len(ExampleIndex.load(folder)) == 50 + 60 + 70  # no update lost

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "icl_engine"
 
 # The layer of a module, by its dotted name under icl_engine; anything not listed is core.
-FRONT_ENDS = {"cli", "cli_format", "api", "console", "service"}
+FRONT_ENDS = {"cli", "cli_format", "api", "console", "service", "ray_jobs", "shards"}
 LAYERS = {"core": 0, "train": 1, "studies": 2, "front": 3}
 
 
@@ -99,6 +99,7 @@ def test_the_checker_sees_upward_imports(tmp_path):
     ("icl_engine.pipeline", "core"), ("icl_engine.adapters", "core"), ("icl_engine.train.loop", "train"),
     ("icl_engine.studies.experiments.common", "studies"), ("icl_engine.cli", "front"), ("icl_engine.api", "front"),
     ("icl_engine.service.app", "front"), ("icl_engine.service", "front"),
+    ("icl_engine.ray_jobs", "front"),
 ])
 def test_layer_names(module, layer):
     assert layer_of(module) == layer

@@ -282,7 +282,8 @@ def train_soft_prompt(lm: LM, train: Dataset, config: SoftPromptConfig, *, build
     meta = data_meta(train, builder, budget, skipped)
     if demos is not SelectionMethod.KNN:
         meta["demos"] = demos.value
-    meta["index"] = None if index is None else {k: index.manifest.get(k) for k in ("dataset", "dataset_sha256", "count")}
+    meta["index"] = None if index is None else {**{k: index.manifest.get(k) for k in ("dataset", "dataset_sha256", "count")},
+                                                "version": index.version}  # index.stale_note compares them
     meta["embedder"] = None if index is None else embedder.name if embedder else index.manifest.get("embedder")
     if teacher is not None:
         if train.kind is not TaskKind.CLASSIFICATION:

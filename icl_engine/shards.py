@@ -1,0 +1,129 @@
+"""Labelling a whole file (`icl classify-file IN --out OUT [--ray]`), resumably: the texts are cut
+into shards, each shard's predictions are written atomically to OUT.parts/ as soon as it is done,
+and OUT (JSONL, or Parquet when it ends in .parquet) is assembled from the shards at the end. A
+re-run of the same job skips the shards already written, so an interrupted or failed run resumes
+instead of starting over; a different job (another config, index version or input) is refused.
+
+    summary = classify_file(config, "texts.jsonl", "labels.jsonl")                 # one process
+    summary = classify_file(config, "texts.jsonl", "labels.jsonl", ray=RayOptions(workers=4))
+
+Each output row: {"row", "text", "label", "probs", "log_scores", "demo_ids", "prompt_tokens"},
+rows in input order. With Ray, an actor pool of engines (each loads the LM and index once) takes
+whole shards and writes them itself (the parts folder must be on storage every actor sees);
+Ray retries a shard whose actor died.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from .atomic import read_json, write_json, write_text
+from .config import PipelineConfig
+from .data import read_texts
+from .engines import get_engine
+from .index import index_path, index_version
+from .pipeline import Engine
+from .progress import Progress
+
+__all__ = ["ShardError", "classify_file", "prediction_rows", "write_shard", "shard_path", "JOB_FILE"]
+
+JOB_FILE = "job.json"  # in OUT.parts/: what the shards there were made by
+
+
+class ShardError(ValueError):
+    """An output whose parts folder belongs to another job, or an output that cannot be written."""
+
+
+def shard_path(parts: Path, shard: int) -> Path:
+    return parts / f"shard-{shard:06d}.jsonl"
+
+
+def prediction_rows(engine: Engine, texts: list[str], start: int) -> list[dict]:
+    """The output rows of texts[start:...] (row numbers count from 0 in the input file)."""
+    preds = engine.classify(texts)
+    return [{"row": start + i, "text": t, "label": p.label, "probs": p.probs, "log_scores": p.log_scores,
+             "demo_ids": [d.id for d in p.demos], "prompt_tokens": p.prompt_tokens}
+            for i, (t, p) in enumerate(zip(texts, preds))]
+
+
+def write_shard(parts: Path, shard: int, rows: list[dict]) -> None:
+    """One shard's rows, written atomically: it exists complete or not at all."""
+    write_text(shard_path(parts, shard), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _job(config: PipelineConfig, texts: list[str], shard_size: int) -> dict:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode() + b"\x1e")
+    folder = index_path(config.index, config.indexes_dir)
+    return {"config": config.to_dict(), "index_version": index_version(folder), "texts": len(texts),
+            "texts_sha256": h.hexdigest(), "shard_size": shard_size}
+
+
+def _open_parts(parts: Path, job: dict) -> None:
+    """Make OUT.parts for this job, or check that the one there is this job's (then reused)."""
+    if (parts / JOB_FILE).exists():
+        if read_json(parts / JOB_FILE, "the job description", ShardError) != json.loads(json.dumps(job)):
+            raise ShardError(f"{parts} holds the shards of another job (other config, index version or input); "
+                             "remove it or choose another --out")
+        return
+    if parts.exists() and any(parts.iterdir()):
+        raise ShardError(f"{parts} exists and is not a classify-file parts folder; remove it or choose another --out")
+    write_json(parts / JOB_FILE, job)
+
+
+def classify_file(config: PipelineConfig, source: str | Path, out: str | Path, *, text_field: str | None = None,
+                  shard_size: int = 256, ray=None, progress: bool = True) -> dict:
+    """Label every text of `source` into `out` (see the module doc); returns a summary."""
+    if shard_size < 1:
+        raise ShardError(f"shard size must be >= 1, got {shard_size}")
+    out = Path(out)
+    if out.is_dir():
+        raise ShardError(f"--out {out} is a folder; give a file name (.jsonl or .parquet)")
+    texts, field = read_texts(source, text_field)
+    parts = out.with_name(out.name + ".parts")
+    _open_parts(parts, _job(config, texts, shard_size))
+    shards = [(i, s, min(len(texts), s + shard_size)) for i, s in enumerate(range(0, len(texts), shard_size))]
+    todo = [sh for sh in shards if not shard_path(parts, sh[0]).exists()]
+    t0 = time.perf_counter()
+    with Progress(len(texts), "classify-file", unit="texts", enabled=progress) as bar:
+        bar.update(len(texts) - sum(stop - start for _, start, stop in todo))  # resumed shards count as done
+        if ray is not None and todo:
+            from .ray_jobs import classify_shards
+
+            for n in classify_shards(config, texts, todo, parts, ray):
+                bar.update(n)
+        else:
+            engine = get_engine(config) if todo else None
+            for shard, start, stop in todo:
+                write_shard(parts, shard, prediction_rows(engine, texts[start:stop], start))
+                bar.update(stop - start)
+    seconds = time.perf_counter() - t0
+    _assemble(parts, [sh[0] for sh in shards], out)
+    return {"out": str(out), "texts": len(texts), "field": field, "shards": len(shards),
+            "resumed_shards": len(shards) - len(todo), "seconds": round(seconds, 3), "parts": str(parts)}
+
+
+def _assemble(parts: Path, shards: list[int], out: Path) -> None:
+    """OUT from the shards, in order, written atomically (JSONL, or Parquet for a .parquet name)."""
+    if out.suffix != ".parquet":
+        write_text(out, "".join(shard_path(parts, s).read_text(encoding="utf-8") for s in shards))
+        return
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ShardError(f"--out {out}: writing Parquet needs pyarrow (pip install pyarrow)") from None
+    rows = [json.loads(line) for s in shards for line in shard_path(parts, s).read_text(encoding="utf-8").splitlines()]
+    for r in rows:  # a map column of probabilities; Parquet wants one type per column
+        r["probs"] = [{"label": k, "p": v} for k, v in r["probs"].items()]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
