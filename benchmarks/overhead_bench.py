@@ -13,7 +13,8 @@ Stages (wall and process CPU seconds, summed over the run, reported as ms per qu
   embed       Embedder.encode of the queries (no embedding cache, as for new queries)
   search      ExampleIndex.search inside selection (faiss, at --threads threads)
   select      the rest of select.select_many (candidates, exclusion, packing, order)
-  tokenize    the rest of Engine.select (token budgets) + Engine._prompts (prompt assembly)
+  tokenize    the queries' tokenization, the rest of Engine.select (token budgets) and
+              Engine._prompts (prompt assembly)
   batch       score_continuations less the LM forward: checks, length buckets, padded tensors
   lm          the LM's forward calls (forward pre-hook to forward hook)
   post        everything else: scores -> Predictions, evaluate()'s metrics and records
@@ -50,7 +51,7 @@ from icl_engine.lm import LM, cache_root  # noqa: E402
 from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
 from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 STAGES = ("embed", "search", "select", "tokenize", "batch", "lm", "post")
 
 
@@ -74,7 +75,7 @@ class Stages:
     seconds (`clock=time.perf_counter`) or process CPU seconds (`time.process_time`, all threads:
     what a busy machine cannot inflate by taking the core away)."""
 
-    KEYS = ("embed", "select_many", "search", "engine_select", "prompts", "score", "lm")
+    KEYS = ("embed", "select_many", "search", "engine_select", "prompts", "query_ids", "score", "lm")
 
     def __init__(self, engine: Engine):
         self.t = {c: dict.fromkeys(self.KEYS, 0.0) for c in ("wall", "cpu")}
@@ -82,6 +83,8 @@ class Stages:
         self._wrap(engine, "select", "engine_select")
         self._wrap(engine, "_prompts", "prompts")
         self._wrap(engine.index, "search", "search")
+        if hasattr(engine.builder, "query_ids_many"):  # the batched tokenization (absent before issue 14)
+            self._wrap(engine.builder, "query_ids_many", "query_ids")
         self._wrap(pipeline, "select_many", "select_many")
         self._wrap(pipeline, "score_continuations", "score")
         self._start = (0.0, 0.0)
@@ -115,10 +118,11 @@ class Stages:
 
     def split(self, clock: str, total: float) -> dict[str, float]:
         t = self.t[clock]
+        # the queries' tokenization runs before Engine.select when the caller batches it
         return {"embed": t["embed"], "search": t["search"], "select": t["select_many"] - t["search"],
-                "tokenize": t["engine_select"] - t["embed"] - t["select_many"] + t["prompts"],
+                "tokenize": t["engine_select"] - t["embed"] - t["select_many"] + t["prompts"] + t["query_ids"],
                 "batch": t["score"] - t["lm"], "lm": t["lm"],
-                "post": total - t["engine_select"] - t["prompts"] - t["score"]}
+                "post": total - t["engine_select"] - t["prompts"] - t["query_ids"] - t["score"]}
 
 
 def run_embedder(name: str, lm: LM, pool, test, args) -> dict:

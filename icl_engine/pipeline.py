@@ -9,7 +9,7 @@ Every stage lives in its own module; this file only wires them together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -18,13 +18,14 @@ from .config import PipelineConfig
 from .data import TaskKind
 from .embed import Embedder
 from .generate import generate
-from .index import ExampleIndex
 from .lm import LM
 from .prompt import Prompt, PromptBuilder, Template
-from .resolve import resolve
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .select import Selection, SelectionMethod, select_many
 
+
+if TYPE_CHECKING:  # faiss (index.py) is needed to load an index, not to run an engine over one in memory
+    from .index import ExampleIndex
 
 __all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "Prepared"]
 
@@ -84,6 +85,8 @@ class Engine:
              index: ExampleIndex | None = None) -> "Engine":
         """Load what the config names (resolve.py decides which template, LM and adapter),
         reusing any part passed in."""
+        from .resolve import resolve  # imports index.py, so faiss: only where an index is loaded
+
         parts = resolve(config, lm=lm, embedder=embedder, index=index)
         return cls.from_parts(config, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
 

@@ -156,3 +156,17 @@ def test_evaluate_chunks_and_overlap_do_not_change_results(parts):
     assert same >= 0.9 * 2 * len(queries)
     with pytest.raises(ValueError, match="chunk"):
         evaluate(eng, test, progress=False, chunk=0)
+
+
+def test_engine_runs_without_faiss():
+    """A GPU machine may lack faiss: the engine, evaluate and the LM load without it (only
+    loading an index from disk needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['faiss'] = None; sys.modules['gguf'] = None\n"
+            "import icl_engine.pipeline, icl_engine.evaluate, icl_engine.lm, icl_engine.data, icl_engine.embed\n"
+            "try:\n    import icl_engine.index\nexcept ImportError:\n    print('index needs faiss')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "index needs faiss"
