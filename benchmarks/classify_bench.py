@@ -144,10 +144,12 @@ def read_jsonl(path: str, n: int | None = None) -> list[dict]:
 def run_engine(engine: Engine, counter: TokenCounter, texts: list[str], gold: list[str], k: int) -> dict:
     counter.reset()
     method = "knn" if k > 0 else "zero"
+    c0 = time.process_time()
     secs, preds = timed(lambda: engine.classify(texts, method=method, k=k))
+    cpu = time.process_time() - c0
     n = len(texts)
     return {
-        "seconds": secs, "queries_per_s": n / secs,
+        "seconds": secs, "queries_per_s": n / secs, "cpu_seconds": cpu,
         "accuracy": sum(p.label == g for p, g in zip(preds, gold)) / n,
         "lm_forward_calls": counter.calls, "lm_tokens": counter.tokens, "lm_padded_tokens": counter.padded_tokens,
         "tokens_per_query": counter.tokens / n, "padded_tokens_per_query": counter.padded_tokens / n,
@@ -157,11 +159,16 @@ def run_engine(engine: Engine, counter: TokenCounter, texts: list[str], gold: li
     }
 
 
-def run_peer(args, k: int, lm_dir: str, embedder_dir: str, tmp: str) -> dict:
-    out = Path(tmp) / f"peer-k{k}.json"
+def peer_command(args, k: int, lm_dir: str, embedder_dir: str) -> list[str]:
     cmd = [str(args.peer_python), str(DRIVER), "--model", lm_dir, "--embedder", embedder_dir, "--train", args.train,
            "--test", args.test, "--n", str(args.n), "--k", str(k), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads), "--out", str(out)]
+           "--threads", str(args.threads)]
+    return cmd + (["--verbalizers", args.verbalizers] if args.verbalizers else [])
+
+
+def run_peer(args, k: int, lm_dir: str, embedder_dir: str, tmp: str) -> dict:
+    out = Path(tmp) / f"peer-k{k}.json"
+    cmd = peer_command(args, k, lm_dir, embedder_dir) + ["--out", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -169,6 +176,135 @@ def run_peer(args, k: int, lm_dir: str, embedder_dir: str, tmp: str) -> dict:
     r = json.loads(out.read_text())
     r["process_wall_s"] = time.perf_counter() - t0
     return r
+
+
+class PeerServer:
+    """The peer set up once (`openicl_driver.py --serve`: LM loaded, pool indexed), then asked for
+    blocks of test rows; its stderr goes to a log file."""
+
+    READY, DONE = "@@openicl-driver ready", "@@openicl-driver done"
+
+    def __init__(self, args, k: int, lm_dir: str, embedder_dir: str, tmp: str):
+        self.tmp, self.k = Path(tmp), k
+        self.log = open(self.tmp / f"peer-k{k}.log", "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(peer_command(args, k, lm_dir, embedder_dir) + ["--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        self._wait(self.READY)
+        self.start_s = time.perf_counter() - t0
+
+    def _wait(self, marker: str) -> None:
+        for line in self.proc.stdout:
+            if line.strip() == marker:
+                return
+        self.log.flush()
+        raise RuntimeError(f"peer k={self.k} ended (rc {self.proc.wait()}):\n"
+                           f"{(self.tmp / f'peer-k{self.k}.log').read_text()[-3000:]}")
+
+    def block(self, start: int, stop: int) -> dict:
+        out = self.tmp / f"peer-k{self.k}-{start}.json"
+        t0 = time.perf_counter()
+        self.proc.stdin.write(f"{start} {stop} {out}\n")
+        self.proc.stdin.flush()
+        self._wait(self.DONE)
+        r = json.loads(out.read_text())
+        r["process_wall_s"] = time.perf_counter() - t0
+        return r
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def merge_blocks(blocks: list[dict]) -> dict:
+    """One side's block results as one run: sums of times and tokens, lists concatenated."""
+    out = dict(blocks[0])
+    for key in ("seconds", "cpu_seconds", "lm_forward_calls", "lm_tokens", "lm_padded_tokens", "process_wall_s"):
+        if key in out:
+            out[key] = sum(b[key] for b in blocks)
+    for key in ("predictions", "log_scores", "demos", "ice_ids", "ppl", "gold"):
+        if key in out:
+            out[key] = [x for b in blocks for x in b[key]]
+    n = len(out["predictions"])
+    out["block_seconds"] = [b["seconds"] for b in blocks]
+    out["block_cpu_seconds"] = [b["cpu_seconds"] for b in blocks]
+    if "prompt_tokens_per_query" in out:
+        out["prompt_tokens_per_query"] = sum(b["prompt_tokens_per_query"] * b["n"] for b in blocks) / n
+    out.update(n=n, queries_per_s=n / out["seconds"], tokens_per_query=out["lm_tokens"] / n,
+               padded_tokens_per_query=out["lm_padded_tokens"] / n)
+    if "gold" in out:  # the peer's accuracy over all blocks
+        out["accuracy"] = sum(p == g for p, g in zip(out["predictions"], out["gold"])) / n
+    else:
+        out["accuracy"] = sum(a * b["n"] for a, b in zip((b["accuracy"] for b in blocks), blocks)) / n
+    return out
+
+
+def matmul_probe(size: int, seconds: float, dtype=None) -> dict:
+    """A short matmul loop: GFLOP/s per wall second and per process CPU second."""
+    c0 = time.process_time()
+    r = matmul_gflops(size, seconds, dtype or torch.float32)
+    r["cpu_seconds"] = time.process_time() - c0
+    r["gflops_per_cpu_s"] = 2 * size**3 * r["iterations"] / r["cpu_seconds"] / 1e9 if r["cpu_seconds"] > 0 else None
+    return r
+
+
+def run_interleaved(args, k: int, sides: dict, texts: list[str], gold: list[str], lm_dir: str, embedder_dir: str,
+                    tmp: str) -> tuple[dict, list[dict]]:
+    """Every side on the same block of queries, one after the other, block after block, the
+    order flipped every block; a short matmul probe after each block. Load that comes and goes
+    then hits every side alike. -> ({side: merged run}, probes)."""
+    peer = None if args.skip_peer else PeerServer(args, k, lm_dir, embedder_dir, tmp)
+    names = list(sides) + ([] if peer is None else ["peer"])
+    blocks: dict[str, list[dict]] = {name: [] for name in names}
+    probes = []
+    try:
+        for b, start in enumerate(range(0, len(texts), args.block)):
+            stop = min(len(texts), start + args.block)
+            for name in (names if b % 2 == 0 else names[::-1]):
+                if name == "peer":
+                    r = peer.block(start, stop)
+                else:
+                    engine, counter = sides[name]
+                    r = run_engine(engine, counter, texts[start:stop], gold[start:stop], k)
+                    r["n"] = stop - start
+                blocks[name].append(r)
+            probes.append(matmul_probe(args.matmul_size, args.probe_seconds))
+            print(f"k={k} rows {start}-{stop}: " + ", ".join(
+                f"{name} {blocks[name][-1]['cpu_seconds'] / (stop - start):.2f} CPU s/q" for name in names)
+                + f", matmul {probes[-1]['gflops']:.0f} GFLOP/s", file=sys.stderr)
+    finally:
+        if peer is not None:
+            peer.close()
+    runs = {name: merge_blocks(bl) for name, bl in blocks.items()}
+    if peer is not None:
+        runs["peer"]["peer_start_s"] = peer.start_s
+    return runs, probes
+
+
+def interleaved_summary(e: dict, pe: dict | None, probes: list[dict], flops_per_token: float) -> dict:
+    """Wall and CPU ratios (totals, and medians of the per-block ratios), and MFU by CPU time."""
+    wall = statistics.median(p["gflops"] for p in probes)
+    cpu = statistics.median(p["gflops_per_cpu_s"] for p in probes)
+    out = {"blocks": len(e["block_seconds"]), "probe_gflops_wall": [p["gflops"] for p in probes],
+           "probe_gflops_per_cpu_s": [p["gflops_per_cpu_s"] for p in probes],
+           "probe_gflops_wall_median": wall, "probe_gflops_per_cpu_s_median": cpu,
+           "engine_cpu_s_per_query": e["cpu_seconds"] / e["n"],
+           "engine_mfu_cpu_time": flops_per_token * e["lm_tokens"] / e["cpu_seconds"] / 1e9 / cpu,
+           "engine_mfu_wall_vs_probe": flops_per_token * e["lm_tokens"] / e["seconds"] / 1e9 / wall}
+    if pe:
+        out.update(
+            peer_cpu_s_per_query=pe["cpu_seconds"] / pe["n"],
+            wall_ratio=pe["seconds"] / e["seconds"], cpu_ratio=pe["cpu_seconds"] / e["cpu_seconds"],
+            wall_ratio_median_of_blocks=statistics.median(
+                p / x for p, x in zip(pe["block_seconds"], e["block_seconds"])),
+            cpu_ratio_median_of_blocks=statistics.median(
+                p / x for p, x in zip(pe["block_cpu_seconds"], e["block_cpu_seconds"])),
+            peer_mfu_cpu_time=flops_per_token * pe["lm_tokens"] / pe["cpu_seconds"] / 1e9 / cpu,
+            peer_mfu_wall_vs_probe=flops_per_token * pe["lm_tokens"] / pe["seconds"] / 1e9 / wall,
+            tokens_per_query_ratio=pe["tokens_per_query"] / e["tokens_per_query"],
+            padded_tokens_per_query_ratio=pe["padded_tokens_per_query"] / e["padded_tokens_per_query"])
+    return out
 
 
 def check_prompts(engine: Engine, peer: dict, texts: list[str], k: int) -> dict:
@@ -278,8 +414,17 @@ def main(argv=None) -> dict:
     p.add_argument("--fast-dtype", default="bfloat16",
                    help="an extra engine side with the LM in this dtype (the --dtype flag of icl classify/eval), "
                         "its speed-up and accuracy change reported beside the exact one; 'none' to skip")
+    p.add_argument("--block", type=int, default=0,
+                   help="interleave: every side scores the same block of N queries in turn, block after block "
+                        "(the peer set up once), with a matmul probe between blocks; 0: whole runs, --repeats times")
+    p.add_argument("--probe-seconds", type=float, default=1.0, help="the matmul probe after each block (--block)")
+    p.add_argument("--verbalizers", default=None, help="JSON label -> word for the peer (default: the labels)")
+    p.add_argument("--skip-extras", action="store_true", help="skip the prefix on/off and generation measurements")
+    p.add_argument("--name", default="classify_bench", help="result files: NAME.json and NAME.md under --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
+    if args.block < 0:
+        p.error("--block must be >= 0")
     if not args.skip_peer and not Path(args.peer_python).exists():
         p.error(f"{args.peer_python} missing: run benchmarks/openicl_env.sh (or --skip-peer)")
 
@@ -326,8 +471,14 @@ def main(argv=None) -> dict:
 
     sides = ["engine", "peer"] + (["fast"] if fast_engine is not None else [])
     runs: dict[int, dict[str, list]] = {k: {side: [] for side in sides} for k in args.ks}
+    probes: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="classify-bench-") as tmp:
-        for rep in range(args.repeats):
+        for k in args.ks if args.block else ():
+            local = {"engine": (engine, counter)} | ({"fast": (fast_engine, fast_counter)} if fast_engine else {})
+            merged, probes[k] = run_interleaved(args, k, local, texts, gold, args.lm, embedder_dir, tmp)
+            for side, r in merged.items():
+                runs[k][side].append(r)
+        for rep in range(0 if args.block else args.repeats):
             for k in args.ks:
                 for side in (sides if rep % 2 == 0 else sides[::-1]):
                     if side == "peer" and args.skip_peer:
@@ -341,14 +492,16 @@ def main(argv=None) -> dict:
                     print(f"repeat {rep + 1} k={k} {side}: {r['queries_per_s']:.2f} queries/s, "
                           f"accuracy {r['accuracy']:.3f}, {r['tokens_per_query']:.0f} tokens/query", file=sys.stderr)
 
-    print("prefix on/off ...", file=sys.stderr)
     k_top = max(args.ks)
-    on = engine_for(INSTRUCTION)
-    off = engine_for(INSTRUCTION)
-    off.prefix = None  # every prompt then carries its shared head in its own ids
-    prefix = bench_prefix(on, off, counter, texts, gold, k_top, args.repeats)
-    print("generation ...", file=sys.stderr)
-    gen = bench_generation(lm, args.gen_prompts, args.gen_tokens, args.gen_prompts, args.repeats)
+    prefix = gen = None
+    if not args.skip_extras:
+        print("prefix on/off ...", file=sys.stderr)
+        on = engine_for(INSTRUCTION)
+        off = engine_for(INSTRUCTION)
+        off.prefix = None  # every prompt then carries its shared head in its own ids
+        prefix = bench_prefix(on, off, counter, texts, gold, k_top, args.repeats)
+        print("generation ...", file=sys.stderr)
+        gen = bench_generation(lm, args.gen_prompts, args.gen_tokens, args.gen_prompts, args.repeats)
     mm_end = matmul_gflops(args.matmul_size, args.matmul_seconds)
     gflops = max(mm_start["gflops"], mm_end["gflops"])  # the machine's limit: the better of the two
 
@@ -388,6 +541,15 @@ def main(argv=None) -> dict:
             row["accuracy_delta"] = e[0]["accuracy"] - pe[0]["accuracy"]
             row["agreement"] = agreement(e[0], pe[0], train_texts)
             row["prompt_check"] = check_prompts(engine, pe[0], texts, k)
+            row["peer"]["cpu_seconds"] = [r.get("cpu_seconds") for r in pe]
+        row["engine"]["cpu_seconds"] = [r["cpu_seconds"] for r in e]
+        if k in probes:
+            row["interleaved"] = interleaved_summary(e[0], pe[0] if pe else None, probes[k], 2 * n_params)
+            if fast_engine is not None:
+                fe = runs[k]["fast"][0]
+                row["interleaved"]["fast_cpu_s_per_query"] = fe["cpu_seconds"] / fe["n"]
+                if pe:
+                    row["interleaved"]["fast_cpu_ratio"] = pe[0]["cpu_seconds"] / fe["cpu_seconds"]
         if fast_engine is not None:
             fe = runs[k]["fast"]
             row["fast"] = {
@@ -422,6 +584,7 @@ def main(argv=None) -> dict:
     result = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
         "config": {"n": len(texts), "ks": args.ks, "repeats": args.repeats, "threads": args.threads,
+                   "block": args.block, "probe_seconds": args.probe_seconds,
                    "batch_size": args.batch_size, "lm": args.lm, "lm_params": n_params, "lm_embedding_params": emb_params,
                    "dtype": str(lm.dtype), "embedder": emb.name, "train": args.train, "test": args.test,
                    "template": TEMPLATE, "order": "nearest_first",
@@ -445,8 +608,8 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "classify_bench.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (out / "classify_bench.md").write_text(markdown(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return result
 
@@ -506,15 +669,45 @@ def markdown(r: dict) -> str:
         lines.append(f"| same, with --dtype {t['fast_dtype']} (optional, scores change) | {f(t['fast_speedup'])}x | "
                      f"{ok(t['fast_speedup_ok'])} |")
     lines.append("")
-    pr = r["prefix"]
-    lines += [f"Shared prefix (k = {pr['k']}, an instruction of {pr['instruction_tokens']} tokens): computed once "
+    inter = [(k, row["interleaved"]) for k, row in r["per_k"].items() if "interleaved" in row]
+    if inter:
+        lines += [f"Interleaved (`--block {c['block']}`): every side scored the same block of {c['block']} queries in "
+                  "turn, block after block, the order flipped each block, the peer set up once; a "
+                  f"{c['probe_seconds']:.1f} s matmul probe after each block. Process CPU seconds count only the time "
+                  "a side actually ran, so another job on the machine hardly moves their ratio; the wall-clock "
+                  "ratio is beside it.", "",
+                  "| k | blocks | engine CPU s/q | peer CPU s/q | CPU ratio (total; median of blocks) | wall ratio "
+                  "(total; median of blocks) | peer/engine tokens (padded) | probe GFLOP/s wall (min-max) | probe "
+                  "GFLOP/s per CPU s | engine MFU (CPU time) | peer MFU (CPU time) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for k, x in inter:
+            pw = x["probe_gflops_wall"]
+            if "cpu_ratio" in x:
+                lines.append(
+                    f"| {k} | {x['blocks']} | {x['engine_cpu_s_per_query']:.3f} | {x['peer_cpu_s_per_query']:.3f} | "
+                    f"{x['cpu_ratio']:.2f}x; {x['cpu_ratio_median_of_blocks']:.2f}x | {x['wall_ratio']:.2f}x; "
+                    f"{x['wall_ratio_median_of_blocks']:.2f}x | {x['tokens_per_query_ratio']:.2f} "
+                    f"({x['padded_tokens_per_query_ratio']:.2f}) | {min(pw):.1f}-{max(pw):.1f} | "
+                    f"{x['probe_gflops_per_cpu_s_median']:.1f} | {x['engine_mfu_cpu_time']:.1%} | "
+                    f"{x['peer_mfu_cpu_time']:.1%} |")
+            else:
+                lines.append(f"| {k} | {x['blocks']} | {x['engine_cpu_s_per_query']:.3f} | – | – | – | – | "
+                             f"{min(pw):.1f}-{max(pw):.1f} | {x['probe_gflops_per_cpu_s_median']:.1f} | "
+                             f"{x['engine_mfu_cpu_time']:.1%} | – |")
+            if "fast_cpu_s_per_query" in x:
+                lines.append(f"\n{r['matmul']['fast_dtype']['dtype']} engine (k = {k}): {x['fast_cpu_s_per_query']:.3f} "
+                             "CPU s/query" + (f", {x['fast_cpu_ratio']:.2f}x the peer by CPU time" if "fast_cpu_ratio" in x
+                                              else "") + ".")
+        lines.append("")
+    pr = r["prefix"] or None
+    lines += [] if pr is None else [f"Shared prefix (k = {pr['k']}, an instruction of {pr['instruction_tokens']} tokens): computed once "
               f"{pr['on']['queries_per_s']:.2f} q/s ({pr['on']['tokens_per_query']:.0f} tokens/query) vs fed with every "
               f"prompt {pr['off']['queries_per_s']:.2f} q/s ({pr['off']['tokens_per_query']:.0f} tokens/query): "
               f"{pr['speedup_median_of_pairs']:.2f}x; predictions agree {pr['predictions_agree']:.0%}, "
               f"max |log-score difference| {pr['max_abs_log_score_diff']:.1e}.", ""]
     g = r["generation"]
-    bk = [key for key in g if key.startswith("batch_") and key != "batch_1"][0]
-    lines += [f"Generation (greedy, key/value cache, no stop, {g['prompts']} E2E one-shot prompts of "
+    bk = [key for key in g if key.startswith("batch_") and key != "batch_1"][0] if g else None
+    lines += [] if g is None else [f"Generation (greedy, key/value cache, no stop, {g['prompts']} E2E one-shot prompts of "
               f"{g['prompt_tokens_mean']:.0f} tokens, {g['max_new_tokens']} new tokens): batch 1 "
               f"{g['batch_1']['new_tokens_per_s']:.1f} new tokens/s, batch {g[bk]['batch_size']} "
               f"{g[bk]['new_tokens_per_s']:.1f} new tokens/s ({g['batched_speedup']:.1f}x).", ""]

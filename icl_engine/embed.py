@@ -35,7 +35,7 @@ import numpy as np
 from .lm import cache_root  # the one cache root (arg > env ICL_CACHE > ~/.cache/icl_engine)
 from .progress import Progress
 
-__all__ = ["DEFAULT_EMBEDDER", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder",
+__all__ = ["DEFAULT_EMBEDDER", "BATCH_SIZE", "batch_size_for", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder",
            "embedding_cache_dir"]
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -45,6 +45,16 @@ _PROGRESS_MIN = 1000  # progress shown above this many texts to embed
 _CHUNK = 1024  # texts per encode call: the progress-bar step
 _SHARD_MIN = 8192  # texts per cache shard written during one long encode
 _MAX_SHARDS = 32  # above this many shard files, the next write merges them into one
+
+
+# Texts per model batch when none is given: a CPU gains nothing past 64 (it pads more), a GPU
+# needs large batches (MiniLM on an H200: 3,087 texts/s at 64, 7,818 at 1,024).
+BATCH_SIZE = {"cpu": 64, "cuda": 1024}
+
+
+def batch_size_for(device) -> int:
+    """The default embedding batch for a torch device (or its type name)."""
+    return BATCH_SIZE.get(getattr(device, "type", str(device)).split(":")[0], BATCH_SIZE["cpu"])
 
 
 class EmbedderError(ValueError):
@@ -251,9 +261,9 @@ class Embedder:
     cache for `hashing:DIM` (recomputing is faster than reading); False = no cache.
     """
 
-    def __init__(self, model: str = DEFAULT_EMBEDDER, *, device: str | None = None, batch_size: int = 64,
+    def __init__(self, model: str = DEFAULT_EMBEDDER, *, device: str | None = None, batch_size: int | None = None,
                  cache_dir: str | os.PathLike | None | bool = None):
-        if batch_size <= 0:
+        if batch_size is not None and batch_size <= 0:
             raise EmbedderError(f"batch_size must be positive, got {batch_size}")
         if cache_dir is True:
             raise EmbedderError("cache_dir must be a folder, None (default) or False (no cache)")
@@ -274,6 +284,8 @@ class Embedder:
         else:
             self.sentence_transformer = _load_sentence_transformer(self.model, self.name, self.device)
             self.dim = int(self.sentence_transformer.get_embedding_dimension())
+            if self.batch_size is None:
+                self.batch_size = batch_size_for(self.sentence_transformer.device)
         if self.cache_dir is not False and not (self.is_hashing and self.cache_dir is None):
             root = embedding_cache_dir() if self.cache_dir is None else Path(self.cache_dir)
             self.cache = EmbeddingCache(root / _slug(self.name), self.name, self.dim)

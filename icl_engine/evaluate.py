@@ -4,7 +4,8 @@ classification, BLEU / ROUGE-L against all references of an input for generation
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -14,7 +15,10 @@ from .pipeline import Engine
 from .progress import Progress
 from .select import SelectionMethod
 
-__all__ = ["evaluate", "fewer_demos", "format_table", "UnknownLabelError"]
+__all__ = ["evaluate", "classify_chunks", "fewer_demos", "format_table", "UnknownLabelError"]
+
+
+MIN_CHUNK = 32  # queries per engine call at least: LM batches of up to 32 are bucketed by length among them
 
 
 class UnknownLabelError(ValueError):
@@ -26,6 +30,28 @@ def _chunks(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
+def classify_chunks(engine: Engine, texts: Sequence[str], chunk: int, *, method=None, k=None,
+                    overlap: bool | None = None) -> Iterator[tuple[slice, list]]:
+    """(slice, its Predictions) for each chunk of `texts`, in order. With `overlap` one worker
+    thread runs `engine.prepare` (embedding, selection, prompts) for chunk i+1 while this thread
+    runs `engine.finish` (the LM) on chunk i; the results are the same either way."""
+    if overlap is None:
+        overlap = getattr(engine.lm.device, "type", "cpu") == "cuda"
+    slices = list(_chunks(len(texts), chunk))
+    if not overlap or len(slices) < 2:
+        for s in slices:
+            yield s, engine.classify(texts[s], method=method, k=k)
+        return
+    prepare = lambda s: engine.prepare(texts[s], method=method, k=k)  # noqa: E731
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="icl-prepare") as pool:
+        ahead = pool.submit(prepare, slices[0])
+        for i, s in enumerate(slices):
+            ready = ahead.result()
+            if i + 1 < len(slices):
+                ahead = pool.submit(prepare, slices[i + 1])
+            yield s, engine.finish(ready)
+
+
 def evaluate(
     engine: Engine,
     test: Dataset,
@@ -34,10 +60,20 @@ def evaluate(
     k: int | None = None,
     limit: int | None = None,
     progress: bool = True,
-    chunk: int = 32,
+    chunk: int | None = None,
+    overlap: bool | None = None,
 ) -> dict:
     """Run the engine over `test` (first `limit` examples, or distinct inputs for generation)
-    and return one JSON-ready dict of metrics, timings and per-example predictions."""
+    and return one JSON-ready dict of metrics, timings and per-example predictions.
+
+    `chunk`: queries handed to the engine per call (the progress step); default the engine's
+    batch size, at least MIN_CHUNK, so an LM batch is never cut short by the chunk and the
+    length buckets have queries to choose from. `overlap`: prepare the next chunk in a thread
+    while the LM scores this one (default: when the LM is on a GPU; on a CPU both want the
+    same cores)."""
+    chunk = max(MIN_CHUNK, engine.config.batch_size) if chunk is None else chunk
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
     method = SelectionMethod(method or engine.config.method)
     k = engine.config.k if k is None else k
     out = {"method": method.value, "k": k, "index": engine.config.index, "lm": engine.lm.name,
@@ -52,8 +88,9 @@ def evaluate(
                 f"test labels {unknown} are not among the index's labels {list(engine.index.labels)}")
         preds = []
         with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
-            for s in _chunks(len(records), chunk):
-                preds += engine.classify([r.input for r in records[s]], method=method, k=k)
+            for s, batch in classify_chunks(engine, [r.input for r in records], chunk, method=method, k=k,
+                                            overlap=overlap):
+                preds += batch
                 bar.update(s.stop - s.start)
         seconds = time.perf_counter() - t0
         gold, guess = [r.output for r in records], [p.label for p in preds]

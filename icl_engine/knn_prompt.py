@@ -30,7 +30,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -38,9 +38,11 @@ from safetensors.numpy import load_file, save_file
 
 from .atomic import publish_dir, read_json
 from .backend import LMBackend
-from .index import ExampleIndex
 from .prompt import PromptBuilder
 from .score import Prefix, compute_prefix, next_token_logprobs
+
+if TYPE_CHECKING:  # faiss (index.py) is not needed to use anchors over an index in memory
+    from .index import ExampleIndex
 
 __all__ = ["AnchorConfig", "AnchorError", "Anchors", "KnnPrompter", "build_anchors", "kl_to_anchors", "ANCHORS_FORMAT"]
 

@@ -9,7 +9,7 @@ Every stage lives in its own module; this file only wires them together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -18,16 +18,17 @@ from .config import PipelineConfig
 from .data import TaskKind
 from .embed import Embedder
 from .generate import generate, generate_stream
-from .index import ExampleIndex, index_version
 from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
 from .prompt import Prompt, PromptBuilder, Template
-from .resolve import resolve
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .select import Selection, SelectionMethod, select_many
 
 
-__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo"]
+if TYPE_CHECKING:  # faiss (index.py) is needed to load an index, not to run an engine over one in memory
+    from .index import ExampleIndex
+
+__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "Prepared"]
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
 
@@ -62,6 +63,15 @@ class Generation:
     short: int = 0
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch of queries ready for the LM (`Engine.prepare`): demonstrations and prompts."""
+
+    selections: list[Selection]
+    prompts: list[Prompt]
+    queries: tuple[str, ...] = ()  # kNN prompting reads the texts themselves
+
+
 @dataclass
 class Engine:
     config: PipelineConfig
@@ -78,6 +88,9 @@ class Engine:
              index: ExampleIndex | None = None) -> "Engine":
         """Load what the config names (resolve.py decides which template, LM and adapter),
         reusing any part passed in."""
+        from .index import index_version  # index.py imports faiss: only where an index is loaded
+        from .resolve import resolve
+
         parts = resolve(config, lm=lm, embedder=embedder, index=index)
         engine = cls.from_parts(config, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
         if config.anchors:
@@ -115,29 +128,36 @@ class Engine:
         # generation must leave room for the output; classification for the longest label
         return self.config.max_new_tokens if self.index.kind is TaskKind.GENERATION else None
 
-    def select(self, queries: Sequence[str], *, method=None, k=None, exclude_ids=None) -> list[Selection]:
+    def select(self, queries: Sequence[str], *, method=None, k=None, exclude_ids=None,
+               query_ids: Sequence[Sequence[int]] | None = None) -> list[Selection]:
+        """Demonstrations for each query; `query_ids` (`builder.query_ids_many(queries)`) saves
+        tokenizing the queries again when the caller has them."""
         method = SelectionMethod(method or self.config.method)
         k = self.config.k if k is None else k
         qv = self.embedder.encode(list(queries))  # [q, d]
-        budgets = [self.budget - self.builder.reserved(q, self.n_virtual, answer_tokens=self._answer_tokens)
-                   for q in queries]
+        qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
+        budgets = [self.budget - self.builder.reserved(q, self.n_virtual, answer_tokens=self._answer_tokens, query_ids=i)
+                   for q, i in zip(queries, qids)]
         return select_many(
             self.index, qv, method=method, k=k, budgets=budgets, query_texts=list(queries),
             exclude_ids=exclude_ids, demo_lengths=self.builder.demo_lengths(self.index.records),
             seed=self.config.seed, mmr_lambda=self.config.mmr_lambda, order=self.config.order,
         )
 
-    def _prompts(self, queries: Sequence[str], selections: Sequence[Selection]) -> list[Prompt]:
+    def _prompts(self, queries: Sequence[str], selections: Sequence[Selection],
+                 query_ids: Sequence[Sequence[int]] | None = None) -> list[Prompt]:
         recs = self.index.records
+        qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
         return [
-            self.builder.assemble([recs[i] for i in sel.ids], q, budget=self.budget - self.n_virtual,
-                                  answer_tokens=self._answer_tokens)
-            for q, sel in zip(queries, selections)
+            self.builder.assemble([recs[i] for i in sel.ids.tolist()], q, budget=self.budget - self.n_virtual,
+                                  answer_tokens=self._answer_tokens, query_ids=i)
+            for q, sel, i in zip(queries, selections, qids)
         ]
 
     def _demos(self, sel: Selection) -> list[Demo]:
         recs = self.index.records
-        return [Demo(recs[i].id, float(s), recs[i].input, recs[i].output) for i, s in zip(sel.ids, sel.scores)]
+        return [Demo(recs[i].id, s, recs[i].input, recs[i].output)
+                for i, s in zip(sel.ids.tolist(), sel.scores.tolist())]
 
     def _skipped(self, sel: Selection) -> tuple[str, ...]:
         return tuple(self.index.records[i].id for i in sel.skipped)
@@ -152,12 +172,24 @@ class Engine:
     # ------------------------------------------------------------------ tasks
 
     def classify(self, queries: Sequence[str], *, method=None, k=None, exclude_ids=None) -> list[Prediction]:
+        return self.finish(self.prepare(queries, method=method, k=k, exclude_ids=exclude_ids))
+
+    def prepare(self, queries: Sequence[str], *, method=None, k=None, exclude_ids=None) -> Prepared:
+        """The CPU half of `classify`: embed, select, assemble. A caller may prepare the next
+        batch (in a thread) while the LM scores this one (`finish`)."""
         if self.index.kind is not TaskKind.CLASSIFICATION:
             raise ValueError(f"index {self.config.index!r} holds {self.index.kind.value} data; use generate")
+        if self.knn is not None and self.config.anchor_weight >= 1.0:  # kNN prompting alone: no demonstrations
+            return Prepared([], [], tuple(queries))
+        qids = self.builder.query_ids_many(queries)  # each query tokenized once, in one call
+        selections = self.select(queries, method=method, k=k, exclude_ids=exclude_ids, query_ids=qids)
+        return Prepared(selections, self._prompts(queries, selections, qids), tuple(queries))
+
+    def finish(self, prepared: Prepared) -> list[Prediction]:
+        """The LM half of `classify`: score every label, calibrate, one Prediction per query."""
         if self.knn is not None and self.config.anchor_weight >= 1.0:
-            return self._knn_classify(queries)
-        selections = self.select(queries, method=method, k=k, exclude_ids=exclude_ids)
-        prompts = self._prompts(queries, selections)
+            return self._knn_classify(prepared.queries)
+        selections, prompts = prepared.selections, prepared.prompts
         log_scores = self._score(prompts)  # [q, L]
         cal = self.config.calibration
         if cal is Calibration.CONTEXTUAL:
@@ -166,23 +198,25 @@ class Engine:
             log_probs = normalize(pmi(log_scores, self.premise_log_scores()))
         else:
             log_probs = normalize(log_scores)
-        probs = np.exp(log_probs)
+        labels = self.index.labels
+        probs = np.exp(log_probs)  # [q, L]
         if self.knn is not None:  # a mixture: anchor_weight on the anchors' votes
             w = self.config.anchor_weight
-            probs = (1 - w) * probs + w * self.knn.predict(queries, self.config.anchor_k)[0]
-        labels = self.index.labels
+            probs = (1 - w) * probs + w * self.knn.predict(prepared.queries, self.config.anchor_k)[0]
+        best = np.argmax(probs, axis=1).tolist()  # [q]
+        # plain Python floats in one call per array, not one float() per element
         return [
             Prediction(
-                label=labels[int(np.argmax(p))],
-                probs={lab: float(x) for lab, x in zip(labels, p)},
-                log_scores=[float(x) for x in raw],
+                label=labels[b],
+                probs=dict(zip(labels, p)),
+                log_scores=raw,
                 demos=self._demos(sel),
                 prompt_tokens=len(pr.ids) + self.n_virtual,
                 skipped=self._skipped(sel),
                 dropped=sel.dropped,
                 short=sel.short,
             )
-            for p, raw, sel, pr in zip(probs, log_scores, selections, prompts)
+            for b, p, raw, sel, pr in zip(best, probs.tolist(), log_scores.tolist(), selections, prompts)
         ]
 
     def _knn_classify(self, queries: Sequence[str]) -> list[Prediction]:
@@ -212,8 +246,9 @@ class Engine:
 
     def generate(self, inputs: Sequence[str], *, method=None, k=None, exclude_ids=None,
                  max_new_tokens: int | None = None, **sampling) -> list[Generation]:
-        selections = self.select(inputs, method=method, k=k, exclude_ids=exclude_ids)
-        prompts = self._prompts(inputs, selections)
+        qids = self.builder.query_ids_many(inputs)
+        selections = self.select(inputs, method=method, k=k, exclude_ids=exclude_ids, query_ids=qids)
+        prompts = self._prompts(inputs, selections, qids)
         ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
         texts = generate(
             self.lm, ids, prefix=self.prefix, batch_size=self.config.batch_size,

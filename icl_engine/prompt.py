@@ -27,6 +27,8 @@ from pathlib import Path
 from string import Formatter
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .atomic import read_json, write_json
 from .data import Record, TaskKind
 
@@ -193,6 +195,13 @@ class PromptBuilder:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of each text, in one tokenizer call (a fast tokenizer batches in Rust; the
+        ids are the same as text by text: no padding, no special tokens)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
     def _render_chat(self) -> tuple[list[int], list[int]]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("Template.chat is true but the tokenizer has no chat template")
@@ -214,6 +223,11 @@ class PromptBuilder:
     def query_ids(self, query: str) -> list[int]:
         return self.encode(self.template.format_input(query))
 
+    def query_ids_many(self, queries: Sequence[str]) -> list[list[int]]:
+        """`query_ids` of each query, tokenized in one call: the ids a batch of queries reuses
+        for its budgets (`reserved(..., query_ids=)`) and its prompts (`assemble(..., query_ids=)`)."""
+        return self.encode_many([self.template.format_input(q) for q in queries])
+
     def label_ids(self, label: str) -> list[int]:
         """The continuation scored for `label` (verbalised, output_format applied); cached."""
         if label not in self._answers:
@@ -231,29 +245,58 @@ class PromptBuilder:
         return len(self.demo_ids(record)) + len(self.sep_ids)
 
     def demo_lengths(self, records: Sequence[Record]) -> Callable[[Sequence[int]], list[int]]:
-        """The `demo_lengths(row_ids)` callable select.py wants, over index.records."""
-        return lambda rows: [self.demo_length(records[i]) for i in rows]
+        """The `demo_lengths(row_ids) -> list[int]` callable select.py wants, over
+        index.records. Lengths live in one array per `records` (-1 = not tokenized yet); the
+        rows missing are tokenized together, in one call, the first time they are asked for."""
+        table = self._length_table(records)
+
+        def lengths(rows: Sequence[int]) -> list[int]:
+            rows = np.asarray(rows, np.int64)
+            out = table[rows]  # [r]
+            if (out < 0).any():
+                self._fill_lengths(records, table, np.unique(rows[out < 0]))
+                out = table[rows]
+            return out.tolist()
+
+        return lengths
+
+    def _length_table(self, records: Sequence[Record]) -> np.ndarray:
+        # one table per records tuple (an index's records; `add` makes a new tuple)
+        if getattr(self, "_table_of", None) is not records:
+            self._table_of, self._table = records, np.full(len(records), -1, np.int64)
+        return self._table
+
+    def _fill_lengths(self, records: Sequence[Record], table: np.ndarray, rows: np.ndarray) -> None:
+        todo = [records[i] for i in rows.tolist() if records[i].id not in self._demos]
+        inputs = self.encode_many([self.template.format_input(r.input) for r in todo])
+        for r, ids in zip(todo, inputs):
+            self._demos[r.id] = ids + self.label_ids(r.output)  # == demo_ids(r)
+        table[rows] = [len(self._demos[records[i].id]) + len(self.sep_ids) for i in rows.tolist()]
 
     @property
     def max_answer_len(self) -> int:
         return max((len(self.label_ids(lab)) for lab in self.labels), default=0)
 
-    def reserved(self, query: str, n_virtual_tokens: int = 0, answer_tokens: int | None = None) -> int:
+    def reserved(self, query: str, n_virtual_tokens: int = 0, answer_tokens: int | None = None, *,
+                 query_ids: Sequence[int] | None = None) -> int:
         """Tokens a prompt for `query` needs besides its demos: soft-prompt tokens, bos +
         instruction (or chat prefix/suffix), the query and the longest answer (answer_tokens
-        overrides, e.g. max_new_tokens for generation). Demo budget = total - reserved."""
+        overrides, e.g. max_new_tokens for generation). Demo budget = total - reserved.
+        `query_ids`: the query's ids when already tokenized (`query_ids_many`)."""
         answer = self.max_answer_len if answer_tokens is None else answer_tokens
         fixed = sum(len(ids) for _, ids in self._head + self._tail)
-        return n_virtual_tokens + fixed + len(self.query_ids(query)) + answer
+        q = self.query_ids(query) if query_ids is None else query_ids
+        return n_virtual_tokens + fixed + len(q) + answer
 
     # ------------------------------------------------------------------ assembly
 
     def assemble(self, demos: Sequence[Record], query: str, *, budget: int | None = None,
-                 answer_tokens: int | None = None) -> Prompt:
+                 answer_tokens: int | None = None, query_ids: Sequence[int] | None = None) -> Prompt:
         """The prompt for `query` with `demos` in the given (prompt) order. With `budget` (total
         tokens for prompt + answer, soft-prompt tokens already taken off) nothing is truncated:
-        PromptTooLong if the query alone, or the whole prompt, does not fit."""
-        q = self.query_ids(query)
+        PromptTooLong if the query alone, or the whole prompt, does not fit. `query_ids`: the
+        query's ids when already tokenized (`query_ids_many`)."""
+        q = self.query_ids(query) if query_ids is None else list(query_ids)
         parts: list[tuple[str, list[int], str | None]] = [(p, ids, None) for p, ids in self._head]
         for r in demos:
             parts += [("demo", self.demo_ids(r), r.id), ("separator", self.sep_ids, None)]
@@ -266,7 +309,7 @@ class PromptBuilder:
         prompt = Prompt(ids, spans)
         if budget is not None:
             answer = self.max_answer_len if answer_tokens is None else answer_tokens
-            alone = self.reserved(query, 0, answer)
+            alone = self.reserved(query, 0, answer, query_ids=q)
             if alone > budget:
                 raise PromptTooLong(f"the query alone needs {alone} tokens ({len(q)} query + "
                                     f"{alone - len(q) - answer} template + {answer} answer) but the budget is {budget}")

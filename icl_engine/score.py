@@ -11,6 +11,7 @@ prompt, or prefix-tuning key/values) is computed once by the backend and every b
 
 from __future__ import annotations
 
+import itertools
 from enum import Enum
 from typing import Sequence
 
@@ -59,8 +60,11 @@ def check_inputs(lm: LMBackend, prompts: Ids, continuations: Ids | None, prefix:
         for i, s in enumerate(seqs):
             if isinstance(s, str):
                 raise ScoreError(f"{what} {i} is a string; pass token ids")
-            if len(s) and (min(s) < 0 or max(s) >= vocab):
-                raise ScoreError(f"{what} {i} has a token id outside the vocabulary [0, {vocab})")
+        # all ids at once; the row at fault is looked for only when there is one
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= vocab):
+            i = next(i for i, s in enumerate(seqs) if len(s) and (min(s) < 0 or max(s) >= vocab))
+            raise ScoreError(f"{what} {i} has a token id outside the vocabulary [0, {vocab})")
     if continuations is not None:
         if not continuations:
             raise ScoreError("no continuations to score")

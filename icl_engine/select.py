@@ -39,6 +39,8 @@ __all__ = [
     "pack",
     "select_demonstrations",
     "select_many",
+    "normalized_texts",
+    "pack_many",
 ]
 
 DemoLengths = Callable[[Sequence[int]], Sequence[int]]
@@ -124,6 +126,28 @@ def input_groups(index) -> InputGroups:
     except TypeError:
         pass
     return groups
+
+
+_TEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # index -> (records, numbers, lookup)
+
+
+def normalized_texts(index) -> tuple[np.ndarray, dict[str, int]]:
+    """Each row's input with whitespace collapsed (as `exclude` compares texts), numbered:
+    (int64 [n], text -> number). Computed once per index (again after `add`)."""
+    try:
+        records, numbers, lookup = _TEXTS.get(index, (None, None, None))
+    except TypeError:
+        records = None
+    if records is index.records:
+        return numbers, lookup
+    lookup: dict[str, int] = {}
+    numbers = np.fromiter((lookup.setdefault(_norm(r.input), len(lookup)) for r in index.records), np.int64,
+                          len(index.records))
+    try:
+        _TEXTS[index] = (index.records, numbers, lookup)
+    except TypeError:
+        pass
+    return numbers, lookup
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -266,6 +290,7 @@ def select_many(
     mmr_lambda: float = 0.5,
     fetch_k: int | None = None,
     order: DemoOrder | str = DemoOrder.NEAREST_LAST,
+    vectorized: bool = True,
 ) -> list[Selection]:
     """Demonstrations for each of q queries with ONE `index.search` call.
 
@@ -273,7 +298,10 @@ def select_many(
     query (the total budget minus `PromptBuilder.reserved(query)`), None = no limit;
     demo_lengths(row_ids) gives each row's exact token cost. exclude_ids: each query's own
     record id when it comes from the pool (leave-one-out); query_texts: drop copies of the
-    query. Returns one `Selection` per query.
+    query. Returns one `Selection` per query. kNN is computed for all queries at once with
+    array operations (`_knn_many`); a query it cannot settle (exclusions that need a wider
+    search, its own record in the pool) and the other methods go query by query, as does
+    everything with `vectorized=False` (the reference the tests compare against).
     """
     method, order = SelectionMethod(method), DemoOrder(order)
     qv = np.asarray(query_vectors, np.float32)
@@ -301,7 +329,9 @@ def select_many(
 
     groups = input_groups(index)
     fetch = min(groups.count, fetch_k or _default_fetch(method, k))  # distinct inputs per query
-    rngs = [_rng(seed, t, v) for t, v in zip(query_texts, qv)]
+    # a seeded generator per query only where something is drawn (each costs ~20 us to seed)
+    need_rng = method is SelectionMethod.RANDOM or order is DemoOrder.RANDOM
+    rngs = [_rng(seed, t, v) if need_rng else None for t, v in zip(query_texts, qv)]
     if method is SelectionMethod.RANDOM:  # same pool, uniform over records; scores are still real similarities
         window = min(n, fetch_k or _default_fetch(method, k))
         rows = np.stack([g.choice(n, size=window, replace=False) for g in rngs]).astype(np.int64)  # [q, w]
@@ -311,8 +341,14 @@ def select_many(
         window = min(n, math.ceil(fetch * n / groups.count))
         scores, rows = index.search(qv, window)  # [q, w] float32, int64 (-1 padding)
 
-    out = []
+    out: list[Selection | None] = [None] * nq
+    if vectorized and method is SelectionMethod.KNN:  # the common case, for all queries at once
+        out = _knn_many(index, groups, rows, scores, fetch, k, budgets, demo_lengths, exclude_ids, query_texts,
+                        order, rngs)
     for i in range(nq):
+        if out[i] is not None:
+            continue
+
         def wider(size: int, i=i) -> tuple[np.ndarray, np.ndarray]:
             return _fetch_one(index, method, qv[i], _rng(seed, query_texts[i], qv[i]), size)
 
@@ -322,9 +358,92 @@ def select_many(
         else:
             rows_i, scores_i = _candidates(index, groups, window_i, wider, window, fetch, k, exclude_ids[i],
                                            query_texts[i])
-        out.append(_select_one(index, qv[i], rows_i, scores_i, method, k, budgets[i], demo_lengths, mmr_lambda,
-                               order, labels, rngs[i]))
+        out[i] = _select_one(index, qv[i], rows_i, scores_i, method, k, budgets[i], demo_lengths, mmr_lambda,
+                             order, labels, rngs[i])
     return out
+
+
+def _earlier_equal(x: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """x [q, w], among [q, w] bool -> [q, w] bool: some earlier position of the same row that is
+    in `among` holds the same value."""
+    eq = (x[:, :, None] == x[:, None, :]) & among[:, None, :]  # [q, w, w]: a equals an earlier b
+    return np.tril(eq, -1).any(2)
+
+
+def _knn_many(index, groups: InputGroups, rows, scores, fetch: int, k: int, budgets, demo_lengths, exclude_ids,
+              query_texts, order: DemoOrder, rngs) -> list[Selection | None]:
+    """kNN for a batch: what `_candidates` + `_select_one` give query by query, as array
+    operations over the batched search's window (rows, scores [q, w]). None for a query whose
+    window holds too few inputs, or whose exclusions leave fewer than k while the pool has
+    more, or with its own record id to leave out: the per-query path handles those."""
+    rows, scores = np.asarray(rows, np.int64), np.asarray(scores, np.float32)  # [q, w]
+    nq, w = rows.shape
+    ok = (rows >= 0).all(1) & np.fromiter((e is None for e in exclude_ids), bool, nq)
+    g = groups.of[np.maximum(rows, 0)]  # [q, w] each row's input
+    first = ~_earlier_equal(g, np.ones_like(rows, bool))  # the first row of each input, window order
+    ok &= first.sum(1) >= fetch
+    cand = first & (np.cumsum(first, 1) <= fetch)  # the `fetch` most similar inputs
+    reps = groups.first[g]  # [q, w] each input stands as its first row
+    norm, number = normalized_texts(index)
+    text = norm[reps]  # [q, w] whitespace-collapsed text number of each candidate
+    qtext = np.fromiter((-1 if t is None else number.get(_norm(t), -1) for t in query_texts), np.int64, nq)
+    keep = cand & (text != qtext[:, None]) & ~_earlier_equal(text, cand)  # `exclude`, for all rows
+    ok &= (keep.sum(1) >= k) | (fetch >= groups.count)
+
+    # the kept candidates of each query, left-aligned in relevance order: [q, c]
+    at = np.argsort(~keep, axis=1, kind="stable")
+    c = int(keep.sum(1).max(initial=0))
+    crow = np.take_along_axis(reps, at, 1)[:, :c]
+    cscore = np.take_along_axis(scores, at, 1)[:, :c]
+    valid = np.take_along_axis(keep, at, 1)[:, :c]
+    nvalid = valid.sum(1)
+    big = np.iinfo(np.int64).max // 4
+    budget = np.fromiter((big if b is None else b for b in budgets), np.int64, nq)  # None: no limit
+    lengths = np.zeros((nq, c), np.int64)
+    use = valid & ok[:, None] & (budget >= 0)[:, None]
+    if demo_lengths is not None and use.any():
+        got = np.asarray(demo_lengths(crow[use].tolist()), np.int64)
+        if got.shape != (int(use.sum()),):
+            raise ValueError(f"demo_lengths returned {got.shape[0]} lengths for {int(use.sum())} rows")
+        lengths[use] = got
+    kept, skipped, dropped = pack_many(lengths, valid, budget, k)
+
+    # prompt order: most similar first (stable), reversed for nearest_last, or shuffled
+    key = np.where(kept, -cscore, np.inf)
+    rank = np.argsort(key, axis=1, kind="stable")
+    nkept = kept.sum(1)
+    out: list[Selection | None] = [None] * nq
+    for i in np.flatnonzero(ok).tolist():
+        if budget[i] < 0:  # the query alone does not fit: no demos; assemble() reports it
+            out[i] = Selection.empty()
+            continue
+        n = int(nkept[i])
+        if order is DemoOrder.RANDOM:
+            pick = np.flatnonzero(kept[i])[rngs[i].permutation(n)]
+        else:
+            pick = rank[i, :n] if order is DemoOrder.NEAREST_FIRST else rank[i, :n][::-1]
+        out[i] = Selection(crow[i, pick], cscore[i, pick], tuple(crow[i, skipped[i]].tolist()), int(dropped[i]),
+                           max(0, k - int(nvalid[i])))
+    return out
+
+
+def pack_many(lengths: np.ndarray, valid: np.ndarray, budget: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`pack` for a batch. lengths [q, c] int64 (relevance order), valid [q, c] bool (the
+    candidates), budget [q] int64 -> (kept [q, c] bool, skipped [q, c] bool, dropped [q] int64),
+    exactly as `pack` row by row and `_select_one`'s count of dropped demos."""
+    B = budget[:, None]
+    alone = valid & (lengths <= B)  # could fit on its own
+    fits = alone & (np.cumsum(np.where(alone, lengths, 0), 1) <= B)  # before the first that overflows
+    kept = fits & (np.cumsum(fits, 1) <= k)
+    # pack stops at the first overflow or once k are kept: long demos after that are not reported
+    pos = np.arange(lengths.shape[1])
+    c = lengths.shape[1]
+    overflow = np.where(alone & ~fits, pos, c).min(1, initial=c)
+    kth = np.where(kept & (np.cumsum(kept, 1) == k), pos + 1, c).min(1, initial=c)
+    skipped = valid & ~alone & (pos < np.minimum(overflow, kth)[:, None])
+    dropped = np.minimum(k, valid.sum(1) - skipped.sum(1)) - kept.sum(1)
+    return kept, skipped, dropped
 
 
 def _fetch_one(index, method: SelectionMethod, q: np.ndarray, rng: np.random.Generator,

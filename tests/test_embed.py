@@ -163,3 +163,14 @@ def test_packaged_minilm(tmp_path):
     seen = count_embedded(again)
     np.testing.assert_array_equal(again.encode(texts), v)
     assert seen == []
+
+
+def test_default_batch_size_follows_the_device():
+    import torch
+
+    from icl_engine.embed import BATCH_SIZE, batch_size_for
+
+    assert batch_size_for("cpu") == BATCH_SIZE["cpu"] == 64
+    assert batch_size_for(torch.device("cuda", 1)) == batch_size_for("cuda:0") == BATCH_SIZE["cuda"] == 1024
+    assert batch_size_for("mps") == 64  # unknown devices: the CPU's
+    assert Embedder("hashing:16").batch_size is None and Embedder("hashing:16", batch_size=8).batch_size == 8

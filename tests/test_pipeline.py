@@ -100,3 +100,73 @@ def test_config_round_trip_and_validation(tmp_path):
         PipelineConfig(index="x", k=-1)
     with pytest.raises(ValueError, match="dtype"):
         PipelineConfig(index="x", dtype="int3")
+
+
+def test_each_query_is_tokenized_once_in_one_call(parts):
+    """Budgets and assembly reuse one batched tokenization of the queries (issue 14: each query
+    was tokenized three times, one call each)."""
+    eng = engine(parts, k=3)
+    queries = ["a great moving film", "boring and bad", "wonderful"]
+    eng.classify(queries)  # warm: demonstrations and labels tokenized and cached
+    tok, calls = eng.builder.tokenizer, []
+
+    class Counting:
+        def __call__(self, text, **kw):
+            calls.append(text)
+            return tok(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    eng.builder.tokenizer = Counting()
+    try:
+        preds = eng.classify(queries)
+    finally:
+        eng.builder.tokenizer = tok
+    assert calls == [[TEMPLATE.format_input(q) for q in queries]]
+    assert [p.label for p in preds] == [p.label for p in eng.classify(queries)]
+
+
+def test_evaluate_chunks_and_overlap_do_not_change_results(parts):
+    """Chunks of the configured batch size, and preparing the next chunk in a thread, give the
+    predictions of one engine call over all queries (log-scores within 1e-5: only padding and
+    batch composition differ). Demonstrations may differ only between equally similar records
+    (the tiny hashing index has many exact ties)."""
+    from icl_engine.evaluate import evaluate
+
+    eng = engine(parts, k=3, batch_size=40)
+    queries = [f"{t} {w}" for w in ("really", "truly", "quite", "so", "very", "", "!", "?") for t in TEXTS][:60]
+    test = Dataset("q", TaskKind.CLASSIFICATION, make_records((q, "positive") for q in queries), ("negative", "positive"))
+    sizes = []
+    prepare = eng.prepare
+    eng.prepare = lambda texts, **kw: sizes.append(len(texts)) or prepare(texts, **kw)
+    default = evaluate(eng, test, progress=False)
+    assert sizes == [40, 20]  # the configured batch size (at least 32), not a fixed 32
+    threaded = evaluate(eng, test, progress=False, chunk=20, overlap=True)
+    assert sizes[2:] == [20, 20, 20]
+    ref = eng.classify(queries)
+    same = 0
+    for run in (default, threaded):
+        for p, r in zip(run["predictions"], ref):
+            if p["demos"] != [d.id for d in r.demos]:
+                continue
+            same += 1
+            assert p["pred"] == r.label
+            assert list(p["probs"].values()) == pytest.approx(list(r.probs.values()), abs=1e-5)
+    assert same >= 0.9 * 2 * len(queries)
+    with pytest.raises(ValueError, match="chunk"):
+        evaluate(eng, test, progress=False, chunk=0)
+
+
+def test_engine_runs_without_faiss():
+    """A GPU machine may lack faiss: the engine, evaluate and the LM load without it (only
+    loading an index from disk needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['faiss'] = None; sys.modules['gguf'] = None\n"
+            "import icl_engine.pipeline, icl_engine.evaluate, icl_engine.lm, icl_engine.data, icl_engine.embed\n"
+            "try:\n    import icl_engine.index\nexcept ImportError:\n    print('index needs faiss')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "index needs faiss"

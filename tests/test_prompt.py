@@ -238,3 +238,34 @@ def test_chat_rendering_matches_the_chat_template(chat_tokenizer):
 def test_chat_needs_a_chat_template(tiny_tokenizer):
     with pytest.raises(ValueError, match="no chat template"):
         PromptBuilder(Template(chat=True), tiny_tokenizer)
+
+
+def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
+    """query_ids_many and the demo-length table give exactly the one-text-at-a-time ids and
+    lengths, the missing demos tokenized in one call."""
+    builder = PromptBuilder(SENTIMENT, tiny_tokenizer, labels=LABELS)
+    queries = [r.input for r in RECORDS] + ["", "  spaced  out  "]
+    assert builder.query_ids_many(queries) == [builder.query_ids(q) for q in queries]
+    assert builder.query_ids_many([]) == []
+    calls = []
+    tok = builder.tokenizer
+
+    class Counting:
+        def __call__(self, text, **kw):
+            calls.append(text)
+            return tok(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    builder.label_ids(LABELS[0]), builder.label_ids(LABELS[1])  # labels cached first
+    builder.tokenizer = Counting()
+    lengths = builder.demo_lengths(RECORDS)
+    got = lengths([3, 1, 3, 0])
+    assert len(calls) == 1 and len(calls[0]) == 3  # rows 3, 1, 0 in one call
+    assert lengths([0, 1, 2, 3]) == [builder.demo_length(r) for r in RECORDS[:4]]
+    assert got == [builder.demo_length(RECORDS[i]) for i in (3, 1, 3, 0)]
+    assert len(calls) == 2  # only row 2 was new
+    q = builder.query_ids("q")
+    assert builder.assemble(RECORDS[:2], "q", query_ids=q).ids == builder.assemble(RECORDS[:2], "q").ids
+    assert builder.reserved("q", query_ids=q) == builder.reserved("q")

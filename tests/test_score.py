@@ -194,3 +194,15 @@ def test_pmi_by_hand():
     with pytest.raises(ValueError, match="reference"):
         calibrate("pmi", cond)
     assert [c.value for c in Calibration] == ["none", "contextual", "pmi"]
+
+
+def test_left_pad_equals_python_lists():
+    from icl_engine.backends.hf import left_pad
+
+    rows = [[5, 6, 7], [], [9], [1, 2, 3, 4]]
+    ids, mask = left_pad(rows, 0)
+    assert ids.tolist() == [[0] * (4 - len(r)) + r for r in rows]
+    assert mask.tolist() == [[0] * (4 - len(r)) + [1] * len(r) for r in rows]
+    assert ids.dtype == mask.dtype == np.int64
+    ids, mask = left_pad([[]], 3)
+    assert ids.shape == mask.shape == (1, 0)

@@ -438,3 +438,56 @@ def test_input_groups_follow_the_records():
     assert g.representatives(np.array([4, 1]), recs, exclude_id=recs[0].id).tolist() == [2, 1]
     index.records = recs[:2]
     assert input_groups(index).count == 2  # recomputed when the records change
+
+
+def _same(a: Selection, b: Selection) -> bool:
+    return (a.ids.tolist() == b.ids.tolist() and np.array_equal(a.scores, b.scores) and a.skipped == b.skipped
+            and a.dropped == b.dropped and a.short == b.short and a.ids.dtype == b.ids.dtype == np.int64
+            and a.scores.dtype == b.scores.dtype == np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 9), order=st.sampled_from(list(DemoOrder)),
+       refs=st.booleans(), fetch_k=st.sampled_from([None, 12, 30]))
+def test_vectorized_knn_equals_query_by_query(seed, k, order, refs, fetch_k):
+    """The batched kNN path (array operations for all queries) against the per-query reference:
+    same ids, scores, skipped, dropped and short, over pools with repeated inputs, texts equal up
+    to whitespace, queries that copy a pool text, own ids to leave out, and budgets from none to
+    negative."""
+    if fetch_k is not None and fetch_k < k:
+        fetch_k = None
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 40))
+    words = [f"w{int(rng.integers(0, 12))}" for _ in range(n)]
+    inputs = [w + (" " if rng.random() < 0.2 else "") + ("" if rng.random() < 0.5 else " x") for w in words]
+    if refs:  # generation-like: several records (references) per input, sharing its vector
+        inputs = [inputs[int(rng.integers(0, max(1, n // 3)))] for _ in range(n)]
+    recs = make_records((t, "pos" if rng.random() < 0.5 else "neg") for t in inputs)
+    base = {t: v for t, v in zip(dict.fromkeys(inputs), unit(rng, len(set(inputs))))}
+    vectors = np.stack([base[t] for t in inputs])
+    if rng.random() < 0.3:  # ties
+        vectors = np.round(vectors, 1)
+    idx = FakeIndex(recs, vectors, labels=("pos", "neg"))
+    q = int(rng.integers(1, 12))
+    qv = unit(rng, q)
+    texts = [recs[int(rng.integers(0, n))].input if rng.random() < 0.4 else None for _ in range(q)]
+    own = [recs[int(rng.integers(0, n))].id if rng.random() < 0.2 else None for _ in range(q)]
+    budgets = [None if r < 0.2 else -1 if r < 0.3 else int(rng.integers(0, 60)) for r in rng.random(q)]
+    table = rng.integers(1, 25, size=n)
+    lengths = lambda rows: [int(table[r]) for r in rows]  # noqa: E731
+    kw = dict(method="knn", k=k, budgets=budgets, demo_lengths=lengths, exclude_ids=own, query_texts=texts,
+              order=order, fetch_k=fetch_k, seed=seed)
+    fast, slow = select_many(idx, qv, **kw), select_many(idx, qv, vectorized=False, **kw)
+    for a, b in zip(fast, slow):
+        assert _same(a, b), (a, b)
+
+
+def test_vectorized_knn_takes_the_batched_path(index):
+    """The batch path must settle ordinary queries itself (one search, no per-query searches)."""
+    rng = np.random.default_rng(3)
+    qv = unit(rng, 6)
+    idx = FakeIndex(index.records, index.vectors, index.labels)
+    sels = select_many(idx, qv, k=4, budgets=[100] * 6, demo_lengths=lambda rows: [10] * len(rows))
+    assert idx.searches == 1 and all(len(s) == 4 for s in sels)
+    assert [s.ids.tolist() for s in sels] == [s.ids.tolist() for s in select_many(
+        idx, qv, k=4, budgets=[100] * 6, demo_lengths=lambda rows: [10] * len(rows), vectorized=False)]

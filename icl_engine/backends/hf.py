@@ -19,16 +19,18 @@ the batch (and the cache), so the remaining rows stop paying for them.
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
 from ..backend import Ids, Prefix
 from ..generate import cut_at_stop
 
-__all__ = ["HFBackend", "prefix_cache"]
+__all__ = ["HFBackend", "prefix_cache", "left_pad"]
 
 
 def prefix_cache(prefix: Prefix, batch: int, config=None) -> DynamicCache:
@@ -113,11 +115,10 @@ class HFBackend:
 
         -> logprobs [B, V] at each row's last token, the cache [B, H, P+T, D], the attention
         mask [B, P+T] (1 = real), next position [B] (where each row's next token goes)."""
-        B, T, P = len(rows), max(len(r) for r in rows), (prefix.length if prefix else 0)
-        pad = self.tokenizer.pad_token_id or 0
+        B, P = len(rows), (prefix.length if prefix else 0)
         dev = self.device
-        ids = torch.tensor([[pad] * (T - len(r)) + list(r) for r in rows], dtype=torch.long, device=dev)  # [B, T]
-        mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=dev)
+        ids, mask = (self._to_device(torch.from_numpy(a)) for a in left_pad(rows, self.tokenizer.pad_token_id or 0))
+        T = ids.shape[1]  # [B, T] each
         # positions count real tokens only, so padding never shifts a row's rotary phases
         pos = (mask.cumsum(1) - 1).clamp(min=0) + P  # [B, T]
         full = torch.cat([torch.ones(B, P, dtype=torch.long, device=dev), mask], 1)  # [B, P+T]
@@ -132,6 +133,12 @@ class HFBackend:
         if empty.any():  # this row's last position is padding; the prefix's last position predicts
             logprobs[empty] = prefix.logprobs.to(dev)
         return logprobs, out.cache, full, lengths + P
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the model's device; to a GPU from pinned memory, without waiting."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ the LMBackend methods
 
@@ -201,6 +208,17 @@ class HFBackend:
             cache, pos = out.cache, pos + 1
             logprobs = out.logits[:, -1].float().log_softmax(-1)
         return [cut_at_stop(decode(n, skip_special_tokens=True), stop)[0] for n in new]
+
+
+def left_pad(rows: Ids, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id rows -> (ids, mask), int64 [B, T] each, T the longest row: each row right-aligned
+    after `pad` ids, mask 1 on its real tokens. Array operations, no per-token Python lists."""
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))  # [B]
+    T = int(lengths.max(initial=0))
+    mask = np.arange(T)[None, :] >= (T - lengths)[:, None]  # [B, T]
+    ids = np.full((len(rows), T), pad, np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))  # row-major fill
+    return ids, mask.astype(np.int64)
 
 
 @dataclass

@@ -1,0 +1,263 @@
+"""The engine's own work around the LM, per query, split by stage (issue 14's CPU proxy).
+
+    .venv/bin/python benchmarks/overhead_bench.py --label before      # writes overhead_bench_before.{json,md}
+    .venv/bin/python benchmarks/overhead_bench.py --label after --reference benchmarks/results/overhead_bench_before.json
+
+On a GPU the LM is fast and the Python work around it dominates; here the LM is a tiny random
+Llama built from a config (1 layer, hidden 16, the SmolLM2 vocabulary and tokenizer, so prompt
+lengths are the real ones) whose forward costs next to nothing, and everything else is the real
+engine: `evaluate()` over the first N Rotten Tomatoes test queries, kNN at k, the built-in
+sentiment template (its instruction is the cached prefix), once per embedder.
+
+Stages (wall and process CPU seconds, summed over the run, reported as ms per query):
+  embed       Embedder.encode of the queries (no embedding cache, as for new queries)
+  search      ExampleIndex.search inside selection (faiss, at --threads threads)
+  select      the rest of select.select_many (candidates, exclusion, packing, order)
+  tokenize    the queries' tokenization, the rest of Engine.select (token budgets) and
+              Engine._prompts (prompt assembly)
+  batch       score_continuations less the LM forward: checks, length buckets, padded tensors
+  lm          the LM's forward calls (forward pre-hook to forward hook)
+  post        everything else: scores -> Predictions, evaluate()'s metrics and records
+Target: non-LM work, embedding apart, <= 0.2 ms per query. The log-scores are kept (hashing
+embedder) so a later run can show its predictions equal these (`--reference`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import faiss  # noqa: E402
+import torch  # noqa: E402
+
+from icl_engine import pipeline  # noqa: E402
+from icl_engine.data import load_dataset  # noqa: E402
+from icl_engine.embed import DEFAULT_EMBEDDER, get_embedder  # noqa: E402
+from icl_engine.evaluate import evaluate  # noqa: E402
+from icl_engine.index import ExampleIndex  # noqa: E402
+from icl_engine.lm import LM, cache_root  # noqa: E402
+from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
+
+DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
+STAGES = ("embed", "search", "select", "tokenize", "batch", "lm", "post")
+
+
+def tiny_lm(tokenizer_dir: str, seed: int = 0) -> LM:
+    """A random 1-layer Llama with the SmolLM2 vocabulary: real prompt lengths, near-zero cost."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.2)
+    return LM(LlamaForCausalLM(cfg).eval(), tok, "tiny-random-smollm2-vocab", torch.device("cpu"))
+
+
+class Stages:
+    """Time per stage, by wrapping the engine's stage entry points on this engine only: wall
+    seconds (`clock=time.perf_counter`) or process CPU seconds (`time.process_time`, all threads:
+    what a busy machine cannot inflate by taking the core away)."""
+
+    KEYS = ("embed", "select_many", "search", "engine_select", "prompts", "query_ids", "score", "lm")
+
+    def __init__(self, engine: Engine):
+        self.t = {c: dict.fromkeys(self.KEYS, 0.0) for c in ("wall", "cpu")}
+        self._wrap(engine.embedder, "encode", "embed")
+        self._wrap(engine, "select", "engine_select")
+        self._wrap(engine, "_prompts", "prompts")
+        self._wrap(engine.index, "search", "search")
+        if hasattr(engine.builder, "query_ids_many"):  # the batched tokenization (absent before issue 14)
+            self._wrap(engine.builder, "query_ids_many", "query_ids")
+        self._wrap(pipeline, "select_many", "select_many")
+        self._wrap(pipeline, "score_continuations", "score")
+        self._start = (0.0, 0.0)
+        engine.lm.model.register_forward_pre_hook(self._pre)
+        engine.lm.model.register_forward_hook(self._post)
+
+    def _add(self, key: str, start: tuple[float, float]) -> None:
+        self.t["wall"][key] += time.perf_counter() - start[0]
+        self.t["cpu"][key] += time.process_time() - start[1]
+
+    def _wrap(self, obj, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*a, **kw):
+            start = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._add(key, start)
+
+        setattr(obj, name, timed)
+
+    def _pre(self, *_):
+        self._start = time.perf_counter(), time.process_time()
+
+    def _post(self, *_):
+        self._add("lm", self._start)
+
+    def reset(self) -> None:
+        self.t = {c: dict.fromkeys(self.KEYS, 0.0) for c in self.t}
+
+    def split(self, clock: str, total: float) -> dict[str, float]:
+        t = self.t[clock]
+        # the queries' tokenization runs before Engine.select when the caller batches it
+        return {"embed": t["embed"], "search": t["search"], "select": t["select_many"] - t["search"],
+                "tokenize": t["engine_select"] - t["embed"] - t["select_many"] + t["prompts"] + t["query_ids"],
+                "batch": t["score"] - t["lm"], "lm": t["lm"],
+                "post": total - t["engine_select"] - t["prompts"] - t["query_ids"] - t["score"]}
+
+
+def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
+    emb = get_embedder(name)
+    t0 = time.perf_counter()
+    index = ExampleIndex.build(pool, emb)
+    build_s = time.perf_counter() - t0
+    emb.cache = None  # queries are new: embedded in every run
+    if args.embed_batch_size:
+        emb.batch_size = args.embed_batch_size
+    cfg = PipelineConfig(index="rt", method="knn", k=args.k, batch_size=args.batch_size)
+    engine = Engine.from_parts(cfg, index, emb, lm, SENTIMENT_TEMPLATE)
+    stages = Stages(engine)
+    evaluate(engine, load_dataset(str(DATA / "rotten_tomatoes_train.jsonl")).select(range(32)), progress=False)
+    runs = []
+    for _ in range(args.repeats):
+        stages.reset()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = evaluate(engine, test, k=args.k, progress=False)
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs.append({"wall": {"total": total, **stages.split("wall", total)},
+                     "cpu": {"total": cpu, **stages.split("cpu", cpu)}})
+        print(f"{name}: {total:.2f} s ({cpu:.2f} CPU s), "
+              + ", ".join(f"{s} {runs[-1]['wall'][s]:.2f}" for s in STAGES), file=sys.stderr)
+    n = res["n"]
+    ms = {clock: per_query(runs, clock, n) for clock in ("wall", "cpu")}
+    return {"embedder": emb.name, "index_build_s": build_s, "n": n, "accuracy": res["accuracy"],
+            "mean_prompt_tokens": res["mean_prompt_tokens"], "runs": runs, "ms_per_query": ms,
+            "predictions": [p["pred"] for p in res["predictions"]],
+            "engine": engine}
+
+
+def per_query(runs: list[dict], clock: str, n: int) -> dict[str, float]:
+    """Medians over the repeats, in ms per query, plus the non-LM sums."""
+    med = lambda f: 1e3 * statistics.median(f(r[clock]) for r in runs) / n  # noqa: E731
+    ms = {s: med(lambda r, s=s: r[s]) for s in (*STAGES, "total")}
+    ms["non_lm"] = med(lambda r: r["total"] - r["lm"])
+    ms["non_lm_non_embed"] = med(lambda r: r["total"] - r["lm"] - r["embed"])
+    ms["non_lm_non_embed_non_search"] = med(lambda r: r["total"] - r["lm"] - r["embed"] - r["search"])
+    return ms
+
+
+def log_scores(engine: Engine, texts: list[str], k: int) -> list[list[float]]:
+    return [p.log_scores for p in engine.classify(texts, k=k)]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=64, help="the engine's batch size (PipelineConfig.batch_size)")
+    p.add_argument("--embed-batch-size", type=int, default=None, help="override the embedder's batch size")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--embedders", nargs="+", default=["hashing:384", DEFAULT_EMBEDDER])
+    p.add_argument("--tokenizer", default=str(cache_root() / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--label", default="run", help="result files: overhead_bench_<label>.json/.md")
+    p.add_argument("--reference", default=None, help="an earlier result JSON: compare predictions and log-scores")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)  # the index search: same thread count as the LM
+
+    lm = tiny_lm(args.tokenizer)
+    pool = load_dataset(str(DATA / "rotten_tomatoes_train.jsonl"))
+    test = load_dataset(str(DATA / "rotten_tomatoes_test.jsonl")).select(range(args.n))
+    load_start = os.getloadavg()
+    results = {}
+    for name in args.embedders:
+        r = run_embedder(name, lm, pool, test, args)
+        engine = r.pop("engine")
+        r["log_scores_exact"] = log_scores(engine, [x.input for x in test.records], args.k)
+        results[r["embedder"]] = r
+
+    out = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": args.label,
+           "command": " ".join(["benchmarks/overhead_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+           "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                       "torch_threads": args.threads, "load_average_at_start": list(load_start),
+                       "load_average_at_end": list(os.getloadavg()), "torch": torch.__version__},
+           "config": {"n": args.n, "k": args.k, "batch_size": args.batch_size, "repeats": args.repeats,
+                      "lm": lm.name, "lm_params": lm.n_params, "template": "rotten_tomatoes built-in (instruction)"},
+           "embedders": results}
+    if args.reference:
+        out["reference"] = compare(json.loads(Path(args.reference).read_text()), results)
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"overhead_bench_{args.label}.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    (dest / f"overhead_bench_{args.label}.md").write_text(markdown(out))
+    print(markdown(out))
+    return out
+
+
+def compare(ref: dict, results: dict) -> dict:
+    """Predictions equal, and the largest log-score difference, per embedder in both runs."""
+    out = {"file_created": ref["created"], "label": ref["label"]}
+    for name, r in results.items():
+        if name not in ref["embedders"]:
+            continue
+        a, b = ref["embedders"][name], r
+        m = min(len(a["predictions"]), len(b["predictions"]))
+        out[name] = {"n": m, "predictions_equal": a["predictions"][:m] == b["predictions"][:m],
+                     "max_abs_log_score_diff": float(np.max(np.abs(np.asarray(a["log_scores_exact"][:m])
+                                                                   - np.asarray(b["log_scores_exact"][:m]))))}
+    return out
+
+
+def markdown(r: dict) -> str:
+    c, m = r["config"], r["machine"]
+    lines = [f"# Overhead around the LM ({r['label']})", "", f"`{r['command']}`, {r['created']}", "",
+             f"n = {c['n']} Rotten Tomatoes test queries, kNN k = {c['k']}, engine batch size {c['batch_size']}, "
+             f"{c['repeats']} repeat(s) (medians), {m['torch_threads']} torch thread(s); LM: {c['lm']} "
+             f"({c['lm_params'] / 1e6:.2f} M parameters, the SmolLM2 tokenizer). Load average "
+             f"{m['load_average_at_start'][0]:.2f} at start, {m['load_average_at_end'][0]:.2f} at end "
+             f"({m['cpus']} CPUs, shared with other jobs).", "",
+             "Milliseconds per query, wall clock and process CPU time (all threads; a busy machine "
+             "inflates the first, hardly the second). search: the index search inside selection; "
+             "select: the rest of selection.", "",
+             "| embedder | clock | embed | search | select | tokenize/assemble | batch | LM | post | total | "
+             "non-LM | non-LM, embed apart | non-LM, embed and search apart | accuracy | prompt tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cols = (*STAGES, "total", "non_lm", "non_lm_non_embed", "non_lm_non_embed_non_search")
+    for name, e in r["embedders"].items():
+        for clock in ("wall", "cpu"):
+            x = e["ms_per_query"][clock]
+            lines.append(f"| {name} | {clock} | " + " | ".join(f"{x[s]:.3f}" for s in cols)
+                         + f" | {e['accuracy']:.3f} | {e['mean_prompt_tokens']:.1f} |")
+    if "reference" in r:
+        ref = r["reference"]
+        lines += ["", f"Against `{ref['label']}` ({ref['file_created']}):"]
+        for name, v in ref.items():
+            if isinstance(v, dict):
+                lines.append(f"- {name}: predictions equal on all {v['n']}: {v['predictions_equal']}; "
+                             f"max |log-score difference| {v['max_abs_log_score_diff']:.2e}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
