@@ -395,7 +395,7 @@ def test_icl_serve_process_starts_answers_and_stops_on_sigterm(world, tmp_path):
     port = _free_port()
     env = {**os.environ, "ICL_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([str(ICL), "serve", "--index", "good", "--indexes-dir", str(indexes), "--lm", str(lm),
-                             "--port", str(port), "--max-wait-ms", "300"], cwd=tmp_path, env=env,
+                             "--port", str(port), "--max-wait-ms", "3000"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -415,7 +415,12 @@ def test_icl_serve_process_starts_answers_and_stops_on_sigterm(world, tmp_path):
         with ThreadPoolExecutor(1) as pool:
             inflight = pool.submit(httpx.post, f"{url}/v1/classify", json={"index": "good", "text": "boring"},
                                    timeout=30)
-            time.sleep(0.1)  # it waits in the batcher (300 ms)
+            # SIGTERM only once it waits in the batcher (up to 3 s): a loaded machine may take a while
+            # to deliver the request at all
+            end = time.monotonic() + 30
+            while "icl_queue_texts 1.0" not in httpx.get(f"{url}/metrics", timeout=5).text:
+                assert time.monotonic() < end and not inflight.done(), "the request never queued"
+                time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             assert inflight.result().status_code == 200
         assert proc.wait(timeout=60) == 0
