@@ -832,13 +832,24 @@ def format_report(report: dict) -> str:
               + ", ".join(f"{r['method']} {r['this_run_seconds']:.0f} s" for r in report["rows"]),
               f"- defaults: {s['defaults_basis']}",
               f"- soft prompt training: {json.dumps(s['soft_train'], sort_keys=True)}",
-              f"- reference training: {json.dumps(s['finetune'], sort_keys=True)}"]
+              _reference_line(report["reference"], s["finetune"])]
     for note in report["reference"].get("notes", []):
         lines.append(f"- note: {note}")
     for r in report["rows"]:
         if r.get("note"):
             lines.append(f"- {r['method']}: {r['note']}")
     return "\n".join(lines) + "\n"
+
+
+def _reference_line(ref: dict, requested: dict) -> str:
+    """What the reference in the table was trained with: its own record when it was reused."""
+    if ref.get("trained_now"):
+        return f"- reference training (this run): {json.dumps(requested, sort_keys=True)}"
+    m = ref.get("metrics") or {}
+    seen = f", {m['examples_seen']} examples seen" if "examples_seen" in m else ""
+    return (f"- reference training (reused, from its icl_finetune.json): {m.get('steps')} steps{seen}, best held-out "
+            f"loss at step {m.get('best_step')} (held-out accuracy {fmt(m.get('best_eval_accuracy'), '.3f')}), "
+            f"{fmt(m.get('seconds'), '.0f')} s; settings {json.dumps(ref.get('training'), sort_keys=True)}")
 
 
 def _plot(report: dict, path: Path) -> None:
