@@ -157,30 +157,33 @@ class KnnPrompter:
         self.anchor_p = p
         self.anchor_neg_entropy = (p * anchors.logp).sum(1)  # [N]: sum p log p
 
-    def query_logp(self, queries: Sequence[str]) -> np.ndarray:
-        """Each query's distribution on the anchors' support: float32 [q, S+1]."""
-        ids = [self.builder.assemble(self.context, q).ids[self.cut:] for q in queries]
+    def query_ids(self, queries: Sequence[str]) -> list[list[int]]:
+        """Each query's own tokens, to follow the cached context."""
+        return [self.builder.assemble(self.context, q).ids[self.cut:] for q in queries]
+
+    def query_logp(self, queries: Sequence[str], ids: list[list[int]] | None = None) -> np.ndarray:
+        """Each query's distribution on the anchors' support: float32 [q, S+1] (`ids`: its
+        query_ids, when the caller has them)."""
+        ids = self.query_ids(queries) if ids is None else ids
         full = next_token_logprobs(self.lm, ids, prefix=self.prefix, batch_size=self.batch_size)  # [q, V]
         return on_support(full, self.anchors.support)
 
-    def prompt_tokens(self, query: str) -> int:
-        """Tokens the LM reads for this query: the context and the query."""
-        return len(self.builder.assemble(self.context, query).ids)
-
-    def predict(self, queries: Sequence[str], k: int, *, distances: bool = False):
+    def predict(self, queries: Sequence[str], k: int, *, detail: bool = False):
         """Label shares among the k nearest anchors [q, L] (ties between labels go to the
-        nearest anchor's label, by a tiny bonus) and those anchors' rows [q, k] (and their KL
-        distances [q, k] with `distances`). Anchors are rows of the index, in index order."""
+        nearest anchor's label, by a tiny bonus) and those anchors' rows [q, k]; with `detail`
+        also their KL distances [q, k] and the tokens the LM read per query (context + query).
+        Anchors are rows of the index, in index order."""
         if not 1 <= k <= len(self.anchors.ids):
             raise AnchorError(f"k must be between 1 and the {len(self.anchors.ids)} anchors, got {k}")
-        d = kl_to_anchors(self.anchor_p, self.anchor_neg_entropy, self.query_logp(queries))  # [q, N]
+        ids = self.query_ids(queries)
+        d = kl_to_anchors(self.anchor_p, self.anchor_neg_entropy, self.query_logp(queries, ids))  # [q, N]
         nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # [q, k]
         votes = np.zeros((len(queries), len(self.anchors.label_names)))
         for j in range(k):  # weights 1 + eps/(rank+1): a tie goes to the label of the nearer anchors
             votes[np.arange(len(queries)), self.anchors.labels[nearest[:, j]]] += 1.0 + 1e-6 / (j + 1)
         shares = votes / votes.sum(1, keepdims=True)
-        if distances:
-            return shares, nearest, np.take_along_axis(d, nearest, axis=1)
+        if detail:
+            return shares, nearest, np.take_along_axis(d, nearest, axis=1), [self.cut + len(i) for i in ids]
         return shares, nearest
 
 

@@ -222,9 +222,8 @@ class Engine:
     def _knn_classify(self, queries: Sequence[str]) -> list[Prediction]:
         """kNN prompting alone: the label shares of the nearest anchors; the anchors that voted
         are shown as the demonstrations (score = -KL distance), the prompt is context + query."""
-        probs, nearest, dist = self.knn.predict(queries, self.config.anchor_k, distances=True)
+        probs, nearest, dist, tokens = self.knn.predict(queries, self.config.anchor_k, detail=True)
         recs, labels = self.index.records, self.index.labels
-        tokens = [self.knn.prompt_tokens(q) for q in queries]
         return [
             Prediction(label=labels[int(np.argmax(p))], probs={lab: float(x) for lab, x in zip(labels, p)},
                        demos=[Demo(recs[i].id, -float(d), recs[i].input, recs[i].output) for i, d in zip(rows, ds)],

@@ -128,6 +128,7 @@ def test_the_engine_classifies_by_anchors_alone_or_mixed(lm, builder, index, anc
         assert [p.probs[lab] for lab in index.labels] == pytest.approx(list(s))
         assert [d.id for d in p.demos] == [index.records[i].id for i in rows]  # the anchors that voted
         assert all(d.score <= 1e-6 for d in p.demos) and p.prompt_tokens > 0  # score = -KL
+    assert [p.prompt_tokens for p in preds] == [len(builder.assemble(alone.knn.context, q).ids) for q in queries]
 
     icl = Engine.from_parts(PipelineConfig(index="tiny", k=2), index, get_embedder("hashing:64"), lm, TEMPLATE)
     mixed = Engine.from_parts(PipelineConfig(index="tiny", k=2, anchor_k=3, anchor_weight=0.5), index,

@@ -348,7 +348,7 @@ def _adapter(study: Study, method: str, spec: _Spec, seed: int, teacher: tuple[L
         t0 = time.perf_counter()
         result = train_soft_prompt(study.lm, study.pool, config, builder=study.builder, index=study.index,
                                    embedder=study.embedder, out=tmp, demos=spec.train_demos or SelectionMethod.KNN,
-                                   teacher=teacher[0] if spec.distill else None, alpha=1.0, force=True)
+                                   teacher=teacher[0] if spec.distill else None, alpha=1.0)
         info = {"settings": settings, "train_seconds": time.perf_counter() - t0,
                 "trainable_params": sum(p.numel() for p in result.model.prompt_encoder.parameters()),
                 "saved_params": None, "metrics": result.metrics}
