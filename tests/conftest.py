@@ -106,6 +106,20 @@ SENTIMENT_ROWS = [
 ]
 
 
+class CountingTokenizer:
+    """Wraps a tokenizer and records what each call was asked to tokenize (in `calls`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, text, **kw):
+        self.calls.append(text)
+        return self.tokenizer(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
 def sentiment_template():
     from icl_engine.prompt import Template
 

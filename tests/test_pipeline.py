@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import make_tiny_lm
+from conftest import CountingTokenizer, make_tiny_lm
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.index import ExampleIndex
@@ -108,17 +108,9 @@ def test_each_query_is_tokenized_once_in_one_call(parts):
     eng = engine(parts, k=3)
     queries = ["a great moving film", "boring and bad", "wonderful"]
     eng.classify(queries)  # warm: demonstrations and labels tokenized and cached
-    tok, calls = eng.builder.tokenizer, []
-
-    class Counting:
-        def __call__(self, text, **kw):
-            calls.append(text)
-            return tok(text, **kw)
-
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-    eng.builder.tokenizer = Counting()
+    tok = eng.builder.tokenizer
+    counting = eng.builder.tokenizer = CountingTokenizer(tok)
+    calls = counting.calls
     try:
         preds = eng.classify(queries)
     finally:

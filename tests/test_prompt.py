@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import CountingTokenizer
 from icl_engine.data import TaskKind, make_records
 from icl_engine.prompt import PARTS, PromptBuilder, PromptTooLong, Template
 from icl_engine.select import select_demonstrations
@@ -247,19 +248,9 @@ def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
     queries = [r.input for r in RECORDS] + ["", "  spaced  out  "]
     assert builder.query_ids_many(queries) == [builder.query_ids(q) for q in queries]
     assert builder.query_ids_many([]) == []
-    calls = []
-    tok = builder.tokenizer
-
-    class Counting:
-        def __call__(self, text, **kw):
-            calls.append(text)
-            return tok(text, **kw)
-
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
     builder.label_ids(LABELS[0]), builder.label_ids(LABELS[1])  # labels cached first
-    builder.tokenizer = Counting()
+    counting = builder.tokenizer = CountingTokenizer(builder.tokenizer)
+    calls = counting.calls
     lengths = builder.demo_lengths(RECORDS)
     got = lengths([3, 1, 3, 0])
     assert len(calls) == 1 and len(calls[0]) == 3  # rows 3, 1, 0 in one call
