@@ -5,6 +5,7 @@ a soft prompt that moves toward its teacher, and references that do not belong r
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from icl_engine.prompt import PromptBuilder, Template
 from icl_engine.score import normalize, score_brute_force, score_continuations
 from icl_engine.train.distill import distill_loss, load_teacher, teacher_logprobs, with_teacher
 from icl_engine.train.finetune import FinetuneConfig, finetune
-from icl_engine.train.loop import TrainSettings, TrainingError, build_examples, label_logprobs
+from icl_engine.train.loop import Example, TrainSettings, TrainingError, build_examples, label_logprobs
 from icl_engine.train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -52,6 +53,51 @@ def test_label_logprobs_match_the_brute_force_scorer(lm, dataset, builder):
     labels = [builder.label_ids(lab) for lab in dataset.labels]
     want = normalize(score_brute_force(lm, [list(e.prompt_ids) for e in examples], labels))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def row_by_row(model, examples, n_lead: int) -> np.ndarray:
+    """The brute-force reference: one full forward per (prompt, label), summing the label's
+    token log-probs; `n_lead` logits come before the prompt's (prompt tuning's virtual tokens)."""
+    out = np.zeros((len(examples), len(examples[0].candidates)))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`past_key_values` is deprecated", FutureWarning)  # PEFT's prefix call
+        for b, e in enumerate(examples):
+            for j, c in enumerate(e.candidates):
+                seq = torch.tensor([list(e.prompt_ids) + list(c)])
+                logp = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0].float().log_softmax(-1)
+                at = n_lead + len(e.prompt_ids) - 1  # logits there predict the label's first token
+                out[b, j] = sum(logp[at + t, tok].item() for t, tok in enumerate(c))
+    return out - np.logaddexp.reduce(out, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("soft", ["none", "prompt_tuning", "prefix_tuning"])
+def test_label_logprobs_with_multi_token_labels_match_full_rows(tiny_tokenizer, soft):
+    """The cached-prompt path (one prompt forward, then short label continuations) against
+    one full forward per (prompt, label): labels of 1-3 tokens, prompts of unequal length
+    (right padding), with and without a PEFT soft prompt before the prompt."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    model = make_tiny_lm(tiny_tokenizer).model
+    n_virtual, offset, n_lead = 3, 0, 0
+    if soft != "none":
+        torch.manual_seed(0)
+        cfg = (PromptTuningConfig if soft == "prompt_tuning" else PrefixTuningConfig)(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual)
+        model = get_peft_model(model, cfg)
+        with torch.no_grad():  # a prompt far from zero, so a misplaced one would show
+            for p in model.prompt_encoder.parameters():
+                p.normal_(0, 1.0)
+        offset = n_lead = n_virtual if soft == "prompt_tuning" else 0
+    cands = ((11,), (12, 13, 14), (15, 16))
+    prompts = [tuple(range(20, 29)), tuple(range(30, 35)), tuple(range(40, 52))]
+    examples = [Example(p, cands[0], candidates=cands, answer=0) for p in prompts]
+    got = label_logprobs(model, examples, tiny_tokenizer.pad_token_id or 0, torch.device("cpu"), offset)
+    np.testing.assert_allclose(got.detach().numpy(), row_by_row(model, examples, n_lead), atol=1e-4)
+    got.sum().backward()  # gradients reach the soft prompt through both passes
+    if soft != "none":
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prompt_encoder.parameters())
+    with pytest.raises(TrainingError, match="one label set"):
+        label_logprobs(model, [examples[0], Example(prompts[1], (11,), candidates=cands[:2])], 0, "cpu")
 
 
 def test_the_loss_is_zero_when_the_student_is_the_teacher(lm, dataset, builder):

@@ -423,15 +423,51 @@ def gold_loss(pad_id: int, device, offset: int = 0) -> LossFn:
 
 
 def label_logprobs(model, examples: Sequence[Example], pad_id: int, device, offset: int = 0) -> torch.Tensor:
-    """Each example's log p over its labels, with gradients: [B, L]. Every (prompt, label) pair is
-    a row (B*L rows: the labels' tokens teacher-forced after the prompt), summed over the label's
-    tokens, then normalised over the L labels."""
-    rows = [Example(e.prompt_ids, c) for e in examples for c in e.candidates]
-    batch = _batch(rows, pad_id, device)
-    logp = _target_logits(model, batch, offset).float().log_softmax(-1)  # [B*L, K, V]
-    tgt = batch[3]
-    tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)  # [B*L, K]
-    return tok.sum(1).view(len(examples), -1).log_softmax(-1)
+    """Each example's log p over its labels, with gradients: [B, L], summed over each label's
+    tokens (teacher-forced after the prompt), then normalised over the L labels.
+
+    The prompt runs once per example, not once per label: its last position gives every
+    label's first token, and only the labels' later tokens run again, as L short continuations
+    over the prompt's cached keys and values. On SNIPS (7 labels of 2-3 tokens after ~300
+    prompt tokens) that is one long forward instead of seven. `model` may be a PEFT
+    prompt-learning model: the continuation goes to its base model, whose cache already holds
+    the virtual tokens or the prefix."""
+    cands = examples[0].candidates
+    if any(e.candidates != cands for e in examples):
+        raise TrainingError("label_logprobs needs one label set for the whole batch")
+    B, L, T = len(examples), len(cands), max(len(e.prompt_ids) for e in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, e in enumerate(examples):  # right padding, as _batch (positions start at 0 in every row)
+        ids[b, : len(e.prompt_ids)], mask[b, : len(e.prompt_ids)] = torch.tensor(e.prompt_ids), 1
+    last = torch.tensor([len(e.prompt_ids) - 1 for e in examples])  # [B]
+    rest = max(len(c) for c in cands) - 1  # label tokens after the first
+    ids, mask = ids.to(device), mask.to(device)
+    with warnings.catch_warnings():  # PEFT's prefix tuning: see _target_logits
+        warnings.filterwarnings("ignore", r"`past_key_values` is deprecated", FutureWarning)
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=(last + offset)[:, None].to(device),
+                    use_cache=rest > 0)
+    first = out.logits[:, 0].float().log_softmax(-1)  # [B, V]
+    logp = first[:, torch.tensor([c[0] for c in cands], device=device)]  # [B, L]
+    if rest == 0:  # single-token labels (" positive" / " negative"): one forward was all
+        return logp.log_softmax(-1)
+    cache = out.cache
+    lead = cache.get_seq_length() - T  # virtual tokens or prefix before the prompt's first token
+    cont = torch.full((L, rest), pad_id, dtype=torch.long)  # label l's tokens 0..m-2 as input
+    cmask = torch.zeros(L, rest, dtype=torch.long)
+    tgt = torch.full((L, rest), -100, dtype=torch.long)  # ... predicting its tokens 1..m-1
+    for l, c in enumerate(cands):
+        cont[l, : len(c) - 1], cmask[l, : len(c) - 1], tgt[l, : len(c) - 1] = torch.tensor(c[:-1]), 1, torch.tensor(c[1:])
+    cache.batch_repeat_interleave(L)  # row b*L + l: example b, label l
+    attn = torch.cat([torch.ones(B, lead, dtype=torch.long), mask.cpu()], 1).repeat_interleave(L, 0)
+    attn = torch.cat([attn, cmask.repeat(B, 1)], 1)  # [B*L, lead + T + rest]
+    pos = (lead + last + 1).repeat_interleave(L)[:, None] + torch.arange(rest)  # [B*L, rest]: after each prompt
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    logits = base(input_ids=cont.repeat(B, 1).to(device), attention_mask=attn.to(device),
+                  position_ids=pos.to(device), cache=cache).logits  # [B*L, rest, V]
+    tgt = tgt.repeat(B, 1).to(device)
+    tok = logits.float().log_softmax(-1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * (tgt != -100)
+    return (logp + tok.sum(1).view(B, L)).log_softmax(-1)
 
 
 def _step(model, params, examples, opt, sched, grad_clip: float | None, loss_fn: LossFn) -> float:
