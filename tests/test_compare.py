@@ -212,14 +212,21 @@ def test_generation_report(tmp_path):
     ExampleIndex.build(train, get_embedder("hashing:64")).save(tmp_path / "idx")
     test = Dataset("gen-test", TaskKind.GENERATION, make_records(pairs[7:] + [(pairs[8][0], "another ref")]), ())
     quick = TrainSettings(max_steps=1, batch_size=4, eval_fraction=0.0)
-    report = run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out", methods=["zero", "prompt_tuning", "ipt", "finetuned"],
+    report = run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out",
+                         methods=["zero", "prompt_tuning", "ipt", "ipt_distill", "finetuned"],
                          seeds=1, k=1, lm=str(lm_dir), train_pool=None, test_limit=None, n_virtual=2, threads=1,
                          progress=False, soft_train=quick, max_new_tokens=4,
                          finetune_config=FinetuneConfig(train=quick))
     rows = {r["method"]: r for r in report["rows"]}
-    assert list(rows) == ["zero", "prompt_tuning", "ipt", "finetuned"]
+    assert list(rows) == ["zero", "prompt_tuning", "ipt", "ipt_distill", "finetuned"]
+    # generation is distilled from the reference's outputs (sequence level), one per distinct input
+    distilled = json.loads((tmp_path / "out" / "adapters" / "ipt_distill-seed0" / "icl_soft_prompt.json").read_text())
+    assert distilled["distill"]["targets"] == "reference outputs" and distilled["distill"]["gold_records"] == 7
     assert report["metric"] == "rouge_l" and report["settings"]["test_n"] == 2  # distinct inputs (3 records)
     assert rows["finetuned"]["agreement"]["mean"] == 1.0 and rows["finetuned"]["tv"] is None
     assert all(len(run["pred"]) == 2 and "probs" not in run for runs in report["runs"].values() for run in runs)
     assert {"bleu", "rouge_l"} <= set(rows["ipt"]) and report["checks"]["goal"]["verdict"] in ("met", "not met")
     assert (tmp_path / "out" / REPORT_PNG).is_file() and "ROUGE-L" in (tmp_path / "out" / REPORT_MD).read_text()
+    with pytest.raises(CompareError, match="knn_prompting needs a classification index"):
+        run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out2", methods=["knn_prompting", "finetuned"],
+                    reference=tmp_path / "out" / "reference", lm=str(lm_dir), train_pool=None, progress=False)

@@ -149,3 +149,29 @@ def test_references_that_do_not_belong_are_refused(lm, dataset, builder, referen
     (alien / FINETUNE_META_FILE).write_text(json.dumps({**meta, "lm": "gpt2"}))
     with pytest.raises(TrainingError, match="fine-tuned from 'gpt2'"):
         load_teacher(alien, lm=lm, builder=builder, labels=dataset.labels)
+
+
+def test_generation_is_distilled_from_the_reference_outputs(tiny_tokenizer, tmp_path):
+    """Sequence-level distillation: one target per distinct input, the reference's greedy
+    zero-shot output (as the engine's generate strips it); the soft prompt trains on those."""
+    from icl_engine.generate import generate
+    from icl_engine.train.distill import teacher_records
+
+    lm = make_tiny_lm(tiny_tokenizer)
+    pairs = [(f"name[{n}]", f"{n} serves food") for n in ("Aromi", "Blue", "Cotto")]
+    data = Dataset("gen", TaskKind.GENERATION, make_records(pairs + [(pairs[0][0], "another reference")]), ())
+    builder = PromptBuilder(Template(input_format="{input} =", output_format=" {output}"), lm.tokenizer, ())
+    ref = tmp_path / "ref"
+    quick = TrainSettings(max_steps=2, batch_size=2, eval_fraction=0.0)
+    finetune(lm, data, FinetuneConfig(train=quick), builder=builder, out=ref)
+    teacher = load_teacher(ref, lm=lm, builder=builder, labels=())
+    got = teacher_records(teacher, builder, data, max_new_tokens=6)
+    want = generate(teacher, [builder.assemble([], i).ids for i, _ in pairs], max_new_tokens=6, stop=("\n\n",))
+    assert [r.input for r in got.records] == [i for i, _ in pairs]  # the repeated input once
+    assert [r.output for r in got.records] == [w.strip() for w in want if w.strip()]
+    cfg = SoftPromptConfig(n_virtual=2, train=quick)
+    train_soft_prompt(lm, data, cfg, builder=builder, out=tmp_path / "sp", teacher=teacher)
+    meta = json.loads((tmp_path / "sp" / "icl_soft_prompt.json").read_text())
+    assert meta["distill"]["targets"] == "reference outputs" and meta["distill"]["gold_records"] == 4
+    with pytest.raises(TrainingError, match="alpha must be 1"):
+        train_soft_prompt(lm, data, cfg, builder=builder, out=tmp_path / "sp2", teacher=teacher, alpha=0.5)

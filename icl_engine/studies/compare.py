@@ -15,6 +15,11 @@ predictions on it:
                     IS "kNN + soft prompt"; the goal line is checked on it.
     ipt_random      the same, trained and evaluated with k random demonstrations
     prompt_tuning_knn  (not run by default) the prompt_tuning soft prompts evaluated with kNN demos
+    ipt_distill / prompt_tuning_distill  the same soft prompts trained to match the reference:
+                    its label distribution (KL), or for generation its greedy outputs as targets
+    knn_prompting   (classification) Xu et al. 2023: the label shares of the query's KL-nearest
+                    anchors (the LM's next-token distribution for every index record)
+    knn_prompting_icl  (classification) the mean of kNN prompting's and kNN-k ICL's distributions
     finetuned       the reference (finetune.py), zero-shot prompts; trained into `reference` once
 
 Soft prompts are trained once per seed on the same training pool as the reference, into
@@ -181,6 +186,7 @@ _SPECS = {
 }
 DEFAULT_METHODS = tuple(m for m in CompareMethod if m not in (CompareMethod.PROMPT_TUNING_KNN,
                                                                CompareMethod.PROMPT_TUNING_DISTILL))
+LABELS_ONLY = (CompareMethod.KNN_PROMPTING, CompareMethod.KNN_PROMPTING_ICL)  # vote over label distributions
 FROZEN = tuple(m.value for m in CompareMethod if m is not CompareMethod.FINETUNED)  # candidates for the goal
 
 
@@ -607,6 +613,11 @@ def run_compare(
     threads_before = torch.get_num_threads()
     study = open_study(index, test, out=out, lm=lm, indexes_dir=indexes_dir, template=template,
                        train_pool=train_pool, test_limit=test_limit, settings=settings)
+    if study.test.kind is TaskKind.GENERATION:  # kNN prompting votes over labels: nothing to vote on
+        asked = [m for m in chosen if m in LABELS_ONLY]
+        if asked and methods is not None:
+            raise CompareError(f"{asked[0].value} needs a classification index; this one holds generation data")
+        chosen = [m for m in chosen if m not in LABELS_ONLY]
     if threads:
         torch.set_num_threads(threads)
     try:

@@ -10,6 +10,10 @@ distributions over the labels (each label's tokens summed, then normalised). The
 asked what it was trained on: the zero-shot prompt of the same template. The student sees its
 own prompt (IPT: with demonstrations). The teacher's targets need no gold labels, so any pool
 record can be used. The LM under the soft prompt stays frozen.
+
+Generation is distilled at the sequence level (Kim & Rush 2016): the reference's greedy output
+for each distinct input becomes the target, and the student is trained on it with the usual
+loss over the target tokens (`teacher_records`).
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import numpy as np
 import torch
 
 from ..adapters import FINETUNE_META_FILE, load_finetuned
-from ..data import Record
+from ..data import Dataset, Record
+from ..generate import generate
 from ..lm import LM
 from ..prompt import PromptBuilder
 from ..score import normalize, score_continuations
 from .loop import Example, LossFn, TrainingError, label_logprobs
 
-__all__ = ["load_teacher", "teacher_logprobs", "with_teacher", "distill_loss"]
+__all__ = ["load_teacher", "teacher_logprobs", "with_teacher", "distill_loss", "teacher_records"]
 
 
 def load_teacher(folder: str | Path, *, lm: LM, builder: PromptBuilder, labels: Sequence[str]) -> LM:
@@ -68,6 +73,25 @@ def teacher_logprobs(teacher: LM, builder: PromptBuilder, records: Sequence[Reco
     labels = [builder.label_ids(lab) for lab in builder.labels]
     logp = normalize(score_continuations(teacher, prompts, labels, batch_size=batch_size))  # [n, L]
     return {r.id: row for r, row in zip(records, logp)}
+
+
+def teacher_records(teacher: LM, builder: PromptBuilder, train: Dataset, *, max_new_tokens: int = 64,
+                    batch_size: int = 8) -> Dataset:
+    """Generation: one record per distinct input of `train` (its first), its output replaced by
+    the reference's greedy continuation of the zero-shot prompt, cut at the template's separator
+    and stripped as the engine's `generate` does. Inputs with several references collapse to
+    one target: the reference has one answer per input."""
+    first: dict[str, Record] = {}
+    for r in train.records:
+        first.setdefault(r.input, r)
+    records = list(first.values())
+    outputs = generate(teacher, [builder.assemble([], r.input).ids for r in records], max_new_tokens=max_new_tokens,
+                       stop=(builder.template.separator,), batch_size=batch_size)
+    empty = sum(not o.strip() for o in outputs)
+    if empty == len(outputs):
+        raise TrainingError("the reference generated nothing for every input: check its template and training")
+    kept = [replace(r, output=o.strip()) for r, o in zip(records, outputs) if o.strip()]
+    return replace(train, name=f"{train.name}[reference outputs]", records=tuple(kept))
 
 
 def with_teacher(examples: Sequence[Example], teacher: dict[str, np.ndarray]) -> list[Example]:

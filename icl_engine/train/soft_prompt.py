@@ -44,7 +44,7 @@ from ..data import Dataset, TaskKind
 from ..lm import LM
 from ..score import score_continuations
 from ..select import SelectionMethod
-from .distill import distill_loss, teacher_logprobs, with_teacher
+from .distill import distill_loss, teacher_logprobs, teacher_records, with_teacher
 from .loop import (Example, TrainingError, TrainResult, TrainSettings, build_examples, check_train_out, choice, data_meta,
                    prepare, run_meta, train_loop)
 
@@ -273,9 +273,19 @@ def train_soft_prompt(lm: LM, train: Dataset, config: SoftPromptConfig, *, build
     training and held-out examples alike, each leaving itself out: the k nearest, or with
     demos="random" k random ones (Sun et al.'s control; seeded by the training seed).
     With a `teacher` (the fine-tuned reference, distill.load_teacher) the soft prompt learns the
-    teacher's label distribution on each training record (weight `alpha`, the rest on gold)."""
+    teacher's label distribution on each training record (weight `alpha`, the rest on gold);
+    on a generation index it learns the teacher's greedy outputs, one per distinct input
+    (distill.teacher_records; alpha must be 1)."""
     demos = SelectionMethod(demos)
     budget = config.budget or lm.context_length
+    distill = None if teacher is None else {"teacher": teacher.name, "alpha": alpha}
+    if teacher is not None and train.kind is TaskKind.GENERATION:
+        if alpha != 1.0:
+            raise TrainingError("generation is distilled from the reference's outputs alone: alpha must be 1")
+        n_gold = len(train)
+        train = teacher_records(teacher, builder, train, batch_size=config.train.batch_size)
+        distill.update(targets="reference outputs", records=len(train), gold_records=n_gold)
+        teacher = None  # from here on the reference's outputs are ordinary targets
     examples, held_examples, skipped = prepare(train, config.train, lambda records: build_examples(
         records, builder, kind=train.kind, labels=train.labels, budget=budget, n_virtual=config.n_virtual,
         k=config.k, index=index, embedder=embedder, demos=demos, seed=config.train.seed))
@@ -286,11 +296,10 @@ def train_soft_prompt(lm: LM, train: Dataset, config: SoftPromptConfig, *, build
                                                 "version": index.version}  # index.stale_note compares them
     meta["embedder"] = None if index is None else embedder.name if embedder else index.manifest.get("embedder")
     if teacher is not None:
-        if train.kind is not TaskKind.CLASSIFICATION:
-            raise TrainingError("distilling label distributions needs a classification index")
         used = {e.record_id for e in examples}
         examples = with_teacher(examples, teacher_logprobs(teacher, builder, [r for r in train.records if r.id in used],
                                                            batch_size=config.train.batch_size))
-        meta["distill"] = {"teacher": teacher.name, "alpha": alpha}
+    if distill:
+        meta["distill"] = distill
     return fit_soft_prompt(lm, examples, held_examples, config, out=out, meta=meta, alpha=alpha, resume=resume,
                            force=force)
