@@ -49,11 +49,39 @@ def test_flat_search_equals_brute_force(emb):
     ds = make_dataset(200)
     index = ExampleIndex.build(ds, emb)
     queries = emb.encode([" ".join(random.Random(i).choices(WORDS, k=6)) for i in range(40)])
-    assert_topk(index, queries[:1], 8)  # one query: the single-threaded scan
+    assert_topk(index, queries[:1], 8)
     assert_topk(index, queries[:3], 8)
-    assert_topk(index, queries, 8)  # many queries: faiss
+    assert_topk(index, queries, 8)
     assert_topk(index, index.vectors[:25], 1)
     np.testing.assert_array_equal(index.search(index.vectors[:25], 1)[1][:, 0], np.arange(25))
+
+
+def test_flat_topk_breaks_ties_by_row_alone_or_batched(monkeypatch):
+    """Duplicate vectors tie exactly: the lower row wins, and a query gets the same rows and
+    scores alone, in a batch, and in a batch split into blocks (against a float64 brute force
+    sorted by score, then row)."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 16)).astype(np.float32)
+    vectors = np.concatenate([base, base[::-1], base[:7]])  # [87, 16]: every row duplicated, some twice
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = np.concatenate([vectors[[3, 50, 85]], rng.normal(size=(30, 16)).astype(np.float32)])  # [33, 16]
+    want = np.lexsort((np.broadcast_to(np.arange(87), (33, 87)), -(queries.astype(np.float64) @ vectors.T.astype(np.float64))), axis=1)
+    for k in (1, 5, 87):
+        scores, rows = index_mod.flat_topk(queries, vectors, k)
+        np.testing.assert_array_equal(rows, want[:, :k])
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[rows]), atol=1e-6)
+        alone = [index_mod.flat_topk(q[None], vectors, k) for q in queries]
+        np.testing.assert_array_equal(rows, np.concatenate([r for _, r in alone]))
+        np.testing.assert_array_equal(scores, np.concatenate([s for s, _ in alone]))
+        monkeypatch.setattr(index_mod, "_BLOCK", 87 * 4)  # blocks of 4 queries
+        blocked = index_mod.flat_topk(queries, vectors, k)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(rows, blocked[1])
+        np.testing.assert_array_equal(scores, blocked[0])
+    assert index_mod.flat_topk(queries[:0], vectors, 3)[1].shape == (0, 3)
+    index = ExampleIndex.from_vectors(make_dataset(87), vectors, "hashing:16")  # the flat index searches this way
+    np.testing.assert_array_equal(index.search(queries, 5)[1], want[:, :5])  # (faiss ordered these ties otherwise)
+    np.testing.assert_array_equal(index.search(queries[4], 5)[1], want[4:5, :5])
 
 
 def test_search_pads_and_validates(emb):
