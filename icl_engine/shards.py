@@ -29,7 +29,7 @@ from .index import index_path, index_version
 from .pipeline import Engine
 from .progress import Progress
 
-__all__ = ["ShardError", "classify_file", "prediction_rows", "write_shard", "shard_path", "JOB_FILE"]
+__all__ = ["ShardError", "classify_file", "prediction_rows", "FILE_ROWS", "write_shard", "shard_path", "JOB_FILE"]
 
 JOB_FILE = "job.json"  # in OUT.parts/: what the shards there were made by
 
@@ -48,6 +48,9 @@ def prediction_rows(engine: Engine, texts: list[str], start: int) -> list[dict]:
     return [{"row": start + i, "text": t, "label": p.label, "probs": p.probs, "log_scores": p.log_scores,
              "demo_ids": [d.id for d in p.demos], "prompt_tokens": p.prompt_tokens}
             for i, (t, p) in enumerate(zip(texts, preds))]
+
+
+FILE_ROWS = {"classify-file": prediction_rows}  # a file command -> its rows of one shard
 
 
 def write_shard(parts: Path, shard: int, rows: list[dict]) -> None:
@@ -93,9 +96,9 @@ def classify_file(config: PipelineConfig, source: str | Path, out: str | Path, *
     with Progress(len(texts), "classify-file", unit="texts", enabled=progress) as bar:
         bar.update(len(texts) - sum(stop - start for _, start, stop in todo))  # resumed shards count as done
         if ray is not None and todo:
-            from .ray_jobs import classify_shards
+            from .ray_jobs import Job, run_shards
 
-            for n in classify_shards(config, texts, todo, parts, ray):
+            for _, n in run_shards(config, Job.CLASSIFY_FILE, texts, todo, ray, parts=parts):
                 bar.update(n)
         else:
             engine = get_engine(config) if todo else None
