@@ -1,9 +1,12 @@
 """The engine pool on Ray (ray_jobs.run_shards) against the single-process engine: classify-file
-labels as one process does (labels, log-scores within 1e-5, demonstration ids). The pool's actors
-live for the whole session, so these tests pay their start-up (imports, the tiny LM) once; this
-file sorts after test_ray.py, whose index builds end the pool to get its CPUs back."""
+labels as one process does (labels, log-scores within 1e-5, demonstration ids), generate-file
+writes what one process writes. The pool's actors live for the whole session, so these tests pay
+their start-up (imports, the tiny LM) once; this file sorts after test_ray.py, whose index builds
+end the pool to get its CPUs back."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -34,3 +37,29 @@ def test_classify_file_on_the_pool_equals_one_process(classify_job, pool, tmp_pa
     api.classify_file(config, str(src), tmp_path / "again.jsonl", shard_size=8, ray=pool)
     assert engine_actors(pool) == actors  # the same actors, engines loaded, for the next job
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+
+
+@pytest.fixture(scope="module")
+def generation_job(tmp_path_factory, tiny_lm_dir):
+    """A CommonGen-like generation index (test_generation_files' rows), the tiny LM, an input file."""
+    from icl_engine.config import PipelineConfig
+    from test_generation_files import TEST, TRAIN
+
+    root = tmp_path_factory.mktemp("gf")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    api.build_index(str(root / "train.jsonl"), "cg", embedder="hashing:64", indexes_dir=root / "indexes")
+    src = root / "inputs.jsonl"
+    src.write_text("".join(json.dumps({"input": r["input"]}) + "\n" for r in TEST + TRAIN[:5]))
+    config = PipelineConfig(index="cg", indexes_dir=str(root / "indexes"), lm=str(tiny_lm_dir), k=4,
+                            max_new_tokens=6)
+    return src, config
+
+
+def test_generate_file_on_the_pool_equals_one_process(generation_job, pool, tmp_path):
+    src, config = generation_job
+    one = api.generate_file(config, str(src), tmp_path / "one.jsonl", shard_size=3)
+    on_ray = api.generate_file(config, str(src), tmp_path / "ray.jsonl", shard_size=3, ray=pool)
+    assert one["shards"] == on_ray["shards"] == 3
+    rows = read_out(tmp_path / "ray.jsonl")
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert len(rows) == 8 and any(r["output"] for r in rows) and all(len(r["demo_ids"]) == 4 for r in rows)
