@@ -253,13 +253,19 @@ def generate(engine: Engine | PipelineConfig, input: str) -> dict:
 
 
 def evaluate_file(engine: Engine | PipelineConfig, test: str, *, limit=None, text_field=None,
-                  label_field=None) -> dict:
+                  label_field=None, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+    """Evaluate on a test file. `ray`: the queries are answered by the Ray engine pool
+    (ray_jobs.PoolLabeller; a config, not a loaded engine); the metrics are the same."""
     # the test file is checked before an LM loads (seconds to minutes): a mistake there fails fast
     index = engine.index if isinstance(engine, Engine) else ExampleIndex.load(index_path(engine.index,
                                                                                           engine.indexes_dir))
     # the index's label list: a test label the index does not know is refused by the loader
     test_set = load_dataset(test, kind=index.kind, text_field=text_field, label_field=label_field,
                             labels=index.labels or None)
+    if ray is not None:
+        if isinstance(engine, Engine):
+            raise ValueError("evaluating on Ray takes a PipelineConfig (each actor loads its own engine)")
+        return evaluate(ray_jobs.PoolLabeller(engine, index, ray), test_set, limit=limit)
     return evaluate(get_engine(engine), test_set, limit=limit)
 
 

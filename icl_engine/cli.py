@@ -403,6 +403,10 @@ def eval_cmd(
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
     predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
+    ray: bool = typer.Option(False, "--ray", help="Answer the queries with a pool of Ray actors, each holding "
+                             "one engine (needs icl-engine[ray]); the same metrics."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: engine actors (each loads the LM once)."),
     log: Optional[Path] = LogFile,
 ):
     """Evaluate on a labelled test file: accuracy/macro-F1/confusion, or BLEU/ROUGE-L against all
@@ -413,7 +417,8 @@ def eval_cmd(
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
                   batch_size, trust_remote_code, max_new_tokens, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
                   anchor_weight=anchor_weight)
-    result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field)
+    result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field,
+                               ray=api.ray_options(ray, address=address, workers=workers))
     if not predictions:
         result.pop("predictions", None)
     _print_json(result) if as_json else typer.echo(format_eval(result))

@@ -32,7 +32,8 @@ import numpy as np
 from .data import BUILTIN_DATASETS, DataError, Dataset, load_dataset, pick_fields
 
 __all__ = ["RayMissingError", "RayOptions", "INSTALL_HINT", "require_ray", "init_ray", "read_and_embed", "embed_texts",
-           "EmbedActor", "Job", "EngineActor", "engine_actors", "close_engine_pools", "remote_config", "run_shards"]
+           "EmbedActor", "Job", "EngineActor", "engine_actors", "close_engine_pools", "remote_config", "run_shards",
+           "user_error", "PoolLabeller"]
 
 INSTALL_HINT = "pip install 'icl-engine[ray]'"
 VECTOR = "__icl_vector"  # the column the actors add: float32 [d] per row
@@ -288,7 +289,35 @@ def run_shards(config, job: Job, texts: Sequence[str], shards: Sequence[tuple[in
     try:
         yield from results
     except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, ValueError):
-            raise cause from None
-        raise
+        raise user_error(e) from None
+
+
+def user_error(e: Exception) -> Exception:
+    """The ValueError an actor raised (a user mistake, one line), else Ray's error itself."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, ValueError) else e
+
+
+class PoolLabeller:
+    """An evaluation's queries labelled by the engine pool (evaluate.Labeller): each chunk one
+    task, results as they finish. The driver holds the index (labels, kind), not the LM."""
+
+    def __init__(self, config, index, options: RayOptions):
+        self.config, self.index, self.options = config, index, options
+        actor = engine_actors(options)[0]
+        ray = init_ray(options)
+        try:  # loads the engine on one actor first: a bad config fails once, before the work
+            self.lm_name = ray.get(actor.lm_name.remote(remote_config(config)))
+        except ray.exceptions.RayTaskError as e:
+            raise user_error(e) from None
+
+    def classify_chunks(self, texts: Sequence[str], chunk: int, *, method=None, k=None):
+        return self._chunks(Job.CLASSIFY, texts, chunk, method, k)
+
+    def generate_chunks(self, inputs: Sequence[str], chunk: int, *, method=None, k=None):
+        return self._chunks(Job.GENERATE, inputs, chunk, method, k)
+
+    def _chunks(self, job: Job, texts: Sequence[str], chunk: int, method, k):
+        shards = [(i, s, min(len(texts), s + chunk)) for i, s in enumerate(range(0, len(texts), chunk))]
+        for shard, results in run_shards(self.config, job, texts, shards, self.options, method=method, k=k):
+            yield slice(shards[shard][1], shards[shard][2]), results

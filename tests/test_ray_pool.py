@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import CLASSIFY_TEXTS
@@ -63,3 +64,34 @@ def test_generate_file_on_the_pool_equals_one_process(generation_job, pool, tmp_
     rows = read_out(tmp_path / "ray.jsonl")
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert len(rows) == 8 and any(r["output"] for r in rows) and all(len(r["demo_ids"]) == 4 for r in rows)
+
+
+def same_eval(a: dict, b: dict) -> None:
+    """Two evaluation results alike but for their timings; probabilities within 1e-5."""
+    timings = ("seconds", "queries_per_s")
+    pa, pb = a["predictions"], b["predictions"]
+    assert {k: v for k, v in a.items() if k not in timings + ("predictions",)} == \
+           {k: v for k, v in b.items() if k not in timings + ("predictions",)}
+    assert [{**p, "probs": None} for p in pa] == [{**p, "probs": None} for p in pb]
+    for p, q in zip(pa, pb):
+        assert p.get("probs", {}).keys() == q.get("probs", {}).keys()
+        np.testing.assert_allclose(list(p.get("probs", {}).values()), list(q.get("probs", {}).values()), atol=1e-5)
+
+
+def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool, tmp_path):
+    from conftest import SENTIMENT_ROWS
+    from test_generation_files import TEST
+
+    _, _, config, _ = classify_job
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": f"{t} {i}", "label": l}) + "\n"
+                            for i in range(3) for t, l in SENTIMENT_ROWS))
+    one = api.evaluate_file(config, str(test))
+    on_ray = api.evaluate_file(config, str(test), ray=pool)
+    assert on_ray["n"] == 36 and 0 < on_ray["accuracy"] < 1  # two chunks of 32 and 4 queries
+    same_eval(one, on_ray)
+
+    _, gen_config = generation_job
+    gen_test = tmp_path / "gen.jsonl"
+    gen_test.write_text("".join(json.dumps(r) + "\n" for r in TEST))
+    same_eval(api.evaluate_file(gen_config, str(gen_test)), api.evaluate_file(gen_config, str(gen_test), ray=pool))
