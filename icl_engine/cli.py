@@ -448,14 +448,19 @@ def classify_file_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    anchors: Optional[Path] = _ANCHORS,
+    anchor_k: int = _ANCHOR_K,
+    anchor_weight: float = _ANCHOR_W,
     config_file: Optional[Path] = _CONFIG,
     log: Optional[Path] = LogFile,
     as_json: bool = AsJson,
 ):
-    """Label every text of a file (label, probabilities, demonstration ids per row), resumably."""
+    """Label every text of a file (label, probabilities, demonstration ids per row), resumably;
+    by kNN prompting too, as `icl classify` (--anchors, --anchor-k, --anchor-weight)."""
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
-                  batch_size, trust_remote_code, dtype=dtype)
+                  batch_size, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
+                  anchor_weight=anchor_weight)
     result = api.classify_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
                                ray=api.ray_options(ray, address=address, workers=workers))
     _print_json(result) if as_json else typer.echo(

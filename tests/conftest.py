@@ -169,3 +169,13 @@ def classify_job(tmp_path_factory, tiny_lm_dir):
     src.write_text("".join(json.dumps({"review": t}) + "\n" for t in CLASSIFY_TEXTS))
     config = PipelineConfig(index="tiny", indexes_dir=str(root / "indexes"), lm=str(tiny_lm_dir), k=2)
     return root, src, config, get_engine(config).classify(CLASSIFY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def classify_anchors(classify_job):
+    """kNN-prompting anchors of classify_job's index with the tiny LM (icl anchors build)."""
+    from icl_engine import api
+
+    root, _, config, _ = classify_job
+    api.build_anchors("tiny", out=root / "anchors", lm=config.lm, indexes_dir=root / "indexes", support=64)
+    return root / "anchors"

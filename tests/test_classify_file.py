@@ -55,3 +55,27 @@ def test_parquet_in_and_out(classify_job, tmp_path):
     rows = pq.read_table(out).to_pylist()
     check_equal(rows, preds)
     assert {p["label"]: p["p"] for p in rows[0]["probs"]} == pytest.approx(preds[0].probs, abs=1e-6)
+
+
+def test_anchor_flags_label_by_knn_prompting(classify_job, classify_anchors, tmp_path):
+    """`icl classify-file --anchors A --anchor-k K --anchor-weight W`: the engine's kNN prompting,
+    alone (the anchors that voted are the demonstrations) or mixed with the demonstrations' scores."""
+    from typer.testing import CliRunner
+
+    from icl_engine.cli import app
+    from icl_engine.engines import get_engine
+
+    root, src, config, plain = classify_job
+    for weight in (1.0, 0.5):
+        out = tmp_path / f"knn-{weight}.jsonl"
+        res = CliRunner().invoke(app, ["classify-file", str(src), "--index", "tiny", "--out", str(out), "--lm",
+                                       config.lm, "--k", "2", "--anchors", str(classify_anchors), "--anchor-k", "3",
+                                       "--anchor-weight", str(weight), "--shard-size", "8",
+                                       "--indexes-dir", str(root / "indexes")])
+        assert res.exit_code == 0, res.output
+        knn = PipelineConfig(**{**config.to_dict(), "anchors": str(classify_anchors), "anchor_k": 3,
+                                "anchor_weight": weight})
+        preds = [p for s in range(0, 30, 8) for p in get_engine(knn).classify(TEXTS[s:s + 8])]
+        check_equal(read_out(out), preds)
+        assert all(len(p.demos) == (3 if weight == 1.0 else 2) for p in preds)
+    assert [p.probs for p in preds] != [p.probs for p in plain]  # the anchors changed the probabilities

@@ -95,3 +95,23 @@ def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool,
     gen_test = tmp_path / "gen.jsonl"
     gen_test.write_text("".join(json.dumps(r) + "\n" for r in TEST))
     same_eval(api.evaluate_file(gen_config, str(gen_test)), api.evaluate_file(gen_config, str(gen_test), ray=pool))
+
+
+def test_knn_prompting_on_the_pool_equals_one_process(classify_job, classify_anchors, pool, tmp_path):
+    """classify-file and eval --ray with anchors (kNN prompting alone, and mixed), as one process."""
+    from conftest import SENTIMENT_ROWS
+    from icl_engine.config import PipelineConfig
+
+    root, src, config, _ = classify_job
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in SENTIMENT_ROWS))
+    for weight in (1.0, 0.5):
+        knn = PipelineConfig(**{**config.to_dict(), "anchors": str(classify_anchors), "anchor_k": 3,
+                                "anchor_weight": weight})
+        one, on_ray = tmp_path / f"one-{weight}.jsonl", tmp_path / f"ray-{weight}.jsonl"
+        api.classify_file(knn, str(src), one, shard_size=8)
+        api.classify_file(knn, str(src), on_ray, shard_size=8, ray=pool)
+        a, b = read_out(one), read_out(on_ray)
+        assert [r["label"] for r in a] == [r["label"] for r in b] and [r["demo_ids"] for r in a] == [r["demo_ids"] for r in b]
+        np.testing.assert_allclose([r["log_scores"] for r in a], [r["log_scores"] for r in b], atol=1e-5)
+        same_eval(api.evaluate_file(knn, str(test)), api.evaluate_file(knn, str(test), ray=pool))
