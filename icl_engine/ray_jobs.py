@@ -306,10 +306,12 @@ class PoolLabeller:
         self.config, self.index, self.options = config, index, options
         actor = engine_actors(options)[0]
         ray = init_ray(options)
+        remote = remote_config(config)
         try:  # loads the engine on one actor first: a bad config fails once, before the work
-            self.lm_name = ray.get(actor.lm_name.remote(remote_config(config)))
+            name = ray.get(actor.lm_name.remote(remote))
         except ray.exceptions.RayTaskError as e:
             raise user_error(e) from None
+        self.lm_name = config.lm if name == remote["lm"] else name  # as given, not the actors' absolute path
 
     def classify_chunks(self, texts: Sequence[str], chunk: int, *, method=None, k=None):
         return self._chunks(Job.CLASSIFY, texts, chunk, method, k)

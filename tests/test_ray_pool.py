@@ -7,6 +7,7 @@ end the pool to get its CPUs back."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,11 +79,14 @@ def same_eval(a: dict, b: dict) -> None:
         np.testing.assert_allclose(list(p.get("probs", {}).values()), list(q.get("probs", {}).values()), atol=1e-5)
 
 
-def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool, tmp_path):
+def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool, tmp_path, monkeypatch):
     from conftest import SENTIMENT_ROWS
+    from icl_engine.config import PipelineConfig
     from test_generation_files import TEST
 
     _, _, config, _ = classify_job
+    monkeypatch.chdir(Path(config.lm).parent)  # the LM named by a relative path, reported as given
+    config = PipelineConfig(**{**config.to_dict(), "lm": Path(config.lm).name})
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"text": f"{t} {i}", "label": l}) + "\n"
                             for i in range(3) for t, l in SENTIMENT_ROWS))
