@@ -89,11 +89,10 @@ def test_without_ray_the_flag_is_one_line_with_the_install_command(tmp_path):
     (fake / "__init__.py").write_text("raise ImportError('No module named ray', name='ray')\n")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(5)))
-    for args in (["index", "build", str(data), "--name", "x", "--embedder", "hashing:32"],
-                 ["eval", "x", "--test", str(data)]):  # (classify-file and generate-file: the same api.ray_options)
-        out = subprocess.run([str(ICL), *args, "--ray", "--indexes-dir", str(tmp_path / "ix")], capture_output=True,
-                             text=True, env={**__import__("os").environ, "PYTHONPATH": str(fake.parent)}, timeout=120)
-        assert out.returncode == 1
-        assert out.stderr.strip().splitlines() == ["error: --ray needs Ray with Ray Data, which is not installed "
-                                                   "(ray): pip install 'icl-engine[ray]'"]
-        assert not (tmp_path / "ix" / "x").exists()
+    out = subprocess.run([str(ICL), "index", "build", str(data), "--name", "x", "--ray", "--indexes-dir",
+                          str(tmp_path / "ix"), "--embedder", "hashing:32"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(fake.parent)}, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == ["error: --ray needs Ray with Ray Data, which is not installed (ray): "
+                                               "pip install 'icl-engine[ray]'"]
+    assert not (tmp_path / "ix" / "x").exists()

@@ -1,8 +1,9 @@
 """The engine pool on Ray (ray_jobs.run_shards) against the single-process engine: classify-file
-labels as one process does (labels, log-scores within 1e-5, demonstration ids), generate-file
-writes what one process writes. The pool's actors live for the whole session, so these tests pay
-their start-up (imports, the tiny LM) once; this file sorts after test_ray.py, whose index builds
-end the pool to get its CPUs back."""
+labels as one process does (labels, log-scores within 1e-5, demonstration ids), also after an
+actor died (Ray restarts it); generate-file writes what one process writes; eval --ray gives the
+same metrics; kNN prompting's anchors work on the pool. The pool's actors live for the whole
+session, so these tests pay their start-up (imports, the tiny LM) once; this file sorts after
+test_ray.py, whose index builds end the pool to get its CPUs back."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def pool(ray_session):
     close_engine_pools()
 
 
-def test_classify_file_on_the_pool_equals_one_process(classify_job, pool, tmp_path):
+def test_classify_file_on_the_pool_equals_one_process(classify_job, pool, tmp_path, ray_session):
     from icl_engine.ray_jobs import engine_actors
 
     root, src, config, preds = classify_job
@@ -39,6 +40,9 @@ def test_classify_file_on_the_pool_equals_one_process(classify_job, pool, tmp_pa
     api.classify_file(config, str(src), tmp_path / "again.jsonl", shard_size=8, ray=pool)
     assert engine_actors(pool) == actors  # the same actors, engines loaded, for the next job
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    ray_session.kill(actors[0], no_restart=False)  # a worker dies: Ray restarts it, its shards still get done
+    s = api.classify_file(config, str(src), tmp_path / "after.jsonl", shard_size=8, ray=pool)
+    assert s["resumed_shards"] == 0 and (tmp_path / "after.jsonl").read_text() == out.read_text()
 
 
 @pytest.fixture(scope="module")
