@@ -47,7 +47,7 @@ from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 __all__ = [
     "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "ray_options", "add_to_index", "remove_from_index",
     "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "search_loaded",
-    "make_config", "classify", "generate", "evaluate_file", "classify_file", "run_demo", "build_anchors", "tune",
+    "make_config", "classify", "generate", "evaluate_file", "classify_file", "generate_file", "run_demo", "build_anchors", "tune",
     "finetune_reference", "compare", "bounds_theory", "bounds_run",
 ]
 
@@ -253,13 +253,19 @@ def generate(engine: Engine | PipelineConfig, input: str) -> dict:
 
 
 def evaluate_file(engine: Engine | PipelineConfig, test: str, *, limit=None, text_field=None,
-                  label_field=None) -> dict:
+                  label_field=None, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+    """Evaluate on a test file. `ray`: the queries are answered by the Ray engine pool
+    (ray_jobs.PoolLabeller; a config, not a loaded engine); the metrics are the same."""
     # the test file is checked before an LM loads (seconds to minutes): a mistake there fails fast
     index = engine.index if isinstance(engine, Engine) else ExampleIndex.load(index_path(engine.index,
                                                                                           engine.indexes_dir))
     # the index's label list: a test label the index does not know is refused by the loader
     test_set = load_dataset(test, kind=index.kind, text_field=text_field, label_field=label_field,
                             labels=index.labels or None)
+    if ray is not None:
+        if isinstance(engine, Engine):
+            raise ValueError("evaluating on Ray takes a PipelineConfig (each actor loads its own engine)")
+        return evaluate(ray_jobs.PoolLabeller(engine, index, ray), test_set, limit=limit)
     return evaluate(get_engine(engine), test_set, limit=limit)
 
 
@@ -268,6 +274,13 @@ def classify_file(config: PipelineConfig, source: str, out: Path, *, text_field:
     """Label every text of a JSONL/CSV/Parquet file into `out`, resumably, in one process or on a
     Ray actor pool of engines (shards.py); returns a summary (the labels are in `out`)."""
     return shards.classify_file(config, source, out, text_field=text_field, shard_size=shard_size, ray=ray)
+
+
+def generate_file(config: PipelineConfig, source: str, out: Path, *, text_field: str | None = None,
+                  shard_size: int = 256, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+    """An output (and its demonstration ids) for every input of a JSONL/CSV/Parquet file, into
+    `out`, resumably, in one process or on the Ray engine pool (shards.py); returns a summary."""
+    return shards.generate_file(config, source, out, text_field=text_field, shard_size=shard_size, ray=ray)
 
 
 def run_demo(*, n: int = 200, k: int = 8, lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> dict:

@@ -43,6 +43,7 @@ _KEPT_ON_INTERRUPT = {
     "compare": "finished runs are kept under --out/runs and reused when you run it again",
     "run": "finished points are kept under --out and reused when you run it again",
     "classify-file": "finished shards are kept in OUT.parts and reused when you run it again",
+    "generate-file": "finished shards are kept in OUT.parts and reused when you run it again",
 }
 
 
@@ -402,6 +403,10 @@ def eval_cmd(
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
     predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
+    ray: bool = typer.Option(False, "--ray", help="Answer the queries with a pool of Ray actors, each holding "
+                             "one engine (needs icl-engine[ray]); the same metrics."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: engine actors (each loads the LM once)."),
     log: Optional[Path] = LogFile,
 ):
     """Evaluate on a labelled test file: accuracy/macro-F1/confusion, or BLEU/ROUGE-L against all
@@ -412,7 +417,8 @@ def eval_cmd(
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
                   batch_size, trust_remote_code, max_new_tokens, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
                   anchor_weight=anchor_weight)
-    result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field)
+    result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field,
+                               ray=api.ray_options(ray, address=address, workers=workers))
     if not predictions:
         result.pop("predictions", None)
     _print_json(result) if as_json else typer.echo(format_eval(result))
@@ -442,18 +448,62 @@ def classify_file_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    anchors: Optional[Path] = _ANCHORS,
+    anchor_k: int = _ANCHOR_K,
+    anchor_weight: float = _ANCHOR_W,
     config_file: Optional[Path] = _CONFIG,
     log: Optional[Path] = LogFile,
     as_json: bool = AsJson,
 ):
-    """Label every text of a file (label, probabilities, demonstration ids per row), resumably."""
+    """Label every text of a file (label, probabilities, demonstration ids per row), resumably;
+    by kNN prompting too, as `icl classify` (--anchors, --anchor-k, --anchor-weight)."""
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
-                  batch_size, trust_remote_code, dtype=dtype)
+                  batch_size, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
+                  anchor_weight=anchor_weight)
     result = api.classify_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
                                ray=api.ray_options(ray, address=address, workers=workers))
     _print_json(result) if as_json else typer.echo(
         f"labelled {result['texts']} texts into {result['out']} ({result['shards']} shards, "
+        f"{result['resumed_shards']} reused from an earlier run; {result['seconds']:.1f} s)")
+
+
+@app.command("generate-file")
+def generate_file_cmd(
+    ctx: typer.Context,
+    source: str = typer.Argument(..., help="JSONL/CSV (or Parquet) file of inputs."),
+    out: Path = typer.Option(..., "--out", help="Output file: JSONL, or Parquet for a .parquet name. Finished "
+                             "shards are kept in OUT.parts/ and reused by a re-run."),
+    name: str = typer.Option(..., "--index", help="The generation index to draw demonstrations from."),
+    text_field: Optional[str] = typer.Option(None, "--text-field"),
+    shard_size: int = typer.Option(256, "--shard-size", min=1, help="Inputs per shard (the unit of resumption)."),
+    ray: bool = typer.Option(False, "--ray", help="Generate with a pool of Ray actors, each holding one engine."),
+    address: Optional[str] = typer.Option(None, "--address", help="--ray: a running Ray cluster."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--ray: engine actors (each loads the LM once)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    k: int = _K,
+    budget: Optional[int] = _BUDGET,
+    method: SelectionMethod = _METHOD,
+    lm: str = _LM,
+    template: Optional[Path] = _TEMPLATE,
+    soft_prompt: Optional[Path] = _SOFT,
+    seed: int = _SEED,
+    batch_size: int = _BATCH,
+    indexes_dir: Optional[Path] = IndexesDir,
+    trust_remote_code: bool = _TRC,
+    dtype: Optional[DType] = _DTYPE,
+    config_file: Optional[Path] = _CONFIG,
+    log: Optional[Path] = LogFile,
+    as_json: bool = AsJson,
+):
+    """Generate an output for every input of a file (output text, demonstration ids per row), resumably."""
+    set_log_file(log)
+    cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, Calibration.NONE, template, soft_prompt,
+                  seed, batch_size, trust_remote_code, max_new_tokens, dtype=dtype)
+    result = api.generate_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
+                               ray=api.ray_options(ray, address=address, workers=workers))
+    _print_json(result) if as_json else typer.echo(
+        f"generated {result['texts']} outputs into {result['out']} ({result['shards']} shards, "
         f"{result['resumed_shards']} reused from an earlier run; {result['seconds']:.1f} s)")
 
 

@@ -32,7 +32,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .lm import cache_root  # the one cache root (arg > env ICL_CACHE > ~/.cache/icl_engine)
 from .progress import Progress
 
 __all__ = ["DEFAULT_EMBEDDER", "BATCH_SIZE", "batch_size_for", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder",
@@ -106,6 +105,8 @@ def _slug(name: str) -> str:
 
 def embedding_cache_dir() -> Path:
     """Where model embedders cache vectors by default: <cache root>/embeddings (lm.cache_root)."""
+    from .lm import cache_root  # here, not at the top: lm imports torch, which hashing embedders never need
+
     return cache_root() / "embeddings"
 
 

@@ -1,21 +1,31 @@
 """Evaluate an engine on a labelled test set: accuracy / macro-F1 / confusion matrix for
-classification, BLEU / ROUGE-L against all references of an input for generation."""
+classification, BLEU / ROUGE-L against all references of an input for generation.
+
+The queries are answered by a Labeller: an Engine in this process (EngineLabeller), or any
+object with the same few members, e.g. ray_jobs.PoolLabeller, whose chunks run on a pool of Ray
+actors and come back in any order. The metrics are computed here either way."""
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .config import PipelineConfig
 from .data import Dataset, TaskKind, group_references
 from .metrics import accuracy, bleu, confusion_matrix, macro_f1, rouge_l
-from .pipeline import Engine
+from .pipeline import Engine, Generation, Prediction
 from .progress import Progress
 from .select import SelectionMethod
 
-__all__ = ["evaluate", "classify_chunks", "fewer_demos", "format_table", "UnknownLabelError"]
+if TYPE_CHECKING:  # (index.py imports faiss; the engine runs without it)
+    from .index import ExampleIndex
+
+__all__ = ["evaluate", "classify_chunks", "fewer_demos", "format_table", "UnknownLabelError", "Labeller",
+           "EngineLabeller"]
 
 
 MIN_CHUNK = 32  # queries per engine call at least: LM batches of up to 32 are bucketed by length among them
@@ -52,8 +62,59 @@ def classify_chunks(engine: Engine, texts: Sequence[str], chunk: int, *, method=
             yield s, engine.finish(ready)
 
 
+class Labeller(Protocol):
+    """What evaluate needs of an engine: its config and index, its LM's name, and answers for
+    chunks of queries as (slice of the queries, their results), in any order."""
+
+    config: PipelineConfig
+    index: ExampleIndex
+    lm_name: str
+
+    def classify_chunks(self, texts: Sequence[str], chunk: int, *, method=None,
+                        k=None) -> Iterator[tuple[slice, list[Prediction]]]: ...
+
+    def generate_chunks(self, inputs: Sequence[str], chunk: int, *, method=None,
+                        k=None) -> Iterator[tuple[slice, list[Generation]]]: ...
+
+
+@dataclass
+class EngineLabeller:
+    """A Labeller over an Engine in this process (chunks in order; see classify_chunks for `overlap`)."""
+
+    engine: Engine
+    overlap: bool | None = None
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.engine.config
+
+    @property
+    def index(self) -> ExampleIndex:
+        return self.engine.index
+
+    @property
+    def lm_name(self) -> str:
+        return self.engine.lm.name
+
+    def classify_chunks(self, texts, chunk, *, method=None, k=None):
+        return classify_chunks(self.engine, texts, chunk, method=method, k=k, overlap=self.overlap)
+
+    def generate_chunks(self, inputs, chunk, *, method=None, k=None):
+        for s in _chunks(len(inputs), chunk):
+            yield s, self.engine.generate(inputs[s], method=method, k=k)
+
+
+def _answers(chunks: Iterator[tuple[slice, list]], n: int, bar) -> list:
+    """The results of n queries from chunks that may come in any order."""
+    out = [None] * n
+    for s, batch in chunks:
+        out[s] = batch
+        bar.update(s.stop - s.start)
+    return out
+
+
 def evaluate(
-    engine: Engine,
+    engine: Engine | Labeller,
     test: Dataset,
     *,
     method: SelectionMethod | str | None = None,
@@ -70,46 +131,43 @@ def evaluate(
     batch size, at least MIN_CHUNK, so an LM batch is never cut short by the chunk and the
     length buckets have queries to choose from. `overlap`: prepare the next chunk in a thread
     while the LM scores this one (default: when the LM is on a GPU; on a CPU both want the
-    same cores)."""
-    chunk = max(MIN_CHUNK, engine.config.batch_size) if chunk is None else chunk
+    same cores). `engine` may be a Labeller instead (answers from elsewhere, e.g. a Ray pool)."""
+    labeller = EngineLabeller(engine, overlap) if isinstance(engine, Engine) else engine
+    config, index = labeller.config, labeller.index
+    chunk = max(MIN_CHUNK, config.batch_size) if chunk is None else chunk
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
-    method = SelectionMethod(method or engine.config.method)
-    k = engine.config.k if k is None else k
-    out = {"method": method.value, "k": k, "index": engine.config.index, "lm": engine.lm.name,
-           "calibration": engine.config.calibration.value}
+    method = SelectionMethod(method or config.method)
+    k = config.k if k is None else k
+    out = {"method": method.value, "k": k, "index": config.index, "lm": labeller.lm_name,
+           "calibration": config.calibration.value}
     desc = f"eval {method.value}-{k}"
     t0 = time.perf_counter()
-    if engine.index.kind is TaskKind.CLASSIFICATION:
+    if index.kind is TaskKind.CLASSIFICATION:
         records = list(test.records[:limit])
-        unknown = sorted({r.output for r in records} - set(engine.index.labels))
+        unknown = sorted({r.output for r in records} - set(index.labels))
         if unknown:
             raise UnknownLabelError(
-                f"test labels {unknown} are not among the index's labels {list(engine.index.labels)}")
-        preds = []
+                f"test labels {unknown} are not among the index's labels {list(index.labels)}")
         with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
-            for s, batch in classify_chunks(engine, [r.input for r in records], chunk, method=method, k=k,
-                                            overlap=overlap):
-                preds += batch
-                bar.update(s.stop - s.start)
+            preds = _answers(labeller.classify_chunks([r.input for r in records], chunk, method=method, k=k),
+                             len(records), bar)
         seconds = time.perf_counter() - t0
         gold, guess = [r.output for r in records], [p.label for p in preds]
         out.update(
             n=len(records), accuracy=accuracy(gold, guess),
-            macro_f1=macro_f1(gold, guess, engine.index.labels),
-            labels=list(engine.index.labels),
-            confusion_matrix=confusion_matrix(gold, guess, engine.index.labels).tolist(),
+            macro_f1=macro_f1(gold, guess, index.labels),
+            labels=list(index.labels),
+            confusion_matrix=confusion_matrix(gold, guess, index.labels).tolist(),
             mean_prompt_tokens=float(np.mean([p.prompt_tokens for p in preds])),
             predictions=[{"id": r.id, "gold": r.output, "pred": p.label, "probs": p.probs,
                           "demos": [d.id for d in p.demos]} for r, p in zip(records, preds)],
         )
     else:
         groups = group_references(test.records)[:limit]
-        gens = []
         with Progress(len(groups), desc, unit="inputs", enabled=progress) as bar:
-            for s in _chunks(len(groups), chunk):
-                gens += engine.generate([inp for inp, _ in groups[s]], method=method, k=k)
-                bar.update(s.stop - s.start)
+            gens = _answers(labeller.generate_chunks([inp for inp, _ in groups], chunk, method=method, k=k),
+                            len(groups), bar)
         seconds = time.perf_counter() - t0
         hyps, refs = [g.text for g in gens], [r for _, r in groups]
         out.update(

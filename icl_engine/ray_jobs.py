@@ -12,21 +12,28 @@ its constructor, and keeps it for every batch), and the driver collects rows and
 order (preserve_order). The driver then parses the rows exactly as the single-process loader
 parses the file (data.load_dataset(rows=...)), so the ids, the errors and the index are the same.
 A built-in dataset name is loaded on the driver and only its texts go through the pool.
+
+Labelling (classify-file, generate-file, eval --ray) runs on a second kind of pool: long-lived
+engine actors (EngineActor, Ray's ActorPool), each holding an EngineCache, kept for the session
+so that every later job reuses their loaded LMs; each shard of texts is one task
+(run_shards). They are ended before a Ray Data job, which needs their CPUs.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from .data import BUILTIN_DATASETS, DataError, Dataset, load_dataset, pick_fields
 
 __all__ = ["RayMissingError", "RayOptions", "INSTALL_HINT", "require_ray", "init_ray", "read_and_embed", "embed_texts",
-           "classify_shards", "EmbedActor", "ClassifyActor"]
+           "EmbedActor", "Job", "EngineActor", "engine_actors", "close_engine_pools", "remote_config", "run_shards",
+           "user_error", "PoolLabeller"]
 
 INSTALL_HINT = "pip install 'icl-engine[ray]'"
 VECTOR = "__icl_vector"  # the column the actors add: float32 [d] per row
@@ -81,12 +88,13 @@ class EmbedActor:
     """One actor of the pool: loads the embedder once, then embeds batch after batch."""
 
     def __init__(self, embedder: str, text_field: str, threads: int, cache: bool = True):
-        import torch
-
         from .embed import get_embedder
 
-        torch.set_num_threads(threads)  # its share of the machine, not every core per actor
         self.embedder = get_embedder(embedder, **({} if cache else {"cache_dir": False}))
+        if not self.embedder.is_hashing:  # (a hashing embedder never imports torch: the actor starts seconds sooner)
+            import torch
+
+            torch.set_num_threads(threads)  # its share of the machine, not every core per actor
         self.text_field = text_field
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,6 +155,7 @@ def _embed(ds, embedder: str, text_field: str, options: RayOptions):
 def embed_texts(texts: Sequence[str], embedder: str, options: RayOptions) -> np.ndarray:
     """Embed `texts` with the actor pool; float32 [n, d] in the order of `texts`."""
     ray = init_ray(options)
+    close_engine_pools()  # idle engine actors would hold CPUs the embedding pool and its reads need
     items = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=_blocks(options))
     rows = _embed(items, embedder, "text", options).take_all()
     return np.stack([r[VECTOR] for r in rows]).astype(np.float32, copy=False)
@@ -160,6 +169,7 @@ def read_and_embed(source: str, *, embedder: str, options: RayOptions, text_fiel
         dataset = load_dataset(source, text_field=text_field, label_field=label_field, id_field=id_field)
         return dataset, embed_texts([r.input for r in dataset.records], embedder, options)
     ray = init_ray(options)
+    close_engine_pools()  # idle engine actors would hold CPUs the embedding pool and its reads need
     ds = _read(ray, source, options)
     tf, _ = pick_fields(ds.columns(), text_field, label_field, source)  # the loader checks them again
     rows, by_text = [], {}
@@ -172,45 +182,144 @@ def read_and_embed(source: str, *, embedder: str, options: RayOptions, text_fiel
     return dataset, np.stack([by_text[r.input] for r in dataset.records]).astype(np.float32, copy=False)
 
 
-class ClassifyActor:
-    """One actor of the labelling pool: loads the engine (LM, index, embedder) once, then labels
-    whole shards and writes each one itself, atomically (shards.write_shard)."""
+class Job(str, Enum):
+    """What an engine actor does with a slice of texts: label it into a shard file (the file
+    commands), or hand the engine's results back (an evaluation)."""
 
-    def __init__(self, config: dict, parts: str, threads: int):
+    CLASSIFY_FILE = "classify-file"
+    GENERATE_FILE = "generate-file"
+    CLASSIFY = "classify"
+    GENERATE = "generate"
+
+
+class EngineActor:
+    """One actor of the engine pool. It keeps an EngineCache, so it loads an LM once and every
+    later job that names the same LM (another file, another k, an evaluation) reuses it."""
+
+    def __init__(self, threads: int):
         import torch
 
-        from .pipeline import Engine, PipelineConfig
+        from .engines import EngineCache
 
         torch.set_num_threads(threads)
-        self.engine, self.parts = Engine.load(PipelineConfig.from_dict(config)), Path(parts)
+        self.engines = EngineCache(size=2)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .shards import prediction_rows, write_shard
+    def lm_name(self, config: dict) -> str:
+        """The name the engine of `config` gives its LM (loading the engine: a bad config fails here)."""
+        return self._engine(config).lm.name
 
-        done = []
-        for shard, start, texts in zip(batch["shard"], batch["start"], batch["texts"]):
-            write_shard(self.parts, int(shard), prediction_rows(self.engine, plain(texts), int(start)))
-            done.append(len(texts))
-        return {"shard": batch["shard"], "n": np.array(done)}
+    def run(self, config: dict, job: Job, texts: list[str], start: int, parts: str | None, shard: int,
+            method=None, k=None) -> tuple[int, object]:
+        """(shard, result): the number of texts written into the shard's file, or the engine's
+        Predictions / Generations for an evaluation."""
+        from .shards import FILE_ROWS, write_shard
+
+        engine = self._engine(config)
+        if job is Job.CLASSIFY:
+            return shard, engine.classify(texts, method=method, k=k)
+        if job is Job.GENERATE:
+            return shard, engine.generate(texts, method=method, k=k)
+        write_shard(Path(parts), shard, FILE_ROWS[job.value](engine, texts, start))  # atomic: retry-safe
+        return shard, len(texts)
+
+    def _engine(self, config: dict):
+        from .pipeline import PipelineConfig
+
+        return self.engines.get(PipelineConfig.from_dict(config))
 
 
-def classify_shards(config, texts: Sequence[str], shards: Sequence[tuple[int, int, int]], parts: Path,
-                    options: RayOptions):
-    """Label `shards` [(shard, start, stop)] of `texts` with a pool of engines, each shard written
-    into `parts` by its actor; yields each finished shard's number of texts (for progress)."""
+_POOLS: dict[tuple, list] = {}  # (Ray node, job, workers, CPUs per worker) -> that pool's actors
+
+
+def engine_actors(options: RayOptions) -> list:
+    """The engine pool of these options in this Ray session, started on first use and kept
+    until close_engine_pools() or the end of the session: a process that labels several files or
+    runs several evaluations pays the actors' start-up (imports, LM load) once. A dead actor is
+    restarted and its task retried (max_restarts, max_task_retries): shards are written
+    atomically, so a retry is safe."""
+    ray = init_ray(options)
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_node_id(), ctx.get_job_id(), options.workers, options.cpus_per_worker)
+    if key not in _POOLS:
+        close_engine_pools()  # other options: their actors give their CPUs back first
+        remote = ray.remote(EngineActor).options(num_cpus=options.cpus_per_worker, max_restarts=2,
+                                                 max_task_retries=2)
+        _POOLS[key] = [remote.remote(max(1, int(options.cpus_per_worker))) for _ in range(options.workers)]
+    return _POOLS[key]
+
+
+def close_engine_pools() -> None:
+    """End the engine actors this process started (their CPUs go back to Ray: a Ray Data job
+    such as an index build needs them)."""
+    ray = require_ray()
+    if ray.is_initialized():
+        node = ray.get_runtime_context().get_node_id()
+        for key, actors in _POOLS.items():
+            for actor in actors if key[0] == node else ():  # a former session's actors are gone already
+                ray.kill(actor)
+    _POOLS.clear()
+
+
+def remote_config(config) -> dict:
+    """The config as a dict an actor can load: paths made absolute (an actor's working directory
+    is not ours), the index named by its folder."""
     from .index import index_path
 
+    d = config.to_dict()
+    d.update(index=str(index_path(config.index, config.indexes_dir).resolve()), indexes_dir=None)
+    for key in ("lm", "soft_prompt", "anchors"):
+        if d.get(key) and Path(d[key]).exists():
+            d[key] = str(Path(d[key]).resolve())
+    return d
+
+
+def run_shards(config, job: Job, texts: Sequence[str], shards: Sequence[tuple[int, int, int]], options: RayOptions,
+               *, parts: Path | None = None, method=None, k=None) -> Iterator[tuple[int, object]]:
+    """Hand `shards` [(shard, start, stop)] of `texts` to the engine pool, one task each, an actor
+    taking the next as it frees up; yields (shard, result) as they finish (any order). A user
+    mistake raised in an actor (a ValueError: bad anchors, a wrong index kind) is raised here as
+    itself, one line, not wrapped in Ray's traceback."""
+    from ray.util import ActorPool
+
     ray = init_ray(options)
-    config_dict = config.to_dict()  # with absolute paths: an actor's working directory is not ours
-    config_dict.update(index=str(index_path(config.index, config.indexes_dir).resolve()), indexes_dir=None)
-    for key in ("lm", "soft_prompt"):
-        if config_dict.get(key) and Path(config_dict[key]).exists():
-            config_dict[key] = str(Path(config_dict[key]).resolve())
-    items = ray.data.from_items([{"shard": s, "start": a, "texts": list(texts[a:b])} for s, a, b in shards],
-                                override_num_blocks=min(len(shards), _blocks(options)))
-    done = items.map_batches(ClassifyActor, fn_constructor_kwargs={
-        "config": config_dict, "parts": str(Path(parts).resolve()), "threads": max(1, int(options.cpus_per_worker))},
-        compute=ray.data.ActorPoolStrategy(size=options.workers), batch_size=1, num_cpus=options.cpus_per_worker,
-        batch_format="numpy")
-    for row in done.iter_rows():
-        yield int(row["n"])
+    cfg, job, where = remote_config(config), Job(job), str(Path(parts).resolve()) if parts is not None else None
+    pool = ActorPool(engine_actors(options))
+    results = pool.map_unordered(lambda actor, sh: actor.run.remote(cfg, job, list(texts[sh[1]:sh[2]]), sh[1],
+                                                                     where, sh[0], method, k), list(shards))
+    try:
+        yield from results
+    except ray.exceptions.RayTaskError as e:
+        raise user_error(e) from None
+
+
+def user_error(e: Exception) -> Exception:
+    """The ValueError an actor raised (a user mistake, one line), else Ray's error itself."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, ValueError) else e
+
+
+class PoolLabeller:
+    """An evaluation's queries labelled by the engine pool (evaluate.Labeller): each chunk one
+    task, results as they finish. The driver holds the index (labels, kind), not the LM."""
+
+    def __init__(self, config, index, options: RayOptions):
+        self.config, self.index, self.options = config, index, options
+        actor = engine_actors(options)[0]
+        ray = init_ray(options)
+        remote = remote_config(config)
+        try:  # loads the engine on one actor first: a bad config fails once, before the work
+            name = ray.get(actor.lm_name.remote(remote))
+        except ray.exceptions.RayTaskError as e:
+            raise user_error(e) from None
+        self.lm_name = config.lm if name == remote["lm"] else name  # as given, not the actors' absolute path
+
+    def classify_chunks(self, texts: Sequence[str], chunk: int, *, method=None, k=None):
+        return self._chunks(Job.CLASSIFY, texts, chunk, method, k)
+
+    def generate_chunks(self, inputs: Sequence[str], chunk: int, *, method=None, k=None):
+        return self._chunks(Job.GENERATE, inputs, chunk, method, k)
+
+    def _chunks(self, job: Job, texts: Sequence[str], chunk: int, method, k):
+        shards = [(i, s, min(len(texts), s + chunk)) for i, s in enumerate(range(0, len(texts), chunk))]
+        for shard, results in run_shards(self.config, job, texts, shards, self.options, method=method, k=k):
+            yield slice(shards[shard][1], shards[shard][2]), results

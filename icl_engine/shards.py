@@ -1,16 +1,19 @@
-"""Labelling a whole file (`icl classify-file IN --out OUT [--ray]`), resumably: the texts are cut
-into shards, each shard's predictions are written atomically to OUT.parts/ as soon as it is done,
-and OUT (JSONL, or Parquet when it ends in .parquet) is assembled from the shards at the end. A
-re-run of the same job skips the shards already written, so an interrupted or failed run resumes
-instead of starting over; a different job (another config, index version or input) is refused.
+"""Labelling a whole file (`icl classify-file IN --out OUT [--ray]`, and `icl generate-file` for a
+generation index), resumably: the texts are cut into shards, each shard's results are written
+atomically to OUT.parts/ as soon as it is done, and OUT (JSONL, or Parquet when it ends in
+.parquet) is assembled from the shards at the end. A re-run of the same job skips the shards
+already written, so an interrupted or failed run resumes instead of starting over; a different
+job (another config, index version or input) is refused.
 
     summary = classify_file(config, "texts.jsonl", "labels.jsonl")                 # one process
     summary = classify_file(config, "texts.jsonl", "labels.jsonl", ray=RayOptions(workers=4))
+    summary = generate_file(config, "inputs.jsonl", "outputs.jsonl")              # a generation index
 
-Each output row: {"row", "text", "label", "probs", "log_scores", "demo_ids", "prompt_tokens"},
-rows in input order. With Ray, an actor pool of engines (each loads the LM and index once) takes
-whole shards and writes them itself (the parts folder must be on storage every actor sees);
-Ray retries a shard whose actor died.
+Each output row, in input order: classify-file {"row", "text", "label", "probs", "log_scores",
+"demo_ids", "prompt_tokens"}; generate-file {"row", "input", "output", "demo_ids",
+"prompt_tokens"} (the engine's output: greedy unless the config samples). With Ray, the engine
+pool (ray_jobs: each actor loads the LM and index once) takes whole shards and writes them itself
+(the parts folder must be on storage every actor sees); Ray retries a shard whose actor died.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from .index import index_path, index_version
 from .pipeline import Engine
 from .progress import Progress
 
-__all__ = ["ShardError", "classify_file", "prediction_rows", "write_shard", "shard_path", "JOB_FILE"]
+__all__ = ["ShardError", "classify_file", "generate_file", "label_file", "prediction_rows", "generation_rows",
+           "FILE_ROWS", "write_shard", "shard_path", "JOB_FILE"]
 
 JOB_FILE = "job.json"  # in OUT.parts/: what the shards there were made by
 
@@ -50,6 +54,16 @@ def prediction_rows(engine: Engine, texts: list[str], start: int) -> list[dict]:
             for i, (t, p) in enumerate(zip(texts, preds))]
 
 
+def generation_rows(engine: Engine, inputs: list[str], start: int) -> list[dict]:
+    """The output rows of inputs[start:...]: the engine's output text and its demonstrations."""
+    gens = engine.generate(inputs)
+    return [{"row": start + i, "input": t, "output": g.text, "demo_ids": [d.id for d in g.demos],
+             "prompt_tokens": g.prompt_tokens} for i, (t, g) in enumerate(zip(inputs, gens))]
+
+
+FILE_ROWS = {"classify-file": prediction_rows, "generate-file": generation_rows}  # command -> one shard's rows
+
+
 def write_shard(parts: Path, shard: int, rows: list[dict]) -> None:
     """One shard's rows, written atomically: it exists complete or not at all."""
     write_text(shard_path(parts, shard), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -64,7 +78,7 @@ def _job(config: PipelineConfig, texts: list[str], shard_size: int) -> dict:
             "texts_sha256": h.hexdigest(), "shard_size": shard_size}
 
 
-def _open_parts(parts: Path, job: dict) -> None:
+def _open_parts(parts: Path, job: dict, command: str) -> None:
     """Make OUT.parts for this job, or check that the one there is this job's (then reused)."""
     if (parts / JOB_FILE).exists():
         if read_json(parts / JOB_FILE, "the job description", ShardError) != json.loads(json.dumps(job)):
@@ -72,13 +86,28 @@ def _open_parts(parts: Path, job: dict) -> None:
                              "remove it or choose another --out")
         return
     if parts.exists() and any(parts.iterdir()):
-        raise ShardError(f"{parts} exists and is not a classify-file parts folder; remove it or choose another --out")
+        raise ShardError(f"{parts} exists and is not a {command} parts folder; remove it or choose another --out")
     write_json(parts / JOB_FILE, job)
 
 
 def classify_file(config: PipelineConfig, source: str | Path, out: str | Path, *, text_field: str | None = None,
                   shard_size: int = 256, ray=None, progress: bool = True) -> dict:
     """Label every text of `source` into `out` (see the module doc); returns a summary."""
+    return label_file("classify-file", config, source, out, text_field=text_field, shard_size=shard_size, ray=ray,
+                      progress=progress)
+
+
+def generate_file(config: PipelineConfig, source: str | Path, out: str | Path, *, text_field: str | None = None,
+                  shard_size: int = 256, ray=None, progress: bool = True) -> dict:
+    """An output for every input of `source`, into `out` (see the module doc); returns a summary."""
+    return label_file("generate-file", config, source, out, text_field=text_field, shard_size=shard_size, ray=ray,
+                      progress=progress)
+
+
+def label_file(command: str, config: PipelineConfig, source: str | Path, out: str | Path, *,
+               text_field: str | None = None, shard_size: int = 256, ray=None, progress: bool = True) -> dict:
+    """`command` (a key of FILE_ROWS) over every text of `source`, shard by shard, into `out`."""
+    rows_of = FILE_ROWS[command]
     if shard_size < 1:
         raise ShardError(f"shard size must be >= 1, got {shard_size}")
     out = Path(out)
@@ -86,21 +115,24 @@ def classify_file(config: PipelineConfig, source: str | Path, out: str | Path, *
         raise ShardError(f"--out {out} is a folder; give a file name (.jsonl or .parquet)")
     texts, field = read_texts(source, text_field)
     parts = out.with_name(out.name + ".parts")
-    _open_parts(parts, _job(config, texts, shard_size))
+    job = _job(config, texts, shard_size)
+    if command != "classify-file":  # (classify-file's job files predate the key; they stay readable)
+        job["command"] = command
+    _open_parts(parts, job, command)
     shards = [(i, s, min(len(texts), s + shard_size)) for i, s in enumerate(range(0, len(texts), shard_size))]
     todo = [sh for sh in shards if not shard_path(parts, sh[0]).exists()]
     t0 = time.perf_counter()
-    with Progress(len(texts), "classify-file", unit="texts", enabled=progress) as bar:
+    with Progress(len(texts), command, unit="texts", enabled=progress) as bar:
         bar.update(len(texts) - sum(stop - start for _, start, stop in todo))  # resumed shards count as done
         if ray is not None and todo:
-            from .ray_jobs import classify_shards
+            from .ray_jobs import Job, run_shards
 
-            for n in classify_shards(config, texts, todo, parts, ray):
+            for _, n in run_shards(config, Job(command), texts, todo, ray, parts=parts):
                 bar.update(n)
         else:
             engine = get_engine(config) if todo else None
             for shard, start, stop in todo:
-                write_shard(parts, shard, prediction_rows(engine, texts[start:stop], start))
+                write_shard(parts, shard, rows_of(engine, texts[start:stop], start))
                 bar.update(stop - start)
     seconds = time.perf_counter() - t0
     _assemble(parts, [sh[0] for sh in shards], out)
@@ -120,7 +152,8 @@ def _assemble(parts: Path, shards: list[int], out: Path) -> None:
         raise ShardError(f"--out {out}: writing Parquet needs pyarrow (pip install pyarrow)") from None
     rows = [json.loads(line) for s in shards for line in shard_path(parts, s).read_text(encoding="utf-8").splitlines()]
     for r in rows:  # a map column of probabilities; Parquet wants one type per column
-        r["probs"] = [{"label": k, "p": v} for k, v in r["probs"].items()]
+        if "probs" in r:
+            r["probs"] = [{"label": k, "p": v} for k, v in r["probs"].items()]
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         pq.write_table(pa.Table.from_pylist(rows), tmp)

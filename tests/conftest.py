@@ -136,3 +136,46 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+CLASSIFY_TEXTS = [f"{t} {i}" for i in range(3) for t, _ in SENTIMENT_ROWS][:30]  # texts to label in the file tests
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random LM saved as a model folder (what `--lm PATH` loads), once per session."""
+    root = tmp_path_factory.mktemp("tiny-lm")
+    tok = make_tiny_tokenizer()
+    make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def classify_job(tmp_path_factory, tiny_lm_dir):
+    """A tiny sentiment index, the tiny LM, a JSONL of CLASSIFY_TEXTS (field "review") and the
+    single-process engine's predictions for them: what classify-file (one process or Ray) must equal."""
+    import json
+
+    from icl_engine import api
+    from icl_engine.config import PipelineConfig
+    from icl_engine.engines import get_engine
+
+    root = tmp_path_factory.mktemp("cf")
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in SENTIMENT_ROWS))
+    api.build_index(str(train), "tiny", embedder="hashing:64", indexes_dir=root / "indexes")
+    src = root / "texts.jsonl"
+    src.write_text("".join(json.dumps({"review": t}) + "\n" for t in CLASSIFY_TEXTS))
+    config = PipelineConfig(index="tiny", indexes_dir=str(root / "indexes"), lm=str(tiny_lm_dir), k=2)
+    return root, src, config, get_engine(config).classify(CLASSIFY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def classify_anchors(classify_job):
+    """kNN-prompting anchors of classify_job's index with the tiny LM (icl anchors build)."""
+    from icl_engine import api
+
+    root, _, config, _ = classify_job
+    api.build_anchors("tiny", out=root / "anchors", lm=config.lm, indexes_dir=root / "indexes", support=64)
+    return root / "anchors"

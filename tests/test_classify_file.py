@@ -1,6 +1,6 @@
 """`icl classify-file`: labelling a whole file in shards equals the engine on each text (labels,
-log-scores within 1e-5), in one process and on a Ray actor pool; a re-run resumes from the
-shards written; another job's shards are refused; Parquet in and out."""
+log-scores within 1e-5); a re-run resumes from the
+shards written; another job's shards are refused; Parquet in and out. The same on a Ray pool: test_ray_pool.py."""
 
 from __future__ import annotations
 
@@ -9,29 +9,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SENTIMENT_ROWS, make_tiny_model, make_tiny_tokenizer
+from conftest import CLASSIFY_TEXTS
 from icl_engine import api
 from icl_engine.config import PipelineConfig
-from icl_engine.engines import get_engine
 from icl_engine.shards import ShardError, shard_path
 
-TEXTS = [f"{t} {i}" for i in range(3) for t, _ in SENTIMENT_ROWS][:30]
-
-
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cf")
-    train = root / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in SENTIMENT_ROWS))
-    api.build_index(str(train), "tiny", embedder="hashing:64", indexes_dir=root / "indexes")
-    tok = make_tiny_tokenizer()
-    make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
-    src = root / "texts.jsonl"
-    src.write_text("".join(json.dumps({"review": t}) + "\n" for t in TEXTS))
-    config = PipelineConfig(index="tiny", indexes_dir=str(root / "indexes"), lm=str(root / "lm"), k=2)
-    preds = get_engine(config).classify(TEXTS)
-    return root, src, config, preds
+TEXTS = CLASSIFY_TEXTS
 
 
 def read_out(path):
@@ -45,8 +28,8 @@ def check_equal(rows, preds):
     assert [r["demo_ids"] for r in rows] == [[d.id for d in p.demos] for p in preds]
 
 
-def test_classify_file_equals_the_engine_and_resumes(job, tmp_path):
-    root, src, config, preds = job
+def test_classify_file_equals_the_engine_and_resumes(classify_job, tmp_path):
+    root, src, config, preds = classify_job
     out = tmp_path / "labels.jsonl"
     s = api.classify_file(config, str(src), out, shard_size=8)
     assert (s["texts"], s["shards"], s["resumed_shards"], s["field"]) == (30, 4, 0, "review")
@@ -60,11 +43,11 @@ def test_classify_file_equals_the_engine_and_resumes(job, tmp_path):
         api.classify_file(PipelineConfig(**{**config.to_dict(), "k": 3}), str(src), out, shard_size=8)
 
 
-def test_parquet_in_and_out(job, tmp_path):
+def test_parquet_in_and_out(classify_job, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    root, _, config, preds = job
+    root, _, config, preds = classify_job
     src = tmp_path / "texts.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in TEXTS]), src)
     out = tmp_path / "labels.parquet"
@@ -74,11 +57,25 @@ def test_parquet_in_and_out(job, tmp_path):
     assert {p["label"]: p["p"] for p in rows[0]["probs"]} == pytest.approx(preds[0].probs, abs=1e-6)
 
 
-def test_ray_pool_of_engines_equals_one_process(job, tmp_path, ray_session):
-    from icl_engine.ray_jobs import RayOptions
+def test_anchor_flags_label_by_knn_prompting(classify_job, classify_anchors, tmp_path):
+    """`icl classify-file --anchors A --anchor-k K --anchor-weight W`: the engine's kNN prompting,
+    alone (the anchors that voted are the demonstrations) or mixed with the demonstrations' scores."""
+    from typer.testing import CliRunner
 
-    root, src, config, preds = job
-    out = tmp_path / "labels.jsonl"
-    s = api.classify_file(config, str(src), out, shard_size=8, ray=RayOptions(workers=2, cpus_per_worker=0.5))
-    assert s["shards"] == 4
-    check_equal(read_out(out), preds)
+    from icl_engine.cli import app
+    from icl_engine.engines import get_engine
+
+    root, src, config, plain = classify_job
+    for weight in (1.0, 0.5):
+        out = tmp_path / f"knn-{weight}.jsonl"
+        res = CliRunner().invoke(app, ["classify-file", str(src), "--index", "tiny", "--out", str(out), "--lm",
+                                       config.lm, "--k", "2", "--anchors", str(classify_anchors), "--anchor-k", "3",
+                                       "--anchor-weight", str(weight), "--shard-size", "8",
+                                       "--indexes-dir", str(root / "indexes")])
+        assert res.exit_code == 0, res.output
+        knn = PipelineConfig(**{**config.to_dict(), "anchors": str(classify_anchors), "anchor_k": 3,
+                                "anchor_weight": weight})
+        preds = [p for s in range(0, 30, 8) for p in get_engine(knn).classify(TEXTS[s:s + 8])]
+        check_equal(read_out(out), preds)
+        assert all(len(p.demos) == (3 if weight == 1.0 else 2) for p in preds)
+    assert [p.probs for p in preds] != [p.probs for p in plain]  # the anchors changed the probabilities

@@ -93,3 +93,33 @@ def test_fewer_distinct_inputs_than_k_is_said(work):
     assert f"note: {20 - len(TRAIN)} demonstration(s) fewer than asked: the index has no more distinct inputs" in text
     hits = icl(root, env, "index", "search", "cg", "dog, frisbee", "-k", "5", "--json")
     assert len({h["text"] for h in hits}) == 5
+
+
+def test_generate_file_equals_the_engine_and_resumes(work):
+    """`icl generate-file`: an output and demonstration ids per input, equal to the single-process
+    engine's greedy outputs; a re-run after a lost shard redoes only that shard. (On Ray:
+    test_ray_pool.py.)"""
+    from icl_engine.config import PipelineConfig
+    from icl_engine.engines import EngineCache
+    from icl_engine.shards import shard_path
+
+    root, env = work
+    inputs = [r["input"] for r in TEST] + ["boy, kite, fly", "cat, sofa"]
+    (root / "inputs.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t in inputs))
+    args = ("generate-file", "inputs.jsonl", "--index", "cg", "--out", "gen.jsonl", "--lm", str(root / "lm"), "--k", "4",
+            "--max-new-tokens", "6", "--shard-size", "2", "--json")
+    summary = icl(root, env, *args)
+    assert (summary["texts"], summary["shards"], summary["resumed_shards"], summary["field"]) == (5, 3, 0, "input")
+    rows = [json.loads(line) for line in (root / "gen.jsonl").read_text().splitlines()]
+    config = PipelineConfig(index="cg", indexes_dir=str(root / "indexes"), lm=str(root / "lm"), k=4, max_new_tokens=6)
+    engine = EngineCache(size=1).get(config)
+    # shard by shard, as the command hands them over: the hashing embedder gives many demonstrations
+    # the same score, and the index breaks such ties differently for one query than for a batch
+    gens = [g for s in range(0, 5, 2) for g in engine.generate(inputs[s:s + 2])]
+    assert [r["row"] for r in rows] == list(range(5)) and [r["input"] for r in rows] == inputs
+    assert [r["output"] for r in rows] == [g.text for g in gens] and any(g.text for g in gens)
+    assert [r["demo_ids"] for r in rows] == [[d.id for d in g.demos] for g in gens]
+    assert [r["prompt_tokens"] for r in rows] == [g.prompt_tokens for g in gens]
+    first = (root / "gen.jsonl").read_text()
+    shard_path(root / "gen.jsonl.parts", 1).unlink()  # as if the run had died in shard 1
+    assert icl(root, env, *args)["resumed_shards"] == 2 and (root / "gen.jsonl").read_text() == first
