@@ -131,15 +131,18 @@ def test_only_the_soft_prompt_trains_and_the_lm_is_bit_identical(lm, dataset, bu
     assert [p.requires_grad for p in lm.model.parameters()] == flags  # handed back as it was
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("prompt_tuning", {}),
-    ("prefix_tuning", {}),  # through the reparameterisation MLP
-    ("prefix_tuning", dict(prefix_projection=False, init="vocab")),
-    ("ipt", dict(k=2)),
+@pytest.mark.parametrize("method, extra, steps", [
+    ("prompt_tuning", {}, 15),
+    ("prefix_tuning", {}, 15),  # through the reparameterisation MLP
+    ("prefix_tuning", dict(prefix_projection=False, init="vocab"), 15),
+    # IPT: which of the tied hashing neighbours are the demonstrations decides how fast it
+    # learns; with ties to the lower row, 15 steps gave 6.76 -> 6.50 and 30 steps 6.76 -> 5.20
+    ("ipt", dict(k=2), 30),
 ])
-def test_a_few_steps_reduce_the_loss(lm, dataset, builder, index, tmp_path, method, extra):
+def test_a_few_steps_reduce_the_loss(lm, dataset, builder, index, tmp_path, method, extra, steps):
     lr = 0.01 if method == "prefix_tuning" and not extra else 0.1
-    cfg = SoftPromptConfig(method=method, n_virtual=4, train=TrainSettings(**FAST, lr=lr, patience=None), **extra)
+    train = TrainSettings(**{**FAST, "max_steps": steps}, lr=lr, patience=None)
+    cfg = SoftPromptConfig(method=method, n_virtual=4, train=train, **extra)
     result = train_soft_prompt(lm, dataset, cfg, builder=builder, index=index, out=tmp_path)
     first, best = result.history[0]["eval_loss"], result.metrics["best_eval_loss"]
     assert best < first - 0.5, result.history  # the gold labels got >1.6x likelier on held-out reviews
