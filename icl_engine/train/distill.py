@@ -85,12 +85,12 @@ def teacher_records(teacher: LM, builder: PromptBuilder, train: Dataset, *, max_
     for r in train.records:
         first.setdefault(r.input, r)
     records = list(first.values())
-    outputs = generate(teacher, [builder.assemble([], r.input).ids for r in records], max_new_tokens=max_new_tokens,
-                       stop=(builder.template.separator,), batch_size=batch_size)
-    empty = sum(not o.strip() for o in outputs)
-    if empty == len(outputs):
+    outputs = [o.strip() for o in generate(teacher, [builder.assemble([], r.input).ids for r in records],
+                                           max_new_tokens=max_new_tokens, stop=(builder.template.separator,),
+                                           batch_size=batch_size)]
+    if not any(outputs):
         raise TrainingError("the reference generated nothing for every input: check its template and training")
-    kept = [replace(r, output=o.strip()) for r, o in zip(records, outputs) if o.strip()]
+    kept = [replace(r, output=o) for r, o in zip(records, outputs) if o]
     return replace(train, name=f"{train.name}[reference outputs]", records=tuple(kept))
 
 
