@@ -71,7 +71,8 @@ case $stage in
     [ -f "$ref/icl_finetune.json" ] || { echo "no reference yet: run the reference stage first" >&2; exit 1; }
     # METHODS (space-separated) runs a subset first, e.g. the cheap rows with SEEDS=3; the full
     # call later reuses every cached run
-    default="zero knn knn_prompting knn_prompting_icl ipt ipt_distill finetuned"
+    # the *_distill kNN rows read the pool relabelled by the reference (one reference pass over the index)
+    default="zero knn knn_prompting knn_prompting_icl ipt ipt_distill knn_distill knn_prompting_distill knn_prompting_icl_distill finetuned"
     [ "$task" = e2e ] && default="zero knn prompt_tuning ipt ipt_random ipt_distill finetuned"  # Sun et al.'s checks
     read -ra methods <<< "${METHODS:-$default}"
     margs=(); for m in "${methods[@]}"; do margs+=(--methods "$m"); done

@@ -44,7 +44,8 @@ from .score import Prefix, compute_prefix, next_token_logprobs
 if TYPE_CHECKING:  # faiss (index.py) is not needed to use anchors over an index in memory
     from .index import ExampleIndex
 
-__all__ = ["AnchorConfig", "AnchorError", "Anchors", "KnnPrompter", "build_anchors", "kl_to_anchors", "ANCHORS_FORMAT"]
+__all__ = ["AnchorConfig", "AnchorError", "Anchors", "KnnPrompter", "build_anchors", "kl_to_anchors", "index_fingerprint",
+           "ANCHORS_FORMAT"]
 
 ANCHORS_FORMAT = 1
 MANIFEST, TENSORS = "manifest.json", "anchors.safetensors"

@@ -41,8 +41,9 @@ def workspace(tmp_path_factory):
     return root, lm_dir, test
 
 
-def compare(workspace, steps=2, **kw):
-    root, lm_dir, test = workspace
+def compare(workspace, steps=2, test=None, **kw):
+    root, lm_dir, default_test = workspace
+    test = test or default_test
     args = dict(reference=root / "ref", methods=[m.value for m in CompareMethod], seeds=SEEDS, k=2,
                 out=root / "report", lm=str(lm_dir), indexes_dir=root / "indexes", train_pool=None,
                 test_limit=None, n_virtual=3, threads=1, progress=False,
@@ -82,7 +83,8 @@ def test_report_has_every_row_and_column(workspace, report):
                     "queries_per_s", "wall_seconds", "this_run_seconds"):
             assert col in r, (name, col)
         assert {"mean", "std", "per_seed"} <= set(r["accuracy"])
-        seeded = name not in ("zero", "knn", "finetuned", "knn_prompting", "knn_prompting_icl")
+        seeded = name not in ("zero", "knn", "finetuned", "knn_prompting", "knn_prompting_icl", "knn_distill",
+                              "knn_prompting_distill", "knn_prompting_icl_distill")
         assert len(r["seeds"]) == (SEEDS if seeded else 1), name
         assert (r["accuracy"]["std"] is not None) == seeded, name
         assert 0.0 <= r["agreement"]["mean"] <= 1.0 and 0.0 <= r["tv"]["mean"] <= 1.0
@@ -113,6 +115,26 @@ def test_report_has_every_row_and_column(workspace, report):
     s = report["settings"]
     assert (s["seeds"], s["k"], s["test_n"], s["train_pool"]) == (SEEDS, 2, len(TEST), len(ROWS))
     assert report["machine"]["torch_threads"] == 1 and report["machine"]["cpu_count"] >= 1
+
+
+def test_relabelled_rows_read_the_references_labels(workspace, report, tmp_path):
+    """The reference labels every index record once (out/teacher/), and the *_distill rows read
+    those labels. Tested on queries that are index records, with one voting anchor: each query's
+    nearest anchor is itself, so kNN prompting answers the gold label and its relabelled twin
+    the reference's own answer, on every query."""
+    root, lm_dir, _ = workspace
+    cache = (root / "report" / "teacher" / "logprobs.jsonl").read_text().splitlines()
+    assert len(cache) == 1 + len(ROWS)  # the key, then one line per index record
+    labels = ("negative", "positive")
+    teacher = {json.loads(line)["id"]: labels[int(np.argmax(json.loads(line)["logp"]))] for line in cache[1:]}
+    pool = Dataset("pool", TaskKind.CLASSIFICATION, make_records(ROWS), labels)
+    assert [teacher[r.id] for r in pool.records] != [r.output for r in pool.records]  # the reference errs here
+    again = compare(workspace, out=tmp_path / "out", methods=["knn_prompting", "knn_prompting_distill"],
+                    anchor_k=1, test=pool)
+    runs = {m: rs[0]["pred"] for m, rs in again["runs"].items()}
+    assert runs["knn_prompting"] == [r.output for r in pool.records]
+    assert runs["knn_prompting_distill"] == runs["finetuned"] == [teacher[r.id] for r in pool.records]
+    assert (tmp_path / "out" / "anchors-distill" / "anchors.safetensors").is_file()
 
 
 def test_per_example_runs_recompute_agreement_and_tv(report):

@@ -20,6 +20,10 @@ predictions on it:
     knn_prompting   (classification) Xu et al. 2023: the label shares of the query's KL-nearest
                     anchors (the LM's next-token distribution for every index record)
     knn_prompting_icl  (classification) the mean of kNN prompting's and kNN-k ICL's distributions
+    knn_distill / knn_prompting_distill / knn_prompting_icl_distill  (classification, not run by
+                    default: the reference first labels every index record, ~40 min for 11,752
+                    reviews on one CPU thread) kNN-k, kNN prompting and their mean over the pool
+                    relabelled by the reference: the frozen LM reads the reference's labels
     finetuned       the reference (finetune.py), zero-shot prompts; trained into `reference` once
 
 Soft prompts are trained once per seed on the same training pool as the reference, into
@@ -58,7 +62,7 @@ from ..data import Dataset, TaskKind, group_references, load_dataset
 from ..embed import Embedder, get_embedder
 from ..evaluate import evaluate
 from ..index import ExampleIndex, index_path
-from ..knn_prompt import AnchorConfig, AnchorError, Anchors, build_anchors
+from ..knn_prompt import AnchorConfig, AnchorError, Anchors, build_anchors, index_fingerprint
 from ..lm import DEFAULT_LM, LM, load_lm
 from ..metrics import rouge_l_pair
 from ..pipeline import Engine, PipelineConfig
@@ -66,6 +70,7 @@ from ..prompt import PromptBuilder, Template
 from ..resolve import resolve_template
 from ..select import SelectionMethod
 from ..train.finetune import FinetuneConfig, finetune
+from ..train.distill import pool_teacher_logprobs, relabel
 from ..train.loop import TrainSettings
 from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
 from .report import fmt, jsonable, machine_info, pyplot, save_figure, write_json, write_report
@@ -147,6 +152,9 @@ class CompareMethod(str, Enum):
     PROMPT_TUNING_DISTILL = "prompt_tuning_distill"
     KNN_PROMPTING = "knn_prompting"
     KNN_PROMPTING_ICL = "knn_prompting_icl"
+    KNN_DISTILL = "knn_distill"
+    KNN_PROMPTING_DISTILL = "knn_prompting_distill"
+    KNN_PROMPTING_ICL_DISTILL = "knn_prompting_icl_distill"
     FINETUNED = "finetuned"
 
 
@@ -160,6 +168,7 @@ class _Spec:
     seeded: bool = False  # one run per seed (training seed, and the random draw of demos)
     distill: bool = False  # the soft prompt learns the reference's label distribution (train/distill.py)
     anchor_weight: float | None = None  # kNN prompting's share of the label probabilities (knn_prompt.py)
+    relabel: bool = False  # demonstrations and anchors carry the reference's labels, not the gold ones
 
 
 _Z, _R, _K = SelectionMethod.ZERO, SelectionMethod.RANDOM, SelectionMethod.KNN
@@ -182,11 +191,18 @@ _SPECS = {
                                                distill=True),
     CompareMethod.KNN_PROMPTING: _Spec("kNN prompting (Xu et al. 2023)", _Z, anchor_weight=1.0),
     CompareMethod.KNN_PROMPTING_ICL: _Spec("kNN prompting + kNN-k ICL (mean of the two)", _K, anchor_weight=0.5),
+    CompareMethod.KNN_DISTILL: _Spec("kNN-k, demos labelled by the reference", _K, relabel=True),
+    CompareMethod.KNN_PROMPTING_DISTILL: _Spec("kNN prompting, anchors labelled by the reference", _Z,
+                                               anchor_weight=1.0, relabel=True),
+    CompareMethod.KNN_PROMPTING_ICL_DISTILL: _Spec("kNN prompting + kNN-k ICL, labelled by the reference", _K,
+                                                   anchor_weight=0.5, relabel=True),
     CompareMethod.FINETUNED: _Spec("fine-tuned reference", _Z),
 }
+RELABELLED = tuple(m for m, spec in _SPECS.items() if spec.relabel)  # the reference labels the whole index first
 DEFAULT_METHODS = tuple(m for m in CompareMethod if m not in (CompareMethod.PROMPT_TUNING_KNN,
-                                                               CompareMethod.PROMPT_TUNING_DISTILL))
-LABELS_ONLY = (CompareMethod.KNN_PROMPTING, CompareMethod.KNN_PROMPTING_ICL)  # vote over label distributions
+                                                               CompareMethod.PROMPT_TUNING_DISTILL, *RELABELLED))
+# vote over label distributions, or relabel the pool with the reference's labels: classification only
+LABELS_ONLY = (CompareMethod.KNN_PROMPTING, CompareMethod.KNN_PROMPTING_ICL, *RELABELLED)
 FROZEN = tuple(m.value for m in CompareMethod if m is not CompareMethod.FINETUNED)  # candidates for the goal
 
 
@@ -379,6 +395,39 @@ def _anchors(study: Study) -> Path:
     return folder
 
 
+def _relabelled(study: Study, teacher: tuple[LM, dict], anchors: bool) -> tuple[ExampleIndex, Path | None]:
+    """The index with every record labelled by the reference (its zero-shot prediction, cached in
+    out/teacher/), same vectors; with `anchors` also kNN prompting's anchors over it, in
+    out/anchors-distill."""
+    key = {"reference": teacher[1], "index_sha256": index_fingerprint(study.index), "labels": list(study.index.labels),
+           "template": study.template.to_dict()}
+    logp = pool_teacher_logprobs(teacher[0], study.builder, study.index.records, study.out / "teacher" / "logprobs.jsonl",
+                                 jsonable(key), batch_size=study.settings.batch_size,
+                                 progress=study.settings.progress)
+    index = ExampleIndex.from_vectors(relabel(study.index.dataset, logp), study.index.vectors,
+                                      study.index.manifest["embedder"], study.index.config)
+    index.template = study.index.template
+    if not anchors:
+        return index, None
+    folder = study.out / "anchors-distill"
+    try:
+        Anchors.load(folder, lm=study.lm, builder=study.builder, index=index)
+        return index, folder
+    except AnchorError:
+        pass
+    gold = Anchors.load(_anchors(study), lm=study.lm, builder=study.builder, index=study.index)
+    ref_label = {r.id: r.output for r in index.records}
+    if all(ref_label[r.id] == r.output for r in study.index.records if r.id in set(gold.context_ids)):
+        # the anchors' context reads the same labels, so every anchor's distribution is unchanged:
+        # only the votes move to the reference's labels
+        relabelled = replace(gold, labels=np.asarray([index.labels.index(r.output) for r in index.records], np.int64),
+                             manifest={**gold.manifest, "index_sha256": index_fingerprint(index), "labelled_by": "reference"})
+    else:
+        relabelled = build_anchors(study.lm, study.builder, index, study.settings.anchors)
+    relabelled.save(folder, replace=True)
+    return index, folder
+
+
 def _reference(study: Study, reference: Path, config: FinetuneConfig) -> tuple[LM, dict]:
     """The fine-tuned reference: trained into `reference` unless a model is already there."""
     notes, trained = [], False
@@ -412,8 +461,9 @@ def _reference(study: Study, reference: Path, config: FinetuneConfig) -> tuple[L
 
 
 def _evaluate(study: Study, method: str, spec: _Spec, seed: int, *, lm: LM, adapter: Path | None,
-              extra: dict, anchors: Path | None = None) -> dict:
-    """One evaluation on the test subset, cached in out/runs/<method>-seed<s>.json."""
+              extra: dict, anchors: Path | None = None, index: ExampleIndex | None = None) -> dict:
+    """One evaluation on the test subset, cached in out/runs/<method>-seed<s>.json (`index`: the
+    relabelled index, in place of the study's)."""
     path = study.out / "runs" / f"{method}-seed{seed}.json"
     k = 0 if spec.demos is SelectionMethod.ZERO else study.settings.k
     fingerprint = _sha({**study.fingerprint, "method": method, "seed": seed, "k": k, "extra": extra,
@@ -429,7 +479,7 @@ def _evaluate(study: Study, method: str, spec: _Spec, seed: int, *, lm: LM, adap
     config = PipelineConfig(index=study.index_ref, lm=lm.name, template=study.template,
                             method=spec.demos, k=k, soft_prompt=str(adapter) if adapter else None, seed=seed,
                             batch_size=study.settings.batch_size, max_new_tokens=study.settings.max_new_tokens, **knn)
-    engine = Engine.load(config, lm=lm, embedder=study.embedder, index=study.index)
+    engine = Engine.load(config, lm=lm, embedder=study.embedder, index=index or study.index)
     res = evaluate(engine, study.test, progress=study.settings.progress)
     run = {"method": method, "seed": seed, "k": k, "demos": spec.demos.value, "fingerprint": fingerprint,
            **{key: v for key, v in res.items() if key != "predictions"}}
@@ -702,13 +752,18 @@ def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run:
             continue
         spec, t0 = _SPECS[m], time.perf_counter()
         runs[m.value], trained[m.value] = [], []
-        anchors = _anchors(study) if spec.anchor_weight else None
+        index, extra = None, {}
+        if spec.relabel:
+            index, anchors = _relabelled(study, teacher, anchors=bool(spec.anchor_weight))
+            extra = {"labelled_by": teacher[1]}
+        else:
+            anchors = _anchors(study) if spec.anchor_weight else None
         for seed in range(seeds) if spec.seeded else [0]:
             adapter, info = _adapter(study, spec.adapter, spec, seed, teacher) if spec.train else (None, None)
             if info:
                 trained[m.value].append(info)
-            runs[m.value].append(_evaluate(study, m.value, spec, seed, lm=study.lm, adapter=adapter,
-                                           extra={"adapter": info["settings"] if info else None}, anchors=anchors))
+            runs[m.value].append(_evaluate(study, m.value, spec, seed, lm=study.lm, adapter=adapter, anchors=anchors,
+                                           extra={"adapter": info["settings"] if info else None, **extra}, index=index))
         timings[m.value] = time.perf_counter() - t0
     return runs, trained, timings
 
