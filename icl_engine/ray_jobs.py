@@ -21,6 +21,7 @@ so that every later job reuses their loaded LMs; each shard of texts is one task
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -78,7 +79,15 @@ def init_ray(options: RayOptions):
     ray = require_ray()
     if not ray.is_initialized():
         local = None if options.address else max(os.cpu_count() or 1, int(options.workers * options.cpus_per_worker) + 1)
-        ray.init(address=options.address, num_cpus=local, include_dashboard=False, log_to_driver=False)
+        # Ray's own INFO/WARNING lines (its start-up line, the token-authentication notice) would
+        # come before a one-line `error:`; its errors still reach the user as exceptions
+        ray.init(address=options.address, num_cpus=local, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
+    # Ray Data logs each execution's plan (and a failed read's traceback) to the console; its
+    # session log file keeps them, the terminal shows our progress lines and one `error:` line
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.CRITICAL)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # rows come back in file order
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own lines, not Ray's bars
     return ray
@@ -171,9 +180,17 @@ def read_and_embed(source: str, *, embedder: str, options: RayOptions, text_fiel
     ray = init_ray(options)
     close_engine_pools()  # idle engine actors would hold CPUs the embedding pool and its reads need
     ds = _read(ray, source, options)
-    tf, _ = pick_fields(ds.columns(), text_field, label_field, source)  # the loader checks them again
+    try:
+        tf, _ = pick_fields(ds.columns(), text_field, label_field, source)  # the loader checks them again
+        taken = _embed(ds, embedder, tf, options).take_all()
+    except ray.exceptions.RayTaskError as e:  # the file itself could not be parsed (bad JSON, ragged CSV)
+        cause = user_error(e)
+        if cause is e or "::Read" not in str(e).split("\n", 1)[0]:  # e.g. "ray::ReadPandasJSON->SplitBlocks(8)()"
+            raise cause from None
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{source}: Ray Data could not read it ({first}); the plain build names the bad line") from None
     rows, by_text = [], {}
-    for row in _embed(ds, embedder, tf, options).take_all():
+    for row in taken:
         vector = row.pop(VECTOR)
         row = {k: plain(v) for k, v in row.items()}
         rows.append(row)

@@ -77,6 +77,10 @@ def test_ray_build_reports_data_errors_as_the_loader_does(ray_session, tmp_path)
     with pytest.raises(DataError) as ray:
         api.build_index(str(bad), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix", ray=RayOptions(**SMALL))
     assert str(ray.value) == str(plain.value).replace(str(bad), str(bad.resolve())) or str(ray.value) == str(plain.value)
+    torn = tmp_path / "torn.jsonl"  # a line Ray Data's JSON reader cannot parse: one DataError line
+    torn.write_text(json.dumps({"text": "fine", "label": "a"}) + '\n{"text": "cut\n')
+    with pytest.raises(DataError, match=r"torn.jsonl: Ray Data could not read it \(.+\); the plain build names"):
+        api.build_index(str(torn), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix", ray=RayOptions(**SMALL))
     with pytest.raises(DataError, match="--ray reads .jsonl, .csv, .tsv and .parquet"):
         api.build_index(str(tmp_path / "d.txt"), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix",
                         ray=RayOptions(**SMALL))
