@@ -10,6 +10,7 @@
 #   bash benchmarks/approximation.sh rt compare
 #   METHODS='knn_prompting knn_prompting_icl finetuned' SEEDS=3 bash benchmarks/approximation.sh snips compare
 #   bash benchmarks/approximation.sh e2e reference      # E2E NLG, split by distinct input (generation)
+#   K=4 bash benchmarks/approximation.sh snips compare  # k = 4 demonstrations, into compare/snips_k4
 #
 # One torch thread per job (two jobs at most on the 2-core machine); float32 everywhere, so every
 # row of a report has the same precision. RUNS (default ../runs/approximation) holds the indexes,
@@ -75,9 +76,10 @@ case $stage in
     default="zero knn knn_prompting knn_prompting_icl ipt ipt_distill knn_distill knn_prompting_distill knn_prompting_icl_distill finetuned"
     [ "$task" = e2e ] && default="zero knn prompt_tuning ipt ipt_random ipt_distill finetuned"  # Sun et al.'s checks
     read -ra methods <<< "${METHODS:-$default}"
+    k=${K:-8}; suffix=$([ "$k" = 8 ] && echo "" || echo "_k$k")  # K=4: a second report in compare/<task>_k4
     margs=(); for m in "${methods[@]}"; do margs+=(--methods "$m"); done
     time "$icl" compare "$task" --test "$test" --test-limit "$limit" --reference "$ref" \
-      --out "$runs/compare/$task" --k 8 --anchor-k 8 --seeds "$seeds" --threads 1 --eval-every 25 --steps "${STEPS:-300}" \
+      --out "$runs/compare/$task$suffix" --k "$k" --anchor-k 8 --seeds "$seeds" --threads 1 --eval-every 25 --steps "${STEPS:-300}" \
       "${margs[@]}" --indexes-dir "$runs/indexes" 2>&1 | tee -a "$runs/logs/compare-$task.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
