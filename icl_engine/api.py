@@ -25,6 +25,7 @@ from .index import (ExampleIndex, IndexConfig, IndexType, check_writable, delete
                     list_indexes, update_index)
 from .knn_prompt import AnchorConfig
 from .knn_prompt import build_anchors as make_anchors
+from .readout import AnchorReadout, fit_readout
 from .lm import DEFAULT_LM, load_lm
 from .pipeline import Engine, PipelineConfig
 from .progress import Progress
@@ -316,11 +317,13 @@ def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None)
 
 
 def build_anchors(name: str, *, out: Path, per_label: int = 1, support: int = 1024, seed: int = 0,
-                  batch_size: int = 16, force: bool = False, lm: str = DEFAULT_LM, template: Path | None = None,
-                  indexes_dir: Path | None = None) -> dict:
+                  batch_size: int = 16, force: bool = False, readout: str = "knn", lm: str = DEFAULT_LM,
+                  template: Path | None = None, indexes_dir: Path | None = None) -> dict:
     """kNN prompting's anchors for an index: the LM's next-token distribution for every record
     after a fixed context (knn_prompt.py), saved to `out` with the index version, LM and
-    template they belong to. An existing anchors folder is replaced only with `force`."""
+    template they belong to; with readout "linear" also a linear readout fitted over them
+    (readout.py). An existing anchors folder is replaced only with `force`."""
+    readout = AnchorReadout(readout)
     check_out_dir(out)
     if Path(out).is_dir() and any(Path(out).iterdir()) and not (force and (Path(out) / "manifest.json").is_file()):
         raise ValueError(f"{out} is not empty: anchors go to a new or empty folder"
@@ -331,7 +334,12 @@ def build_anchors(name: str, *, out: Path, per_label: int = 1, support: int = 10
         anchors = make_anchors(model, builder, index, config, index_version=index_version(index_path(name, indexes_dir)),
                                progress=lambda done, _: bar.update(done - bar.done))
     anchors.save(out, replace=force)
-    return {"out": str(out), **{k: v for k, v in anchors.manifest.items() if k not in ("template", "ids")}}
+    info = {"out": str(out), **{k: v for k, v in anchors.manifest.items() if k not in ("template", "ids")}}
+    if readout is AnchorReadout.LINEAR:
+        fitted = fit_readout(anchors)
+        fitted.save(out)
+        info["readout"] = {k: v for k, v in fitted.info.items() if k != "anchors_key"}
+    return info
 
 
 def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | None = None, steps: int | None = None,

@@ -25,6 +25,7 @@ from .index import IndexType, StaleWarning
 from .lm import DType
 from .progress import set_log_file
 from .score import Calibration
+from .readout import AnchorReadout
 from .select import SelectionMethod
 from .studies.bounds import format_theory_table
 
@@ -266,7 +267,7 @@ _FLAG_FIELDS = {
     "calibration": ("calibration", "calibrate"), "template": ("template",), "soft_prompt": ("soft_prompt",),
     "seed": ("seed",), "batch_size": ("batch_size",), "trust_remote_code": ("trust_remote_code",),
     "max_new_tokens": ("max_new_tokens",), "dtype": ("dtype",), "anchors": ("anchors",), "anchor_k": ("anchor_k",),
-    "anchor_weight": ("anchor_weight",),
+    "anchor_weight": ("anchor_weight",), "anchor_readout": ("anchor_readout",),
 }
 
 
@@ -279,14 +280,14 @@ def _given(ctx: typer.Context, param: str) -> bool:
 
 def _config(ctx: typer.Context, config_file: Optional[Path], name, indexes_dir, lm, k, budget, method, calibration,
             template, soft_prompt, seed, batch_size, trust_remote_code, max_new_tokens=64, dtype=None,
-            anchors=None, anchor_k=8, anchor_weight=1.0) -> PipelineConfig:
+            anchors=None, anchor_k=8, anchor_weight=1.0, anchor_readout=AnchorReadout.KNN) -> PipelineConfig:
     """The pipeline config of a query command. Precedence: NAME and the options given on the
     command line (or by their environment variable) > the --config file > the options' defaults."""
     cli = api.make_config(name, indexes_dir=indexes_dir, lm=lm, k=k, budget=budget, method=method,
                           calibration=calibration, template=template, soft_prompt=soft_prompt, seed=seed,
                           batch_size=batch_size, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens,
                           dtype=dtype.value if dtype else None, anchors=str(anchors) if anchors else None,
-                          anchor_k=anchor_k, anchor_weight=anchor_weight)
+                          anchor_k=anchor_k, anchor_weight=anchor_weight, anchor_readout=anchor_readout)
     if config_file is None:
         return cli
     merged, flags = PipelineConfig.load(config_file).to_dict(), cli.to_dict()
@@ -312,6 +313,8 @@ _ANCHORS = typer.Option(None, "--anchors", help="kNN prompting: an anchors folde
 _ANCHOR_K = typer.Option(8, "--anchor-k", min=1, help="kNN prompting: anchors that vote.")
 _ANCHOR_W = typer.Option(1.0, "--anchor-weight", min=0.0, max=1.0, help="kNN prompting's share of the label "
                          "probabilities (1: anchors alone; below 1: mixed with the demonstrations' scores).")
+_ANCHOR_R = typer.Option(AnchorReadout.KNN, "--anchor-readout", help="kNN prompting: knn (the nearest anchors "
+                         "vote) | linear (the readout fitted with `icl anchors build --readout linear`).")
 _DTYPE = typer.Option(None, "--dtype", help="LM weights' dtype (default: exact float32 on CPU). bfloat16 is "
                       "faster on CPUs with AMX but changes the scores slightly.")
 
@@ -336,6 +339,7 @@ def classify(
     anchors: Optional[Path] = _ANCHORS,
     anchor_k: int = _ANCHOR_K,
     anchor_weight: float = _ANCHOR_W,
+    anchor_readout: AnchorReadout = _ANCHOR_R,
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
 ):
@@ -343,7 +347,8 @@ def classify(
     if calibrate and calibration is Calibration.NONE:
         calibration = Calibration.CONTEXTUAL
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
-                  1, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k, anchor_weight=anchor_weight)
+                  1, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k, anchor_weight=anchor_weight,
+                  anchor_readout=anchor_readout)
     result = api.classify(cfg, text)
     _print_json(result) if as_json else typer.echo(format_prediction(result))
 
@@ -400,6 +405,7 @@ def eval_cmd(
     anchors: Optional[Path] = _ANCHORS,
     anchor_k: int = _ANCHOR_K,
     anchor_weight: float = _ANCHOR_W,
+    anchor_readout: AnchorReadout = _ANCHOR_R,
     config_file: Optional[Path] = _CONFIG,
     as_json: bool = AsJson,
     predictions: bool = typer.Option(False, "--predictions", help="Include per-example predictions in --json."),
@@ -416,7 +422,7 @@ def eval_cmd(
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
                   batch_size, trust_remote_code, max_new_tokens, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
-                  anchor_weight=anchor_weight)
+                  anchor_weight=anchor_weight, anchor_readout=anchor_readout)
     result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field,
                                ray=api.ray_options(ray, address=address, workers=workers))
     if not predictions:
@@ -451,6 +457,7 @@ def classify_file_cmd(
     anchors: Optional[Path] = _ANCHORS,
     anchor_k: int = _ANCHOR_K,
     anchor_weight: float = _ANCHOR_W,
+    anchor_readout: AnchorReadout = _ANCHOR_R,
     config_file: Optional[Path] = _CONFIG,
     log: Optional[Path] = LogFile,
     as_json: bool = AsJson,
@@ -460,7 +467,7 @@ def classify_file_cmd(
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
                   batch_size, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
-                  anchor_weight=anchor_weight)
+                  anchor_weight=anchor_weight, anchor_readout=anchor_readout)
     result = api.classify_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
                                ray=api.ray_options(ray, address=address, workers=workers))
     _print_json(result) if as_json else typer.echo(
@@ -580,6 +587,8 @@ def anchors_build(
     seed: int = _SEED,
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     force: bool = typer.Option(False, "--force", help="Replace anchors already in OUT."),
+    readout: AnchorReadout = typer.Option(AnchorReadout.KNN, "--readout", help="linear: also fit a linear readout "
+                                          "over the anchors (for --anchor-readout linear); knn: the vote only."),
     lm: str = _LM,
     template: Optional[Path] = _TEMPLATE,
     indexes_dir: Optional[Path] = IndexesDir,
@@ -587,7 +596,7 @@ def anchors_build(
     """kNN prompting: the LM's next-token distribution for every record of the index after a
     fixed short context, for `classify/eval --anchors OUT`."""
     _print_json(api.build_anchors(name, out=out, per_label=per_label, support=support, seed=seed,
-                                  batch_size=batch_size, force=force, lm=lm, template=template,
+                                  batch_size=batch_size, force=force, readout=readout, lm=lm, template=template,
                                   indexes_dir=indexes_dir))
 
 

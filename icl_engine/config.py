@@ -17,6 +17,7 @@ from pathlib import Path
 from .atomic import read_json, write_json
 from .lm import DEFAULT_LM, DType
 from .prompt import Template
+from .readout import AnchorReadout
 from .score import Calibration
 from .select import DemoOrder, SelectionMethod
 
@@ -53,11 +54,19 @@ class PipelineConfig:
     anchors: str | None = None
     anchor_k: int = 8
     anchor_weight: float = 1.0
+    # "knn": the anchors' vote (Xu et al.); "linear": the linear readout fitted over the same
+    # features and stored with the anchors (readout.py; `icl anchors build --readout linear`)
+    anchor_readout: AnchorReadout = AnchorReadout.KNN
 
     def __post_init__(self):
         self.method = SelectionMethod(self.method)
         self.calibration = Calibration(self.calibration)
         self.order = DemoOrder(self.order)
+        try:
+            self.anchor_readout = AnchorReadout(self.anchor_readout)
+        except ValueError:
+            raise ValueError(f"anchor_readout must be one of {[r.value for r in AnchorReadout]}, "
+                             f"got {self.anchor_readout!r}") from None
         if isinstance(self.template, dict):
             self.template = Template(**self.template)
         if self.k < 0:
@@ -79,6 +88,7 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["method"], d["calibration"], d["order"] = self.method.value, self.calibration.value, self.order.value
+        d["anchor_readout"] = self.anchor_readout.value
         return d
 
     def key(self) -> str:

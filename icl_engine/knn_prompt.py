@@ -149,8 +149,9 @@ class KnnPrompter:
     costs one short forward over its own tokens, then a [q, S] x [S, N] product."""
 
     def __init__(self, lm: LMBackend, builder: PromptBuilder, anchors: Anchors, index: ExampleIndex, *,
-                 batch_size: int = 16):
+                 batch_size: int = 16, readout=None):
         self.lm, self.builder, self.anchors, self.batch_size = lm, builder, anchors, batch_size
+        self.readout = readout  # readout.LinearReadout: label shares from a fitted linear map, not the vote
         by_id = {r.id: r for r in index.records}
         self.context = [by_id[i] for i in anchors.context_ids]
         self.prefix, self.cut = _context_prefix(lm, builder, self.context)
@@ -171,18 +172,23 @@ class KnnPrompter:
 
     def predict(self, queries: Sequence[str], k: int, *, detail: bool = False):
         """Label shares among the k nearest anchors [q, L] (ties between labels go to the
-        nearest anchor's label, by a tiny bonus) and those anchors' rows [q, k]; with `detail`
+        nearest anchor's label, by a tiny bonus; with a readout, its probabilities instead) and
+        those anchors' rows [q, k]; with `detail`
         also their KL distances [q, k] and the tokens the LM read per query (context + query).
         Anchors are rows of the index, in index order."""
         if not 1 <= k <= len(self.anchors.ids):
             raise AnchorError(f"k must be between 1 and the {len(self.anchors.ids)} anchors, got {k}")
         ids = self.query_ids(queries)
-        d = kl_to_anchors(self.anchor_p, self.anchor_neg_entropy, self.query_logp(queries, ids))  # [q, N]
-        nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # [q, k]
-        votes = np.zeros((len(queries), len(self.anchors.label_names)))
-        for j in range(k):  # weights 1 + eps/(rank+1): a tie goes to the label of the nearer anchors
-            votes[np.arange(len(queries)), self.anchors.labels[nearest[:, j]]] += 1.0 + 1e-6 / (j + 1)
-        shares = votes / votes.sum(1, keepdims=True)
+        q_logp = self.query_logp(queries, ids)  # [q, S+1]
+        d = kl_to_anchors(self.anchor_p, self.anchor_neg_entropy, q_logp)  # [q, N]
+        nearest = np.argsort(d, axis=1, kind="stable")[:, :k]  # [q, k]: shown with a readout too
+        if self.readout is not None:
+            shares = self.readout.predict(q_logp)  # [q, L]
+        else:
+            votes = np.zeros((len(queries), len(self.anchors.label_names)))
+            for j in range(k):  # weights 1 + eps/(rank+1): a tie goes to the label of the nearer anchors
+                votes[np.arange(len(queries)), self.anchors.labels[nearest[:, j]]] += 1.0 + 1e-6 / (j + 1)
+            shares = votes / votes.sum(1, keepdims=True)
         if detail:
             return shares, nearest, np.take_along_axis(d, nearest, axis=1), [self.cut + len(i) for i in ids]
         return shares, nearest

@@ -21,6 +21,7 @@ from .generate import generate, generate_stream
 from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
 from .prompt import Prompt, PromptBuilder, Template
+from .readout import AnchorReadout, LinearReadout
 from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
 from .select import Selection, SelectionMethod, select_many
 
@@ -94,14 +95,17 @@ class Engine:
         parts = resolve(config, lm=lm, embedder=embedder, index=index)
         engine = cls.from_parts(config, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
         if config.anchors:
-            engine.use_anchors(Anchors.load(config.anchors, lm=parts.lm, builder=engine.builder, index=parts.index,
-                                            index_version=index_version(parts.folder) if index is None else None))
+            anchors = Anchors.load(config.anchors, lm=parts.lm, builder=engine.builder, index=parts.index,
+                                   index_version=index_version(parts.folder) if index is None else None)
+            readout = LinearReadout.load(config.anchors, anchors) if config.anchor_readout is AnchorReadout.LINEAR else None
+            engine.use_anchors(anchors, readout)
         return engine
 
-    def use_anchors(self, anchors: Anchors) -> None:
+    def use_anchors(self, anchors: Anchors, readout: LinearReadout | None = None) -> None:
         """Label by kNN prompting (alone, or mixed with the demonstrations' label probabilities
-        as config.anchor_weight says)."""
-        self.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, batch_size=self.config.batch_size)
+        as config.anchor_weight says); with `readout`, its probabilities replace the vote."""
+        self.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, batch_size=self.config.batch_size,
+                               readout=readout)
 
     @classmethod
     def from_parts(cls, config: PipelineConfig, index: ExampleIndex, embedder: Embedder, lm: LM,

@@ -83,8 +83,9 @@ def test_report_has_every_row_and_column(workspace, report):
                     "queries_per_s", "wall_seconds", "this_run_seconds"):
             assert col in r, (name, col)
         assert {"mean", "std", "per_seed"} <= set(r["accuracy"])
-        seeded = name not in ("zero", "knn", "finetuned", "knn_prompting", "knn_prompting_icl", "knn_distill",
-                              "knn_prompting_distill", "knn_prompting_icl_distill")
+        seeded = name not in ("zero", "knn", "finetuned", "knn_prompting", "knn_prompting_icl", "knn_prompting_linear",
+                              "knn_distill", "knn_prompting_distill", "knn_prompting_icl_distill",
+                              "knn_prompting_linear_distill")
         assert len(r["seeds"]) == (SEEDS if seeded else 1), name
         assert (r["accuracy"]["std"] is not None) == seeded, name
         assert 0.0 <= r["agreement"]["mean"] <= 1.0 and 0.0 <= r["tv"]["mean"] <= 1.0
@@ -135,6 +136,10 @@ def test_relabelled_rows_read_the_references_labels(workspace, report, tmp_path)
     assert runs["knn_prompting"] == [r.output for r in pool.records]
     assert runs["knn_prompting_distill"] == runs["finetuned"] == [teacher[r.id] for r in pool.records]
     assert (tmp_path / "out" / "anchors-distill" / "anchors.safetensors").is_file()
+    # the linear readouts: one per anchors folder, fitted to the labels that folder's anchors carry
+    for folder, source in (("anchors", "gold"), ("anchors-distill", "reference")):
+        info = json.loads((root / "report" / folder / "readout.json").read_text())
+        assert info["label_source"] == source and info["n"] == len(ROWS)
 
 
 def test_per_example_runs_recompute_agreement_and_tv(report):

@@ -20,10 +20,14 @@ predictions on it:
     knn_prompting   (classification) Xu et al. 2023: the label shares of the query's KL-nearest
                     anchors (the LM's next-token distribution for every index record)
     knn_prompting_icl  (classification) the mean of kNN prompting's and kNN-k ICL's distributions
-    knn_distill / knn_prompting_distill / knn_prompting_icl_distill  (classification, not run by
+    knn_prompting_linear  (classification) the same anchors read by a linear readout fitted to
+                    their gold labels (readout.py: (S+1) x L weights, the LM frozen)
+    knn_distill / knn_prompting_distill / knn_prompting_icl_distill / knn_prompting_linear_distill
+                    (classification, not run by
                     default: the reference first labels every index record, ~40 min for 11,752
                     reviews on one CPU thread) kNN-k, kNN prompting and their mean over the pool
-                    relabelled by the reference: the frozen LM reads the reference's labels
+                    relabelled by the reference (the readout fitted to its labels): the frozen LM
+                    reads the reference's labels
     finetuned       the reference (finetune.py), zero-shot prompts; trained into `reference` once
 
 Soft prompts are trained once per seed on the same training pool as the reference, into
@@ -63,6 +67,7 @@ from ..embed import Embedder, get_embedder
 from ..evaluate import evaluate
 from ..index import ExampleIndex, index_path
 from ..knn_prompt import AnchorConfig, AnchorError, Anchors, build_anchors, index_fingerprint
+from ..readout import LinearReadout, fit_readout
 from ..lm import DEFAULT_LM, LM, load_lm
 from ..metrics import rouge_l_pair
 from ..pipeline import Engine, PipelineConfig
@@ -152,9 +157,11 @@ class CompareMethod(str, Enum):
     PROMPT_TUNING_DISTILL = "prompt_tuning_distill"
     KNN_PROMPTING = "knn_prompting"
     KNN_PROMPTING_ICL = "knn_prompting_icl"
+    KNN_PROMPTING_LINEAR = "knn_prompting_linear"
     KNN_DISTILL = "knn_distill"
     KNN_PROMPTING_DISTILL = "knn_prompting_distill"
     KNN_PROMPTING_ICL_DISTILL = "knn_prompting_icl_distill"
+    KNN_PROMPTING_LINEAR_DISTILL = "knn_prompting_linear_distill"
     FINETUNED = "finetuned"
 
 
@@ -169,6 +176,7 @@ class _Spec:
     distill: bool = False  # the soft prompt learns the reference's label distribution (train/distill.py)
     anchor_weight: float | None = None  # kNN prompting's share of the label probabilities (knn_prompt.py)
     relabel: bool = False  # demonstrations and anchors carry the reference's labels, not the gold ones
+    readout: bool = False  # the anchors are read by a fitted linear readout instead of their vote (readout.py)
 
 
 _Z, _R, _K = SelectionMethod.ZERO, SelectionMethod.RANDOM, SelectionMethod.KNN
@@ -191,18 +199,24 @@ _SPECS = {
                                                distill=True),
     CompareMethod.KNN_PROMPTING: _Spec("kNN prompting (Xu et al. 2023)", _Z, anchor_weight=1.0),
     CompareMethod.KNN_PROMPTING_ICL: _Spec("kNN prompting + kNN-k ICL (mean of the two)", _K, anchor_weight=0.5),
+    CompareMethod.KNN_PROMPTING_LINEAR: _Spec("kNN prompting's anchors, linear readout", _Z, anchor_weight=1.0,
+                                              readout=True),
     CompareMethod.KNN_DISTILL: _Spec("kNN-k, demos labelled by the reference", _K, relabel=True),
     CompareMethod.KNN_PROMPTING_DISTILL: _Spec("kNN prompting, anchors labelled by the reference", _Z,
                                                anchor_weight=1.0, relabel=True),
     CompareMethod.KNN_PROMPTING_ICL_DISTILL: _Spec("kNN prompting + kNN-k ICL, labelled by the reference", _K,
                                                    anchor_weight=0.5, relabel=True),
+    CompareMethod.KNN_PROMPTING_LINEAR_DISTILL: _Spec("kNN prompting's anchors, linear readout fitted to the "
+                                                      "reference's labels", _Z, anchor_weight=1.0, relabel=True,
+                                                      readout=True),
     CompareMethod.FINETUNED: _Spec("fine-tuned reference", _Z),
 }
 RELABELLED = tuple(m for m, spec in _SPECS.items() if spec.relabel)  # the reference labels the whole index first
 DEFAULT_METHODS = tuple(m for m in CompareMethod if m not in (CompareMethod.PROMPT_TUNING_KNN,
                                                                CompareMethod.PROMPT_TUNING_DISTILL, *RELABELLED))
 # vote over label distributions, or relabel the pool with the reference's labels: classification only
-LABELS_ONLY = (CompareMethod.KNN_PROMPTING, CompareMethod.KNN_PROMPTING_ICL, *RELABELLED)
+LABELS_ONLY = (CompareMethod.KNN_PROMPTING, CompareMethod.KNN_PROMPTING_ICL, CompareMethod.KNN_PROMPTING_LINEAR,
+               *RELABELLED)
 FROZEN = tuple(m.value for m in CompareMethod if m is not CompareMethod.FINETUNED)  # candidates for the goal
 
 
@@ -428,6 +442,17 @@ def _relabelled(study: Study, teacher: tuple[LM, dict], anchors: bool) -> tuple[
     return index, folder
 
 
+def _readout(study: Study, folder: Path, index: ExampleIndex, source: str) -> dict:
+    """A linear readout beside the anchors in `folder`, fitted to their labels (`source`: gold
+    or the reference's) unless one for these anchors is there -> its info."""
+    anchors = Anchors.load(folder, lm=study.lm, builder=study.builder, index=index)
+    try:
+        return LinearReadout.load(folder, anchors).info
+    except AnchorError:
+        fit_readout(anchors, label_source=source).save(folder)
+        return LinearReadout.load(folder, anchors).info  # as a later run reads it (with its checksum)
+
+
 def _reference(study: Study, reference: Path, config: FinetuneConfig) -> tuple[LM, dict]:
     """The fine-tuned reference: trained into `reference` unless a model is already there."""
     notes, trained = [], False
@@ -474,8 +499,8 @@ def _evaluate(study: Study, method: str, spec: _Spec, seed: int, *, lm: LM, adap
         cached = json.loads(path.read_text())
         if cached.get("fingerprint") == fingerprint:
             return {**cached, "reused": True}
-    knn = {"anchors": str(anchors), "anchor_k": study.settings.anchor_k,
-           "anchor_weight": spec.anchor_weight} if spec.anchor_weight else {}
+    knn = {"anchors": str(anchors), "anchor_k": study.settings.anchor_k, "anchor_weight": spec.anchor_weight,
+           "anchor_readout": "linear" if spec.readout else "knn"} if spec.anchor_weight else {}
     config = PipelineConfig(index=study.index_ref, lm=lm.name, template=study.template,
                             method=spec.demos, k=k, soft_prompt=str(adapter) if adapter else None, seed=seed,
                             batch_size=study.settings.batch_size, max_new_tokens=study.settings.max_new_tokens, **knn)
@@ -758,6 +783,9 @@ def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run:
             extra = {"labelled_by": teacher[1]}
         else:
             anchors = _anchors(study) if spec.anchor_weight else None
+        if spec.readout:
+            info = _readout(study, anchors, index or study.index, "reference" if spec.relabel else "gold")
+            extra["readout"] = {k: v for k, v in info.items() if k != "anchors_key"}
         for seed in range(seeds) if spec.seeded else [0]:
             adapter, info = _adapter(study, spec.adapter, spec, seed, teacher) if spec.train else (None, None)
             if info:
