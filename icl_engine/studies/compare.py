@@ -172,7 +172,7 @@ class _Spec:
     train: SoftPromptMethod | None = None  # a soft prompt trained per seed
     train_demos: SelectionMethod | None = None  # IPT: the demonstrations it is trained with
     adapter: str | None = None  # whose adapters it evaluates (prompt_tuning_knn: prompt_tuning's)
-    seeded: bool = False  # one run per seed (training seed, and the random draw of demos)
+    seeded: bool = False  # one run per seed (training seed, the random draw of demos, the anchors' context)
     distill: bool = False  # the soft prompt learns the reference's label distribution (train/distill.py)
     anchor_weight: float | None = None  # kNN prompting's share of the label probabilities (knn_prompt.py)
     relabel: bool = False  # demonstrations and anchors carry the reference's labels, not the gold ones
@@ -197,18 +197,19 @@ _SPECS = {
     CompareMethod.PROMPT_TUNING_DISTILL: _Spec("prompt tuning distilled from the reference", _Z,
                                                SoftPromptMethod.PROMPT_TUNING, None, "prompt_tuning_distill", True,
                                                distill=True),
-    CompareMethod.KNN_PROMPTING: _Spec("kNN prompting (Xu et al. 2023)", _Z, anchor_weight=1.0),
-    CompareMethod.KNN_PROMPTING_ICL: _Spec("kNN prompting + kNN-k ICL (mean of the two)", _K, anchor_weight=0.5),
-    CompareMethod.KNN_PROMPTING_LINEAR: _Spec("kNN prompting's anchors, linear readout", _Z, anchor_weight=1.0,
-                                              readout=True),
+    CompareMethod.KNN_PROMPTING: _Spec("kNN prompting (Xu et al. 2023)", _Z, seeded=True, anchor_weight=1.0),
+    CompareMethod.KNN_PROMPTING_ICL: _Spec("kNN prompting + kNN-k ICL (mean of the two)", _K, seeded=True,
+                                             anchor_weight=0.5),
+    CompareMethod.KNN_PROMPTING_LINEAR: _Spec("kNN prompting's anchors, linear readout", _Z, seeded=True,
+                                              anchor_weight=1.0, readout=True),
     CompareMethod.KNN_DISTILL: _Spec("kNN-k, demos labelled by the reference", _K, relabel=True),
     CompareMethod.KNN_PROMPTING_DISTILL: _Spec("kNN prompting, anchors labelled by the reference", _Z,
-                                               anchor_weight=1.0, relabel=True),
+                                               seeded=True, anchor_weight=1.0, relabel=True),
     CompareMethod.KNN_PROMPTING_ICL_DISTILL: _Spec("kNN prompting + kNN-k ICL, labelled by the reference", _K,
-                                                   anchor_weight=0.5, relabel=True),
+                                                   seeded=True, anchor_weight=0.5, relabel=True),
     CompareMethod.KNN_PROMPTING_LINEAR_DISTILL: _Spec("kNN prompting's anchors, linear readout fitted to the "
-                                                      "reference's labels", _Z, anchor_weight=1.0, relabel=True,
-                                                      readout=True),
+                                                      "reference's labels", _Z, seeded=True, anchor_weight=1.0,
+                                                      relabel=True, readout=True),
     CompareMethod.FINETUNED: _Spec("fine-tuned reference", _Z),
 }
 RELABELLED = tuple(m for m, spec in _SPECS.items() if spec.relabel)  # the reference labels the whole index first
@@ -395,24 +396,29 @@ def _adapter(study: Study, method: str, spec: _Spec, seed: int, teacher: tuple[L
     return folder, {**jsonable(info), "reused": False}
 
 
-def _anchors(study: Study) -> Path:
-    """out/anchors: kNN prompting's anchors over the whole index, built once (they are refused
-    at load, and rebuilt here, when the LM, template or index changed)."""
-    folder = study.out / "anchors"
+def _anchor_config(study: Study, seed: int) -> AnchorConfig:
+    """Seed s draws the anchors' context demonstrations (and support sample) with seed base + s."""
+    return replace(study.settings.anchors, seed=study.settings.anchors.seed + seed)
+
+
+def _anchors(study: Study, seed: int = 0) -> Path:
+    """out/anchors (seed s > 0: out/anchors-seed<s>): kNN prompting's anchors over the whole
+    index, built once (they are refused at load, and rebuilt here, when the LM, template or
+    index changed)."""
+    folder = study.out / ("anchors" if seed == 0 else f"anchors-seed{seed}")
     try:
         Anchors.load(folder, lm=study.lm, builder=study.builder, index=study.index)
         return folder
     except AnchorError:
         pass
-    anchors = build_anchors(study.lm, study.builder, study.index, study.settings.anchors)
+    anchors = build_anchors(study.lm, study.builder, study.index, _anchor_config(study, seed))
     anchors.save(folder, replace=True)
     return folder
 
 
-def _relabelled(study: Study, teacher: tuple[LM, dict], anchors: bool) -> tuple[ExampleIndex, Path | None]:
+def _relabelled_index(study: Study, teacher: tuple[LM, dict]) -> ExampleIndex:
     """The index with every record labelled by the reference (its zero-shot prediction, cached in
-    out/teacher/), same vectors; with `anchors` also kNN prompting's anchors over it, in
-    out/anchors-distill."""
+    out/teacher/), same vectors."""
     key = {"reference": teacher[1], "index_sha256": index_fingerprint(study.index), "labels": list(study.index.labels),
            "template": study.template.to_dict()}
     logp = pool_teacher_logprobs(teacher[0], study.builder, study.index.records, study.out / "teacher" / "logprobs.jsonl",
@@ -421,15 +427,19 @@ def _relabelled(study: Study, teacher: tuple[LM, dict], anchors: bool) -> tuple[
     index = ExampleIndex.from_vectors(relabel(study.index.dataset, logp), study.index.vectors,
                                       study.index.manifest["embedder"], study.index.config)
     index.template = study.index.template
-    if not anchors:
-        return index, None
-    folder = study.out / "anchors-distill"
+    return index
+
+
+def _relabelled_anchors(study: Study, index: ExampleIndex, seed: int) -> Path:
+    """kNN prompting's anchors over the relabelled `index`, in out/anchors-distill (seed s > 0:
+    -seed<s>)."""
+    folder = study.out / ("anchors-distill" if seed == 0 else f"anchors-distill-seed{seed}")
     try:
         Anchors.load(folder, lm=study.lm, builder=study.builder, index=index)
-        return index, folder
+        return folder
     except AnchorError:
         pass
-    gold = Anchors.load(_anchors(study), lm=study.lm, builder=study.builder, index=study.index)
+    gold = Anchors.load(_anchors(study, seed), lm=study.lm, builder=study.builder, index=study.index)
     ref_label = {r.id: r.output for r in index.records}
     if all(ref_label[r.id] == r.output for r in study.index.records if r.id in set(gold.context_ids)):
         # the anchors' context reads the same labels, so every anchor's distribution is unchanged:
@@ -437,9 +447,9 @@ def _relabelled(study: Study, teacher: tuple[LM, dict], anchors: bool) -> tuple[
         relabelled = replace(gold, labels=np.asarray([index.labels.index(r.output) for r in index.records], np.int64),
                              manifest={**gold.manifest, "index_sha256": index_fingerprint(index), "labelled_by": "reference"})
     else:
-        relabelled = build_anchors(study.lm, study.builder, index, study.settings.anchors)
+        relabelled = build_anchors(study.lm, study.builder, index, _anchor_config(study, seed))
     relabelled.save(folder, replace=True)
-    return index, folder
+    return folder
 
 
 def _readout(study: Study, folder: Path, index: ExampleIndex, source: str) -> dict:
@@ -493,7 +503,7 @@ def _evaluate(study: Study, method: str, spec: _Spec, seed: int, *, lm: LM, adap
     k = 0 if spec.demos is SelectionMethod.ZERO else study.settings.k
     fingerprint = _sha({**study.fingerprint, "method": method, "seed": seed, "k": k, "extra": extra,
                         "anchors": {"k": study.settings.anchor_k, "weight": spec.anchor_weight,
-                                    "config": asdict(study.settings.anchors)} if spec.anchor_weight else None,
+                                    "config": asdict(_anchor_config(study, seed))} if spec.anchor_weight else None,
                         "max_new_tokens": study.settings.max_new_tokens if study.test.kind is TaskKind.GENERATION else None})
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -771,6 +781,7 @@ def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run:
     runs: dict[str, list[dict]] = {}
     trained: dict[str, list[dict]] = {}
     timings: dict[str, float] = {}
+    relabelled = None  # the index relabelled by the reference, made once for every *_distill row
     for m in chosen:
         if m is CompareMethod.FINETUNED:
             runs[m.value] = [ref_run]
@@ -779,14 +790,15 @@ def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run:
         runs[m.value], trained[m.value] = [], []
         index, extra = None, {}
         if spec.relabel:
-            index, anchors = _relabelled(study, teacher, anchors=bool(spec.anchor_weight))
+            index = relabelled = relabelled or _relabelled_index(study, teacher)
             extra = {"labelled_by": teacher[1]}
-        else:
-            anchors = _anchors(study) if spec.anchor_weight else None
-        if spec.readout:
-            info = _readout(study, anchors, index or study.index, "reference" if spec.relabel else "gold")
-            extra["readout"] = {k: v for k, v in info.items() if k != "anchors_key"}
         for seed in range(seeds) if spec.seeded else [0]:
+            anchors = None
+            if spec.anchor_weight:  # seed s: anchors whose context is drawn with seed s
+                anchors = _relabelled_anchors(study, index, seed) if spec.relabel else _anchors(study, seed)
+            if spec.readout:
+                info = _readout(study, anchors, index or study.index, "reference" if spec.relabel else "gold")
+                extra["readout"] = {k: v for k, v in info.items() if k != "anchors_key"}
             adapter, info = _adapter(study, spec.adapter, spec, seed, teacher) if spec.train else (None, None)
             if info:
                 trained[m.value].append(info)
