@@ -55,6 +55,7 @@ DATA_FILES = (FAISS_FILE, RECORDS_FILE, VECTORS_FILE)
 TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
 _EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
 _TIE_TOL = 1e-5  # candidates within this of the k-th best fast score are re-scored exactly (flat_topk)
+_SPARE = 8  # flat_topk takes k + _SPARE best fast scores, so the near-ties usually lie among them
 _BLOCK = 1 << 22  # flat_topk scores at most this many (query, row) pairs at once: 16 MB of float32
 
 
@@ -192,8 +193,7 @@ def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndar
         qb = np.ascontiguousarray(queries[a : a + step], dtype=np.float32)  # [b, d]
         with torch.no_grad():
             fast = torch.from_numpy(qb) @ V.T  # [b, n]
-            kth = fast.topk(k, dim=1, sorted=False).values.min(1).values  # [b], the k-th best
-            r, c = torch.nonzero(fast >= (kth - _TIE_TOL)[:, None], as_tuple=True)  # [p] pairs, r ascending
+            r, c = _near_best(fast, k)  # [p] pairs
         r, c = r.numpy(), c.numpy()
         exact = (qb[r] * vectors[c]).sum(1, dtype=np.float32)  # [p] one pair at a time
         order = np.lexsort((c, -exact, r))  # by query, then best score, then lower row
@@ -201,6 +201,29 @@ def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndar
         pick = np.searchsorted(r, np.arange(len(qb)))[:, None] + np.arange(k)  # [b, k]: each has >= k
         out_s[a : a + len(qb)], out_i[a : a + len(qb)] = exact[pick], c[pick]
     return out_s, out_i
+
+
+def _near_best(fast, k: int):
+    """(query, row) pairs whose fast score is within _TIE_TOL of the query's k-th best: torch
+    int64 [p] each. A few more than k are taken with topk; a query whose last one taken is still
+    within the tolerance (many near-ties) scans its whole row instead: the same pairs as a scan
+    of every row, without comparing and compacting the whole [b, n] matrix."""
+    import torch
+
+    b, n = fast.shape
+    top = fast.topk(min(n, k + _SPARE), dim=1, sorted=False)  # values, indices [b, k2]
+    vals = top.values.sort(dim=1, descending=True).values  # [b, k2]
+    floor = vals[:, k - 1] - _TIE_TOL  # [b] the k-th best, less the tolerance
+    # every score outside the top k2 is <= its last: below the floor when that one is
+    inside = (vals[:, -1] < floor) | (vals.shape[1] == n)  # [b]
+    ri, j = torch.nonzero((top.values >= floor[:, None]) & inside[:, None], as_tuple=True)
+    r, c = [ri], [top.indices[ri, j]]
+    if not bool(inside.all()):
+        rest = torch.nonzero(~inside)[:, 0]  # [m] queries scanned row by row
+        ro, co = torch.nonzero(fast[rest] >= floor[rest, None], as_tuple=True)
+        r.append(rest[ro])
+        c.append(co)
+    return torch.cat(r), torch.cat(c)
 
 
 # ----------------------------------------------------------------------------- faiss helpers

@@ -191,6 +191,14 @@ class PromptBuilder:
             self._tail = []
         self._head = [(p, ids) for p, ids in self._head if ids]  # no empty spans
         self._tail = [(p, ids) for p, ids in self._tail if ids]
+        # assemble() starts every prompt from these: the head's ids and spans never change
+        self._head_ids = self.shared_ids()
+        self._head_spans: list[Span] = []
+        for part, ids in self._head:
+            start = self._head_spans[-1].end if self._head_spans else 0
+            self._head_spans.append(Span(part, start, start + len(ids)))
+        self._fixed = sum(len(ids) for _, ids in self._head + self._tail)  # tokens besides demos, query, answer
+        self._max_answer: int | None = None  # max_answer_len, once the labels are tokenized
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -275,7 +283,9 @@ class PromptBuilder:
 
     @property
     def max_answer_len(self) -> int:
-        return max((len(self.label_ids(lab)) for lab in self.labels), default=0)
+        if self._max_answer is None:  # labels and template are fixed: tokenized once
+            self._max_answer = max((len(self.label_ids(lab)) for lab in self.labels), default=0)
+        return self._max_answer
 
     def reserved(self, query: str, n_virtual_tokens: int = 0, answer_tokens: int | None = None, *,
                  query_ids: Sequence[int] | None = None) -> int:
@@ -284,9 +294,8 @@ class PromptBuilder:
         overrides, e.g. max_new_tokens for generation). Demo budget = total - reserved.
         `query_ids`: the query's ids when already tokenized (`query_ids_many`)."""
         answer = self.max_answer_len if answer_tokens is None else answer_tokens
-        fixed = sum(len(ids) for _, ids in self._head + self._tail)
         q = self.query_ids(query) if query_ids is None else query_ids
-        return n_virtual_tokens + fixed + len(q) + answer
+        return n_virtual_tokens + self._fixed + len(q) + answer
 
     # ------------------------------------------------------------------ assembly
 
@@ -297,15 +306,20 @@ class PromptBuilder:
         PromptTooLong if the query alone, or the whole prompt, does not fit. `query_ids`: the
         query's ids when already tokenized (`query_ids_many`)."""
         q = self.query_ids(query) if query_ids is None else list(query_ids)
-        parts: list[tuple[str, list[int], str | None]] = [(p, ids, None) for p, ids in self._head]
+        # head, then (demo, separator)*, then query and tail: one span per piece, no piece list
+        ids, spans, sep = list(self._head_ids), list(self._head_spans), self.sep_ids
+        n = len(ids)
         for r in demos:
-            parts += [("demo", self.demo_ids(r), r.id), ("separator", self.sep_ids, None)]
-        parts += [("query", q, None)] + [(p, ids, None) for p, ids in self._tail]
-        ids: list[int] = []
-        spans: list[Span] = []
-        for part, piece, rid in parts:
-            spans.append(Span(part, len(ids), len(ids) + len(piece), rid))
+            piece = self.demo_ids(r)
+            m = n + len(piece)
+            spans += (Span("demo", n, m, r.id), Span("separator", m, m + len(sep)))
             ids += piece
+            ids += sep
+            n = m + len(sep)
+        for part, piece in (("query", q), *self._tail):
+            spans.append(Span(part, n, n + len(piece)))
+            ids += piece
+            n += len(piece)
         prompt = Prompt(ids, spans)
         if budget is not None:
             answer = self.max_answer_len if answer_tokens is None else answer_tokens

@@ -260,3 +260,48 @@ def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
     q = builder.query_ids("q")
     assert builder.assemble(RECORDS[:2], "q", query_ids=q).ids == builder.assemble(RECORDS[:2], "q").ids
     assert builder.reserved("q", query_ids=q) == builder.reserved("q")
+
+
+def piece_by_piece(builder, demos, query):
+    """The assembly as first written (every piece listed, then joined), from fresh tokenizer
+    calls: what the cached assembly must equal id for id and span for span."""
+    enc = builder.encode
+    t = builder.template
+    shared = builder.shared_ids()
+    alone = builder.assemble([], query)
+    q = enc(t.format_input(query))
+    tail = alone.ids[alone.spans[-1].start:] if alone.spans[-1].part == "suffix" else []
+    parts = [(s.part, alone.ids[s.start:s.end], None) for s in alone.spans if s.end <= len(shared)]
+    for r in demos:
+        parts += [("demo", enc(t.format_input(r.input)) + enc(t.format_output(r.output)), r.id),
+                  ("separator", enc(t.separator), None)]
+    parts += [("query", q, None)] + ([("suffix", tail, None)] if tail else [])
+    ids, spans = [], []
+    for part, piece, rid in parts:
+        spans.append((part, len(ids), len(ids) + len(piece), rid))
+        ids += piece
+    return ids, spans
+
+
+@pytest.mark.parametrize("kind", ["plain", "bos", "chat", "no instruction"])
+def test_cached_assembly_equals_piece_by_piece(kind, tiny_tokenizer, bos_tokenizer, chat_tokenizer):
+    """assemble() reuses cached demo ids and a prebuilt head; on many records, any number of
+    demos and any order, its ids and spans are those of tokenizing every piece afresh."""
+    tok = {"plain": tiny_tokenizer, "bos": bos_tokenizer, "chat": chat_tokenizer,
+           "no instruction": tiny_tokenizer}[kind]
+    template = Template(input_format="Review: {input}\nSentiment:", output_format=" {output}", chat=kind == "chat",
+                        instruction="" if kind == "no instruction" else SENTIMENT.instruction)
+    builder = PromptBuilder(template, tok, labels=LABELS)
+    rng = np.random.default_rng(0)
+    words = "the a movie great dull plot acting wonderful terrible film boring , . ! music".split()
+    records = make_records([(" ".join(rng.choice(words, size=rng.integers(0, 12))), LABELS[i % 2])
+                            for i in range(60)])
+    for i in range(40):
+        demos = [records[j] for j in rng.choice(len(records), size=rng.integers(0, 9), replace=False)]
+        query = " ".join(rng.choice(words, size=rng.integers(0, 10)))
+        got = builder.assemble(demos, query, budget=10_000)
+        ids, spans = piece_by_piece(PromptBuilder(template, tok, labels=LABELS), demos, query)
+        assert got.ids == ids
+        assert [(s.part, s.start, s.end, s.record_id) for s in got.spans] == spans
+        check_spans(got)
+    assert builder.max_answer_len == max(len(builder.label_ids(lab)) for lab in LABELS)
