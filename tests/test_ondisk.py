@@ -150,3 +150,29 @@ def test_cli_classify_same_over_flat_and_ivfpq_disk(tmp_path):
     assert out["flat"] == out["ivfpq_disk"]
     res = runner.invoke(app, ["index", "remove", "ivfpq_disk", "--ids", "x", "--indexes-dir", str(tmp_path / "indexes")])
     assert res.exit_code != 0 and "rebuild it" in res.output
+
+
+def test_console_script_json_stays_clean_after_a_rename(tmp_path):
+    """faiss printf's a line when the on-disk lists are written or re-pointed: never into the JSON
+    on stdout (the installed `icl`, a real process: Typer's runner would not see C's stdout)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    icl = Path(sys.executable).parent / "icl"
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in ROWS) + "\n")
+    env = {**os.environ, "ICL_INDEXES": str(tmp_path / "ix")}
+
+    def run(*args):
+        p = subprocess.run([str(icl), *args, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    assert run("index", "build", "d.jsonl", "--name", "a", "--embedder", "hashing:64",
+               "--index-type", "ivfpq_disk")["index_type"] == "ivfpq_disk"
+    (tmp_path / "ix" / "a").rename(tmp_path / "ix" / "b")
+    run("index", "build", "d.jsonl", "--name", "f", "--embedder", "hashing:64")
+    hits = run("index", "search", "b", "a boring film", "-k", "3")
+    assert len(hits) == 3 and hits == run("index", "search", "f", "a boring film", "-k", "3")  # 24 candidates cover all
