@@ -14,11 +14,12 @@ vectors. `ivfpq_disk` is for pools beyond RAM: its PQ lists (lists.ivfdata) and 
 from `vectors` (an np.memmap: readers use rows only). It is written once: updates are refused.
 
 On disk an index is a folder of versions behind an atomic pointer (store.py): each version
-holds index.faiss, records.jsonl, vectors.npy (ivfpq_disk: lists.ivfdata, vectors.f32), an optional template.json and manifest.json
-(which records the sha256 and size of the others). `save` publishes a new version only when
-asked to replace and only over an index this engine made; `load` verifies every file against
-the manifest and refuses anything off with `IndexFormatError`. Folders written by earlier
-releases (the files directly in the folder) are still read.
+holds index.faiss, records.jsonl, vectors.npy (ivfpq_disk: lists.ivfdata and vectors.f32 instead),
+an optional template.json and manifest.json (which records the sha256 and size of the others).
+`save` publishes a new version only when asked to replace and only over an index this engine
+made; `load` verifies every file against the manifest and refuses anything off with
+`IndexFormatError`. Folders written by earlier releases (the files directly in the folder) are
+still read.
 """
 
 from __future__ import annotations
