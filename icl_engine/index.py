@@ -9,14 +9,17 @@ Vectors are unit norm, so inner product = cosine. An exact (`flat`, default) ind
 searched by `flat_topk` (a torch matmul, then an exact re-score of the near-best rows; ties go to
 the lower row, alone or batched); faiss searches the approximate ones (`ivf`, `hnsw`) and any
 index on GPU. `vectors` stays in memory as well, because MMR selection needs the candidates'
-vectors.
+vectors. `ivfpq_disk` is for pools beyond RAM: its PQ lists (lists.ivfdata) and raw vectors
+(vectors.f32) stay on disk, mmapped; the PQ proposes k*rerank candidates, re-scored exactly
+from `vectors` (an np.memmap: readers use rows only). It is written once: updates are refused.
 
 On disk an index is a folder of versions behind an atomic pointer (store.py): each version
-holds index.faiss, records.jsonl, vectors.npy, an optional template.json and manifest.json
-(which records the sha256 and size of the others). `save` publishes a new version only when
-asked to replace and only over an index this engine made; `load` verifies every file against
-the manifest and refuses anything off with `IndexFormatError`. Folders written by earlier
-releases (the files directly in the folder) are still read.
+holds index.faiss, records.jsonl, vectors.npy (ivfpq_disk: lists.ivfdata and vectors.f32 instead),
+an optional template.json and manifest.json (which records the sha256 and size of the others).
+`save` publishes a new version only when asked to replace and only over an index this engine
+made; `load` verifies every file against the manifest and refuses anything off with
+`IndexFormatError`. Folders written by earlier releases (the files directly in the folder) are
+still read.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import math
 import os
 import re
 import shutil
+import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
@@ -52,6 +57,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE, RECORDS_FILE, VECTORS_FILE = "index.faiss", "records.jsonl", "vectors.npy"
 DATA_FILES = (FAISS_FILE, RECORDS_FILE, VECTORS_FILE)
+LISTS_FILE, RAW_FILE = "lists.ivfdata", "vectors.f32"  # ivfpq_disk: on-disk PQ lists, raw float32 rows [n, d]
+DISK_FILES = (FAISS_FILE, RECORDS_FILE, LISTS_FILE, RAW_FILE)  # an ivfpq_disk version's data files
+_STREAMED = (LISTS_FILE, RAW_FILE)  # checksummed in chunks on load, never read into RAM whole
 TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
 _EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
 _TIE_TOL = 1e-5  # candidates within this of the k-th best fast score are re-scored exactly (flat_topk)
@@ -79,6 +87,7 @@ class IndexType(str, Enum):
     FLAT = "flat"  # exact inner product
     IVF = "ivf"  # inverted lists: k-means cells, search the nprobe nearest cells
     HNSW = "hnsw"  # graph search
+    IVFPQ_DISK = "ivfpq_disk"  # IVF-PQ, lists and raw vectors on disk (mmapped); PQ candidates re-ranked exactly
 
 
 @dataclass
@@ -89,6 +98,9 @@ class IndexConfig:
     hnsw_m: int = 32  # hnsw links per node
     ef_construction: int = 80
     ef_search: int = 64
+    pq_m: int | None = None  # ivfpq_disk: PQ bytes per vector, divides the dim; None: the largest divisor <= dim/8
+    pq_nbits: int | None = None  # ivfpq_disk: bits per PQ code; None: 8 (fewer under 256 records: k-means needs 2^bits)
+    rerank: int = 8  # ivfpq_disk: the PQ proposes k*rerank candidates, re-scored exactly
     use_gpu: bool | None = None  # None: faiss GPU when available
 
     def __post_init__(self):
@@ -99,8 +111,12 @@ class IndexConfig:
             raise ValueError(f"index_type must be one of {choices}, got {self.index_type!r}") from None
         for name, low in (("nprobe", 1), ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
             _check_int(name, getattr(self, name), low)
-        if self.nlist is not None:
-            _check_int("nlist", self.nlist, 1)
+        for name in ("nlist", "pq_m", "pq_nbits"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("rerank", self.rerank, 1)
+        if self.pq_nbits is not None and self.pq_nbits > 16:
+            raise ValueError(f"pq_nbits must be at most 16, got {self.pq_nbits}")
         if self.use_gpu not in (None, True, False):
             raise ValueError(f"use_gpu must be None, True or False, got {self.use_gpu!r}")
 
@@ -248,6 +264,16 @@ def _make_faiss(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, 
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)  # the cells come from the first pool; add() only fills them
         params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist)}
+    elif config.index_type is IndexType.IVFPQ_DISK:
+        nlist = _ivf_nlist(n, config.nlist)
+        m = config.pq_m or max(f for f in range(1, max(1, d // 8) + 1) if d % f == 0)
+        if d % m:
+            raise ValueError(f"pq_m={m} must divide the embedding dimension {d}")
+        nbits = config.pq_nbits or max(1, min(8, int(math.log2(max(n, 2)))))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)  # cells and PQ codebooks; save() moves the filled lists to disk
+        params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist), "pq_m": m, "pq_nbits": nbits,
+                  "rerank": config.rerank}
     else:
         index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.ef_construction
@@ -271,6 +297,10 @@ def _num_gpus() -> int:
 def _to_device(index: faiss.Index, use_gpu: bool | None):
     """(index, gpu resources or None): on GPU when asked for or available, else as is."""
     if use_gpu is False or (use_gpu is None and _num_gpus() == 0):
+        return index, None
+    if isinstance(index, faiss.IndexIVFPQ):  # ivfpq_disk: its lists are on disk, read through mmap
+        if use_gpu:
+            warnings.warn("ivfpq_disk indexes run on CPU (their lists are on disk)")
         return index, None
     if _num_gpus() == 0:
         raise ValueError("use_gpu=True but faiss sees no GPU (install faiss-gpu and a CUDA build)")
@@ -312,6 +342,70 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _sha256_file(path: Path) -> str:
+    """A file's sha256, read in 16 MB chunks (an ivfpq_disk index's files may exceed RAM)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_ondisk(index: faiss.Index, tmp: Path) -> None:
+    """tmp/index.faiss + tmp/lists.ivfdata: `index`'s inverted lists (in RAM after a build, on
+    disk after a load) copied into faiss's on-disk format. The index file records the .ivfdata
+    path, which the version folder's rename makes stale: load opens it with
+    IO_FLAG_ONDISK_SAME_DIR (the .ivfdata beside the index file) instead."""
+    src = faiss.extract_index_ivf(index)
+    filled, own, ntotal = src.invlists, src.own_invlists, index.ntotal
+    empty = faiss.ArrayInvertedLists(src.nlist, src.code_size)
+    src.own_invlists = False  # detach the filled lists for a moment: serialize the cells + codebooks alone
+    src.replace_invlists(empty, True)
+    empty.this.disown()
+    try:
+        out = faiss.deserialize_index(faiss.serialize_index(index))  # trained, empty
+    finally:
+        src.replace_invlists(filled, own)  # frees `empty`
+        index.ntotal = src.ntotal = ntotal
+    dst = faiss.extract_index_ivf(out)
+    lists = faiss.OnDiskInvertedLists(dst.nlist, dst.code_size, str(tmp / LISTS_FILE))
+    sources = faiss.InvertedListsPtrVector()
+    sources.push_back(filled)
+    with _quiet_faiss():
+        out.ntotal = dst.ntotal = lists.merge_from_multiple(sources.data(), 1, False)
+    dst.replace_invlists(lists, True)
+    lists.this.disown()  # owned by `out` now
+    faiss.write_index(out, str(tmp / FAISS_FILE))
+
+
+@contextmanager
+def _quiet_faiss():
+    """faiss's on-disk lists printf a line when they resize or are re-pointed to the same
+    folder; C's stdout is the process's, where `--json` output goes: send it to /dev/null
+    meanwhile (flushing C's buffer before and after, so no line lands later)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def _write_raw(vectors: np.ndarray, path: Path) -> None:
+    """The raw rows [n, d] as float32, 65,536 rows at a time (`vectors` may be a memmap)."""
+    with open(path, "wb") as f:
+        for a in range(0, len(vectors), 1 << 16):
+            f.write(np.ascontiguousarray(vectors[a : a + (1 << 16)], dtype=np.float32).tobytes())
+
+
 # ----------------------------------------------------------------------------- the index
 
 
@@ -321,7 +415,7 @@ class ExampleIndex:
     def __init__(self, records: tuple[Record, ...], kind: TaskKind, labels: tuple[str, ...], vectors: np.ndarray,
                  manifest: dict, config: IndexConfig, faiss_index: faiss.Index, gpu_resources=None):
         self.records, self.kind, self.labels = records, kind, labels
-        self.vectors = vectors  # [n, d] float32, unit norm; row i belongs to records[i]
+        self.vectors = vectors  # [n, d] float32, unit norm; row i belongs to records[i] (ivfpq_disk loaded: np.memmap)
         self.manifest, self.config = manifest, config
         self._faiss, self._gpu_res = faiss_index, gpu_resources
         self.template: dict | None = None  # the default prompt template stored with it (prompt.Template's dict)
@@ -390,11 +484,46 @@ class ExampleIndex:
             return scores, ids
         if self.config.index_type is IndexType.FLAT and self._gpu_res is None:
             s, i = flat_topk(q, self.vectors, kk)
+        elif self.config.index_type is IndexType.IVFPQ_DISK:
+            s, i = self._search_reranked(q, kk)
         else:
             s, i = self._faiss.search(q, kk)
         scores[:, :kk] = np.where(i >= 0, s, -np.inf)
         ids[:, :kk] = i
         return scores, ids
+
+    def _search_reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ivfpq_disk: the PQ's k*rerank best candidates (every row when that many cover the
+        index: then no PQ at all) re-scored exactly against the stored vectors, one row read
+        each from the memmap, and ordered as flat_topk orders: score, then the lower row (the
+        same arithmetic, so covering every row gives flat search's ids and scores). A query
+        whose PQ search found fewer than k gets id -1 in the missing places."""
+        n = len(self.records)
+        c = min(n, k * self.manifest["index_params"]["rerank"])
+        out_s = np.full((len(q), k), -np.inf, np.float32)  # [q, k]
+        out_i = np.full((len(q), k), -1, np.int64)  # [q, k]
+        step = max(1, _BLOCK // (c * self.dim))  # at most _BLOCK floats of candidate rows at once
+        for a in range(0, len(q), step):
+            qb = q[a : a + step]  # [b, d]
+            cand = np.broadcast_to(np.arange(n), (len(qb), n)) if c == n else self._faiss.search(qb, c)[1]  # [b, c]
+            r, col = np.repeat(np.arange(len(qb)), cand.shape[1]), cand.ravel()  # [p] pairs, r ascending
+            r, col = r[col >= 0], col[col >= 0]
+            exact = (qb[r] * self.vectors[col]).sum(1, dtype=np.float32)  # [p] one pair at a time
+            order = np.lexsort((col, -exact, r))  # by query, then best score, then lower row
+            r, col, exact = r[order], col[order], exact[order]
+            start, end = np.searchsorted(r, np.arange(len(qb))), np.searchsorted(r, np.arange(len(qb)), "right")
+            pick = start[:, None] + np.arange(k)  # [b, k]
+            ok = pick < end[:, None]
+            pick = np.minimum(pick, len(r) - 1)
+            out_s[a : a + len(qb)] = np.where(ok, exact[pick], -np.inf) if len(r) else -np.inf
+            out_i[a : a + len(qb)] = np.where(ok, col[pick], -1) if len(r) else -1
+        return out_s, out_i
+
+    def check_updatable(self) -> None:
+        """Refuse, in one line, a change to an index kind written once (ivfpq_disk)."""
+        if self.config.index_type is IndexType.IVFPQ_DISK:
+            raise IndexWriteError("an ivfpq_disk index cannot be updated (its PQ lists and vectors are written "
+                                  "once); rebuild it with icl index build --force")
 
     def add(self, records: Iterable[Record], embedder) -> int:
         """Append records whose id is not in the index yet; returns how many were added.
@@ -403,6 +532,7 @@ class ExampleIndex:
         index keeps its trained cells; rebuild it when the pool changes a lot.
         """
         self._check_embedder(embedder)
+        self.check_updatable()
         known = {r.id for r in self.records}
         new = []
         for r in records:
@@ -432,6 +562,7 @@ class ExampleIndex:
         """Insert `records` ([m] with their embeddings `vectors` [m, d]); a row already in the
         index (same `row_id`) is replaced by the new one with all its records. Returns the counts
         {"added", "replaced", "unchanged"} of rows. Appends when nothing is replaced."""
+        self.check_updatable()
         vectors = _check_vectors(vectors, len(records), self.dim, "upsert")
         self._check_labels(records)
         if len({r.id for r in records}) != len(records):
@@ -459,6 +590,7 @@ class ExampleIndex:
         """Remove the records with these ids (an id of a row removes all its records, see
         `row_id`); returns how many records went. An id that matches nothing is an error, and
         then nothing is removed."""
+        self.check_updatable()
         ids = set(ids)
         keep = np.array([r.id not in ids and row_id(r.id) not in ids for r in self.records], dtype=bool)  # [n]
         found = {r.id for r in self.records} | {row_id(r.id) for r in self.records}
@@ -541,11 +673,16 @@ class ExampleIndex:
         _remove_stale_siblings(folder)
 
     def _write(self, tmp: Path, template: dict | None, extras: dict[str, dict]) -> None:
-        faiss.write_index(_to_cpu(self._faiss), str(tmp / FAISS_FILE))
+        disk = self.config.index_type is IndexType.IVFPQ_DISK
+        if disk:
+            _write_ondisk(self._faiss, tmp)
+            _write_raw(self.vectors, tmp / RAW_FILE)
+        else:
+            faiss.write_index(_to_cpu(self._faiss), str(tmp / FAISS_FILE))
+            np.save(tmp / VECTORS_FILE, self.vectors, allow_pickle=False)
         lines = [json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) for r in self.records]
         (tmp / RECORDS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        np.save(tmp / VECTORS_FILE, self.vectors, allow_pickle=False)
-        names = list(DATA_FILES)
+        names = list(DISK_FILES if disk else DATA_FILES)
         if template is not None:
             (tmp / TEMPLATE_FILE).write_text(json.dumps(template, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             names.append(TEMPLATE_FILE)
@@ -554,8 +691,7 @@ class ExampleIndex:
             names.append(name)
         files = {}
         for name in names:
-            data = (tmp / name).read_bytes()
-            files[name] = {"sha256": _sha256(data), "size": len(data)}
+            files[name] = {"sha256": _sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
         self.manifest["files"] = files
         self.manifest["created_by"] = "icl_engine"
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -603,39 +739,50 @@ class ExampleIndex:
         if embedder_name is not None and canonical_name(embedder_name) != m["embedder"]:
             raise bad(f"built with embedder {m['embedder']!r}, not {canonical_name(embedder_name)!r}")
         blobs = {}
+        disk = config.index_type is IndexType.IVFPQ_DISK
+        data_files = DISK_FILES if disk else DATA_FILES
         optional = (TEMPLATE_FILE,) if TEMPLATE_FILE in m["files"] else ()
-        extra_names = sorted(n for n in m["files"] if n not in (*DATA_FILES, TEMPLATE_FILE))
+        extra_names = sorted(n for n in m["files"] if n not in (*data_files, TEMPLATE_FILE))
         if not all(_EXTRA.match(n) for n in extra_names):
             raise bad(f"manifest.json lists files that are not the index's: {extra_names}")
-        for name in (*DATA_FILES, *optional, *extra_names):  # read once, verify, then parse those very bytes
+        n, d = m["count"], m["dim"]
+        for name in (*data_files, *optional, *extra_names):  # read once, verify, then parse those very bytes
             entry = m["files"].get(name)
             if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                     and isinstance(entry.get("size"), int)):
                 raise bad(f"manifest.json has no valid entry for {name}")
             if not (version / name).is_file():
                 raise bad(f"missing file {name}")
-            data = (version / name).read_bytes()
-            if len(data) != entry["size"]:
-                raise bad(f"{name} is {len(data)} bytes, the manifest says {entry['size']} (truncated or modified)")
-            if _sha256(data) != entry["sha256"]:
+            streamed = name in _STREAMED  # too big to hold: verified in chunks, then mmapped
+            data = None if streamed else (version / name).read_bytes()
+            size = (version / name).stat().st_size if streamed else len(data)
+            if size != entry["size"]:
+                raise bad(f"{name} is {size} bytes, the manifest says {entry['size']} (truncated or modified)")
+            if (_sha256_file(version / name) if streamed else _sha256(data)) != entry["sha256"]:
                 raise bad(f"{name} does not match its sha256 in manifest.json (corrupt or modified)")
             blobs[name] = data
+        if disk and os.path.getsize(version / RAW_FILE) != n * d * 4:
+            raise bad(f"vectors.f32 is {os.path.getsize(version / RAW_FILE)} bytes, expected float32 [{n}, {d}]")
         try:
-            vectors = np.load(io.BytesIO(blobs[VECTORS_FILE]), allow_pickle=False)
+            if disk:  # rows are read from disk when used (search's re-rank, MMR), never all at once
+                vectors = np.memmap(version / RAW_FILE, dtype=np.float32, mode="r", shape=(n, d))
+                with _quiet_faiss():
+                    cpu_index = faiss.read_index(str(version / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            else:
+                vectors = np.load(io.BytesIO(blobs[VECTORS_FILE]), allow_pickle=False)
+                cpu_index = faiss.deserialize_index(np.frombuffer(blobs[FAISS_FILE], dtype=np.uint8))
             records = tuple(_parse_record(line) for line in blobs[RECORDS_FILE].decode("utf-8").split("\n") if line)
-            cpu_index = faiss.deserialize_index(np.frombuffer(blobs[FAISS_FILE], dtype=np.uint8))
             template = json.loads(blobs[TEMPLATE_FILE]) if optional else _legacy_template(version)
             extras = {name: json.loads(blobs[name]) for name in extra_names}
         except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as e:
             first_line = str(e).splitlines()[0] if str(e) else ""
             raise bad(f"unreadable index files ({type(e).__name__}: {first_line})") from None
-        n, d = m["count"], m["dim"]
         if len(records) != n or len({r.id for r in records}) != n:
             raise bad(f"records.jsonl holds {len(records)} records (distinct ids expected), "
                       f"the manifest's count is {n}")
         if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != n:
             raise bad(f"vectors.npy is {vectors.dtype} {list(vectors.shape)}, expected float32 [{n}, {d}]")
-        for what, dim in (("vectors.npy", vectors.shape[1]), ("index.faiss", cpu_index.d)):
+        for what, dim in ((RAW_FILE if disk else VECTORS_FILE, vectors.shape[1]), ("index.faiss", cpu_index.d)):
             if dim != d:
                 raise bad(f"dimension mismatch: {what} has dim {dim}, the manifest says {d}")
         if cpu_index.ntotal != n:
@@ -751,6 +898,7 @@ def update_index(folder: str | os.PathLike, *, records: Sequence[Record] = (), r
     if state == "foreign":
         raise IndexWriteError(f"{folder} exists and is not an index made by icl_engine; refusing to touch it")
     index = index if index is not None else ExampleIndex.load(folder, use_gpu=False)
+    index.check_updatable()
     if check is not None:
         check(index)
     index._check_labels(records)
@@ -859,4 +1007,8 @@ def _faiss_matches(index: faiss.Index, config: IndexConfig, params: dict) -> boo
         return isinstance(index, faiss.IndexFlat)
     if config.index_type is IndexType.IVF:
         return isinstance(index, faiss.IndexIVFFlat) and index.nlist == params.get("nlist")
+    if config.index_type is IndexType.IVFPQ_DISK:
+        lists = faiss.downcast_InvertedLists(index.invlists) if isinstance(index, faiss.IndexIVFPQ) else None
+        return (isinstance(lists, faiss.OnDiskInvertedLists) and index.nlist == params.get("nlist")
+                and index.pq.M == params.get("pq_m") and index.pq.nbits == params.get("pq_nbits"))
     return isinstance(index, faiss.IndexHNSWFlat)

@@ -48,3 +48,131 @@ def test_ondisk_config_errors():
         OnDiskConfig(nlist=0)
     with pytest.raises(ValueError, match="must divide"):
         build_ondisk([], dim=30, folder=None, config=OnDiskConfig(m=16), train=np.zeros((10, 30), np.float32))
+
+
+# ----------------------------------------------------------------------------- the engine's ivfpq_disk kind
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from conftest import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+from icl_engine.cli import app  # noqa: E402
+from icl_engine.data import Dataset, TaskKind, make_records  # noqa: E402
+from icl_engine.index import (ExampleIndex, IndexConfig, IndexFormatError, IndexType, IndexWriteError,  # noqa: E402
+                              flat_topk, update_index)
+
+
+def disk_index(n: int = 3000, d: int = 32, rerank: int = 8) -> tuple[ExampleIndex, np.ndarray]:
+    x = clustered(n, d, 2)
+    ds = Dataset("syn", TaskKind.CLASSIFICATION, make_records([(f"text {i}", "ab"[i % 2]) for i in range(n)]),
+                 ("a", "b"))
+    cfg = IndexConfig(index_type=IndexType.IVFPQ_DISK, nlist=32, nprobe=8, pq_m=8, rerank=rerank)
+    return ExampleIndex.from_vectors(ds, x, "hashing:32", cfg), x
+
+
+def test_ivfpq_disk_recall_reload_and_exact_cover(tmp_path):
+    index, x = disk_index()
+    q = clustered(100, 32, 3)
+    flat_s, flat_i = flat_topk(q, x, 8)
+    _, ids = index.search(q, 8)
+    assert recall_at_k(ids, flat_i) >= 0.9  # PQ candidates, exact re-rank of 64
+    index.save(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the .ivfdata path written at build is stale now
+    loaded = ExampleIndex.load(tmp_path / "b")
+    assert isinstance(loaded.vectors, np.memmap) and loaded.vectors.shape == x.shape
+    np.testing.assert_array_equal(loaded.vectors, x)
+    assert loaded.manifest["index_type"] == "ivfpq_disk" and loaded.manifest["index_params"]["rerank"] == 8
+    scores, found = loaded.search(q, 8)
+    np.testing.assert_array_equal(found, ids)  # the same as before the save
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[found]), atol=1e-5)  # exact scores
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    wide = ExampleIndex.load(tmp_path / "c")
+    wide.manifest["index_params"]["rerank"] = len(x)  # candidates cover every row: flat search's answer
+    s, i = wide.search(q, 8)
+    np.testing.assert_array_equal(i, flat_i)
+    np.testing.assert_array_equal(s, flat_s)
+    s1, i1 = wide.search(q[:1], 8)  # alone as in a batch
+    np.testing.assert_array_equal(i1, flat_i[:1])
+
+
+def test_ivfpq_disk_refuses_damage_and_updates(tmp_path):
+    index, x = disk_index(n=600)
+    folder = index.save(tmp_path / "ix")
+    version = next(folder.glob("v-*"))
+    for name in ("lists.ivfdata", "vectors.f32"):
+        shutil.copytree(folder, tmp_path / name)
+        with open(tmp_path / name / version.name / name, "r+b") as f:
+            f.truncate((version / name).stat().st_size - 4)
+        with pytest.raises(IndexFormatError, match=f"{name} is .* bytes, the manifest says") as e:
+            ExampleIndex.load(tmp_path / name)
+        assert "\n" not in str(e.value)
+    loaded = ExampleIndex.load(folder)
+    with pytest.raises(IndexWriteError, match="cannot be updated.*rebuild it"):
+        update_index(folder, remove_ids=[loaded.records[0].id])
+    with pytest.raises(IndexWriteError, match="rebuild it"):
+        loaded.upsert(loaded.records[:1], x[:1])
+    assert ExampleIndex.load(folder).version == loaded.version  # nothing published
+    with pytest.raises(ValueError, match="rerank"):
+        IndexConfig(index_type="ivfpq_disk", rerank=0)
+    ds = index.dataset
+    with pytest.raises(ValueError, match="must divide"):
+        ExampleIndex.from_vectors(ds, x, "hashing:32", IndexConfig(index_type="ivfpq_disk", pq_m=5))
+
+
+ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
+        ("a dull boring film", "negative"), ("terrible plot and bad acting", "negative"),
+        ("the movie was great", "positive"), ("a boring waste of time", "negative"),
+        ("what a lovely surprise", "positive"), ("an awful mess", "negative")]
+
+
+def test_cli_classify_same_over_flat_and_ivfpq_disk(tmp_path):
+    """Eight rows, rerank 8: the candidates cover every row, so demonstrations and predictions match."""
+    runner = CliRunner()
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in ROWS) + "\n")
+    tok = make_tiny_tokenizer()
+    make_tiny_model(len(tok)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = {}
+    for kind in ("flat", "ivfpq_disk"):
+        res = runner.invoke(app, ["index", "build", str(data), "--name", kind, "--embedder", "hashing:64",
+                                  "--index-type", kind, "--indexes-dir", str(tmp_path / "indexes")])
+        assert res.exit_code == 0, res.output
+        out[kind] = []
+        for text in ("a moving film", "a boring plot", "lovely acting"):
+            res = runner.invoke(app, ["classify", kind, text, "--k", "3", "--lm", str(tmp_path / "lm"), "--json",
+                                      "--indexes-dir", str(tmp_path / "indexes")])
+            assert res.exit_code == 0, res.output
+            got = json.loads(res.stdout)
+            out[kind].append((got["label"], got["demos"], got["probs"]))
+    assert out["flat"] == out["ivfpq_disk"]
+    res = runner.invoke(app, ["index", "remove", "ivfpq_disk", "--ids", "x", "--indexes-dir", str(tmp_path / "indexes")])
+    assert res.exit_code != 0 and "rebuild it" in res.output
+
+
+def test_console_script_json_stays_clean_after_a_rename(tmp_path):
+    """faiss printf's a line when the on-disk lists are written or re-pointed: never into the JSON
+    on stdout (the installed `icl`, a real process: Typer's runner would not see C's stdout)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    icl = Path(sys.executable).parent / "icl"
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in ROWS) + "\n")
+    env = {**os.environ, "ICL_INDEXES": str(tmp_path / "ix")}
+
+    def run(*args):
+        p = subprocess.run([str(icl), *args, "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    assert run("index", "build", "d.jsonl", "--name", "a", "--embedder", "hashing:64",
+               "--index-type", "ivfpq_disk")["index_type"] == "ivfpq_disk"
+    (tmp_path / "ix" / "a").rename(tmp_path / "ix" / "b")
+    run("index", "build", "d.jsonl", "--name", "f", "--embedder", "hashing:64")
+    hits = run("index", "search", "b", "a boring film", "-k", "3")
+    assert len(hits) == 3 and hits == run("index", "search", "f", "a boring film", "-k", "3")  # 24 candidates cover all
