@@ -790,7 +790,9 @@ def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run:
         runs[m.value], trained[m.value] = [], []
         index, extra = None, {}
         if spec.relabel:
-            index = relabelled = relabelled or _relabelled_index(study, teacher)
+            if relabelled is None:
+                relabelled = _relabelled_index(study, teacher)
+            index = relabelled
             extra = {"labelled_by": teacher[1]}
         for seed in range(seeds) if spec.seeded else [0]:
             anchors = None
