@@ -24,7 +24,7 @@ predictions on it:
                     their gold labels (readout.py: (S+1) x L weights, the LM frozen)
     knn_distill / knn_prompting_distill / knn_prompting_icl_distill / knn_prompting_linear_distill
                     (classification, not run by
-                    default: the reference first labels every index record, ~40 min for 11,752
+                    default: the reference first labels every index record, 21 min for 11,752
                     reviews on one CPU thread) kNN-k, kNN prompting and their mean over the pool
                     relabelled by the reference (the readout fitted to its labels): the frozen LM
                     reads the reference's labels
@@ -799,8 +799,8 @@ def _run_methods(study: Study, chosen: list[CompareMethod], seeds: int, ref_run:
             if spec.anchor_weight:  # seed s: anchors whose context is drawn with seed s
                 anchors = _relabelled_anchors(study, index, seed) if spec.relabel else _anchors(study, seed)
             if spec.readout:
-                info = _readout(study, anchors, index or study.index, "reference" if spec.relabel else "gold")
-                extra["readout"] = {k: v for k, v in info.items() if k != "anchors_key"}
+                fitted = _readout(study, anchors, index or study.index, "reference" if spec.relabel else "gold")
+                extra["readout"] = {k: v for k, v in fitted.items() if k != "anchors_key"}
             adapter, info = _adapter(study, spec.adapter, spec, seed, teacher) if spec.train else (None, None)
             if info:
                 trained[m.value].append(info)
