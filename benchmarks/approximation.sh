@@ -73,7 +73,7 @@ case $stage in
     # METHODS (space-separated) runs a subset first, e.g. the cheap rows with SEEDS=3; the full
     # call later reuses every cached run
     # the *_distill kNN rows read the pool relabelled by the reference (one reference pass over the index)
-    default="zero knn knn_prompting knn_prompting_icl ipt ipt_distill knn_distill knn_prompting_distill knn_prompting_icl_distill finetuned"
+    default="zero knn knn_prompting knn_prompting_icl knn_prompting_linear ipt ipt_distill knn_distill knn_prompting_distill knn_prompting_icl_distill knn_prompting_linear_distill finetuned"
     [ "$task" = e2e ] && default="zero knn prompt_tuning ipt ipt_random ipt_distill finetuned"  # Sun et al.'s checks
     read -ra methods <<< "${METHODS:-$default}"
     k=${K:-8}; suffix=$([ "$k" = 8 ] && echo "" || echo "_k$k")  # K=4: a second report in compare/<task>_k4
