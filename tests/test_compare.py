@@ -8,9 +8,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import SENTIMENT_ROWS, make_tiny_model, make_tiny_tokenizer, sentiment_template
-from icl_engine.studies.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, CompareError, CompareMethod, agreement,
+from icl_engine.studies.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, RUN_FILE, CompareError, CompareMethod, agreement,
                                 mean_total_variation, run_compare, total_variation)
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
@@ -189,6 +190,38 @@ def test_a_second_run_reuses_everything(workspace, report):
     assert again["reference"]["trained_now"] is False
     assert all(run["reused"] for runs in again["runs"].values() for run in runs)
     assert again["runs"] == {m: [{**r, "reused": True} for r in rs] for m, rs in report["runs"].items()}
+
+
+def test_an_interrupted_soft_prompt_resumes_from_its_checkpoint(workspace, report, tmp_path, monkeypatch):
+    """A sitting stopped mid-training leaves adapters/.<name>.partial with the checkpoint of its last
+    evaluation; the next run resumes there and ends with the soft prompt an uninterrupted run trains."""
+    import icl_engine.train.loop as loop
+    from safetensors.torch import load_file
+    kw = dict(methods=["prompt_tuning", "finetuned"], seeds=1,
+              soft_train=TrainSettings(max_steps=6, batch_size=2, eval_fraction=0.25, eval_every=2, patience=None))
+    compare(workspace, out=tmp_path / "whole", **kw)
+    step, calls = loop._step, []
+
+    def stopped_at_step_5(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # the checkpoint of the evaluation at step 4 is on disk
+            raise KeyboardInterrupt
+        return step(*a, **k)
+
+    monkeypatch.setattr(loop, "_step", stopped_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        compare(workspace, out=tmp_path / "cut", **kw)
+    monkeypatch.undo()
+    adapters = tmp_path / "cut" / "adapters"
+    assert (adapters / ".prompt_tuning-seed0.partial" / "checkpoint" / "state.json").is_file()
+    assert not (adapters / "prompt_tuning-seed0").exists()
+    compare(workspace, out=tmp_path / "cut", **kw)
+    run = json.loads((adapters / "prompt_tuning-seed0" / RUN_FILE).read_text())
+    assert run["metrics"]["resumed"] and run["metrics"]["steps"] == 6
+    assert not (adapters / ".prompt_tuning-seed0.partial").exists()
+    whole, cut = (load_file(str(p / "adapters" / "prompt_tuning-seed0" / "adapter_model.safetensors"))
+                  for p in (tmp_path / "whole", tmp_path / "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[n], cut[n]) for n in whole)
 
 
 def test_adapters_trained_with_other_settings_are_refused(workspace, report):

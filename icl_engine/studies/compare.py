@@ -45,16 +45,19 @@ al.'s two findings and the goal line with the numbers and a verdict; report.png 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -76,6 +79,7 @@ from ..resolve import resolve_template
 from ..select import SelectionMethod
 from ..train.finetune import FinetuneConfig, finetune
 from ..train.distill import pool_teacher_logprobs, relabel
+from ..train.checkpoint import CHECKPOINT_DIR
 from ..train.loop import TrainSettings
 from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
 from .report import fmt, jsonable, machine_info, pyplot, save_figure, write_json, write_report
@@ -381,19 +385,52 @@ def _adapter(study: Study, method: str, spec: _Spec, seed: int, teacher: tuple[L
             raise CompareError(f"{folder} was trained with other settings than this run's; "
                                "delete it or choose another --out")
         return folder, {**stored, "reused": True}
-    with publish_dir(folder) as tmp:
+    with _partial(folder, jsonable(settings)) as (partial, earlier_s):
+        # an interrupted sitting left a checkpoint (one per evaluation) here: training resumes from it
         t0 = time.perf_counter()
         result = train_soft_prompt(study.lm, study.pool, config, builder=study.builder, index=study.index,
-                                   embedder=study.embedder, out=tmp, demos=spec.train_demos or SelectionMethod.KNN,
-                                   teacher=teacher[0] if spec.distill else None, alpha=1.0)
-        info = {"settings": settings, "train_seconds": time.perf_counter() - t0,
+                                   embedder=study.embedder, out=partial, demos=spec.train_demos or SelectionMethod.KNN,
+                                   teacher=teacher[0] if spec.distill else None, alpha=1.0,
+                                   resume=earlier_s is not None)
+        info = {"settings": settings, "train_seconds": time.perf_counter() - t0 + (earlier_s or 0.0),
                 "trainable_params": sum(p.numel() for p in result.model.prompt_encoder.parameters()),
                 "saved_params": None, "metrics": result.metrics}
         del result
-        with safe_open(str(tmp / ADAPTER_WEIGHTS), "pt") as f:
+        with safe_open(str(partial / ADAPTER_WEIGHTS), "pt") as f:
             info["saved_params"] = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
-        write_json(tmp / RUN_FILE, info)
+        write_json(partial / RUN_FILE, info)
     return folder, {**jsonable(info), "reused": False}
+
+
+@contextmanager
+def _partial(folder: Path, settings: dict) -> Iterator[tuple[Path, float | None]]:
+    """A soft prompt's training folder that outlives its sitting: adapters/.<name>.partial, with
+    its settings beside it (.<name>.partial.json) and an flock (.<name>.partial.lock) so two compare
+    runs sharing an --out never train one adapter at once. Yields (folder, seconds trained before
+    when it holds a checkpoint of these settings, else None); when the block succeeds the folder
+    is renamed to `folder`. A partial folder of other settings is discarded: it is unfinished work
+    of this --out, never a user's file."""
+    partial = folder.parent / f".{folder.name}.partial"
+    stamp, lock = partial.with_name(partial.name + ".json"), partial.with_name(partial.name + ".lock")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CompareError(f"{folder} is being trained by another compare run on this --out; "
+                               "let it finish (its result is then reused)") from None
+        state = partial / CHECKPOINT_DIR / "state.json"
+        same = stamp.is_file() and json.loads(stamp.read_text()) == settings
+        if not same or not state.is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+            write_json(stamp, settings)
+        earlier_s = float(json.loads(state.read_text())["seconds"]) if same and state.is_file() else None
+        yield partial, earlier_s
+        os.replace(partial, folder)
+        stamp.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the flock; the lock file stays (removing it would race a waiting run)
 
 
 def _anchor_config(study: Study, seed: int) -> AnchorConfig:
