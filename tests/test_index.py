@@ -90,7 +90,7 @@ def test_flat_topk_first_pass_never_decides_an_order(monkeypatch, dtype):
     one of its rounding boundaries: the fast scores alone order them wrongly (asserted, so the
     data exercises the re-check), and a true top-k row can score below the k-th fast score
     (with no error window this test fails), yet flat_topk returns the float64 brute force's
-    rows, with the topk's spare rows or, with none, by scanning the whole row."""
+    rows, with its rows in groups (_GROUP) or one by one."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -113,8 +113,8 @@ def test_flat_topk_first_pass_never_decides_an_order(monkeypatch, dtype):
     bf16 = (torch.from_numpy(queries).to(torch.bfloat16) @ first.matrix).float().numpy()
     assert (np.argsort(-bf16, axis=1, kind="stable")[:3, :8] != want[:3, :8]).any(1).all()
     first = index_mod.FirstPass.of(vectors, dtype)
-    for spare in (index_mod._SPARE, 0):
-        monkeypatch.setattr(index_mod, "_SPARE", spare)
+    for group in (index_mod._GROUP, 1):
+        monkeypatch.setattr(index_mod, "_GROUP", group)
         for k in (1, 8, 40):
             scores, rows = index_mod.flat_topk(queries, vectors, k, first=first)
             np.testing.assert_array_equal(rows, want[:, :k])
