@@ -202,8 +202,8 @@ class FirstPass:
         (AMX or AVX512-BF16: 3-5x the float32 matmul here), else float32."""
         import torch
 
-        caps = torch.cpu.get_capabilities()
-        if dtype is None:
+        if dtype is None:  # (get_capabilities is recent: an older torch gets float32)
+            caps = getattr(torch.cpu, "get_capabilities", dict)()
             dtype = "bfloat16" if caps.get("amx_bf16") or caps.get("avx512_bf16") else "float32"
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"FirstPass dtype must be 'bfloat16' or 'float32', got {dtype!r}")
