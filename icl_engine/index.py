@@ -236,11 +236,11 @@ def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int, *,
     made once per vectors by the caller that searches them often. One matmul per block of
     queries (torch, on the threads torch was given; bfloat16 on CPUs with a bfloat16 matrix
     unit) gives fast scores, each within a proven bound E of the exact float32 one. Every row
-    whose fast score is within 2E of the k-th best fast score (and a few more) is re-scored one pair at a time,
-    the same arithmetic whatever the batch, and sorted by (score, row): a row of the true top
-    k (exact >= the k-th exact >= the k-th fast - E) has fast >= the k-th fast - 2E. The fast
-    pass's rounding therefore never decides an order, and exact ties (duplicate texts) go to
-    the lower row, where faiss and argpartition broke them differently.
+    whose fast score is within 2E of the k-th best fast score (and a few more) is re-scored
+    one pair at a time, the same arithmetic whatever the batch, and sorted by (score, row): a
+    row of the true top k (exact >= the k-th exact >= the k-th fast - E) has fast >= the k-th
+    fast - 2E. The fast pass's rounding therefore never decides an order, and exact ties
+    (duplicate texts) go to the lower row, where faiss and argpartition broke them differently.
     """
     import torch  # here, not at import: index builds on Ray's embedder actors never load it
 
