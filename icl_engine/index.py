@@ -6,8 +6,9 @@
     index = ExampleIndex.load(index_path("rt"), embedder_name="hashing:256")
 
 Vectors are unit norm, so inner product = cosine. An exact (`flat`, default) index on CPU is
-searched by `flat_topk` (a torch matmul, then an exact re-score of the near-best rows; ties go to
-the lower row, alone or batched); faiss searches the approximate ones (`ivf`, `hnsw`) and any
+searched by `flat_topk` (a torch matmul, in bfloat16 on CPUs with a bfloat16 matrix unit, then
+an exact float32 re-score of every row its proven error bound cannot rule out; ties go to the
+lower row, alone or batched); faiss searches the approximate ones (`ivf`, `hnsw`) and any
 index on GPU. `vectors` stays in memory as well, because MMR selection needs the candidates'
 vectors. `ivfpq_disk` is for pools beyond RAM: its PQ lists (lists.ivfdata) and raw vectors
 (vectors.f32) stay on disk, mmapped; the PQ proposes k*rerank candidates, re-scored exactly
@@ -51,7 +52,7 @@ from .embed import canonical_name
 __all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "IndexExistsError", "IndexWriteError",
            "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
            "check_writable", "delete_index", "list_indexes", "index_version", "row_id", "update_index",
-           "stale_note", "StaleWarning", "flat_topk"]
+           "stale_note", "StaleWarning", "flat_topk", "FirstPass"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,8 +63,7 @@ DISK_FILES = (FAISS_FILE, RECORDS_FILE, LISTS_FILE, RAW_FILE)  # an ivfpq_disk v
 _STREAMED = (LISTS_FILE, RAW_FILE)  # checksummed in chunks on load, never read into RAM whole
 TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
 _EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
-_TIE_TOL = 1e-5  # candidates within this of the k-th best fast score are re-scored exactly (flat_topk)
-_SPARE = 8  # flat_topk takes k + _SPARE best fast scores, so the near-ties usually lie among them
+_GROUP = 16  # flat_topk finds its candidates among groups of this many rows (_near_best)
 _BLOCK = 1 << 22  # flat_topk scores at most this many (query, row) pairs at once: 16 MB of float32
 
 
@@ -188,29 +188,72 @@ def list_indexes(indexes_dir: str | os.PathLike | None = None) -> list[Path]:
 _indexes_dir = indexes_dir  # index_path's parameter shadows the function
 
 
-def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class FirstPass:
+    """flat_topk's fast scores: the vectors as the first-pass matmul reads them, and the largest
+    row norm, which bounds how far a fast score may be from the exact float32 one."""
+
+    matrix: object  # torch [d, n]: bfloat16 (a contiguous copy) or float32 (a view of the vectors)
+    max_norm: float  # of the vectors' rows
+
+    @classmethod
+    def of(cls, vectors: np.ndarray, dtype: str | None = None) -> "FirstPass":
+        """dtype "bfloat16", "float32", or None: bfloat16 where the CPU multiplies it in hardware
+        (AMX or AVX512-BF16: 3-5x the float32 matmul here), else float32."""
+        import torch
+
+        if dtype is None:  # (get_capabilities is recent: an older torch gets float32)
+            caps = getattr(torch.cpu, "get_capabilities", dict)()
+            dtype = "bfloat16" if caps.get("amx_bf16") or caps.get("avx512_bf16") else "float32"
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"FirstPass dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+        v = np.ascontiguousarray(vectors, dtype=np.float32)  # [n, d]
+        norm = float(np.sqrt(np.einsum("nd,nd->n", v, v, dtype=np.float64).max(initial=0.0)))
+        t = torch.from_numpy(v).T  # [d, n], no copy
+        return cls(t.to(torch.bfloat16).contiguous() if dtype == "bfloat16" else t, norm)
+
+    def error(self, query_norms: np.ndarray) -> np.ndarray:
+        """[b] float64: |fast - exact| is at most this for queries of these norms, whatever the
+        order of the sums. Both sum d products in float32 (gamma_d each); bfloat16 (unit roundoff
+        u = 2^-9) also rounds the query, the vector (2u + u^2) and the output (u). A float32
+        matmul allowed to run in reduced precision (torch.set_float32_matmul_precision) gets the
+        bfloat16 bound, which covers TF32 and bfloat16x3 too."""
+        import torch
+
+        d = self.matrix.shape[0]
+        gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
+        low = self.matrix.dtype == torch.bfloat16 or torch.get_float32_matmul_precision() != "highest"
+        u = 2.0**-9 if low else 0.0
+        return (3 * u + 8 * u * u + 2 * gamma) * 1.001 * self.max_norm * query_norms  # 1.001: the norms' rounding
+
+
+def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int, *,
+              first: FirstPass | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: (scores float32 [q, k], rows int64 [q, k]), best first, and
     equal scores in row order, so a query gets the same rows alone or in any batch.
 
-    queries [q, d] and vectors [n, d] float32, 1 <= k <= n. One matmul per block of queries
-    (torch, on the threads torch was given: 6-8x faster than faiss's flat scan here) finds
-    every row within _TIE_TOL of the k-th best score; those few are re-scored one pair at a
-    time, the same arithmetic whatever the batch, and sorted by (score, row). The matmul's
-    own rounding therefore never decides an order, and exact ties (duplicate texts) go to the
-    lower row, where faiss and argpartition broke them differently.
+    queries [q, d] and vectors [n, d] float32, 1 <= k <= n; `first`: FirstPass.of(vectors),
+    made once per vectors by the caller that searches them often. One matmul per block of
+    queries (torch, on the threads torch was given; bfloat16 on CPUs with a bfloat16 matrix
+    unit) gives fast scores, each within a proven bound E of the exact float32 one. Every row
+    whose fast score is within 2E of the k-th best fast score (and a few more) is re-scored
+    one pair at a time, the same arithmetic whatever the batch, and sorted by (score, row): a
+    row of the true top k (exact >= the k-th exact >= the k-th fast - E) has fast >= the k-th
+    fast - 2E. The fast pass's rounding therefore never decides an order, and exact ties
+    (duplicate texts) go to the lower row, where faiss and argpartition broke them differently.
     """
     import torch  # here, not at import: index builds on Ray's embedder actors never load it
 
+    first = FirstPass.of(vectors) if first is None else first
     n = len(vectors)
     out_s, out_i = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
-    V = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))  # [n, d], no copy
     step = max(1, _BLOCK // max(n, 1))
     for a in range(0, len(queries), step):
         qb = np.ascontiguousarray(queries[a : a + step], dtype=np.float32)  # [b, d]
+        qn = np.sqrt(np.einsum("bd,bd->b", qb, qb, dtype=np.float64))  # [b]
         with torch.no_grad():
-            fast = torch.from_numpy(qb) @ V.T  # [b, n]
-            r, c = _near_best(fast, k)  # [p] pairs
-        r, c = r.numpy(), c.numpy()
+            fast = (torch.from_numpy(qb).to(first.matrix.dtype) @ first.matrix).float().numpy()  # [b, n]
+        r, c = _near_best(fast, k, 2 * first.error(qn))  # [p] pairs
         exact = (qb[r] * vectors[c]).sum(1, dtype=np.float32)  # [p] one pair at a time
         order = np.lexsort((c, -exact, r))  # by query, then best score, then lower row
         r, c, exact = r[order], c[order], exact[order]
@@ -219,27 +262,26 @@ def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndar
     return out_s, out_i
 
 
-def _near_best(fast, k: int):
-    """(query, row) pairs whose fast score is within _TIE_TOL of the query's k-th best: torch
-    int64 [p] each. A few more than k are taken with topk; a query whose last one taken is still
-    within the tolerance (many near-ties) scans its whole row instead: the same pairs as a scan
-    of every row, without comparing and compacting the whole [b, n] matrix."""
-    import torch
+def _near_best(fast: np.ndarray, k: int, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(query, row) pairs, int64 [p] each, holding every pair whose fast score (fast [b, n]
+    float32) is within `window` [b] (float64) of the query's k-th best, and a few more.
 
+    No topk or sort over the n scores (those cost 2-3x the bfloat16 matmul): the row positions
+    are dealt into n // g groups (a strided view, g = _GROUP), each group's best found by an
+    elementwise max over g rows of the view, and the k-th best of those group bests is at most
+    the k-th best score (they are k distinct scores). Groups whose best reaches that, less the
+    window, hold every pair wanted; only their g scores are compared."""
     b, n = fast.shape
-    top = fast.topk(min(n, k + _SPARE), dim=1, sorted=False)  # values, indices [b, k2]
-    vals = top.values.sort(dim=1, descending=True).values  # [b, k2]
-    floor = vals[:, k - 1] - _TIE_TOL  # [b] the k-th best, less the tolerance
-    # every score outside the top k2 is <= its last: below the floor when that one is
-    inside = (vals[:, -1] < floor) | (vals.shape[1] == n)  # [b]
-    ri, j = torch.nonzero((top.values >= floor[:, None]) & inside[:, None], as_tuple=True)
-    r, c = [ri], [top.indices[ri, j]]
-    if not bool(inside.all()):
-        rest = torch.nonzero(~inside)[:, 0]  # [m] queries scanned row by row
-        ro, co = torch.nonzero(fast[rest] >= floor[rest, None], as_tuple=True)
-        r.append(rest[ro])
-        c.append(co)
-    return torch.cat(r), torch.cat(c)
+    g = max(1, min(_GROUP, n // k))  # at least k groups
+    G = n // g
+    n0 = G * g  # the last n - n0 rows (< g) are compared one by one
+    best = fast[:, :n0].reshape(b, g, G).max(1)  # [b, G]: group j holds rows j, j + G, j + 2G, ...
+    floor = -np.partition(-best, k - 1, axis=1)[:, k - 1] - window  # [b] <= the k-th best, less the window
+    qi, j = np.nonzero(best >= floor[:, None])  # [pg] groups that reach it
+    rows = j[:, None] + G * np.arange(g)  # [pg, g]
+    hit, at = np.nonzero(fast[qi[:, None], rows] >= floor[qi, None])
+    rt, ct = np.nonzero(fast[:, n0:] >= floor[:, None])
+    return np.concatenate([qi[hit], rt]), np.concatenate([rows[hit, at], ct + n0])
 
 
 # ----------------------------------------------------------------------------- faiss helpers
@@ -421,6 +463,7 @@ class ExampleIndex:
         self.template: dict | None = None  # the default prompt template stored with it (prompt.Template's dict)
         self.extras: dict[str, dict] = {}  # other JSON files stored with it, e.g. template_search.json
         self.version: str | None = None  # the store version it was loaded from (None: built in memory, layout 1)
+        self._first: tuple[np.ndarray, FirstPass] | None = None  # (the vectors it was made of, flat_topk's first pass)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -483,7 +526,7 @@ class ExampleIndex:
         if kk == 0 or len(q) == 0:
             return scores, ids
         if self.config.index_type is IndexType.FLAT and self._gpu_res is None:
-            s, i = flat_topk(q, self.vectors, kk)
+            s, i = flat_topk(q, self.vectors, kk, first=self.first_pass())
         elif self.config.index_type is IndexType.IVFPQ_DISK:
             s, i = self._search_reranked(q, kk)
         else:
@@ -491,6 +534,13 @@ class ExampleIndex:
         scores[:, :kk] = np.where(i >= 0, s, -np.inf)
         ids[:, :kk] = i
         return scores, ids
+
+    def first_pass(self) -> FirstPass:
+        """flat_topk's first-pass copy of the vectors, made once per vectors array (add and
+        remove replace the array, so the copy follows; the array itself is never written in place)."""
+        if self._first is None or self._first[0] is not self.vectors:
+            self._first = (self.vectors, FirstPass.of(self.vectors))
+        return self._first[1]
 
     def _search_reranked(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """ivfpq_disk: the PQ's k*rerank best candidates (every row when that many cover the

@@ -84,6 +84,45 @@ def test_flat_topk_breaks_ties_by_row_alone_or_batched(monkeypatch):
     np.testing.assert_array_equal(index.search(queries[4], 5)[1], want[4:5, :5])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_flat_topk_first_pass_never_decides_an_order(monkeypatch, dtype):
+    """Rows 3e-5 apart in cosine around 0.952, far below bfloat16's step there (2^-8) and across
+    one of its rounding boundaries: the fast scores alone order them wrongly (asserted, so the
+    data exercises the re-check), and a true top-k row can score below the k-th fast score
+    (with no error window this test fails), yet flat_topk returns the float64 brute force's
+    rows, with its rows in groups (_GROUP) or one by one."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    d = 48
+    queries = rng.normal(size=(3, d))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    near = []
+    for q in queries:  # 60 rows per query at cosines 0.952, 0.95197, ... in random row order
+        w = rng.normal(size=(60, d))
+        w -= (w @ q)[:, None] * q
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        cos = rng.permutation(0.952 - 3e-5 * np.arange(60))
+        near.append(cos[:, None] * q + np.sqrt(1 - cos**2)[:, None] * w)
+    vectors = np.concatenate([*near, rng.normal(size=(100, d))]).astype(np.float32)  # [280, d]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = np.concatenate([queries, rng.normal(size=(5, d)) / np.sqrt(d)]).astype(np.float32)  # [8, d]
+    s64 = queries.astype(np.float64) @ vectors.T.astype(np.float64)
+    want = np.lexsort((np.broadcast_to(np.arange(len(vectors)), s64.shape), -s64), axis=1)
+    first = index_mod.FirstPass.of(vectors, "bfloat16")
+    bf16 = (torch.from_numpy(queries).to(torch.bfloat16) @ first.matrix).float().numpy()
+    assert (np.argsort(-bf16, axis=1, kind="stable")[:3, :8] != want[:3, :8]).any(1).all()
+    first = index_mod.FirstPass.of(vectors, dtype)
+    for group in (index_mod._GROUP, 1):
+        monkeypatch.setattr(index_mod, "_GROUP", group)
+        for k in (1, 8, 40):
+            scores, rows = index_mod.flat_topk(queries, vectors, k, first=first)
+            np.testing.assert_array_equal(rows, want[:, :k])
+            np.testing.assert_array_equal(scores, (queries[:, None] * vectors[rows]).sum(2, dtype=np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        index_mod.FirstPass.of(vectors, "int8")
+
+
 def test_search_pads_and_validates(emb):
     index = ExampleIndex.build(make_dataset(5), emb)
     scores, ids = index.search(index.vectors[0], 8)  # a [d] query is [1, d]
