@@ -46,7 +46,7 @@ from .train.loop import TrainSettings, check_train_out
 from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
-    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "ray_options", "add_to_index", "remove_from_index",
+    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_config", "ray_options", "add_to_index", "remove_from_index",
     "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "search_loaded",
     "make_config", "classify", "generate", "evaluate_file", "classify_file", "generate_file", "run_demo", "build_anchors", "tune",
     "finetune_reference", "compare", "bounds_theory", "bounds_run",
@@ -59,7 +59,7 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
                 index_type: IndexType = IndexType.FLAT, template: Path | None = None,
                 indexes_dir: Path | None = None, force: bool = False, auto_template: bool = False,
                 lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150, id_field: str | None = None,
-                ray: "ray_jobs.RayOptions | None" = None) -> dict:
+                ray: "ray_jobs.RayOptions | None" = None, index_settings: dict | None = None) -> dict:
     """Load `data`, embed it and save the index as `name` (replacing an existing index only with
     `force`); returns the manifest, with the template chosen and any notes about it.
 
@@ -68,7 +68,10 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     else the built-in dataset's; else one made from the data (templates.data_template).
     `id_field`: record ids from that field of the file (see add_to_index), remembered by the index.
     `ray`: read and embed on Ray (ray_jobs): the same index as without it, made by an actor pool.
+    `index_settings`: IndexConfig's settings for `index_type` ({"nlist": 64, "rerank": 16}); one
+    the kind does not take is a ValueError, before any work.
     Everything that can be checked is checked before embedding."""
+    config = index_config(index_type, index_settings)
     folder = index_path(name, indexes_dir, for_write=True)
     check_writable(folder, replace=force)
     given = Template.from_json(template) if template else None
@@ -80,7 +83,6 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     builtin = None if Path(str(data)).exists() else builtin_template(str(data))
     default, notes = data_template(dataset)  # also refuses labels that read the same as words
     model = load_lm(lm) if auto_template and given is None else None  # a bad --lm fails before embedding
-    config = IndexConfig(index_type=IndexType(index_type))
     if ray is not None:
         emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
         index = ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
@@ -107,6 +109,15 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     info = index_info(name, indexes_dir=indexes_dir)
     return {**info, "template_source": source, "template_notes": notes,
             **({"template_search": search.to_dict()} if search else {})}
+
+
+def index_config(index_type: IndexType | str, settings: dict | None = None) -> IndexConfig:
+    """The IndexConfig of a build: `settings` left out (None values) take the kind's defaults."""
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(IndexConfig.__dataclass_fields__) - {"index_type", "use_gpu"})
+    if unknown or not set(given).isdisjoint({"index_type", "use_gpu"}):
+        raise ValueError(f"unknown index settings {unknown or sorted(given)}")
+    return IndexConfig(index_type=index_type, **given)
 
 
 def ray_options(enabled: bool, *, address: str | None = None, workers: int = 2) -> "ray_jobs.RayOptions | None":

@@ -51,7 +51,8 @@ from .embed import canonical_name
 __all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "IndexExistsError", "IndexWriteError",
            "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
            "check_writable", "delete_index", "list_indexes", "index_version", "row_id", "update_index",
-           "stale_note", "StaleWarning", "flat_topk"]
+           "stale_note", "StaleWarning", "flat_topk", "KNOBS",
+           "train_rows", "ivfpq_trained"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -92,15 +93,19 @@ class IndexType(str, Enum):
 
 @dataclass
 class IndexConfig:
+    """Which index and its settings. A setting left None takes its kind's default (KNOBS); one
+    given for a kind that does not use it (nprobe for flat) is an error, not silently ignored."""
+
     index_type: IndexType = IndexType.FLAT
     nlist: int | None = None  # ivf cells; None: ~4*sqrt(n), at most n/39 (faiss k-means minimum)
-    nprobe: int = 16  # ivf cells searched per query
-    hnsw_m: int = 32  # hnsw links per node
-    ef_construction: int = 80
-    ef_search: int = 64
+    nprobe: int | None = None  # ivf cells searched per query; default 16
+    hnsw_m: int | None = None  # hnsw links per node; default 32
+    ef_construction: int | None = None  # default 80
+    ef_search: int | None = None  # default 64
     pq_m: int | None = None  # ivfpq_disk: PQ bytes per vector, divides the dim; None: the largest divisor <= dim/8
     pq_nbits: int | None = None  # ivfpq_disk: bits per PQ code; None: 8 (fewer under 256 records: k-means needs 2^bits)
-    rerank: int = 8  # ivfpq_disk: the PQ proposes k*rerank candidates, re-scored exactly
+    rerank: int | None = None  # ivfpq_disk: the PQ proposes k*rerank candidates, re-scored exactly; default 8
+    train_size: int | None = None  # ivfpq_disk: rows trained on (train_rows); None: as many as k-means uses, nlist*256
     use_gpu: bool | None = None  # None: faiss GPU when available
 
     def __post_init__(self):
@@ -109,16 +114,32 @@ class IndexConfig:
         except ValueError:
             choices = [t.value for t in IndexType]
             raise ValueError(f"index_type must be one of {choices}, got {self.index_type!r}") from None
-        for name, low in (("nprobe", 1), ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
-            _check_int(name, getattr(self, name), low)
-        for name in ("nlist", "pq_m", "pq_nbits"):
+        for name, low in _KNOB_MINIMUM.items():
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_int("rerank", self.rerank, 1)
+                _check_int(name, getattr(self, name), low)
         if self.pq_nbits is not None and self.pq_nbits > 16:
             raise ValueError(f"pq_nbits must be at most 16, got {self.pq_nbits}")
         if self.use_gpu not in (None, True, False):
             raise ValueError(f"use_gpu must be None, True or False, got {self.use_gpu!r}")
+        knobs = KNOBS[self.index_type]
+        for name in _KNOB_MINIMUM:
+            if getattr(self, name) is not None and name not in knobs:
+                uses = ", ".join(knobs) or "no settings"
+                raise ValueError(f"{name} does not apply to a {self.index_type.value} index (it takes {uses})")
+            if getattr(self, name) is None and name in knobs:
+                setattr(self, name, knobs[name])
+
+
+# The settings each kind takes, with their defaults (None: chosen from the data at build time).
+KNOBS: dict[IndexType, dict[str, int | None]] = {
+    IndexType.FLAT: {},
+    IndexType.IVF: {"nlist": None, "nprobe": 16},
+    IndexType.HNSW: {"hnsw_m": 32, "ef_construction": 80, "ef_search": 64},
+    IndexType.IVFPQ_DISK: {"nlist": None, "nprobe": 16, "pq_m": None, "pq_nbits": None, "rerank": 8,
+                           "train_size": None},
+}
+_KNOB_MINIMUM = {"nlist": 1, "nprobe": 1, "hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "pq_m": 1,
+                 "pq_nbits": 1, "rerank": 1, "train_size": 1}
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -265,21 +286,45 @@ def _make_faiss(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, 
         index.train(vectors)  # the cells come from the first pool; add() only fills them
         params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist)}
     elif config.index_type is IndexType.IVFPQ_DISK:
-        nlist = _ivf_nlist(n, config.nlist)
-        m = config.pq_m or max(f for f in range(1, max(1, d // 8) + 1) if d % f == 0)
-        if d % m:
-            raise ValueError(f"pq_m={m} must divide the embedding dimension {d}")
-        nbits = config.pq_nbits or max(1, min(8, int(math.log2(max(n, 2)))))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)  # cells and PQ codebooks; save() moves the filled lists to disk
-        params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist), "pq_m": m, "pq_nbits": nbits,
-                  "rerank": config.rerank}
+        index, params = ivfpq_trained(vectors, config)  # save() moves the filled lists to disk
     else:
         index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.ef_construction
         params = {"hnsw_m": config.hnsw_m, "ef_construction": config.ef_construction, "ef_search": config.ef_search}
     index.add(vectors)
     _set_search_params(index, params)
+    return index, params
+
+
+def train_rows(n: int, nlist: int, train_size: int | None, seed: int = 0) -> np.ndarray:
+    """The rows [t] an ivfpq_disk index is trained on, the same for the plain and the streaming
+    build: every row in order when there are at most `train_size` (None: nlist*256, the most
+    faiss's k-means uses for nlist cells; it would subsample the rest itself), else a seeded
+    sample of that many, in row order."""
+    t = min(n, train_size or nlist * 256)
+    if t == n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, t, replace=False))
+
+
+def ivfpq_trained(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, dict]:
+    """An empty IVF-PQ trained on train_rows of `vectors` [n, d] (in RAM, or an np.memmap: only
+    the sample is read), and its manifest parameters. The caller adds the rows."""
+    n, d = vectors.shape
+    train_cap = min(n, config.train_size or n)
+    nlist = _ivf_nlist(train_cap, config.nlist) if config.nlist is None or config.nlist > train_cap \
+        else config.nlist  # default: ~4*sqrt(n) (n: the rows trained on when a train_size bounds them)
+    rows = train_rows(n, nlist, config.train_size)
+    sample = vectors if len(rows) == n and not isinstance(vectors, np.memmap) \
+        else np.ascontiguousarray(vectors[rows], dtype=np.float32)  # [t, d]
+    m = config.pq_m or max(f for f in range(1, max(1, d // 8) + 1) if d % f == 0)
+    if d % m:
+        raise ValueError(f"pq_m={m} must divide the embedding dimension {d}")
+    nbits = config.pq_nbits or max(1, min(8, int(math.log2(max(len(rows), 2)))))
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)  # cells and PQ codebooks: the only step that sees raw vectors together
+    params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist), "pq_m": m, "pq_nbits": nbits,
+              "rerank": config.rerank, "train_size": len(rows)}
     return index, params
 
 
@@ -332,6 +377,17 @@ def _check_records(dataset: Dataset) -> None:
     ids = [r.id for r in dataset.records]
     if len(set(ids)) != len(ids):
         raise ValueError(f"dataset {dataset.name!r} has duplicate record ids")
+
+
+def _new_manifest(dataset: Dataset, dim: int, embedder_name: str, config: IndexConfig, params: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION, "embedder": embedder_name, "dim": dim,
+        "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
+        "index_params": params, "count": len(dataset), "dataset": dataset.name,
+        "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),
+        "fields": list(dataset.fields),
+        "created": _now(), "files": {},  # files: filled in by save()
+    }
 
 
 def _now() -> str:
@@ -453,14 +509,7 @@ class ExampleIndex:
         _check_records(dataset)
         vectors = _check_vectors(vectors, len(dataset), None, f"embedder {embedder_name!r}")
         cpu_index, params = _make_faiss(vectors, config)
-        manifest = {
-            "format_version": FORMAT_VERSION, "embedder": embedder_name, "dim": int(vectors.shape[1]),
-            "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
-            "index_params": params, "count": len(dataset), "dataset": dataset.name,
-            "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),
-            "fields": list(dataset.fields),
-            "created": _now(), "files": {},  # files: filled in by save()
-        }
+        manifest = _new_manifest(dataset, int(vectors.shape[1]), embedder_name, config, params)
         index, res = _to_device(cpu_index, config.use_gpu)
         return cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, index, res)
 
