@@ -52,7 +52,7 @@ __all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "Inde
            "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
            "check_writable", "delete_index", "list_indexes", "index_version", "row_id", "update_index",
            "stale_note", "StaleWarning", "flat_topk", "KNOBS",
-           "train_rows", "ivfpq_trained"]
+           "train_rows", "ivfpq_trained", "FILL_ROWS"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -65,6 +65,7 @@ TEMPLATE_FILE = "template.json"  # optional default prompt template stored with 
 _EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
 _TIE_TOL = 1e-5  # candidates within this of the k-th best fast score are re-scored exactly (flat_topk)
 _SPARE = 8  # flat_topk takes k + _SPARE best fast scores, so the near-ties usually lie among them
+FILL_ROWS = 1 << 16  # from_vector_file adds this many rows at a time (25 MB of 384-d float32)
 _BLOCK = 1 << 22  # flat_topk scores at most this many (query, row) pairs at once: 16 MB of float32
 
 
@@ -399,10 +400,11 @@ def _sha256(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    """A file's sha256, read in 16 MB chunks (an ivfpq_disk index's files may exceed RAM)."""
+    """A file's sha256, read in 1 MB chunks (an ivfpq_disk index's files may exceed RAM; larger
+    chunks are no faster, and two of them are alive at once while the next is read)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
@@ -459,7 +461,7 @@ def _write_raw(vectors: np.ndarray, path: Path) -> None:
     """The raw rows [n, d] as float32, 65,536 rows at a time (`vectors` may be a memmap)."""
     with open(path, "wb") as f:
         for a in range(0, len(vectors), 1 << 16):
-            f.write(np.ascontiguousarray(vectors[a : a + (1 << 16)], dtype=np.float32).tobytes())
+            f.write(memoryview(np.ascontiguousarray(vectors[a : a + (1 << 16)], dtype=np.float32)))  # no copy
 
 
 # ----------------------------------------------------------------------------- the index
@@ -512,6 +514,34 @@ class ExampleIndex:
         manifest = _new_manifest(dataset, int(vectors.shape[1]), embedder_name, config, params)
         index, res = _to_device(cpu_index, config.use_gpu)
         return cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, index, res)
+
+    @classmethod
+    def from_vector_file(cls, dataset: Dataset, vectors: np.memmap, embedder_name: str, config: IndexConfig,
+                         lists: Path) -> "ExampleIndex":
+        """An ivfpq_disk index of `dataset` whose embeddings [n, d] are a file on disk (a streaming
+        build wrote them there), never all in RAM: trained on train_rows of them (as from_vectors
+        trains), then filled FILL_ROWS rows at a time into on-disk lists at `lists` (faiss
+        OnDiskInvertedLists; `save` copies them into the version). `vectors` stays the index's
+        memmap; the caller keeps both files until the index is saved."""
+        if config.index_type is not IndexType.IVFPQ_DISK:
+            raise ValueError(f"from_vector_file makes ivfpq_disk indexes, not {config.index_type.value}")
+        _check_records(dataset)
+        n, d = vectors.shape
+        if n != len(dataset):
+            raise ValueError(f"embedder {embedder_name!r}: expected embeddings of shape [{len(dataset)}, {d}], "
+                             f"got {[n, d]}")
+        cpu_index, params = ivfpq_trained(vectors, config)
+        ivf = faiss.extract_index_ivf(cpu_index)
+        on_disk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists))
+        ivf.replace_invlists(on_disk, True)
+        on_disk.this.disown()  # owned by the index now
+        for a in range(0, n, FILL_ROWS):  # [<= FILL_ROWS, d] at a time: codes go to disk as they are made
+            chunk = _check_vectors(vectors[a : a + FILL_ROWS], min(n - a, FILL_ROWS), d, f"embedder {embedder_name!r}")
+            with _quiet_faiss():  # the lists print a line each time their file grows
+                cpu_index.add(chunk)
+        _set_search_params(cpu_index, params)
+        manifest = _new_manifest(dataset, d, embedder_name, config, params)
+        return cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, cpu_index)
 
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores float32 [q, k], ids int64 [q, k]), best first.
