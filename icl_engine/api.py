@@ -10,6 +10,9 @@ process loads the LM, embedder and index once.
 from __future__ import annotations
 
 import dataclasses
+import secrets
+import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +49,7 @@ from .train.loop import TrainSettings, check_train_out
 from .train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = [
-    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "ray_options", "add_to_index", "remove_from_index",
+    "UpdateError", "DEFAULT_EMBEDDER", "DEFAULT_LM", "build_index", "index_config", "ray_options", "add_to_index", "remove_from_index",
     "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "search_loaded",
     "make_config", "classify", "generate", "evaluate_file", "classify_file", "generate_file", "run_demo", "build_anchors", "tune",
     "finetune_reference", "compare", "bounds_theory", "bounds_run",
@@ -59,7 +62,7 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
                 index_type: IndexType = IndexType.FLAT, template: Path | None = None,
                 indexes_dir: Path | None = None, force: bool = False, auto_template: bool = False,
                 lm: str = DEFAULT_LM, search_k: int = 8, search_examples: int = 150, id_field: str | None = None,
-                ray: "ray_jobs.RayOptions | None" = None) -> dict:
+                ray: "ray_jobs.RayOptions | None" = None, index_settings: dict | None = None) -> dict:
     """Load `data`, embed it and save the index as `name` (replacing an existing index only with
     `force`); returns the manifest, with the template chosen and any notes about it.
 
@@ -67,46 +70,80 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     `auto_template` the best of a few candidates on a held-out slice of the data (template_search);
     else the built-in dataset's; else one made from the data (templates.data_template).
     `id_field`: record ids from that field of the file (see add_to_index), remembered by the index.
-    `ray`: read and embed on Ray (ray_jobs): the same index as without it, made by an actor pool.
+    `ray`: read and embed on Ray (ray_jobs): the same index as without it, made by an actor pool;
+    an ivfpq_disk index streams the vectors to disk (ray_jobs.embed_to_file), never holding them all.
+    `index_settings`: IndexConfig's settings for `index_type` ({"nlist": 64, "rerank": 16}); one
+    the kind does not take is a ValueError, before any work.
     Everything that can be checked is checked before embedding."""
+    config = index_config(index_type, index_settings)
     folder = index_path(name, indexes_dir, for_write=True)
     check_writable(folder, replace=force)
     given = Template.from_json(template) if template else None
-    if ray is not None:  # reading and embedding are one distributed step; the checks below follow it
-        dataset, vectors = ray_jobs.read_and_embed(data, embedder=embedder, options=ray, text_field=text_field,
-                                                   label_field=label_field, id_field=id_field)
-    else:
-        dataset = load_dataset(data, text_field=text_field, label_field=label_field, id_field=id_field)
-    builtin = None if Path(str(data)).exists() else builtin_template(str(data))
-    default, notes = data_template(dataset)  # also refuses labels that read the same as words
-    model = load_lm(lm) if auto_template and given is None else None  # a bad --lm fails before embedding
-    config = IndexConfig(index_type=IndexType(index_type))
-    if ray is not None:
-        emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
-        index = ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
-    else:
-        emb = get_embedder(embedder)
-        index = ExampleIndex.build(dataset, emb, config)
-    if id_field:
-        index.manifest["id_field"] = id_field
-    extras, search = {}, None
-    if given is not None:
-        tpl, source = given, "given"
-    elif auto_template:
-        candidates = {**({"built-in": builtin} if builtin else {}), **template_candidates(dataset)}
-        search = search_templates(index, model, emb, k=search_k, n_validation=search_examples,
-                                  candidates=candidates)
-        tpl, source, notes = search.template, f"search: {search.best}", notes + search.notes
-        extras[SEARCH_FILE] = search.to_dict()
-    elif builtin is not None:
-        tpl, source, notes = builtin, "built-in", []
-    else:
-        tpl, source = default, "made from the data"
-    # the index stores its default template; the index itself never formats
-    index.save(folder, replace=force, template=tpl.to_dict(), extras=extras)
+    streamed = ray is not None and config.index_type is IndexType.IVFPQ_DISK
+    with _scratch_folder(folder, streamed) as scratch:
+        if streamed:  # an ivfpq_disk pool on Ray: its vectors stream to disk, never all in the driver's RAM
+            dataset, vectors = ray_jobs.embed_to_file(data, scratch / "vectors.f32", embedder=embedder, options=ray,
+                                                      text_field=text_field, label_field=label_field, id_field=id_field)
+        elif ray is not None:  # reading and embedding are one distributed step; the checks below follow it
+            dataset, vectors = ray_jobs.read_and_embed(data, embedder=embedder, options=ray, text_field=text_field,
+                                                       label_field=label_field, id_field=id_field)
+        else:
+            dataset = load_dataset(data, text_field=text_field, label_field=label_field, id_field=id_field)
+        builtin = None if Path(str(data)).exists() else builtin_template(str(data))
+        default, notes = data_template(dataset)  # also refuses labels that read the same as words
+        model = load_lm(lm) if auto_template and given is None else None  # a bad --lm fails before embedding
+        if ray is not None:
+            emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
+            index = ExampleIndex.from_vector_file(dataset, vectors, canonical_name(embedder), config,
+                                                  scratch / "lists.ivfdata") if streamed \
+                else ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
+        else:
+            emb = get_embedder(embedder)
+            index = ExampleIndex.build(dataset, emb, config)
+        if id_field:
+            index.manifest["id_field"] = id_field
+        extras, search = {}, None
+        if given is not None:
+            tpl, source = given, "given"
+        elif auto_template:
+            candidates = {**({"built-in": builtin} if builtin else {}), **template_candidates(dataset)}
+            search = search_templates(index, model, emb, k=search_k, n_validation=search_examples,
+                                      candidates=candidates)
+            tpl, source, notes = search.template, f"search: {search.best}", notes + search.notes
+            extras[SEARCH_FILE] = search.to_dict()
+        elif builtin is not None:
+            tpl, source, notes = builtin, "built-in", []
+        else:
+            tpl, source = default, "made from the data"
+        # the index stores its default template; the index itself never formats
+        index.save(folder, replace=force, template=tpl.to_dict(), extras=extras)
     info = index_info(name, indexes_dir=indexes_dir)
     return {**info, "template_source": source, "template_notes": notes,
             **({"template_search": search.to_dict()} if search else {})}
+
+
+@contextmanager
+def _scratch_folder(folder: Path, wanted: bool):
+    """A folder beside the index for a streaming build's vectors and lists until the index is
+    published (save copies them into the version); removed after, whatever happens. None: not wanted."""
+    if not wanted:
+        yield None
+        return
+    scratch = folder.parent / f".{folder.name}.build-{secrets.token_hex(4)}"
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def index_config(index_type: IndexType | str, settings: dict | None = None) -> IndexConfig:
+    """The IndexConfig of a build: `settings` left out (None values) take the kind's defaults."""
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(IndexConfig.__dataclass_fields__) - {"index_type", "use_gpu"})
+    if unknown or not set(given).isdisjoint({"index_type", "use_gpu"}):
+        raise ValueError(f"unknown index settings {unknown or sorted(given)}")
+    return IndexConfig(index_type=index_type, **given)
 
 
 def ray_options(enabled: bool, *, address: str | None = None, workers: int = 2) -> "ray_jobs.RayOptions | None":

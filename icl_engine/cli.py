@@ -132,6 +132,19 @@ def index_build(
     label_field: Optional[str] = typer.Option(None, "--label-field"),
     embedder: str = typer.Option(api.DEFAULT_EMBEDDER, "--embedder", help="Embedder name/path, or hashing:DIM."),
     index_type: IndexType = typer.Option(IndexType.FLAT, "--index-type"),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="ivf, ivfpq_disk: k-means cells (default ~4*sqrt(n))."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="ivf, ivfpq_disk: cells searched per query (default "
+                                         "16)."),
+    pq_m: Optional[int] = typer.Option(None, "--pq-m", help="ivfpq_disk: PQ bytes per vector, divides the dimension "
+                                       "(default: the largest divisor <= dim/8)."),
+    pq_nbits: Optional[int] = typer.Option(None, "--pq-nbits", help="ivfpq_disk: bits per PQ code (default 8)."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", help="ivfpq_disk: the PQ proposes k*RERANK candidates, "
+                                         "re-scored exactly (default 8)."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", help="ivfpq_disk: rows the IVF-PQ is trained on, "
+                                             "a seeded sample (default nlist*256)."),
+    hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="hnsw: links per node (default 32)."),
+    ef_construction: Optional[int] = typer.Option(None, "--ef-construction", help="hnsw: build beam (default 80)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="hnsw: search beam (default 64)."),
     template: Optional[Path] = typer.Option(None, "--template", help="Default prompt template (JSON) stored with the index."),
     indexes_dir: Optional[Path] = IndexesDir,
     force: bool = typer.Option(False, "--force", help="Replace an existing index of this name."),
@@ -158,7 +171,10 @@ def index_build(
     info = api.build_index(data, name, text_field=text_field, label_field=label_field, embedder=embedder,
                            index_type=index_type, template=template, indexes_dir=indexes_dir, force=force,
                            auto_template=auto_template, lm=lm, search_k=search_k, search_examples=search_examples,
-                           id_field=id_field, ray=api.ray_options(ray, address=address, workers=workers))
+                           id_field=id_field, ray=api.ray_options(ray, address=address, workers=workers),
+                           index_settings=dict(nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_nbits=pq_nbits, rerank=rerank,
+                                               train_size=train_size, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                                               ef_search=ef_search))
     if as_json:
         _print_json(info)
         return

@@ -11,6 +11,8 @@ __all__ = ["format_update", "format_info", "format_hits", "format_prediction", "
 def format_info(info: dict) -> str:
     keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
     lines = [f"{k:>10}: {info[k]}" for k in keys if k in info]
+    if info.get("index_params"):  # the settings the index was built with (nlist, nprobe, ...)
+        lines.append(f"{'settings':>10}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["index_params"].items())))
     if "template_source" in info:
         lines.append(f"{'template':>10}: {info['template_source']}")
     lines += [f"{'note':>10}: {n}" for n in info.get("template_notes", [])]

@@ -52,7 +52,8 @@ from .embed import canonical_name
 __all__ = ["IndexType", "IndexConfig", "ExampleIndex", "IndexFormatError", "IndexExistsError", "IndexWriteError",
            "FORMAT_VERSION", "TEMPLATE_FILE", "indexes_dir", "index_path", "check_index_name", "folder_state",
            "check_writable", "delete_index", "list_indexes", "index_version", "row_id", "update_index",
-           "stale_note", "StaleWarning", "flat_topk", "FirstPass"]
+           "stale_note", "StaleWarning", "flat_topk", "FirstPass", "KNOBS",
+           "train_rows", "ivfpq_trained", "FILL_ROWS"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -64,6 +65,9 @@ _STREAMED = (LISTS_FILE, RAW_FILE)  # checksummed in chunks on load, never read 
 TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
 _EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
 _GROUP = 16  # flat_topk finds its candidates among groups of this many rows (_near_best)
+FILL_ROWS = 1 << 12  # from_vector_file adds this many rows at a time; faiss's add copies them (residuals):
+# a 100 k x 1,536-d streaming build peaked at 2.1 GB anonymous RSS with 65,536-row chunks, 0.80 GB with
+# 8,192 and 0.56 GB with 4,096 (one run each, load ~5)
 _BLOCK = 1 << 22  # flat_topk scores at most this many (query, row) pairs at once: 16 MB of float32
 
 
@@ -92,15 +96,19 @@ class IndexType(str, Enum):
 
 @dataclass
 class IndexConfig:
+    """Which index and its settings. A setting left None takes its kind's default (KNOBS); one
+    given for a kind that does not use it (nprobe for flat) is an error, not silently ignored."""
+
     index_type: IndexType = IndexType.FLAT
     nlist: int | None = None  # ivf cells; None: ~4*sqrt(n), at most n/39 (faiss k-means minimum)
-    nprobe: int = 16  # ivf cells searched per query
-    hnsw_m: int = 32  # hnsw links per node
-    ef_construction: int = 80
-    ef_search: int = 64
+    nprobe: int | None = None  # ivf cells searched per query; default 16
+    hnsw_m: int | None = None  # hnsw links per node; default 32
+    ef_construction: int | None = None  # default 80
+    ef_search: int | None = None  # default 64
     pq_m: int | None = None  # ivfpq_disk: PQ bytes per vector, divides the dim; None: the largest divisor <= dim/8
     pq_nbits: int | None = None  # ivfpq_disk: bits per PQ code; None: 8 (fewer under 256 records: k-means needs 2^bits)
-    rerank: int = 8  # ivfpq_disk: the PQ proposes k*rerank candidates, re-scored exactly
+    rerank: int | None = None  # ivfpq_disk: the PQ proposes k*rerank candidates, re-scored exactly; default 8
+    train_size: int | None = None  # ivfpq_disk: rows trained on (train_rows); None: as many as k-means uses, nlist*256
     use_gpu: bool | None = None  # None: faiss GPU when available
 
     def __post_init__(self):
@@ -109,16 +117,32 @@ class IndexConfig:
         except ValueError:
             choices = [t.value for t in IndexType]
             raise ValueError(f"index_type must be one of {choices}, got {self.index_type!r}") from None
-        for name, low in (("nprobe", 1), ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
-            _check_int(name, getattr(self, name), low)
-        for name in ("nlist", "pq_m", "pq_nbits"):
+        for name, low in _KNOB_MINIMUM.items():
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_int("rerank", self.rerank, 1)
+                _check_int(name, getattr(self, name), low)
         if self.pq_nbits is not None and self.pq_nbits > 16:
             raise ValueError(f"pq_nbits must be at most 16, got {self.pq_nbits}")
         if self.use_gpu not in (None, True, False):
             raise ValueError(f"use_gpu must be None, True or False, got {self.use_gpu!r}")
+        knobs = KNOBS[self.index_type]
+        for name in _KNOB_MINIMUM:
+            if getattr(self, name) is not None and name not in knobs:
+                uses = ", ".join(knobs) or "no settings"
+                raise ValueError(f"{name} does not apply to a {self.index_type.value} index (it takes {uses})")
+            if getattr(self, name) is None and name in knobs:
+                setattr(self, name, knobs[name])
+
+
+# The settings each kind takes, with their defaults (None: chosen from the data at build time).
+KNOBS: dict[IndexType, dict[str, int | None]] = {
+    IndexType.FLAT: {},
+    IndexType.IVF: {"nlist": None, "nprobe": 16},
+    IndexType.HNSW: {"hnsw_m": 32, "ef_construction": 80, "ef_search": 64},
+    IndexType.IVFPQ_DISK: {"nlist": None, "nprobe": 16, "pq_m": None, "pq_nbits": None, "rerank": 8,
+                           "train_size": None},
+}
+_KNOB_MINIMUM = {"nlist": 1, "nprobe": 1, "hnsw_m": 2, "ef_construction": 1, "ef_search": 1, "pq_m": 1,
+                 "pq_nbits": 1, "rerank": 1, "train_size": 1}
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -307,21 +331,45 @@ def _make_faiss(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, 
         index.train(vectors)  # the cells come from the first pool; add() only fills them
         params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist)}
     elif config.index_type is IndexType.IVFPQ_DISK:
-        nlist = _ivf_nlist(n, config.nlist)
-        m = config.pq_m or max(f for f in range(1, max(1, d // 8) + 1) if d % f == 0)
-        if d % m:
-            raise ValueError(f"pq_m={m} must divide the embedding dimension {d}")
-        nbits = config.pq_nbits or max(1, min(8, int(math.log2(max(n, 2)))))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)  # cells and PQ codebooks; save() moves the filled lists to disk
-        params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist), "pq_m": m, "pq_nbits": nbits,
-                  "rerank": config.rerank}
+        index, params = ivfpq_trained(vectors, config)  # save() moves the filled lists to disk
     else:
         index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.ef_construction
         params = {"hnsw_m": config.hnsw_m, "ef_construction": config.ef_construction, "ef_search": config.ef_search}
     index.add(vectors)
     _set_search_params(index, params)
+    return index, params
+
+
+def train_rows(n: int, nlist: int, train_size: int | None, seed: int = 0) -> np.ndarray:
+    """The rows [t] an ivfpq_disk index is trained on, the same for the plain and the streaming
+    build: every row in order when there are at most `train_size` (None: nlist*256, the most
+    faiss's k-means uses for nlist cells; it would subsample the rest itself), else a seeded
+    sample of that many, in row order."""
+    t = min(n, train_size or nlist * 256)
+    if t == n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, t, replace=False))
+
+
+def ivfpq_trained(vectors: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, dict]:
+    """An empty IVF-PQ trained on train_rows of `vectors` [n, d] (in RAM, or an np.memmap: only
+    the sample is read), and its manifest parameters. The caller adds the rows."""
+    n, d = vectors.shape
+    train_cap = min(n, config.train_size or n)
+    nlist = _ivf_nlist(train_cap, config.nlist) if config.nlist is None or config.nlist > train_cap \
+        else config.nlist  # default: ~4*sqrt(n) (n: the rows trained on when a train_size bounds them)
+    rows = train_rows(n, nlist, config.train_size)
+    sample = vectors if len(rows) == n and not isinstance(vectors, np.memmap) \
+        else np.ascontiguousarray(vectors[rows], dtype=np.float32)  # [t, d]
+    m = config.pq_m or max(f for f in range(1, max(1, d // 8) + 1) if d % f == 0)
+    if d % m:
+        raise ValueError(f"pq_m={m} must divide the embedding dimension {d}")
+    nbits = config.pq_nbits or max(1, min(8, int(math.log2(max(len(rows), 2)))))
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)  # cells and PQ codebooks: the only step that sees raw vectors together
+    params = {"nlist": nlist, "nprobe": min(config.nprobe, nlist), "pq_m": m, "pq_nbits": nbits,
+              "rerank": config.rerank, "train_size": len(rows)}
     return index, params
 
 
@@ -376,6 +424,17 @@ def _check_records(dataset: Dataset) -> None:
         raise ValueError(f"dataset {dataset.name!r} has duplicate record ids")
 
 
+def _new_manifest(dataset: Dataset, dim: int, embedder_name: str, config: IndexConfig, params: dict) -> dict:
+    return {
+        "format_version": FORMAT_VERSION, "embedder": embedder_name, "dim": dim,
+        "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
+        "index_params": params, "count": len(dataset), "dataset": dataset.name,
+        "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),
+        "fields": list(dataset.fields),
+        "created": _now(), "files": {},  # files: filled in by save()
+    }
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -385,10 +444,11 @@ def _sha256(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    """A file's sha256, read in 16 MB chunks (an ivfpq_disk index's files may exceed RAM)."""
+    """A file's sha256, read in 1 MB chunks (an ivfpq_disk index's files may exceed RAM; larger
+    chunks are no faster, and two of them are alive at once while the next is read)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
@@ -445,7 +505,7 @@ def _write_raw(vectors: np.ndarray, path: Path) -> None:
     """The raw rows [n, d] as float32, 65,536 rows at a time (`vectors` may be a memmap)."""
     with open(path, "wb") as f:
         for a in range(0, len(vectors), 1 << 16):
-            f.write(np.ascontiguousarray(vectors[a : a + (1 << 16)], dtype=np.float32).tobytes())
+            f.write(memoryview(np.ascontiguousarray(vectors[a : a + (1 << 16)], dtype=np.float32)))  # no copy
 
 
 # ----------------------------------------------------------------------------- the index
@@ -496,16 +556,37 @@ class ExampleIndex:
         _check_records(dataset)
         vectors = _check_vectors(vectors, len(dataset), None, f"embedder {embedder_name!r}")
         cpu_index, params = _make_faiss(vectors, config)
-        manifest = {
-            "format_version": FORMAT_VERSION, "embedder": embedder_name, "dim": int(vectors.shape[1]),
-            "normalized": True, "metric": "inner_product", "index_type": config.index_type.value,
-            "index_params": params, "count": len(dataset), "dataset": dataset.name,
-            "dataset_sha256": dataset.sha256, "kind": dataset.kind.value, "labels": list(dataset.labels),
-            "fields": list(dataset.fields),
-            "created": _now(), "files": {},  # files: filled in by save()
-        }
+        manifest = _new_manifest(dataset, int(vectors.shape[1]), embedder_name, config, params)
         index, res = _to_device(cpu_index, config.use_gpu)
         return cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, index, res)
+
+    @classmethod
+    def from_vector_file(cls, dataset: Dataset, vectors: np.memmap, embedder_name: str, config: IndexConfig,
+                         lists: Path) -> "ExampleIndex":
+        """An ivfpq_disk index of `dataset` whose embeddings [n, d] are a file on disk (a streaming
+        build wrote them there), never all in RAM: trained on train_rows of them (as from_vectors
+        trains), then filled FILL_ROWS rows at a time into on-disk lists at `lists` (faiss
+        OnDiskInvertedLists; `save` copies them into the version). `vectors` stays the index's
+        memmap; the caller keeps both files until the index is saved."""
+        if config.index_type is not IndexType.IVFPQ_DISK:
+            raise ValueError(f"from_vector_file makes ivfpq_disk indexes, not {config.index_type.value}")
+        _check_records(dataset)
+        n, d = vectors.shape
+        if n != len(dataset):
+            raise ValueError(f"embedder {embedder_name!r}: expected embeddings of shape [{len(dataset)}, {d}], "
+                             f"got {[n, d]}")
+        cpu_index, params = ivfpq_trained(vectors, config)
+        ivf = faiss.extract_index_ivf(cpu_index)
+        on_disk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists))
+        ivf.replace_invlists(on_disk, True)
+        on_disk.this.disown()  # owned by the index now
+        for a in range(0, n, FILL_ROWS):  # [<= FILL_ROWS, d] at a time: codes go to disk as they are made
+            chunk = _check_vectors(vectors[a : a + FILL_ROWS], min(n - a, FILL_ROWS), d, f"embedder {embedder_name!r}")
+            with _quiet_faiss():  # the lists print a line each time their file grows
+                cpu_index.add(chunk)
+        _set_search_params(cpu_index, params)
+        manifest = _new_manifest(dataset, d, embedder_name, config, params)
+        return cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, cpu_index)
 
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores float32 [q, k], ids int64 [q, k]), best first.

@@ -21,6 +21,7 @@ so that every later job reuses their loaded LMs; each shard of texts is one task
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ import numpy as np
 from .data import BUILTIN_DATASETS, DataError, Dataset, load_dataset, pick_fields
 
 __all__ = ["RayMissingError", "RayOptions", "INSTALL_HINT", "require_ray", "init_ray", "read_and_embed", "embed_texts",
-           "EmbedActor", "Job", "EngineActor", "engine_actors", "close_engine_pools", "remote_config", "run_shards",
-           "user_error", "PoolLabeller"]
+           "embed_to_file", "EmbedActor", "Job", "EngineActor", "engine_actors", "close_engine_pools", "remote_config", "run_shards",
+           "user_error", "PoolLabeller", "WRITE_ROWS"]
 
 INSTALL_HINT = "pip install 'icl-engine[ray]'"
 VECTOR = "__icl_vector"  # the column the actors add: float32 [d] per row
+WRITE_ROWS = 4096  # embed_to_file: vectors the driver holds before appending them to the file
 _READERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
@@ -184,11 +186,7 @@ def read_and_embed(source: str, *, embedder: str, options: RayOptions, text_fiel
         tf, _ = pick_fields(ds.columns(), text_field, label_field, source)  # the loader checks them again
         taken = _embed(ds, embedder, tf, options).take_all()
     except ray.exceptions.RayTaskError as e:  # the file itself could not be parsed (bad JSON, ragged CSV)
-        cause = user_error(e)
-        if cause is e or "::Read" not in str(e).split("\n", 1)[0]:  # e.g. "ray::ReadPandasJSON->SplitBlocks(8)()"
-            raise cause from None
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise DataError(f"{source}: Ray Data could not read it ({first}); the plain build names the bad line") from None
+        raise _read_failure(e, source) from None
     rows, by_text = [], {}
     for row in taken:
         vector = row.pop(VECTOR)
@@ -197,6 +195,89 @@ def read_and_embed(source: str, *, embedder: str, options: RayOptions, text_fiel
         by_text.setdefault(text_of(row.get(tf)), vector)
     dataset = load_dataset(source, text_field=text_field, label_field=label_field, id_field=id_field, rows=rows)
     return dataset, np.stack([by_text[r.input] for r in dataset.records]).astype(np.float32, copy=False)
+
+
+def _read_failure(e: Exception, source: str) -> Exception:
+    """What to raise for a Ray task error while reading and embedding `source`: an actor's user
+    mistake as itself; a file Ray Data could not parse (bad JSON, ragged CSV) as one DataError."""
+    cause = user_error(e)
+    if cause is e or "::Read" not in str(e).split("\n", 1)[0]:  # e.g. "ray::ReadPandasJSON->SplitBlocks(8)()"
+        return cause
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return DataError(f"{source}: Ray Data could not read it ({first}); the plain build names the bad line")
+
+
+def embed_to_file(source: str, out: Path, *, embedder: str, options: RayOptions, text_field: str | None = None,
+                  label_field: str | None = None, id_field: str | None = None) -> tuple[Dataset, np.memmap]:
+    """read_and_embed for pools beyond the driver's RAM -> (dataset, vectors [n, d] float32, an
+    np.memmap of `out`), vectors[i] belonging to dataset.records[i] as read_and_embed gives them.
+
+    The rows stream from the pool in file order (iter_rows, not take_all: a Ray Data batch at a
+    time); their vectors are appended to a file beside `out` a block of rows at a time and only
+    the rows' fields stay on the driver, for load_dataset(rows=...) to parse as the plain build
+    does (same ids, dedup, errors). When the records are not the rows one to one (a row with
+    several references, a repeated text) the vectors are copied into record order, a block at a time."""
+    ray = init_ray(options)
+    close_engine_pools()  # idle engine actors would hold CPUs the embedding pool and its reads need
+    raw = out.with_name(out.name + ".rows")  # [rows, d] in file order
+    if source in BUILTIN_DATASETS:  # loaded here; only its texts go through the pool
+        dataset = load_dataset(source, text_field=text_field, label_field=label_field, id_field=id_field)
+        items = ray.data.from_items([{"text": r.input} for r in dataset.records], override_num_blocks=_blocks(options))
+        dim = _append_vectors((row[VECTOR] for row in _embed(items, embedder, "text", options).iter_rows()), out)
+        return dataset, _open_rows(out, dim)
+    ds = _read(ray, source, options)
+    rows, first = [], {}  # first: text -> the first row that has it (its vector is the records')
+
+    def vectors():
+        for row in _embed(ds, embedder, tf, options).iter_rows():
+            vector = row.pop(VECTOR)
+            row = {k: plain(v) for k, v in row.items()}
+            first.setdefault(text_of(row.get(tf)), len(rows))
+            rows.append(row)
+            yield vector
+
+    try:
+        tf, _ = pick_fields(ds.columns(), text_field, label_field, source)  # the loader checks them again
+        dim = _append_vectors(vectors(), raw)
+    except ray.exceptions.RayTaskError as e:
+        raise _read_failure(e, source) from None
+    dataset = load_dataset(source, text_field=text_field, label_field=label_field, id_field=id_field, rows=rows)
+    where = np.fromiter((first[r.input] for r in dataset.records), np.int64, len(dataset))  # [n] row of each record
+    if np.array_equal(where, np.arange(len(rows))):
+        raw.rename(out)
+    else:
+        by_row = _open_rows(raw, dim)
+        _append_vectors((v for a in range(0, len(where), WRITE_ROWS) for v in by_row[where[a : a + WRITE_ROWS]]), out)
+        del by_row
+        raw.unlink()
+    return dataset, _open_rows(out, dim)
+
+
+def _append_vectors(vectors: Iterator[np.ndarray], path: Path) -> int | None:
+    """Write the [d] vectors to `path` as float32 rows [n, d], WRITE_ROWS at a time (the driver
+    holds one block, never all of them); returns d (None: no rows). A vector of another size, or
+    one not finite, is refused."""
+    dim = None
+    with open(path, "wb") as f:
+        buf = []
+        for v in itertools.chain(vectors, [None]):  # None: the end, write what is left
+            if v is not None:
+                buf.append(v)
+            if buf and (v is None or len(buf) >= WRITE_ROWS):
+                b = np.stack(buf).astype(np.float32, copy=False)  # [<= block, d]
+                dim = dim or b.shape[1]
+                if b.ndim != 2 or b.shape[1] != dim or not np.isfinite(b).all():
+                    raise ValueError(f"embedder: expected finite embeddings of dimension {dim}, got {list(b.shape)}")
+                f.write(memoryview(np.ascontiguousarray(b)))
+                buf = []
+    return dim
+
+
+def _open_rows(path: Path, dim: int | None) -> np.memmap:
+    """The [n, d] float32 rows of a file _append_vectors wrote, as a read-only memmap."""
+    if dim is None:
+        return np.zeros((0, 0), np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r").reshape(-1, dim)
 
 
 class Job(str, Enum):

@@ -52,7 +52,7 @@ def same_as_build(index: ExampleIndex, emb) -> None:
 @pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
 def test_upsert_and_remove_equal_a_build_of_the_result(emb, index_type):
     ds = make_dataset(400)
-    config = IndexConfig(index_type=index_type, nlist=8, nprobe=8)
+    config = IndexConfig(index_type=index_type, **({"nlist": 8, "nprobe": 8} if index_type == "ivf" else {}))
     index = ExampleIndex.build(ds.select(range(300)), emb, config)
     centroids = index._faiss.quantizer.reconstruct_n(0, 8) if index_type == "ivf" else None
     new = ds.records[300:]

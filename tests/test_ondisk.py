@@ -176,3 +176,49 @@ def test_console_script_json_stays_clean_after_a_rename(tmp_path):
     run("index", "build", "d.jsonl", "--name", "f", "--embedder", "hashing:64")
     hits = run("index", "search", "b", "a boring film", "-k", "3")
     assert len(hits) == 3 and hits == run("index", "search", "f", "a boring film", "-k", "3")  # 24 candidates cover all
+
+
+def test_console_script_index_settings_land_in_the_manifest_and_bad_ones_are_one_line(tmp_path):
+    """`icl index build` takes each kind's settings (--nlist, --nprobe, --pq-m, --rerank, ...);
+    `icl index info` shows them; a bad value or a setting of another kind is one line, exit 1,
+    and nothing is written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    icl = Path(sys.executable).parent / "icl"
+    rows = [(f"{t} {i}", lab) for i in range(40) for t, lab in ROWS]  # 320 rows: 8-bit codes
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in rows) + "\n")
+    env = {**os.environ, "ICL_INDEXES": str(tmp_path / "ix")}
+
+    def run(*args):
+        return subprocess.run([str(icl), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    build = ["index", "build", "d.jsonl", "--embedder", "hashing:64"]
+    p = run(*build, "--name", "pq", "--index-type", "ivfpq_disk", "--nlist", "4", "--nprobe", "2", "--pq-m", "16",
+            "--rerank", "3", "--train-size", "200", "--json")
+    assert p.returncode == 0, p.stderr
+    want = {"nlist": 4, "nprobe": 2, "pq_m": 16, "pq_nbits": 7, "rerank": 3, "train_size": 200}  # 7 bits: 200 rows
+    assert json.loads(p.stdout)["index_params"] == want
+    info = run("index", "info", "pq", "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["index_params"] == want
+    text = run("index", "info", "pq").stdout
+    assert "settings: nlist=4, nprobe=2, pq_m=16, pq_nbits=7, rerank=3, train_size=200" in text
+    p = run(*build, "--name", "hn", "--index-type", "hnsw", "--hnsw-m", "8", "--ef-search", "20", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["index_params"] == {"hnsw_m": 8, "ef_construction": 80,
+                                                                          "ef_search": 20}
+    for args, line in [
+        (("--nprobe", "4"), "error: nprobe does not apply to a flat index (it takes no settings)"),
+        (("--index-type", "ivf", "--rerank", "2"), "error: rerank does not apply to a ivf index (it takes nlist, nprobe)"),
+        (("--index-type", "hnsw", "--nlist", "8"), "error: nlist does not apply to a hnsw index (it takes hnsw_m, "
+                                                    "ef_construction, ef_search)"),
+        (("--index-type", "ivfpq_disk", "--rerank", "0"), "error: rerank must be an integer >= 1, got 0"),
+        (("--index-type", "ivfpq_disk", "--nlist", "-3"), "error: nlist must be an integer >= 1, got -3"),
+        (("--index-type", "ivfpq_disk", "--pq-nbits", "17"), "error: pq_nbits must be at most 16, got 17"),
+        (("--index-type", "ivfpq_disk", "--pq-m", "5"), "error: pq_m=5 must divide the embedding dimension 64"),
+    ]:
+        p = run(*build, "--name", "bad", *args)
+        assert (p.returncode, p.stderr.strip().splitlines()) == (1, [line]), (args, p.stderr)
+        assert "Traceback" not in p.stderr and not (tmp_path / "ix" / "bad").exists()
+    assert sorted(os.listdir(tmp_path / "ix")) == ["hn", "pq"]

@@ -15,7 +15,7 @@ import pytest
 
 from icl_engine import api
 from icl_engine.data import DataError
-from icl_engine.index import ExampleIndex
+from icl_engine.index import ExampleIndex, flat_topk
 
 ICL = Path(sys.executable).with_name("icl")
 SMALL = dict(workers=2, batch_size=16, cpus_per_worker=0.5)  # two actors and a read task fit 2 CPUs
@@ -100,3 +100,47 @@ def test_without_ray_the_flag_is_one_line_with_the_install_command(tmp_path):
     assert out.stderr.strip().splitlines() == ["error: --ray needs Ray with Ray Data, which is not installed (ray): "
                                                "pip install 'icl-engine[ray]'"]
     assert not (tmp_path / "ix" / "x").exists()
+
+
+def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, tmp_path, monkeypatch):
+    """--ray with ivfpq_disk streams the pool's rows to disk instead of gathering them: the same
+    records, vectors and trained index as the plain ivfpq_disk build (train_rows: the same
+    sample), so the same PQ search; with a rerank covering every row, flat search's ids and
+    scores. Peak driver memory (tracemalloc: numpy's buffers are traced) stays well under the
+    [n, d] matrix a take_all build stacks, with a train sample and blocks smaller than n."""
+    import tracemalloc
+
+    from icl_engine import index as index_module
+    from icl_engine import ray_jobs
+    from icl_engine.ray_jobs import RayOptions
+
+    monkeypatch.setattr(ray_jobs, "WRITE_ROWS", 100)  # blocks much smaller than n, as at scale
+    monkeypatch.setattr(index_module, "FILL_ROWS", 100)
+    data = rows(2400) + [rows(3)[1]]  # a repeated text: records are not the rows one to one (the copy path)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in data))
+    kw = dict(embedder="hashing:4096", indexes_dir=tmp_path / "ix")  # [n, d] float32: 39 MB
+    pq = dict(index_type="ivfpq_disk", index_settings=dict(nlist=8, nprobe=2, pq_m=64, rerank=400, train_size=300))
+    api.build_index(str(jsonl), "plain", **kw, **pq)
+    tracemalloc.start()
+    api.build_index(str(jsonl), "ray", ray=RayOptions(**{**SMALL, "batch_size": 250}), **kw, **pq)
+    kept, peak = tracemalloc.get_traced_memory()  # kept: what stays, Ray Data's modules imported on first use
+    tracemalloc.stop()
+    n, d = len(data), 4096  # peak - kept: a Ray block (300 rows, 5 MB) or the train sample (300 rows, 5 MB)
+    assert peak - kept < n * d * 4 / 4, f"driver peak {(peak - kept) / 1e6:.1f} MB above what stays, " \
+                                        f"the stacked vectors are {n * d * 4 / 1e6:.1f} MB"
+    plain, ray = (ExampleIndex.load(tmp_path / "ix" / name) for name in ("plain", "ray"))
+    same_index(ray, plain)
+    assert ray.manifest["index_params"] == plain.manifest["index_params"] == {
+        "nlist": 8, "nprobe": 2, "pq_m": 64, "pq_nbits": 8, "rerank": 400, "train_size": 300}
+    assert not list((tmp_path / "ix").glob(".*build-*"))  # the scratch folder is gone
+    q = np.asarray(plain.vectors[::160]) + 0.01  # [16, d] near some rows, not on them
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    f_s, f_i = flat_topk(q, np.asarray(plain.vectors), 8)  # a flat index's search
+    for index in (plain, ray):  # 8 x 400 candidates cover every row: flat search's answer
+        s, i = index.search(q, 8)
+        np.testing.assert_array_equal(i, f_i)
+        np.testing.assert_allclose(s, f_s, atol=1e-6)
+    for index in (plain, ray):  # the PQ alone proposes: the same trained cells and codes give the same
+        index.manifest["index_params"]["rerank"] = 1
+    np.testing.assert_array_equal(plain.search(q, 8)[1], ray.search(q, 8)[1])
