@@ -293,6 +293,7 @@ def test_generation_report(tmp_path):
     assert g["verdict"] == ("met" if g["gap"] <= 2 else "not met")
     md = (tmp_path / "out" / REPORT_MD).read_text()
     assert (tmp_path / "out" / REPORT_PNG).is_file() and "within 2 ROUGE-L points" in md and "below 90%" not in md
+    assert ("cannot confirm" in md) == (g["verdict"] == "met" and g["gap_ci95"][1] > 2)
     with pytest.raises(CompareError, match="knn_prompting needs a classification index"):
         run_compare(str(tmp_path / "idx"), test, out=tmp_path / "out2", methods=["knn_prompting", "finetuned"],
                     reference=tmp_path / "out" / "reference", lm=str(lm_dir), train_pool=None, progress=False)
