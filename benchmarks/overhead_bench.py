@@ -193,6 +193,8 @@ def main(argv=None) -> dict:
     p.add_argument("--embed-batch-size", type=int, default=None, help="override the embedder's batch size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokenizer-threads", action="store_true",
+                   help="with --threads 1, leave the tokenizer's own thread pool on (as before round 5)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is loaded and warm")
     p.add_argument("--embedders", nargs="+", default=["hashing:384", DEFAULT_EMBEDDER])
     p.add_argument("--tokenizer", default=str(cache_root() / "models" / "smollm2-135m-instruct"))
@@ -202,6 +204,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)  # the index search: same thread count as the LM
+    if args.threads == 1 and not args.tokenizer_threads:
+        # the tokenizer's Rust thread pool too: a batch of 64 queries on every core cost 0.03 ms of
+        # CPU per query more than on one (round 5), and on a shared machine it waits for cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     lm = tiny_lm(args.tokenizer)
     pool = load_dataset(str(DATA / "rotten_tomatoes_train.jsonl"))
@@ -217,7 +223,9 @@ def main(argv=None) -> dict:
     out = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": args.label,
            "command": " ".join(["benchmarks/overhead_bench.py", *(argv if argv is not None else sys.argv[1:])]),
            "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                       "torch_threads": args.threads, "gc_freeze": args.gc_freeze, "load_average_at_start": list(load_start),
+                       "torch_threads": args.threads, "gc_freeze": args.gc_freeze,
+                       "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "default"),
+                       "load_average_at_start": list(load_start),
                        "load_average_at_end": list(os.getloadavg()), "torch": torch.__version__},
            "config": {"n": args.n, "k": args.k, "batch_size": args.batch_size, "repeats": args.repeats,
                       "lm": lm.name, "lm_params": lm.n_params, "template": "rotten_tomatoes built-in (instruction)"},
@@ -250,7 +258,8 @@ def markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [f"# Overhead around the LM ({r['label']})", "", f"`{r['command']}`, {r['created']}", "",
              f"n = {c['n']} Rotten Tomatoes test queries, kNN k = {c['k']}, engine batch size {c['batch_size']}, "
-             f"{c['repeats']} repeat(s) (medians), {m['torch_threads']} torch thread(s); LM: {c['lm']} "
+             f"{c['repeats']} repeat(s) (medians), {m['torch_threads']} torch thread(s) (tokenizer's thread pool: "
+             f"{m.get('tokenizers_parallelism', 'default')}; gc.freeze: {m.get('gc_freeze', False)}); LM: {c['lm']} "
              f"({c['lm_params'] / 1e6:.2f} M parameters, the SmolLM2 tokenizer). Load average "
              f"{m['load_average_at_start'][0]:.2f} at start, {m['load_average_at_end'][0]:.2f} at end "
              f"({m['cpus']} CPUs, shared with other jobs).", "",
