@@ -25,6 +25,7 @@ embedder) so a later run can show its predictions equal these (`--reference`).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -88,6 +89,9 @@ class Stages:
         self._wrap(pipeline, "select_many", "select_many")
         self._wrap(pipeline, "score_continuations", "score")
         self._start = (0.0, 0.0)
+        self.gc = {"cpu_s": 0.0, "full": 0, "young": 0}  # the collector's own time, inside the stages above
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
         engine.lm.model.register_forward_pre_hook(self._pre)
         engine.lm.model.register_forward_hook(self._post)
 
@@ -113,8 +117,16 @@ class Stages:
     def _post(self, *_):
         self._add("lm", self._start)
 
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.process_time()
+            return
+        self.gc["cpu_s"] += time.process_time() - self._gc_start
+        self.gc["full" if info["generation"] == 2 else "young"] += 1
+
     def reset(self) -> None:
         self.t = {c: dict.fromkeys(self.KEYS, 0.0) for c in self.t}
+        self.gc = dict.fromkeys(self.gc, 0) | {"cpu_s": 0.0}
 
     def split(self, clock: str, total: float) -> dict[str, float]:
         t = self.t[clock]
@@ -137,6 +149,9 @@ def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
     engine = Engine.from_parts(cfg, index, emb, lm, SENTIMENT_TEMPLATE)
     stages = Stages(engine)
     evaluate(engine, load_dataset(str(DATA / "rotten_tomatoes_train.jsonl")).select(range(32)), progress=False)
+    if args.gc_freeze:  # what a long-running front end may do once loaded: the loaded heap leaves full collections
+        gc.collect()
+        gc.freeze()
     runs = []
     for _ in range(args.repeats):
         stages.reset()
@@ -144,9 +159,10 @@ def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
         res = evaluate(engine, test, k=args.k, progress=False)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         runs.append({"wall": {"total": total, **stages.split("wall", total)},
-                     "cpu": {"total": cpu, **stages.split("cpu", cpu)}})
+                     "cpu": {"total": cpu, **stages.split("cpu", cpu)}, "gc": dict(stages.gc)})
         print(f"{name}: {total:.2f} s ({cpu:.2f} CPU s), "
-              + ", ".join(f"{s} {runs[-1]['wall'][s]:.2f}" for s in STAGES), file=sys.stderr)
+              + ", ".join(f"{s} {runs[-1]['wall'][s]:.2f}" for s in STAGES)
+              + f"; gc {runs[-1]['gc']['cpu_s']:.3f} CPU s ({runs[-1]['gc']['full']} full)", file=sys.stderr)
     n = res["n"]
     ms = {clock: per_query(runs, clock, n) for clock in ("wall", "cpu")}
     return {"embedder": emb.name, "index_build_s": build_s, "n": n, "accuracy": res["accuracy"],
@@ -177,6 +193,9 @@ def main(argv=None) -> dict:
     p.add_argument("--embed-batch-size", type=int, default=None, help="override the embedder's batch size")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokenizer-threads", action="store_true",
+                   help="with --threads 1, leave the tokenizer's own thread pool on (as before round 5)")
+    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is loaded and warm")
     p.add_argument("--embedders", nargs="+", default=["hashing:384", DEFAULT_EMBEDDER])
     p.add_argument("--tokenizer", default=str(cache_root() / "models" / "smollm2-135m-instruct"))
     p.add_argument("--label", default="run", help="result files: overhead_bench_<label>.json/.md")
@@ -185,6 +204,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)  # the index search: same thread count as the LM
+    if args.threads == 1 and not args.tokenizer_threads:
+        # the tokenizer's Rust thread pool too: a batch of 64 queries on every core cost 0.03 ms of
+        # CPU per query more than on one (round 5), and on a shared machine it waits for cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     lm = tiny_lm(args.tokenizer)
     pool = load_dataset(str(DATA / "rotten_tomatoes_train.jsonl"))
@@ -200,7 +223,9 @@ def main(argv=None) -> dict:
     out = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "label": args.label,
            "command": " ".join(["benchmarks/overhead_bench.py", *(argv if argv is not None else sys.argv[1:])]),
            "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                       "torch_threads": args.threads, "load_average_at_start": list(load_start),
+                       "torch_threads": args.threads, "gc_freeze": args.gc_freeze,
+                       "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "default"),
+                       "load_average_at_start": list(load_start),
                        "load_average_at_end": list(os.getloadavg()), "torch": torch.__version__},
            "config": {"n": args.n, "k": args.k, "batch_size": args.batch_size, "repeats": args.repeats,
                       "lm": lm.name, "lm_params": lm.n_params, "template": "rotten_tomatoes built-in (instruction)"},
@@ -233,7 +258,8 @@ def markdown(r: dict) -> str:
     c, m = r["config"], r["machine"]
     lines = [f"# Overhead around the LM ({r['label']})", "", f"`{r['command']}`, {r['created']}", "",
              f"n = {c['n']} Rotten Tomatoes test queries, kNN k = {c['k']}, engine batch size {c['batch_size']}, "
-             f"{c['repeats']} repeat(s) (medians), {m['torch_threads']} torch thread(s); LM: {c['lm']} "
+             f"{c['repeats']} repeat(s) (medians), {m['torch_threads']} torch thread(s) (tokenizer's thread pool: "
+             f"{m.get('tokenizers_parallelism', 'default')}; gc.freeze: {m.get('gc_freeze', False)}); LM: {c['lm']} "
              f"({c['lm_params'] / 1e6:.2f} M parameters, the SmolLM2 tokenizer). Load average "
              f"{m['load_average_at_start'][0]:.2f} at start, {m['load_average_at_end'][0]:.2f} at end "
              f"({m['cpus']} CPUs, shared with other jobs).", "",
@@ -249,6 +275,13 @@ def markdown(r: dict) -> str:
             x = e["ms_per_query"][clock]
             lines.append(f"| {name} | {clock} | " + " | ".join(f"{x[s]:.3f}" for s in cols)
                          + f" | {e['accuracy']:.3f} | {e['mean_prompt_tokens']:.1f} |")
+    lines += ["", "The garbage collector's own CPU time (inside the stages above), mean over all repeats, and "
+              "the full (oldest-generation) collections in each repeat:"]
+    for name, e in r["embedders"].items():
+        g = [run["gc"] for run in e["runs"] if "gc" in run]
+        if g:
+            lines.append(f"- {name}: {1e3 * sum(x['cpu_s'] for x in g) / (len(g) * e['n']):.3f} ms per query; "
+                         f"full collections {[x['full'] for x in g]}")
     if "reference" in r:
         ref = r["reference"]
         lines += ["", f"Against `{ref['label']}` ({ref['file_created']}):"]

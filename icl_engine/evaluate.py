@@ -104,13 +104,20 @@ class EngineLabeller:
             yield s, self.engine.generate(inputs[s], method=method, k=k)
 
 
-def _answers(chunks: Iterator[tuple[slice, list]], n: int, bar) -> list:
-    """The results of n queries from chunks that may come in any order."""
-    out = [None] * n
+def _collect(chunks: Iterator[tuple[slice, list]], n: int, bar, row) -> tuple[list, np.ndarray]:
+    """The results of n queries from chunks that may come in any order, each turned into its
+    output row (`row(i, result)`) as its chunk arrives, plus their counts: int64 [n, 5] of
+    prompt tokens, demonstrations, short, skipped, dropped (what `fewer_demos` reads). The
+    Predictions/Generations (a dozen objects a query, 8 of them Demos) die with their chunk:
+    kept to the end they were most of what a run leaves for the garbage collector's full
+    collections to walk (issue 14)."""
+    rows, counts = [None] * n, np.zeros((n, 5), np.int64)
     for s, batch in chunks:
-        out[s] = batch
+        for i, r in zip(range(s.start, s.stop), batch):
+            rows[i] = row(i, r)
+            counts[i] = (r.prompt_tokens, len(r.demos), r.short, len(r.skipped), r.dropped)
         bar.update(s.stop - s.start)
-    return out
+    return rows, counts
 
 
 def evaluate(
@@ -149,35 +156,37 @@ def evaluate(
         if unknown:
             raise UnknownLabelError(
                 f"test labels {unknown} are not among the index's labels {list(index.labels)}")
+        gold = [r.output for r in records]
+        row = lambda i, p: {"id": records[i].id, "gold": gold[i], "pred": p.label, "probs": p.probs,  # noqa: E731
+                            "demos": [d.id for d in p.demos]}
         with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
-            preds = _answers(labeller.classify_chunks([r.input for r in records], chunk, method=method, k=k),
-                             len(records), bar)
+            preds, counts = _collect(labeller.classify_chunks([r.input for r in records], chunk, method=method, k=k),
+                                     len(records), bar, row)
         seconds = time.perf_counter() - t0
-        gold, guess = [r.output for r in records], [p.label for p in preds]
+        guess = [p["pred"] for p in preds]
         out.update(
             n=len(records), accuracy=accuracy(gold, guess),
             macro_f1=macro_f1(gold, guess, index.labels),
             labels=list(index.labels),
             confusion_matrix=confusion_matrix(gold, guess, index.labels).tolist(),
-            mean_prompt_tokens=float(np.mean([p.prompt_tokens for p in preds])),
-            predictions=[{"id": r.id, "gold": r.output, "pred": p.label, "probs": p.probs,
-                          "demos": [d.id for d in p.demos]} for r, p in zip(records, preds)],
+            mean_prompt_tokens=float(np.mean(counts[:, 0])),
+            predictions=preds,
         )
     else:
         groups = group_references(test.records)[:limit]
+        row = lambda i, g: {"input": groups[i][0], "output": g.text, "references": groups[i][1],  # noqa: E731
+                            "demos": [d.id for d in g.demos]}
         with Progress(len(groups), desc, unit="inputs", enabled=progress) as bar:
-            gens = _answers(labeller.generate_chunks([inp for inp, _ in groups], chunk, method=method, k=k),
-                            len(groups), bar)
+            gens, counts = _collect(labeller.generate_chunks([inp for inp, _ in groups], chunk, method=method, k=k),
+                                    len(groups), bar, row)
         seconds = time.perf_counter() - t0
-        hyps, refs = [g.text for g in gens], [r for _, r in groups]
+        hyps, refs = [g["output"] for g in gens], [r for _, r in groups]
         out.update(
             n=len(groups), bleu=bleu(hyps, refs), rouge_l=rouge_l(hyps, refs),
-            mean_prompt_tokens=float(np.mean([g.prompt_tokens for g in gens])),
-            predictions=[{"input": i, "output": g.text, "references": r, "demos": [d.id for d in g.demos]}
-                         for (i, r), g in zip(groups, gens)],
+            mean_prompt_tokens=float(np.mean(counts[:, 0])),
+            predictions=gens,
         )
-        preds = gens
-    fewer = fewer_demos(preds, k if method is not SelectionMethod.ZERO else 0)
+    fewer = _fewer(counts[:, 1:], k if method is not SelectionMethod.ZERO else 0)
     if fewer:  # never silent: how many queries got fewer than k demonstrations, and why
         out["fewer_demos"] = fewer
     out.update(seconds=seconds, queries_per_s=out["n"] / seconds if seconds > 0 else float("inf"))
@@ -188,11 +197,17 @@ def fewer_demos(results: Sequence, k: int) -> dict | None:
     """Predictions/Generations -> {queries, short, skipped, dropped}: how many queries got fewer
     than k demonstrations, and the demonstrations missing for lack of distinct inputs (short), too
     long alone for the budget (skipped) and left out of a full budget (dropped); None if none."""
-    queries = sum(len(r.demos) < k for r in results)
+    counts = np.array([(len(r.demos), r.short, len(r.skipped), r.dropped) for r in results], np.int64)
+    return _fewer(counts.reshape(-1, 4), k)
+
+
+def _fewer(counts: np.ndarray, k: int) -> dict | None:
+    """fewer_demos over int64 [n, 4] counts: demonstrations, short, skipped, dropped."""
+    queries = int((counts[:, 0] < k).sum())
     if not queries:
         return None
-    return {"queries": queries, "short": sum(r.short for r in results),
-            "skipped": sum(len(r.skipped) for r in results), "dropped": sum(r.dropped for r in results)}
+    short, skipped, dropped = (int(x) for x in counts[:, 1:].sum(0))
+    return {"queries": queries, "short": short, "skipped": skipped, "dropped": dropped}
 
 
 def format_table(rows: Sequence[dict]) -> str:

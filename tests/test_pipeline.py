@@ -150,6 +150,44 @@ def test_evaluate_chunks_and_overlap_do_not_change_results(parts):
         evaluate(eng, test, progress=False, chunk=0)
 
 
+def test_evaluate_drops_each_chunks_predictions_and_keeps_its_numbers(parts):
+    """evaluate() keeps each query's output row and counts, not its Prediction (a dozen objects,
+    8 of them Demos, that a long run left for the full garbage collections to walk): a chunk's
+    Predictions are gone two chunks later, and the output is what the Predictions say."""
+    import gc
+    import weakref
+
+    from icl_engine.evaluate import evaluate, fewer_demos
+
+    eng = engine(parts, k=12)  # more than the 8 records: every query is short of demonstrations
+    queries = [f"{t} {w}" for w in ("really", "so", "very", "") for t in TEXTS][:30]
+    test = Dataset("q", TaskKind.CLASSIFICATION, make_records((q, "positive") for q in queries), ("negative", "positive"))
+    chunks, finish = [], eng.finish
+
+    def tracked(prepared):
+        preds = finish(prepared)
+        assert all(r() is None for done in chunks[:-1] for r in done)  # refcounts alone free them
+        chunks.append([weakref.ref(p) for p in preds] + [weakref.ref(d) for p in preds for d in p.demos])
+        return preds
+
+    eng.finish = tracked
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        out = evaluate(eng, test, progress=False, chunk=8)
+    finally:
+        eng.finish = finish
+        if enabled:
+            gc.enable()
+    assert len(chunks) == 4
+    ref = eng.classify(queries)
+    assert [p["pred"] for p in out["predictions"]] == [p.label for p in ref]
+    assert [p["demos"] for p in out["predictions"]] == [[d.id for d in p.demos] for p in ref]
+    assert out["mean_prompt_tokens"] == float(np.mean([p.prompt_tokens for p in ref]))
+    assert out["fewer_demos"] == fewer_demos(ref, 12) and out["fewer_demos"]["queries"] == len(queries)
+    assert out["fewer_demos"]["short"] == sum(p.short for p in ref) > 0
+
+
 def test_engine_runs_without_faiss():
     """A GPU machine may lack faiss: the engine, evaluate and the LM load without it (only
     loading an index from disk needs it)."""

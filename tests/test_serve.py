@@ -140,6 +140,47 @@ def test_readyz_is_503_until_loaded(world):
         _wait_ready(c)
 
 
+def test_on_ready_runs_once_loaded_before_ready(world):
+    """`on_ready` (what `icl serve` freezes the loaded heap with) runs after the LM and the
+    indexes named at start have loaded, and before /readyz says ready; never on a failed load."""
+    calls = []
+    app = create_app(_config(world), on_ready=lambda: calls.append((app.state.service.ready,
+                                                                      sorted(app.state.service.indexes))))
+    with TestClient(app) as c:
+        _wait_ready(c)
+    assert calls == [(False, ["good"])]
+    failed = []
+    with TestClient(create_app(_config(world, lm=str(world[0] / "no-such-lm")), on_ready=lambda: failed.append(1))) as c:
+        end = time.monotonic() + 30
+        while "error" not in c.get("/readyz").json():
+            assert time.monotonic() < end
+            time.sleep(0.05)
+    assert failed == []
+
+
+def test_serve_freezes_the_loaded_heap(world, monkeypatch):
+    """`serve` (the process's owner) hands create_app the heap freezer; it collects, then
+    leaves the objects alive then out of every later collection."""
+    import gc
+
+    import uvicorn
+
+    from icl_engine.service import server
+
+    seen = {}
+    real = server.create_app
+    monkeypatch.setattr(server, "create_app", lambda config, **kw: seen.update(kw) or real(config, **kw))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    server.serve(_config(world))
+    assert seen["on_ready"] is server.freeze_loaded_heap
+    before = gc.get_freeze_count()
+    try:
+        server.freeze_loaded_heap()
+        assert gc.get_freeze_count() > before and gc.get_count()[2] == 0
+    finally:
+        gc.unfreeze()  # this test process goes on making (and collecting) garbage
+
+
 def test_failed_load_says_why(world):
     with TestClient(create_app(_config(world, lm=str(world[0] / "no-such-lm")))) as c:
         end = time.monotonic() + 30

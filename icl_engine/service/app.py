@@ -103,7 +103,8 @@ class Context:
             if len(t) > longest:
                 raise APIError(413, f"text {i} has {len(t)} characters; at most {longest}")
 
-    async def load(self, on_fatal: Callable[[BaseException], None] | None) -> None:
+    async def load(self, on_fatal: Callable[[BaseException], None] | None,
+                   on_ready: Callable[[], None] | None = None) -> None:
         try:
             await self.service.call(self.service.load_sync)
         except Exception as e:
@@ -112,14 +113,18 @@ class Context:
             if on_fatal is not None:
                 on_fatal(e)
             return
+        if on_ready is not None:  # before /readyz says ready: no request waits on it
+            on_ready()
         self.service.ready = True
         self.metrics.ready.set(1)
         log.info("ready: LM %s, indexes %s", self.config.lm, ", ".join(self.config.indexes) or "(loaded when named)")
 
 
-def create_app(config: ServeConfig, *, on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+def create_app(config: ServeConfig, *, on_fatal: Callable[[BaseException], None] | None = None,
+               on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The service's app. `on_fatal` is told when the LM or an index named at start fails to load
-    (`serve` then stops the server); without it the app stays up and /readyz says why."""
+    (`serve` then stops the server); without it the app stays up and /readyz says why. `on_ready`
+    is called once they have loaded, just before /readyz says ready (`serve` freezes the heap)."""
     service, metrics = Service(config), Metrics()
     batcher = MicroBatcher(lambda cfg, texts: _engine(service, cfg).classify(texts), service.call, metrics,
                            max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms)
@@ -128,7 +133,7 @@ def create_app(config: ServeConfig, *, on_fatal: Callable[[BaseException], None]
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
-        loading = asyncio.create_task(ctx.load(on_fatal))  # /healthz and /readyz answer meanwhile
+        loading = asyncio.create_task(ctx.load(on_fatal, on_ready))  # /healthz and /readyz answer meanwhile
         yield
         # uvicorn has finished the requests in flight (SIGTERM: graceful shutdown) by now
         await batcher.stop()
