@@ -95,7 +95,7 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
         if ray is not None:
             emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
             index = ExampleIndex.from_vector_file(dataset, vectors, canonical_name(embedder), config,
-                                                  scratch / "lists.ivfdata") if streamed \
+                                                  scratch / "lists.ivfdata", move=True) if streamed \
                 else ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
         else:
             emb = get_embedder(embedder)
@@ -125,7 +125,8 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
 @contextmanager
 def _scratch_folder(folder: Path, wanted: bool):
     """A folder beside the index for a streaming build's vectors and lists until the index is
-    published (save copies them into the version); removed after, whatever happens. None: not wanted."""
+    published (save moves the vectors into the version, on the same filesystem, and copies the
+    lists compacted); removed after, whatever happens. None: not wanted."""
     if not wanted:
         yield None
         return

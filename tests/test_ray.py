@@ -6,6 +6,7 @@ All Ray tests share one local Ray (the ray_session fixture) and take well under 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,14 @@ def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, t
 
     monkeypatch.setattr(ray_jobs, "WRITE_ROWS", 100)  # blocks much smaller than n, as at scale
     monkeypatch.setattr(index_module, "FILL_ROWS", 100)
+    scratch = {}  # what the streaming build hands from_vector_file: its scratch vectors file
+    from_vector_file = ExampleIndex.from_vector_file.__func__
+
+    def spy(cls, dataset, vectors, *args, **kw):
+        scratch.update(inode=os.stat(vectors.filename).st_ino, folder=Path(vectors.filename).parent)
+        return from_vector_file(cls, dataset, vectors, *args, **kw)
+
+    monkeypatch.setattr(ExampleIndex, "from_vector_file", classmethod(spy))
     data = rows(2400) + [rows(3)[1]]  # a repeated text: records are not the rows one to one (the copy path)
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -136,6 +145,7 @@ def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, t
     assert ray.manifest["index_params"] == plain.manifest["index_params"] == {
         "nlist": 8, "nprobe": 2, "pq_m": 64, "pq_nbits": 8, "rerank": 400, "train_size": 300}
     assert not list((tmp_path / "ix").glob(".*build-*"))  # the scratch folder is gone
+    assert (tmp_path / "ix" / "ray" / ray.version / "vectors.f32").stat().st_ino == scratch["inode"]  # moved, not copied
     q = np.asarray(plain.vectors[::160]) + 0.01  # [16, d] near some rows, not on them
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     f_s, f_i = flat_topk(q, np.asarray(plain.vectors), 8)  # a flat index's search
