@@ -110,7 +110,10 @@ def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, t
     records, vectors and trained index as the plain ivfpq_disk build (train_rows: the same
     sample), so the same PQ search; with a rerank covering every row, flat search's ids and
     scores. Peak driver memory (tracemalloc: numpy's buffers are traced) stays well under the
-    [n, d] matrix a take_all build stacks, with a train sample and blocks smaller than n."""
+    [n, d] matrix a take_all build stacks, with a train sample and blocks smaller than n. The
+    scratch vectors file becomes the version's (moved, same inode); its scratch folder is locked
+    while the build runs (what a killed build leaves: test_index_faults.py)."""
+    import fcntl
     import tracemalloc
 
     from icl_engine import index as index_module
@@ -124,6 +127,12 @@ def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, t
 
     def spy(cls, dataset, vectors, *args, **kw):
         scratch.update(inode=os.stat(vectors.filename).st_ino, folder=Path(vectors.filename).parent)
+        fd = os.open(scratch["folder"] / ".lock", os.O_RDWR)
+        try:  # the build holds its scratch folder's lock
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
         return from_vector_file(cls, dataset, vectors, *args, **kw)
 
     monkeypatch.setattr(ExampleIndex, "from_vector_file", classmethod(spy))
