@@ -282,7 +282,7 @@ def remove_dead_scratch(parent: Path) -> list[Path]:
             os.close(fd)
             continue
         try:
-            shutil.rmtree(p, ignore_errors=True)  # under its lock: another cleaner waits, then finds it gone
+            shutil.rmtree(p, ignore_errors=True)  # under its lock: another cleaner meanwhile sees it held
             removed.append(p)
         finally:
             os.close(fd)
