@@ -10,14 +10,12 @@ process loads the LM, embedder and index once.
 from __future__ import annotations
 
 import dataclasses
-import secrets
-import shutil
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import ray_jobs, shards
+from . import ray_jobs, shards, store
 from .adapters import FINETUNE_META_FILE, load_finetuned
 from .atomic import check_out_dir
 from .data import load_dataset
@@ -78,6 +76,7 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     config = index_config(index_type, index_settings)
     folder = index_path(name, indexes_dir, for_write=True)
     check_writable(folder, replace=force)
+    store.remove_dead_scratch(folder.parent)  # what killed streaming builds left here (their locks are free)
     given = Template.from_json(template) if template else None
     streamed = ray is not None and config.index_type is IndexType.IVFPQ_DISK
     with _scratch_folder(folder, streamed) as scratch:
@@ -95,7 +94,7 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
         if ray is not None:
             emb = get_embedder(embedder) if auto_template else None  # the search embeds its queries here
             index = ExampleIndex.from_vector_file(dataset, vectors, canonical_name(embedder), config,
-                                                  scratch / "lists.ivfdata") if streamed \
+                                                  scratch / "lists.ivfdata", move=True) if streamed \
                 else ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
         else:
             emb = get_embedder(embedder)
@@ -125,16 +124,14 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
 @contextmanager
 def _scratch_folder(folder: Path, wanted: bool):
     """A folder beside the index for a streaming build's vectors and lists until the index is
-    published (save copies them into the version); removed after, whatever happens. None: not wanted."""
+    published (save moves the vectors into the version, on the same filesystem, and copies the
+    lists compacted); removed after, whatever happens; locked while this build runs
+    (store.scratch_folder). None: not wanted."""
     if not wanted:
         yield None
         return
-    scratch = folder.parent / f".{folder.name}.build-{secrets.token_hex(4)}"
-    scratch.mkdir(parents=True)
-    try:
+    with store.scratch_folder(folder.parent, folder.name) as scratch:
         yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def index_config(index_type: IndexType | str, settings: dict | None = None) -> IndexConfig:

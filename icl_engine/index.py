@@ -25,6 +25,7 @@ still read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -501,6 +502,14 @@ def _quiet_faiss():
         os.close(null)
 
 
+def _is_raw_file(vectors: np.ndarray) -> bool:
+    """True when `vectors` is a memmap of a whole file that is exactly vectors.f32's format
+    (float32 rows [n, d], nothing before or after): that file can become the version's as is."""
+    return (isinstance(vectors, np.memmap) and vectors.filename is not None and vectors.offset == 0
+            and vectors.dtype == np.float32 and vectors.flags.c_contiguous
+            and os.path.getsize(vectors.filename) == vectors.nbytes)
+
+
 def _write_raw(vectors: np.ndarray, path: Path) -> None:
     """The raw rows [n, d] as float32, 65,536 rows at a time (`vectors` may be a memmap)."""
     with open(path, "wb") as f:
@@ -524,6 +533,7 @@ class ExampleIndex:
         self.extras: dict[str, dict] = {}  # other JSON files stored with it, e.g. template_search.json
         self.version: str | None = None  # the store version it was loaded from (None: built in memory, layout 1)
         self._first: tuple[np.ndarray, FirstPass] | None = None  # (the vectors it was made of, flat_topk's first pass)
+        self._raw_file: Path | None = None  # from_vector_file(move=True): the vectors' file, moved by the next save
 
     def __len__(self) -> int:
         return len(self.records)
@@ -562,12 +572,15 @@ class ExampleIndex:
 
     @classmethod
     def from_vector_file(cls, dataset: Dataset, vectors: np.memmap, embedder_name: str, config: IndexConfig,
-                         lists: Path) -> "ExampleIndex":
+                         lists: Path, *, move: bool = False) -> "ExampleIndex":
         """An ivfpq_disk index of `dataset` whose embeddings [n, d] are a file on disk (a streaming
         build wrote them there), never all in RAM: trained on train_rows of them (as from_vectors
         trains), then filled FILL_ROWS rows at a time into on-disk lists at `lists` (faiss
-        OnDiskInvertedLists; `save` copies them into the version). `vectors` stays the index's
-        memmap; the caller keeps both files until the index is saved."""
+        OnDiskInvertedLists; `save` copies them into the version, compacted). `vectors` stays the
+        index's memmap; the caller keeps both files until the index is saved. With `move`, the
+        first save moves the vectors' file into the version instead of copying it (os.replace: no
+        second copy on disk while publishing; a copy only when the file is on another filesystem),
+        and the caller must not use the file after."""
         if config.index_type is not IndexType.IVFPQ_DISK:
             raise ValueError(f"from_vector_file makes ivfpq_disk indexes, not {config.index_type.value}")
         _check_records(dataset)
@@ -586,7 +599,9 @@ class ExampleIndex:
                 cpu_index.add(chunk)
         _set_search_params(cpu_index, params)
         manifest = _new_manifest(dataset, d, embedder_name, config, params)
-        return cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, cpu_index)
+        index = cls(dataset.records, dataset.kind, tuple(dataset.labels), vectors, manifest, config, cpu_index)
+        index._raw_file = Path(vectors.filename) if move and _is_raw_file(vectors) else None
+        return index
 
     def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores float32 [q, k], ids int64 [q, k]), best first.
@@ -807,7 +822,8 @@ class ExampleIndex:
         disk = self.config.index_type is IndexType.IVFPQ_DISK
         if disk:
             _write_ondisk(self._faiss, tmp)
-            _write_raw(self.vectors, tmp / RAW_FILE)
+            if not self._move_raw_file(tmp / RAW_FILE):
+                _write_raw(self.vectors, tmp / RAW_FILE)
         else:
             faiss.write_index(_to_cpu(self._faiss), str(tmp / FAISS_FILE))
             np.save(tmp / VECTORS_FILE, self.vectors, allow_pickle=False)
@@ -827,6 +843,22 @@ class ExampleIndex:
         self.manifest["created_by"] = "icl_engine"
         (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         self.template, self.extras = template, extras
+
+    def _move_raw_file(self, dst: Path) -> bool:
+        """Move the vectors' file of from_vector_file(move=True) to `dst` (once: False after, and
+        across filesystems, where the caller copies). `self.vectors` keeps reading it: a memmap
+        holds the file, not its name, so a publish that fails after the move (its tmp folder
+        removed) leaves the index whole, and a later save copies from the memmap."""
+        src, self._raw_file = self._raw_file, None
+        if src is None:
+            return False
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            return False
+        return True
 
     @classmethod
     def load(cls, path: str | os.PathLike, embedder_name: str | None = None, *,

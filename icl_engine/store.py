@@ -6,6 +6,9 @@ is replaced so that readers never see it half-done and writers never collide.
       v-20261126T143000Z-1a2b3c4d/    one complete version; never modified once published
       .lock                           writers hold an flock on it while they publish or delete
       .tmp-1a2b3c4d/                  a version being written (a killed writer's is removed by the next)
+    indexes/.rt.build-1a2b3c4d/       a streaming build's scratch (scratch_folder), its builder holding
+                                      an flock on its .lock; one a killed builder left is removed by
+                                      the next build in that folder (remove_dead_scratch)
 
 Publishing (the caller holds `writer_lock`): write the new version into `.tmp-*`, fsync it,
 rename it to `v-*`, write `CURRENT.tmp`, fsync, rename it over `CURRENT` (the one atomic
@@ -32,13 +35,15 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 __all__ = ["StoreError", "LockTimeoutError", "POINTER", "LOCK", "read_pointer", "current_version", "is_store",
-           "only_leftovers", "writer_lock", "publish", "remove", "read", "collect_garbage"]
+           "only_leftovers", "writer_lock", "publish", "remove", "read", "collect_garbage", "scratch_folder",
+           "remove_dead_scratch"]
 
 POINTER = "CURRENT"
 LOCK = ".lock"
 LAYOUT = 2  # layout 1: the index files directly in the folder (still read, see index.py)
 _VERSION = re.compile(r"v-\d{8}T\d{6}Z-[0-9a-f]{8}\Z")
 _TMP = re.compile(r"\.tmp-[0-9a-f]{8}\Z")
+_SCRATCH = re.compile(r"\..+\.build-[0-9a-f]{8}\Z")
 DEFAULT_LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer of the same folder
 
 T = TypeVar("T")
@@ -220,3 +225,65 @@ def remove(folder: Path) -> None:
             return
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- a build's scratch
+
+
+@contextmanager
+def scratch_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A folder `.NAME.build-XXXXXXXX` in `parent` for a build's big intermediate files, removed
+    after, whatever happens. Its builder holds an flock on the folder's .lock for as long as it
+    runs (the kernel releases it when the process dies), so a later build tells a folder a killed
+    builder left (lock free: remove_dead_scratch removes it) from one being built now (held:
+    kept). The folder gets its `.build-` name only once the lock is held: it is made as
+    `.NAME.start-XXXXXXXX`, locked, then renamed (a kill in those microseconds leaves that empty
+    `.start-` folder, which nothing removes: a cleaner could not tell it from one starting now)."""
+    token = uuid.uuid4().hex[:8]
+    staging, scratch = parent / f".{name}.start-{token}", parent / f".{name}.build-{token}"
+    staging.mkdir(parents=True)
+    try:
+        fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        os.rename(staging, scratch)
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # still locked: no cleaner touches it meanwhile
+    finally:
+        os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)  # only there when the rename failed
+
+
+def remove_dead_scratch(parent: Path) -> list[Path]:
+    """Remove the scratch folders (scratch_folder's `.*.build-XXXXXXXX`, directly in `parent`)
+    whose builder is dead: their lock is free. One whose lock is held (a build running now), one
+    without a lock file (not made by scratch_folder) and anything else are left alone, as is
+    everything outside `parent` (a symlink is not followed). Returns the folders removed."""
+    removed = []
+    try:
+        entries = sorted(parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for p in entries:
+        if not _SCRATCH.match(p.name) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            fd = os.open(p / LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its builder is alive
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(p, ignore_errors=True)  # under its lock: another cleaner meanwhile sees it held
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed

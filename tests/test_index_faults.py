@@ -157,6 +157,56 @@ def test_kill_9_at_each_step_of_a_publish(tmp_path, hashes, step, expect):
     check_clean_after_next_build(folder)
 
 
+def test_a_killed_builders_scratch_is_removed_by_the_next_build_a_live_ones_kept(tmp_path):
+    """A streaming build's scratch folder (store.scratch_folder, locked while its builder runs):
+    a real `icl index build --ray --index-type ivfpq_disk` killed with SIGKILL mid-way (once its
+    scratch folder is there; its Ray address answers nothing, so it waits there, no cluster
+    needed) leaves it; the next build of any name in that indexes folder removes it; one whose
+    builder is alive in another process is kept; nothing else is touched (a look-alike folder
+    without a lock, other files, anything outside the folder)."""
+    pytest.importorskip("ray", reason="--ray needs Ray installed (pip install 'icl-engine[ray]')")
+    from icl_engine import api
+
+    ix = tmp_path / "indexes"
+    ix.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text {i}", "label": "ab"[i % 2]}) + "\n" for i in range(6)))
+    killed = subprocess.Popen([str(ICL), "index", "build", str(data), "--name", "dead", "--ray", "--address",
+                               "127.0.0.1:9", "--index-type", "ivfpq_disk", "--embedder", "hashing:32",
+                               "--indexes-dir", str(ix)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    live = subprocess.Popen(  # a builder that lives on, inside its scratch folder
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom icl_engine.store import scratch_folder\n"
+         "with scratch_folder(Path(sys.argv[1]), 'live') as s:\n    print(s, flush=True)\n    time.sleep(300)", str(ix)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        alive = Path(live.stdout.readline().strip())
+        deadline = time.monotonic() + 120
+        while not list(ix.glob(".dead.build-*")):
+            assert killed.poll() is None and time.monotonic() < deadline, killed.stderr.read()[-2000:]
+            time.sleep(0.01)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(timeout=30)
+        dead = next(ix.glob(".dead.build-*"))
+        assert dead.is_dir() and (dead / store.LOCK).exists()  # a killed builder cannot clean up
+        assert alive.parent == ix and alive.name.startswith(".live.build-") and alive.is_dir()
+        unlocked = ix / ".other.build-0123abcd"  # the name, but no lock file: not scratch_folder's
+        unlocked.mkdir()
+        outside = tmp_path / ".x.build-0123abcd"  # a dead scratch, but outside the indexes folder
+        outside.mkdir()
+        (outside / store.LOCK).touch()
+        (ix / "notes.txt").write_text("kept")
+        api.build_index(str(data), "another", embedder="hashing:32", indexes_dir=ix)  # a plain build of another name
+        assert not dead.exists()
+        assert alive.is_dir() and live.poll() is None  # a live build's scratch is kept
+        assert unlocked.is_dir() and outside.is_dir() and (ix / "notes.txt").read_text() == "kept"
+        assert store.remove_dead_scratch(ix) == []  # nothing more to remove while the live one runs
+    finally:
+        for proc in (killed, live):
+            proc.kill()
+            proc.wait(timeout=30)
+    assert store.remove_dead_scratch(ix) == [alive]  # its builder is gone now
+
+
 def test_sigint_during_a_build_prints_one_line_and_keeps_the_old_index(tmp_path):
     data = tmp_path / "big.jsonl"
     rng = random.Random(0)

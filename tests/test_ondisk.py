@@ -121,6 +121,46 @@ def test_ivfpq_disk_refuses_damage_and_updates(tmp_path):
         ExampleIndex.from_vectors(ds, x, "hashing:32", IndexConfig(index_type="ivfpq_disk", pq_m=5))
 
 
+
+def test_vector_file_is_moved_into_the_version_not_copied(tmp_path, monkeypatch):
+    """from_vector_file(move=True), a streaming build's: save publishes the vectors' scratch file
+    itself (os.replace: same inode, the scratch name gone, no copy made: the copy paths are made
+    to fail), the index loads and searches as one built in RAM from the same vectors; a second
+    save of it copies (the moved file belongs to the published version now)."""
+    from icl_engine import index as index_module
+
+    ram, x = disk_index(n=600)
+    raw = tmp_path / "scratch" / "vectors.f32"
+    raw.parent.mkdir()
+    x.astype(np.float32).tofile(raw)
+    inode = raw.stat().st_ino
+    streamed = ExampleIndex.from_vector_file(ram.dataset, np.memmap(raw, dtype=np.float32, mode="r").reshape(-1, 32),
+                                             "hashing:32", ram.config, tmp_path / "scratch" / "lists.ivfdata", move=True)
+
+    def no_copy(*a, **k):
+        raise AssertionError("the vectors were copied")
+
+    for name in ("copy", "copy2", "copyfile", "copyfileobj"):
+        monkeypatch.setattr(shutil, name, no_copy)
+    monkeypatch.setattr(index_module, "_write_raw", no_copy)
+    folder = streamed.save(tmp_path / "ix")
+    published = folder / streamed.version / "vectors.f32"
+    assert published.stat().st_ino == inode and not raw.exists()
+    monkeypatch.undo()
+    q = clustered(20, 32, 3)
+    loaded = ExampleIndex.load(folder)
+    np.testing.assert_array_equal(loaded.vectors, x)
+    for index in (ram, streamed, loaded):  # the same cells, codes and re-rank
+        np.testing.assert_array_equal(index.search(q, 8)[1], ram.search(q, 8)[1])
+    again = streamed.save(tmp_path / "ix2")  # the file is the first version's now: copied, not taken
+    assert published.stat().st_ino == inode and (again / streamed.version / "vectors.f32").stat().st_ino != inode
+    np.testing.assert_array_equal(ExampleIndex.load(again).vectors, x)
+    kept = ExampleIndex.from_vector_file(ram.dataset, np.memmap(published, dtype=np.float32, mode="r").reshape(-1, 32),
+                                         "hashing:32", ram.config, tmp_path / "lists2.ivfdata")
+    kept.save(tmp_path / "ix3")  # without move the caller's file stays where it is
+    assert published.exists() and published.stat().st_ino == inode
+
+
 ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
         ("a dull boring film", "negative"), ("terrible plot and bad acting", "negative"),
         ("the movie was great", "positive"), ("a boring waste of time", "negative"),

@@ -20,29 +20,34 @@ from test_classify_file import check_equal, read_out
 POOL = dict(workers=2, cpus_per_worker=0.5)  # two engine actors on the session's 2 CPUs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pool(ray_session):
-    from icl_engine.ray_jobs import RayOptions, close_engine_pools
+    """The pool's options, its actors started here: session-scoped and asked for first, so that
+    they boot (imports, the tiny LM: ~4 s of CPU each) while the driver makes the session's tiny
+    LM and classify_job's single-process answers, instead of after. The first actor is killed at
+    once, a worker that dies: Ray restarts it and the first test checks that the shards handed
+    to it still get done (killed here, while it boots, its restart overlaps the start-up instead
+    of adding a whole actor start, ~9 s on the loaded machine, after it)."""
+    from icl_engine.ray_jobs import RayOptions, close_engine_pools, engine_actors
 
-    yield RayOptions(**POOL)
+    options = RayOptions(**POOL)
+    ray_session.kill(engine_actors(options)[0], no_restart=False)  # starts them; their constructors run meanwhile
+    yield options
     close_engine_pools()
 
 
-def test_classify_file_on_the_pool_equals_one_process(classify_job, pool, tmp_path, ray_session):
+def test_classify_file_on_the_pool_equals_one_process(pool, classify_job, tmp_path, ray_session):
     from icl_engine.ray_jobs import engine_actors
 
     root, src, config, preds = classify_job
+    actors = engine_actors(pool)  # actors[0] was killed by the fixture (restarted by Ray)
     out = tmp_path / "labels.jsonl"
     s = api.classify_file(config, str(src), out, shard_size=8, ray=pool)
-    assert s["shards"] == 4 and len(CLASSIFY_TEXTS) == 30
-    check_equal(read_out(out), preds)
-    actors = engine_actors(pool)
+    assert (s["shards"], s["resumed_shards"]) == (4, 0) and len(CLASSIFY_TEXTS) == 30
+    check_equal(read_out(out), preds)  # ActorPool gives both actors a shard at once: the restarted one worked
     api.classify_file(config, str(src), tmp_path / "again.jsonl", shard_size=8, ray=pool)
     assert engine_actors(pool) == actors  # the same actors, engines loaded, for the next job
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
-    ray_session.kill(actors[0], no_restart=False)  # a worker dies: Ray restarts it, its shards still get done
-    s = api.classify_file(config, str(src), tmp_path / "after.jsonl", shard_size=8, ray=pool)
-    assert s["resumed_shards"] == 0 and (tmp_path / "after.jsonl").read_text() == out.read_text()
 
 
 @pytest.fixture(scope="module")
