@@ -10,7 +10,7 @@ process loads the LM, embedder and index once.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,7 +79,9 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     store.remove_dead_scratch(folder.parent)  # what killed streaming builds left here (their locks are free)
     given = Template.from_json(template) if template else None
     streamed = ray is not None and config.index_type is IndexType.IVFPQ_DISK
-    with _scratch_folder(folder, streamed) as scratch:
+    # a streaming build's vectors and lists wait in a locked scratch folder beside the index until
+    # it is published (save moves the vectors in, copies the lists compacted); removed after
+    with store.scratch_folder(folder.parent, folder.name) if streamed else nullcontext() as scratch:
         if streamed:  # an ivfpq_disk pool on Ray: its vectors stream to disk, never all in the driver's RAM
             dataset, vectors = ray_jobs.embed_to_file(data, scratch / "vectors.f32", embedder=embedder, options=ray,
                                                       text_field=text_field, label_field=label_field, id_field=id_field)
@@ -119,19 +121,6 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
     info = index_info(name, indexes_dir=indexes_dir)
     return {**info, "template_source": source, "template_notes": notes,
             **({"template_search": search.to_dict()} if search else {})}
-
-
-@contextmanager
-def _scratch_folder(folder: Path, wanted: bool):
-    """A folder beside the index for a streaming build's vectors and lists until the index is
-    published (save moves the vectors into the version, on the same filesystem, and copies the
-    lists compacted); removed after, whatever happens; locked while this build runs
-    (store.scratch_folder). None: not wanted."""
-    if not wanted:
-        yield None
-        return
-    with store.scratch_folder(folder.parent, folder.name) as scratch:
-        yield scratch
 
 
 def index_config(index_type: IndexType | str, settings: dict | None = None) -> IndexConfig:
