@@ -283,7 +283,7 @@ _FLAG_FIELDS = {
     "calibration": ("calibration", "calibrate"), "template": ("template",), "soft_prompt": ("soft_prompt",),
     "seed": ("seed",), "batch_size": ("batch_size",), "trust_remote_code": ("trust_remote_code",),
     "max_new_tokens": ("max_new_tokens",), "dtype": ("dtype",), "anchors": ("anchors",), "anchor_k": ("anchor_k",),
-    "anchor_weight": ("anchor_weight",), "anchor_readout": ("anchor_readout",),
+    "anchor_weight": ("anchor_weight",), "anchor_readout": ("anchor_readout",), "compile": ("compile_lm",),
 }
 
 
@@ -296,14 +296,16 @@ def _given(ctx: typer.Context, param: str) -> bool:
 
 def _config(ctx: typer.Context, config_file: Optional[Path], name, indexes_dir, lm, k, budget, method, calibration,
             template, soft_prompt, seed, batch_size, trust_remote_code, max_new_tokens=64, dtype=None,
-            anchors=None, anchor_k=8, anchor_weight=1.0, anchor_readout=AnchorReadout.KNN) -> PipelineConfig:
+            anchors=None, anchor_k=8, anchor_weight=1.0, anchor_readout=AnchorReadout.KNN,
+            compile=False) -> PipelineConfig:
     """The pipeline config of a query command. Precedence: NAME and the options given on the
     command line (or by their environment variable) > the --config file > the options' defaults."""
     cli = api.make_config(name, indexes_dir=indexes_dir, lm=lm, k=k, budget=budget, method=method,
                           calibration=calibration, template=template, soft_prompt=soft_prompt, seed=seed,
                           batch_size=batch_size, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens,
                           dtype=dtype.value if dtype else None, anchors=str(anchors) if anchors else None,
-                          anchor_k=anchor_k, anchor_weight=anchor_weight, anchor_readout=anchor_readout)
+                          anchor_k=anchor_k, anchor_weight=anchor_weight, anchor_readout=anchor_readout,
+                          compile=compile)
     if config_file is None:
         return cli
     merged, flags = PipelineConfig.load(config_file).to_dict(), cli.to_dict()
@@ -331,6 +333,8 @@ _ANCHOR_W = typer.Option(1.0, "--anchor-weight", min=0.0, max=1.0, help="kNN pro
                          "probabilities (1: anchors alone; below 1: mixed with the demonstrations' scores).")
 _ANCHOR_R = typer.Option(AnchorReadout.KNN, "--anchor-readout", help="kNN prompting: knn (the nearest anchors "
                          "vote) | linear (the readout fitted with `icl anchors build --readout linear`).")
+_COMPILE = typer.Option(False, "--compile", help="torch.compile the LM's forward: about twice the scoring speed "
+                        "on a GPU after a compile of one to a few minutes at start.")
 _DTYPE = typer.Option(None, "--dtype", help="LM weights' dtype (default: exact float32 on CPU). bfloat16 is "
                       "faster on CPUs with AMX but changes the scores slightly.")
 
@@ -418,6 +422,7 @@ def eval_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    compile_lm: bool = _COMPILE,
     anchors: Optional[Path] = _ANCHORS,
     anchor_k: int = _ANCHOR_K,
     anchor_weight: float = _ANCHOR_W,
@@ -438,7 +443,7 @@ def eval_cmd(
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
                   batch_size, trust_remote_code, max_new_tokens, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
-                  anchor_weight=anchor_weight, anchor_readout=anchor_readout)
+                  anchor_weight=anchor_weight, anchor_readout=anchor_readout, compile=compile_lm)
     result = api.evaluate_file(cfg, test, limit=limit, text_field=text_field, label_field=label_field,
                                ray=api.ray_options(ray, address=address, workers=workers))
     if not predictions:
@@ -470,6 +475,7 @@ def classify_file_cmd(
     indexes_dir: Optional[Path] = IndexesDir,
     trust_remote_code: bool = _TRC,
     dtype: Optional[DType] = _DTYPE,
+    compile_lm: bool = _COMPILE,
     anchors: Optional[Path] = _ANCHORS,
     anchor_k: int = _ANCHOR_K,
     anchor_weight: float = _ANCHOR_W,
@@ -483,7 +489,7 @@ def classify_file_cmd(
     set_log_file(log)
     cfg = _config(ctx, config_file, name, indexes_dir, lm, k, budget, method, calibration, template, soft_prompt, seed,
                   batch_size, trust_remote_code, dtype=dtype, anchors=anchors, anchor_k=anchor_k,
-                  anchor_weight=anchor_weight, anchor_readout=anchor_readout)
+                  anchor_weight=anchor_weight, anchor_readout=anchor_readout, compile=compile_lm)
     result = api.classify_file(cfg, source, out, text_field=text_field, shard_size=shard_size,
                                ray=api.ray_options(ray, address=address, workers=workers))
     _print_json(result) if as_json else typer.echo(
@@ -560,6 +566,7 @@ def serve(
                                                 "a request may name (default ./adapters)."),
     lm: str = _LM,
     dtype: Optional[DType] = _DTYPE,
+    compile_lm: bool = _COMPILE,
 ):
     """Serve the engine over HTTP (FastAPI): classify, generate, search, OpenAI-compatible
     completions, health, readiness and Prometheus metrics; docs at /docs."""
@@ -569,7 +576,7 @@ def serve(
         indexes=tuple(index or ()), indexes_dir=str(indexes_dir) if indexes_dir else None, host=host, port=port,
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batch_size=batch_size, timeout_s=timeout,
         api_key=api_key, adapters_dir=str(adapters_dir) if adapters_dir else None, lm=lm,
-        dtype=dtype.value if dtype else None))
+        dtype=dtype.value if dtype else None, compile=compile_lm))
 
 
 def main() -> None:

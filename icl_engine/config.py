@@ -47,6 +47,9 @@ class PipelineConfig:
     # LM weights' dtype. None: exact float32 on CPU (bf16/fp16 on CUDA). "bfloat16" on a CPU with
     # AMX is several times faster but changes the scores (benchmarks/classify_bench.py reports by how much).
     dtype: str | None = None
+    # torch.compile the LM's forward (backends with a `compile` method): about twice the scoring
+    # speed on a GPU after a start-up compile of one to a few minutes; on a CPU it rarely pays.
+    compile: bool = False
     trust_remote_code: bool = False
     # kNN prompting (knn_prompt.py): a folder of anchors built for this index, LM and template; the
     # label shares of the `anchor_k` nearest anchors get `anchor_weight` (1: kNN prompting alone,

@@ -24,7 +24,8 @@ from .backend import Backend, BackendError, LMBackend, backend_loader, register_
 from .backends.hf import HFBackend
 
 __all__ = [
-    "DEFAULT_LM", "DEFAULT_GGUF", "DType", "LM", "LMLoadError", "load_lm", "load_hf", "cache_root", "default_device",
+    "DEFAULT_LM", "DEFAULT_GGUF", "DType", "LM", "LMLoadError", "load_lm", "load_hf", "compile_lm", "cache_root",
+    "default_device",
 ]
 
 DEFAULT_LM = "smollm2-135m-instruct"
@@ -192,6 +193,16 @@ def load_lm(
     except BackendError as e:
         raise LMLoadError(str(e)) from None
     return loader(name_or_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+
+
+def compile_lm(lm: LMBackend) -> LMBackend:
+    """Compile the backend's forward (HFBackend.compile: torch.compile, dynamic shapes), in place;
+    an LMLoadError for a backend that cannot. The LM is shared by every engine over it, so they
+    all run compiled from then on."""
+    if not callable(getattr(lm, "compile", None)):
+        raise LMLoadError(f"the {type(lm).__name__} LM backend cannot compile (compile=True needs the hf backend)")
+    lm.compile()
+    return lm
 
 
 def load_hf(

@@ -22,14 +22,15 @@ from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
 from .prompt import Prompt, PromptBuilder, Template
 from .readout import AnchorReadout, LinearReadout
-from .score import Calibration, Prefix, compute_prefix, contextual_calibrate, normalize, pmi, score_continuations
+from .score import (Calibration, PendingScores, Prefix, compute_prefix, contextual_calibrate, launch_scores,
+                    normalize, pmi)
 from .select import Selection, SelectionMethod, select_many
 
 
 if TYPE_CHECKING:  # faiss (index.py) is needed to load an index, not to run an engine over one in memory
     from .index import ExampleIndex
 
-__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "Prepared"]
+__all__ = ["PipelineConfig", "Engine", "Prediction", "Generation", "Demo", "Prepared", "Launched"]
 
 CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
 
@@ -71,6 +72,14 @@ class Prepared:
     selections: list[Selection]
     prompts: list[Prompt]
     queries: tuple[str, ...] = ()  # kNN prompting reads the texts themselves
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A prepared batch whose label scores are queued on the LM (`Engine.launch`)."""
+
+    prepared: Prepared
+    scores: PendingScores | None  # None for kNN prompting alone (nothing queued)
 
 
 @dataclass
@@ -166,12 +175,15 @@ class Engine:
     def _skipped(self, sel: Selection) -> tuple[str, ...]:
         return tuple(self.index.records[i].id for i in sel.skipped)
 
-    def _score(self, prompts: Sequence[Prompt]) -> np.ndarray:
-        """log p(label | prompt) for every label: float64 [q, L]."""
+    def _launch_scores(self, prompts: Sequence[Prompt]) -> PendingScores:
         labels = [self.builder.label_ids(lab) for lab in self.index.labels]
         # the shared tokens are already in the cached prefix
         ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
-        return score_continuations(self.lm, ids, labels, prefix=self.prefix, batch_size=self.config.batch_size)
+        return launch_scores(self.lm, ids, labels, prefix=self.prefix, batch_size=self.config.batch_size)
+
+    def _score(self, prompts: Sequence[Prompt]) -> np.ndarray:
+        """log p(label | prompt) for every label: float64 [q, L]."""
+        return self._launch_scores(prompts).result()
 
     # ------------------------------------------------------------------ tasks
 
@@ -179,8 +191,8 @@ class Engine:
         return self.finish(self.prepare(queries, method=method, k=k, exclude_ids=exclude_ids))
 
     def prepare(self, queries: Sequence[str], *, method=None, k=None, exclude_ids=None) -> Prepared:
-        """The CPU half of `classify`: embed, select, assemble. A caller may prepare the next
-        batch (in a thread) while the LM scores this one (`finish`)."""
+        """The CPU half of `classify`: embed, select, assemble. On a GPU a caller may prepare the
+        next batch while the LM scores this one (`launch`, then `collect`)."""
         if self.index.kind is not TaskKind.CLASSIFICATION:
             raise ValueError(f"index {self.config.index!r} holds {self.index.kind.value} data; use generate")
         if self.knn is not None and self.config.anchor_weight >= 1.0:  # kNN prompting alone: no demonstrations
@@ -191,10 +203,21 @@ class Engine:
 
     def finish(self, prepared: Prepared) -> list[Prediction]:
         """The LM half of `classify`: score every label, calibrate, one Prediction per query."""
+        return self.collect(self.launch(prepared))
+
+    def launch(self, prepared: Prepared) -> Launched:
+        """Queue the scoring of every label; on a GPU this returns before the LM has finished."""
         if self.knn is not None and self.config.anchor_weight >= 1.0:
+            return Launched(prepared, None)
+        return Launched(prepared, self._launch_scores(prepared.prompts))
+
+    def collect(self, launched: Launched) -> list[Prediction]:
+        """Wait for a launched batch's scores; calibrate; one Prediction per query."""
+        prepared = launched.prepared
+        if launched.scores is None:
             return self._knn_classify(prepared.queries)
         selections, prompts = prepared.selections, prepared.prompts
-        log_scores = self._score(prompts)  # [q, L]
+        log_scores = launched.scores.result()  # [q, L]
         cal = self.config.calibration
         if cal is Calibration.CONTEXTUAL:
             log_probs = contextual_calibrate(log_scores, np.log(self.content_free_probs(selections)))

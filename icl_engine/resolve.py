@@ -29,7 +29,7 @@ from .config import PipelineConfig
 from .data import TaskKind
 from .embed import Embedder, get_embedder
 from .index import ExampleIndex, StaleWarning, index_path, stale_note
-from .lm import LM
+from .lm import LM, compile_lm
 from .prompt import Template
 from .registry import builtin_template
 
@@ -67,6 +67,8 @@ def resolve(config: PipelineConfig, *, lm: LM | None = None, embedder: Embedder 
     index = index if index is not None else ExampleIndex.load(folder)
     embedder = embedder or get_embedder(index.manifest["embedder"])
     lm = lm or load_model(config.lm, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    if config.compile:
+        compile_lm(lm)
     soft = load_soft_prompt(config.soft_prompt) if config.soft_prompt else None
     note = stale_note(index, soft.meta.get("index"), f"soft prompt {config.soft_prompt}") if soft else None
     if note:  # still usable (the LM and template are the same): said once, never refused

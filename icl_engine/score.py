@@ -12,6 +12,7 @@ prompt, or prefix-tuning key/values) is computed once by the backend and every b
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
 
@@ -26,6 +27,8 @@ __all__ = [
     "check_inputs",
     "length_batches",
     "compute_prefix",
+    "PendingScores",
+    "launch_scores",
     "score_continuations",
     "score_brute_force",
     "next_token_logprobs",
@@ -83,20 +86,61 @@ def length_batches(prompts: Ids, batch_size: int, bucket: bool) -> list[list[int
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+@dataclass
+class PendingScores:
+    """Label scores queued on the LM's device by `launch_scores`; `result()` waits for them.
+
+    On a GPU every batch's scores are copied into pinned CPU memory without waiting and one CUDA
+    event marks the end of the work: the caller can prepare the next batch while the LM runs,
+    and `result()` waits for these batches only, not for work queued after them. On a CPU the
+    scores are ready when launch_scores returns."""
+
+    shape: tuple[int, int]  # (q, L)
+    parts: list[tuple[list[int], torch.Tensor]]  # (rows, their scores [b, L] on the CPU, maybe still arriving)
+    event: torch.cuda.Event | None = None
+    divide: np.ndarray | None = None  # [L] token counts, for length-normalised scores
+
+    def result(self) -> np.ndarray:
+        """log p(continuation j | prompt i): float64 [q, L]."""
+        if self.event is not None:
+            self.event.synchronize()
+        out = np.zeros(self.shape, dtype=np.float64)
+        for idx, s in self.parts:
+            out[idx] = s.double().numpy()
+        return out if self.divide is None else out / self.divide
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy in pinned CPU memory, queued without waiting; a CPU tensor as is."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 @torch.inference_mode()
+def launch_scores(lm: LMBackend, prompts: Ids, continuations: Ids, *, prefix: Prefix | None = None,
+                  batch_size: int = 8, length_normalize: bool = False, bucket: bool = True) -> PendingScores:
+    """`score_continuations` without waiting for a GPU: queue every batch, return at once."""
+    check_inputs(lm, prompts, continuations, prefix)
+    parts = []
+    for idx in length_batches(prompts, batch_size, bucket):
+        s = lm.score_batch([prompts[i] for i in idx], continuations, prefix)  # [B, L] on the LM's device
+        parts.append((idx, _to_host(s)))
+    event = None
+    if any(t.is_pinned() for _, t in parts):
+        event = torch.cuda.Event()
+        event.record()
+    divide = np.array([len(c) for c in continuations], np.float64) if length_normalize else None  # [L]
+    return PendingScores((len(prompts), len(continuations)), parts, event, divide)
+
+
 def score_continuations(lm: LMBackend, prompts: Ids, continuations: Ids, *, prefix: Prefix | None = None,
                         batch_size: int = 8, length_normalize: bool = False, bucket: bool = True) -> np.ndarray:
     """log p(continuation j | prompt i), summed over its tokens (mean if length_normalize):
     float64 [q, L]."""
-    check_inputs(lm, prompts, continuations, prefix)
-    lengths = torch.tensor([len(c) for c in continuations])  # [L]
-    out = np.zeros((len(prompts), len(continuations)), dtype=np.float64)
-    for idx in length_batches(prompts, batch_size, bucket):
-        s = lm.score_batch([prompts[i] for i in idx], continuations, prefix)  # [B, L]
-        if length_normalize:
-            s = s / lengths.to(s.device)
-        out[idx] = s.double().cpu().numpy()
-    return out
+    return launch_scores(lm, prompts, continuations, prefix=prefix, batch_size=batch_size,
+                         length_normalize=length_normalize, bucket=bucket).result()
 
 
 @torch.inference_mode()

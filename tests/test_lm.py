@@ -152,3 +152,34 @@ def test_default_smollm2(monkeypatch):
     prompt = tok("Review: A wonderful, moving film.\nSentiment:").input_ids
     pos, neg = score_continuations(lm, [prompt], [tok(" positive").input_ids, tok(" negative").input_ids])[0]
     assert pos > neg
+
+
+def test_compile_scores_as_eager():
+    """LM.compile (torch.compile, dynamic shapes): the same scores as the eager forward, over two
+    batches of different lengths and a two-token label (the packed label pass); compile_lm is
+    idempotent and refuses, in one line, a backend that cannot compile."""
+    from conftest import make_tiny_lm
+
+    from icl_engine.lm import compile_lm
+    from icl_engine.score import compute_prefix, score_continuations
+
+    tok = make_tiny_tokenizer()
+    lm = make_tiny_lm(tok, num_hidden_layers=1)  # one layer: the compile's time grows with the graph
+    prefix = compute_prefix(lm, ids=tok.encode("Classify the review."))
+    rows = [tok.encode(t) for t in ("a great film", "dull", "the acting was wonderful and the plot great", "boring")]
+    labels = [tok.encode(" positive"), tok.encode(" negative film")]
+    assert max(map(len, labels)) >= 2 and len({len(r) for r in rows}) > 2
+    eager = score_continuations(lm, rows, labels, prefix=prefix, batch_size=2)
+    assert compile_lm(lm) is lm and lm.compiled
+    forward = lm.model.forward
+    compile_lm(lm)
+    assert lm.model.forward is forward  # compiled once
+    compiled = score_continuations(lm, rows, labels, prefix=prefix, batch_size=2)
+    assert compiled == pytest.approx(eager, abs=1e-4)
+
+    class NoCompile:
+        pass
+
+    with pytest.raises(LMLoadError, match="cannot compile") as e:
+        compile_lm(NoCompile())
+    assert "\n" not in str(e.value)

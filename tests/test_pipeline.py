@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import CountingTokenizer, make_tiny_lm
 from icl_engine.data import Dataset, TaskKind, make_records
@@ -117,6 +118,57 @@ def test_each_query_is_tokenized_once_in_one_call(parts):
         eng.builder.tokenizer = tok
     assert calls == [[TEMPLATE.format_input(q) for q in queries]]
     assert [p.label for p in preds] == [p.label for p in eng.classify(queries)]
+
+
+def test_prepare_stream_on_cpu_is_a_no_op():
+    from icl_engine.evaluate import prepare_stream
+
+    with prepare_stream(torch.device("cpu"))() as ctx:
+        assert ctx is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prepare_stream_on_cuda_is_its_own():
+    """The prepare thread's GPU work must not queue behind the LM's forward on the default stream."""
+    from icl_engine.evaluate import prepare_stream
+
+    with prepare_stream(torch.device("cuda"))():
+        assert torch.cuda.current_stream() != torch.cuda.default_stream()
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_overlap_pipelines_chunks_in_one_thread(parts):
+    """With overlap, chunk i+1 is prepared and launched before chunk i is collected (on a GPU
+    the LM is still scoring chunk i then), all in the calling thread; the predictions are those
+    of plain chunks."""
+    import threading
+
+    from icl_engine.evaluate import classify_chunks
+
+    eng = engine(parts, k=2, batch_size=4)
+    texts = TEXTS + TEXTS[:2]  # chunks of 4, 4 and 2
+    plain = [p for _, batch in classify_chunks(eng, texts, 4, overlap=False) for p in batch]
+    calls = []
+
+    def spy(name):
+        f = getattr(eng, name)
+
+        def call(x, **kw):
+            assert threading.current_thread() is threading.main_thread()
+            out = f(x, **kw)
+            size = {"prepare": lambda: len(x), "launch": lambda: len(x.prompts),
+                    "collect": lambda: len(x.prepared.prompts)}[name]()
+            calls.append(f"{name}{size}")
+            return out
+        return call
+
+    for name in ("prepare", "launch", "collect"):
+        setattr(eng, name, spy(name))
+    piped = [p for _, batch in classify_chunks(eng, texts, 4, overlap=True) for p in batch]
+    assert calls == ["prepare4", "launch4", "prepare4", "launch4", "collect4",
+                     "prepare2", "launch2", "collect4", "collect2"]
+    assert [p.label for p in piped] == [p.label for p in plain]
+    assert [p.probs for p in piped] == [p.probs for p in plain]
 
 
 def test_evaluate_chunks_and_overlap_do_not_change_results(parts):

@@ -88,6 +88,9 @@ def test_resolve_loads_what_the_config_names(workspace):
     again = resolve(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), template=GIVEN), lm=parts.lm,
                     index=parts.index)
     assert again.lm is parts.lm and again.index is parts.index and again.template == GIVEN
+    assert not parts.lm.compiled  # compile is asked for, never the default
+    compiled = resolve(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), compile=True), lm=parts.lm)
+    assert compiled.lm is parts.lm and parts.lm.compiled  # (torch.compile works at the first forward)
 
 
 def test_config_file_mistakes_are_one_line(tmp_path):

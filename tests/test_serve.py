@@ -158,6 +158,25 @@ def test_on_ready_runs_once_loaded_before_ready(world):
     assert failed == []
 
 
+def test_compile_is_paid_before_ready(world, monkeypatch):
+    """`icl serve --compile`: the LM is compiled (HFBackend.compile: tested for its scores in
+    test_lm) and each classification index loaded at start runs a batch of 1 and one of 2 before
+    /readyz says ready, so no request pays the compile. Here compile only records its call."""
+    from icl_engine.backends.hf import HFBackend
+    from icl_engine.pipeline import Engine
+
+    events = []
+    monkeypatch.setattr(HFBackend, "compile", lambda self: events.append("compile") or setattr(self, "compiled", True))
+    real = Engine.classify
+    monkeypatch.setattr(Engine, "classify", lambda self, texts, **kw: events.append(
+        (len(texts), app.state.service.ready)) or real(self, texts, **kw))
+    app = create_app(_config(world, compile=True), on_ready=lambda: events.append("on_ready"))
+    with TestClient(app) as c:
+        _wait_ready(c)
+        assert app.state.service.lm.compiled
+    assert events == ["compile", (1, False), (2, False), "on_ready"]
+
+
 def test_serve_freezes_the_loaded_heap(world, monkeypatch):
     """`serve` (the process's owner) hands create_app the heap freezer; it collects, then
     leaves the objects alive then out of every later collection."""

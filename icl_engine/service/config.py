@@ -21,6 +21,7 @@ class ServeConfig:
     port: int = 8000
     lm: str = DEFAULT_LM  # the one LM every index is served with
     dtype: str | None = None
+    compile: bool = False  # torch.compile the LM's forward (faster on a GPU; compiled before /readyz)
     max_batch_size: int = 64  # texts merged into one engine call (and the most texts one request may send)
     max_wait_ms: float = 5.0  # how long the first waiting request waits for others to join its batch
     batch_size: int = 8  # rows per LM forward inside an engine call (as `icl eval --batch-size`)

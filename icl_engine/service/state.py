@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 from ..adapters import load_model
 from ..backend import LMBackend
 from ..config import PipelineConfig
+from ..data import TaskKind
 from ..embed import Embedder, get_embedder
 from ..engines import EngineCache
 from ..index import ExampleIndex, check_index_name, index_path, index_version
@@ -95,7 +96,7 @@ class Service:
         given = {k: v for k, v in (("k", opts.k), ("method", opts.method), ("calibration", opts.calibration),
                                    ("max_new_tokens", opts.max_new_tokens)) if v is not None}
         soft = self.soft_prompt_path(opts.soft_prompt) if opts.soft_prompt else None
-        return PipelineConfig(index=opts.index, indexes_dir=c.indexes_dir, lm=c.lm, dtype=c.dtype,
+        return PipelineConfig(index=opts.index, indexes_dir=c.indexes_dir, lm=c.lm, dtype=c.dtype, compile=c.compile,
                               batch_size=c.batch_size, soft_prompt=soft, **given)
 
     # ------------------------------------------------------------------ worker thread
@@ -105,7 +106,12 @@ class Service:
         self.lm = load_model(self.config.lm, dtype=self.config.dtype)
         self.engines = EngineCache(self.config.engines, lm=self.lm)
         for name in self.config.indexes:
-            self.engine_sync(self.pipeline_config(Options(name)))
+            engine = self.engine_sync(self.pipeline_config(Options(name)))
+            if self.config.compile and engine.index.kind is TaskKind.CLASSIFICATION:
+                # torch.compile works at the first forward: pay it here, not in a request's
+                # timeout. Batch 1 and batch 2 (a size-1 dimension gets a graph of its own).
+                engine.classify(["warm-up"])
+                engine.classify(["warm-up", "warm-up, twice"])
 
     def engine_sync(self, config: PipelineConfig) -> Engine:
         """The engine of a config, over the service's LM and its loaded copy of the index (loaded
