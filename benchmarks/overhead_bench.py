@@ -15,7 +15,8 @@ Stages (wall and process CPU seconds, summed over the run, reported as ms per qu
   select      the rest of select.select_many (candidates, exclusion, packing, order)
   tokenize    the queries' tokenization, the rest of Engine.select (token budgets) and
               Engine._prompts (prompt assembly)
-  batch       score_continuations less the LM forward: checks, length buckets, padded tensors
+  batch       launch_scores (score_continuations before) less the LM forward: checks, length
+              buckets, padded tensors
   lm          the LM's forward calls (forward pre-hook to forward hook)
   post        everything else: scores -> Predictions, evaluate()'s metrics and records
 Target: non-LM work, embedding apart, <= 0.2 ms per query. The log-scores are kept (hashing
@@ -87,7 +88,9 @@ class Stages:
         if hasattr(engine.builder, "query_ids_many"):  # the batched tokenization (absent before issue 14)
             self._wrap(engine.builder, "query_ids_many", "query_ids")
         self._wrap(pipeline, "select_many", "select_many")
-        self._wrap(pipeline, "score_continuations", "score")
+        # the engine's scoring entry point: launch_scores since the GPU pipeline (on a CPU its
+        # scores are ready when it returns), score_continuations before
+        self._wrap(pipeline, "launch_scores" if hasattr(pipeline, "launch_scores") else "score_continuations", "score")
         self._start = (0.0, 0.0)
         self.gc = {"cpu_s": 0.0, "full": 0, "young": 0}  # the collector's own time, inside the stages above
         self._gc_start = 0.0
