@@ -23,17 +23,19 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 from .atomic import read_json, write_json, write_text
 from .config import PipelineConfig
 from .data import read_texts
 from .engines import get_engine
+from .evaluate import classify_chunks
 from .index import index_path, index_version
-from .pipeline import Engine
+from .pipeline import Engine, Prediction
 from .progress import Progress
 
 __all__ = ["ShardError", "classify_file", "generate_file", "label_file", "prediction_rows", "generation_rows",
-           "FILE_ROWS", "write_shard", "shard_path", "JOB_FILE"]
+           "rows_of_predictions", "shard_rows", "FILE_ROWS", "write_shard", "shard_path", "JOB_FILE"]
 
 JOB_FILE = "job.json"  # in OUT.parts/: what the shards there were made by
 
@@ -48,10 +50,31 @@ def shard_path(parts: Path, shard: int) -> Path:
 
 def prediction_rows(engine: Engine, texts: list[str], start: int) -> list[dict]:
     """The output rows of texts[start:...] (row numbers count from 0 in the input file)."""
-    preds = engine.classify(texts)
+    return rows_of_predictions(texts, engine.classify(texts), start)
+
+
+def rows_of_predictions(texts: list[str], preds: list[Prediction], start: int) -> list[dict]:
     return [{"row": start + i, "text": t, "label": p.label, "probs": p.probs, "log_scores": p.log_scores,
              "demo_ids": [d.id for d in p.demos], "prompt_tokens": p.prompt_tokens}
             for i, (t, p) in enumerate(zip(texts, preds))]
+
+
+def shard_rows(command: str, engine: Engine, texts: list[str], todo: list[tuple[int, int, int]], *,
+               overlap: bool | None = None) -> Iterator[list[dict]]:
+    """The output rows of each (shard, start, stop) of `todo`, in order. classify-file runs the
+    shards as one pipeline (evaluate.classify_chunks: on a GPU the next shard is prepared while
+    the LM scores this one). That works because every shard but the file's last holds
+    exactly `shard_size` texts and the last comes last, so chunks of the pending texts are the
+    pending shards even when finished shards lie between them."""
+    if command != "classify-file" or not todo:
+        for _, start, stop in todo:
+            yield FILE_ROWS[command](engine, texts[start:stop], start)
+        return
+    size = todo[0][2] - todo[0][1]
+    pending = [t for _, start, stop in todo for t in texts[start:stop]]
+    chunks = classify_chunks(engine, pending, size, overlap=overlap)
+    for (_, start, stop), (_, preds) in zip(todo, chunks):
+        yield rows_of_predictions(texts[start:stop], preds, start)
 
 
 def generation_rows(engine: Engine, inputs: list[str], start: int) -> list[dict]:
@@ -107,7 +130,8 @@ def generate_file(config: PipelineConfig, source: str | Path, out: str | Path, *
 def label_file(command: str, config: PipelineConfig, source: str | Path, out: str | Path, *,
                text_field: str | None = None, shard_size: int = 256, ray=None, progress: bool = True) -> dict:
     """`command` (a key of FILE_ROWS) over every text of `source`, shard by shard, into `out`."""
-    rows_of = FILE_ROWS[command]
+    if command not in FILE_ROWS:
+        raise ShardError(f"unknown file command {command!r}")
     if shard_size < 1:
         raise ShardError(f"shard size must be >= 1, got {shard_size}")
     out = Path(out)
@@ -131,8 +155,8 @@ def label_file(command: str, config: PipelineConfig, source: str | Path, out: st
                 bar.update(n)
         else:
             engine = get_engine(config) if todo else None
-            for shard, start, stop in todo:
-                write_shard(parts, shard, rows_of(engine, texts[start:stop], start))
+            for (shard, start, stop), rows in zip(todo, shard_rows(command, engine, texts, todo)):
+                write_shard(parts, shard, rows)
                 bar.update(stop - start)
     seconds = time.perf_counter() - t0
     _assemble(parts, [sh[0] for sh in shards], out)

@@ -79,3 +79,24 @@ def test_anchor_flags_label_by_knn_prompting(classify_job, classify_anchors, tmp
         check_equal(read_out(out), preds)
         assert all(len(p.demos) == (3 if weight == 1.0 else 2) for p in preds)
     assert [p.probs for p in preds] != [p.probs for p in plain]  # the anchors changed the probabilities
+
+
+def test_shards_pipelined_around_finished_ones(classify_job):
+    """shard_rows runs the pending shards as one pipeline (classify_chunks, overlap forced here;
+    a GPU turns it on): with finished shards between the pending ones and a short last shard,
+    each shard's rows are those of its own engine call, with the file's row numbers."""
+    from icl_engine.engines import get_engine
+    from icl_engine.shards import prediction_rows, shard_rows
+
+    _, _, config, _ = classify_job
+    engine = get_engine(config)
+    texts = list(CLASSIFY_TEXTS)  # 30 texts: shards of 8 -> 0-8, 8-16, 16-24, 24-30
+    todo = [(1, 8, 16), (3, 24, 30)]  # shards 0 and 2 already written
+    piped = list(shard_rows("classify-file", engine, texts, todo, overlap=True))
+    assert len(piped) == 2 and [len(r) for r in piped] == [8, 6]
+    for (_, start, stop), rows in zip(todo, piped):
+        alone = prediction_rows(engine, texts[start:stop], start)
+        assert [r["row"] for r in rows] == list(range(start, stop))
+        assert [(r["label"], r["demo_ids"]) for r in rows] == [(r["label"], r["demo_ids"]) for r in alone]
+        for a, b in zip(rows, alone):
+            assert a["log_scores"] == pytest.approx(b["log_scores"], abs=1e-5)
