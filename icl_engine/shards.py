@@ -101,10 +101,22 @@ def _job(config: PipelineConfig, texts: list[str], shard_size: int) -> dict:
             "texts_sha256": h.hexdigest(), "shard_size": shard_size}
 
 
+def _with_defaults(job: dict) -> dict:
+    """A job read back, its config completed with the defaults of fields added to PipelineConfig
+    after it was written (e.g. `compile`): an upgrade alone never refuses a resume."""
+    config = job.get("config") if isinstance(job, dict) else None
+    if not isinstance(config, dict):
+        return job
+    defaults = json.loads(json.dumps(PipelineConfig(index="-").to_dict()))  # every field at its default
+    del defaults["index"]  # (required: never missing)
+    return {**job, "config": {**defaults, **config}}
+
+
 def _open_parts(parts: Path, job: dict, command: str) -> None:
     """Make OUT.parts for this job, or check that the one there is this job's (then reused)."""
     if (parts / JOB_FILE).exists():
-        if read_json(parts / JOB_FILE, "the job description", ShardError) != json.loads(json.dumps(job)):
+        stored = _with_defaults(read_json(parts / JOB_FILE, "the job description", ShardError))
+        if stored != json.loads(json.dumps(job)):
             raise ShardError(f"{parts} holds the shards of another job (other config, index version or input); "
                              "remove it or choose another --out")
         return

@@ -41,6 +41,16 @@ def test_classify_file_equals_the_engine_and_resumes(classify_job, tmp_path):
     assert s["resumed_shards"] == 3 and out.read_text() == first
     with pytest.raises(ShardError, match="holds the shards of another job"):
         api.classify_file(PipelineConfig(**{**config.to_dict(), "k": 3}), str(src), out, shard_size=8)
+    # a job file written before a config field existed (here `compile`) reads as its default
+    job_file = out.with_name("labels.jsonl.parts") / "job.json"
+    job = json.loads(job_file.read_text())
+    del job["config"]["compile"]
+    job_file.write_text(json.dumps(job))
+    shard_path(out.with_name("labels.jsonl.parts"), 3).unlink()
+    s = api.classify_file(config, str(src), out, shard_size=8)
+    assert s["resumed_shards"] == 3 and out.read_text() == first
+    with pytest.raises(ShardError, match="holds the shards of another job"):  # not when it is asked for
+        api.classify_file(PipelineConfig(**{**config.to_dict(), "compile": True}), str(src), out, shard_size=8)
 
 
 def test_parquet_in_and_out(classify_job, tmp_path):
