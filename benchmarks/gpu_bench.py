@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
+import itertools
 import json
 import os
 import platform
@@ -82,6 +84,7 @@ class TokenCounter:
 
     def __init__(self):
         self.counts: list = []
+        self.padded = 0  # positions the forwards ran, padding included (from shapes: no wait)
 
     def __call__(self, module, args, kwargs):
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
@@ -89,13 +92,14 @@ class TokenCounter:
             return
         T = ids.shape[1]
         self.counts.append(mask[:, -T:].sum() if mask is not None and mask.ndim == 2 else ids.numel())
+        self.padded += ids.numel()
 
     @property
     def tokens(self) -> int:
         return int(sum(int(c) for c in self.counts))
 
     def reset(self) -> None:
-        self.counts = []
+        self.counts, self.padded = [], 0
 
 
 def sync(device: torch.device) -> None:
@@ -133,21 +137,25 @@ def build_engine(args, device: torch.device, dtype: str, batch_size: int) -> tup
 
 
 def run(engine: Engine, counter: TokenCounter, test: Dataset, batch_size: int, overlap: bool | None,
-        repeats: int) -> dict:
+        repeats: int, chunk_batches: int | None = None) -> dict:
+    """`chunk_batches`: queries per engine call, in LM batches (the length buckets choose among
+    them); None: evaluate's default."""
     engine.config.batch_size = batch_size
     dev = engine.lm.device
+    chunk = None if chunk_batches is None else chunk_batches * batch_size
     evaluate(engine, test.select(range(min(len(test), 2 * batch_size))), progress=False)  # warm-up
     secs, res = [], None
     for _ in range(repeats):
         counter.reset()
         sync(dev)
         t0 = time.perf_counter()
-        res = evaluate(engine, test, progress=False, overlap=overlap)
+        res = evaluate(engine, test, progress=False, overlap=overlap, chunk=chunk)
         sync(dev)
         secs.append(time.perf_counter() - t0)
     s = statistics.median(secs)
-    return {"batch_size": batch_size, "overlap": overlap, "seconds": secs, "queries_per_s": res["n"] / s,
-            "tokens": counter.tokens, "model_tflops": 2 * engine.lm.n_params * counter.tokens / s / 1e12,
+    return {"batch_size": batch_size, "chunk_batches": chunk_batches, "overlap": overlap, "seconds": secs,
+            "queries_per_s": res["n"] / s, "tokens": counter.tokens, "padded_tokens": counter.padded,
+            "model_tflops": 2 * engine.lm.n_params * counter.tokens / s / 1e12,
             "non_embedding_tflops": 2 * non_embedding_params(engine.lm) * counter.tokens / s / 1e12,
             "accuracy": res["accuracy"], "mean_prompt_tokens": res["mean_prompt_tokens"],
             "predictions": [p["pred"] for p in res["predictions"]],
@@ -229,6 +237,9 @@ def main(argv=None) -> dict:
                    help="also run float32 on the device at the largest batch (agreement with the CPU)")
     p.add_argument("--overlap", choices=["auto", "on", "off", "both"], default="both",
                    help="prepare the next chunk in a thread while the LM runs (evaluate's overlap)")
+    p.add_argument("--chunk-batches", type=int, nargs="+", default=[0],
+                   help="queries per engine call in LM batches, so the length buckets have a choice "
+                        "(0: evaluate's default)")
     p.add_argument("--compile", action="store_true", help="the engine's compile option (LM.compile: torch.compile)")
     p.add_argument("--stages", action="store_true",
                    help="also one pass at the largest batch timed by stage, under cProfile")
@@ -252,18 +263,22 @@ def main(argv=None) -> dict:
     print(f"{args.dtype} matmul: {tflops:.1f} TFLOP/s", file=sys.stderr)
 
     engine, counter = build_engine(args, device, args.dtype, max(args.batch_sizes))
+    # what the icl command does once it has loaded an engine (engines.freeze_loaded_heap; this
+    # script does not import engines.py, which needs faiss): no full collections over the heap
+    gc.collect()
+    gc.freeze()
     overlaps = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.overlap]
     runs = []
-    for bs in args.batch_sizes:
-        for ov in overlaps:
-            r = run(engine, counter, test, bs, ov, args.repeats)
-            r["mfu"] = r["model_tflops"] / tflops
-            r["mfu_non_embedding"] = r["non_embedding_tflops"] / tflops
-            r["agreement_with_cpu_float32"] = agreement(r, ref)
-            runs.append(r)
-            a = r["agreement_with_cpu_float32"]
-            print(f"batch {bs} overlap {ov}: {r['queries_per_s']:.0f} q/s, MFU {r['mfu']:.1%}"
-                  + (f", agree {a['predictions_agree']:.1%}" if a else ""), file=sys.stderr)
+    for bs, cb, ov in itertools.product(args.batch_sizes, args.chunk_batches, overlaps):
+        r = run(engine, counter, test, bs, ov, args.repeats, cb or None)
+        r["mfu"] = r["model_tflops"] / tflops
+        r["mfu_non_embedding"] = r["non_embedding_tflops"] / tflops
+        r["agreement_with_cpu_float32"] = agreement(r, ref)
+        runs.append(r)
+        a = r["agreement_with_cpu_float32"]
+        print(f"batch {bs} chunk {cb or 'default'} overlap {ov}: {r['queries_per_s']:.0f} q/s, MFU {r['mfu']:.1%}, "
+              f"padding {r['padded_tokens'] / r['tokens'] - 1:.1%}"
+              + (f", agree {a['predictions_agree']:.1%}" if a else ""), file=sys.stderr)
     stage_split = stages(engine, test, max(args.batch_sizes)) if args.stages else None
     if stage_split:
         print(f"stages (ms/query): {stage_split['ms_per_query']}", file=sys.stderr)
@@ -330,15 +345,17 @@ def markdown(r: dict) -> str:
              f"{r['matmul_tflops']:.1f} TFLOP/s measured in this run.", "",
              "MFU counts 2·N·tokens with N all parameters; the non-embedding column leaves out the input "
              "embedding (the tied LM head runs at the last position only).", "",
-             "| LM batch | overlap | queries/s | model TFLOP/s | MFU | MFU non-embedding | accuracy | prompt tokens "
-             "| predictions = CPU float32 | demos = CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| LM batch | chunk (batches) | overlap | queries/s | model TFLOP/s | MFU | MFU non-embedding | padding "
+             "| accuracy | prompt tokens | predictions = CPU float32 | demos = CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["runs"]:
         a = x["agreement_with_cpu_float32"]
         agree = f"{a['predictions_agree']:.1%} of {a['n']}" if a else "–"
         demos = f"{a['demos_identical']:.1%}" if a else "–"
-        lines.append(f"| {x['batch_size']} | {x['overlap']} | {x['queries_per_s']:.1f} | {x['model_tflops']:.2f} | "
-                     f"{x['mfu']:.1%} | {x.get('mfu_non_embedding', float('nan')):.1%} | {x['accuracy']:.3f} | "
+        pad = f"{x['padded_tokens'] / x['tokens'] - 1:.1%}" if x.get("padded_tokens") else "–"
+        lines.append(f"| {x['batch_size']} | {x.get('chunk_batches') or 'default'} | {x['overlap']} | "
+                     f"{x['queries_per_s']:.1f} | {x['model_tflops']:.2f} | "
+                     f"{x['mfu']:.1%} | {x.get('mfu_non_embedding', float('nan')):.1%} | {pad} | {x['accuracy']:.3f} | "
                      f"{x['mean_prompt_tokens']:.1f} | {agree} | {demos} |")
     st = r.get("stages")
     if st:

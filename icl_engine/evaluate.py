@@ -24,11 +24,17 @@ from .select import SelectionMethod
 if TYPE_CHECKING:  # (index.py imports faiss; the engine runs without it)
     from .index import ExampleIndex
 
-__all__ = ["evaluate", "classify_chunks", "prepare_stream", "fewer_demos", "format_table", "UnknownLabelError",
-           "Labeller", "EngineLabeller"]
+__all__ = ["evaluate", "classify_chunks", "CHUNK_BATCHES", "prepare_stream", "fewer_demos", "format_table",
+           "UnknownLabelError", "Labeller", "EngineLabeller"]
 
 
-MIN_CHUNK = 32  # queries per engine call at least: LM batches of up to 32 are bucketed by length among them
+MIN_CHUNK = 32  # queries per engine call at least
+# LM batches per engine call by default: the length buckets (score.length_batches) cut each LM
+# batch from this many batches' worth of queries sorted by length. On the Rotten Tomatoes test
+# at k = 8 and LM batch 8, padding is 27 % of the real tokens with 1 batch a call, 9.6 % with 4
+# (the old default of 32 queries), 5.2 % with 8 and 2.9 % with 16; at batch 1024, 56 % with 1
+# and 10 % with 8 (benchmarks/padding_bench.py, issue 14).
+CHUNK_BATCHES = 8
 
 
 class UnknownLabelError(ValueError):
@@ -157,15 +163,15 @@ def evaluate(
     """Run the engine over `test` (first `limit` examples, or distinct inputs for generation)
     and return one JSON-ready dict of metrics, timings and per-example predictions.
 
-    `chunk`: queries handed to the engine per call (the progress step); default the engine's
-    batch size, at least MIN_CHUNK, so an LM batch is never cut short by the chunk and the
-    length buckets have queries to choose from. `overlap`: prepare the next chunk while the LM
+    `chunk`: queries handed to the engine per call (the progress step); default CHUNK_BATCHES
+    LM batches (at least MIN_CHUNK queries), so an LM batch is never cut short by the chunk and
+    the length buckets have queries to choose from. `overlap`: prepare the next chunk while the LM
     scores this one (classify_chunks; default: when the LM is on a GPU, as on a CPU the LM's
     work is done before its call returns). `engine` may be a Labeller instead (answers from
     elsewhere, e.g. a Ray pool)."""
     labeller = EngineLabeller(engine, overlap) if isinstance(engine, Engine) else engine
     config, index = labeller.config, labeller.index
-    chunk = max(MIN_CHUNK, config.batch_size) if chunk is None else chunk
+    chunk = max(MIN_CHUNK, CHUNK_BATCHES * config.batch_size) if chunk is None else chunk
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     method = SelectionMethod(method or config.method)

@@ -149,8 +149,8 @@ class Engine:
         k = self.config.k if k is None else k
         qv = self.embedder.encode(list(queries))  # [q, d]
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
-        budgets = [self.budget - self.builder.reserved(q, self.n_virtual, answer_tokens=self._answer_tokens, query_ids=i)
-                   for q, i in zip(queries, qids)]
+        budget, answer, reserved = self.budget, self._answer_tokens, self.builder.reserved
+        budgets = [budget - reserved(q, self.n_virtual, answer_tokens=answer, query_ids=i) for q, i in zip(queries, qids)]
         return select_many(
             self.index, qv, method=method, k=k, budgets=budgets, query_texts=list(queries),
             exclude_ids=exclude_ids, demo_lengths=self.builder.demo_lengths(self.index.records),
@@ -161,11 +161,9 @@ class Engine:
                  query_ids: Sequence[Sequence[int]] | None = None) -> list[Prompt]:
         recs = self.index.records
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
-        return [
-            self.builder.assemble([recs[i] for i in sel.ids.tolist()], q, budget=self.budget - self.n_virtual,
-                                  answer_tokens=self._answer_tokens, query_ids=i)
-            for q, sel, i in zip(queries, selections, qids)
-        ]
+        budget, answer, assemble = self.budget - self.n_virtual, self._answer_tokens, self.builder.assemble
+        return [assemble([recs[i] for i in sel.ids.tolist()], q, budget=budget, answer_tokens=answer, query_ids=i)
+                for q, sel, i in zip(queries, selections, qids)]
 
     def _demos(self, sel: Selection) -> list[Demo]:
         recs = self.index.records

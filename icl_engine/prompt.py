@@ -23,6 +23,7 @@ instruction. Demos and the query are the user turn; the answer is the assistant'
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from string import Formatter
 from typing import Callable, Sequence
@@ -142,19 +143,37 @@ class Span:
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt's token ids and what each run of them is. The spans are built when first read:
+    scoring reads only the ids, and a prompt holds ~2k + 3 spans (k demonstrations)."""
+
     ids: list[int]
-    spans: list[Span]  # contiguous, cover ids exactly: sum of lengths == len(ids)
+    head: tuple[Span, ...]  # bos / instruction / separator: the builder's, the same in every prompt
+    demos: tuple[tuple[str, int], ...]  # (record id, demo tokens) of each demonstration, in prompt order
+    sep: int  # separator tokens after each demonstration
+    tail: tuple[tuple[str, int], ...]  # (part, tokens): the query, then the chat suffix if any
+
+    @cached_property
+    def spans(self) -> list[Span]:
+        """Contiguous runs that cover ids exactly: sum of lengths == len(ids)."""
+        spans, n = list(self.head), self.shared_len
+        for rid, m in self.demos:
+            spans += (Span("demo", n, n + m, rid), Span("separator", n + m, n + m + self.sep))
+            n += m + self.sep
+        for part, m in self.tail:
+            spans.append(Span(part, n, n + m))
+            n += m
+        return spans
 
     @property
     def shared_len(self) -> int:
         """Leading tokens identical in every prompt of this template (bos + instruction +
         separator, or the chat prefix): everything before the first demo or the query."""
-        return next(s.start for s in self.spans if s.part in ("demo", "query"))
+        return self.head[-1].end if self.head else 0
 
     @property
     def demo_ids(self) -> list[str]:
         """Record ids of the demonstrations, in prompt order."""
-        return [s.record_id for s in self.spans if s.part == "demo"]
+        return [rid for rid, _ in self.demos]
 
 
 def start_ids(tokenizer) -> list[int]:
@@ -193,10 +212,12 @@ class PromptBuilder:
         self._tail = [(p, ids) for p, ids in self._tail if ids]
         # assemble() starts every prompt from these: the head's ids and spans never change
         self._head_ids = self.shared_ids()
-        self._head_spans: list[Span] = []
+        spans, start = [], 0
         for part, ids in self._head:
-            start = self._head_spans[-1].end if self._head_spans else 0
-            self._head_spans.append(Span(part, start, start + len(ids)))
+            spans.append(Span(part, start, start + len(ids)))
+            start += len(ids)
+        self._head_spans = tuple(spans)
+        self._tail_lengths = tuple((part, len(ids)) for part, ids in self._tail)
         self._fixed = sum(len(ids) for _, ids in self._head + self._tail)  # tokens besides demos, query, answer
         self._max_answer: int | None = None  # max_answer_len, once the labels are tokenized
 
@@ -208,7 +229,22 @@ class PromptBuilder:
         ids are the same as text by text: no padding, no special tokens)."""
         if not texts:
             return []
+        fast = self._rust_encoder()
+        if fast is not None:  # the same ids without the Python wrapper and without offsets
+            return [e.ids for e in fast(list(texts), add_special_tokens=False)]
         return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def _rust_encoder(self):
+        """The Rust tokenizer's `encode_batch_fast` when calling it gives what the tokenizer's own
+        call gives: a transformers fast tokenizer whose backend neither truncates nor pads and
+        treats special-token text as the call would (`split_special_tokens`). None otherwise."""
+        tok = self.tokenizer
+        rust = getattr(tok, "backend_tokenizer", None)
+        if (rust is None or not hasattr(rust, "encode_batch_fast") or rust.truncation is not None
+                or rust.padding is not None
+                or rust.encode_special_tokens != bool(getattr(tok, "split_special_tokens", False))):
+            return None
+        return rust.encode_batch_fast
 
     def _render_chat(self) -> tuple[list[int], list[int]]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -305,22 +341,20 @@ class PromptBuilder:
         tokens for prompt + answer, soft-prompt tokens already taken off) nothing is truncated:
         PromptTooLong if the query alone, or the whole prompt, does not fit. `query_ids`: the
         query's ids when already tokenized (`query_ids_many`)."""
-        q = self.query_ids(query) if query_ids is None else list(query_ids)
-        # head, then (demo, separator)*, then query and tail: one span per piece, no piece list
-        ids, spans, sep = list(self._head_ids), list(self._head_spans), self.sep_ids
-        n = len(ids)
+        q = self.query_ids(query) if query_ids is None else query_ids
+        # head, then (demo, separator)*, then query and tail; the spans are built only if read
+        ids, sep, demo = list(self._head_ids), self.sep_ids, self.demo_ids
+        lengths = []
         for r in demos:
-            piece = self.demo_ids(r)
-            m = n + len(piece)
-            spans += (Span("demo", n, m, r.id), Span("separator", m, m + len(sep)))
+            piece = demo(r)
             ids += piece
             ids += sep
-            n = m + len(sep)
-        for part, piece in (("query", q), *self._tail):
-            spans.append(Span(part, n, n + len(piece)))
+            lengths.append((r.id, len(piece)))
+        ids += q
+        for _, piece in self._tail:
             ids += piece
-            n += len(piece)
-        prompt = Prompt(ids, spans)
+        prompt = Prompt(ids, self._head_spans, tuple(lengths), len(sep),
+                        (("query", len(q)), *self._tail_lengths))
         if budget is not None:
             answer = self.max_answer_len if answer_tokens is None else answer_tokens
             alone = self.reserved(query, 0, answer, query_ids=q)

@@ -418,6 +418,8 @@ class PoolLabeller:
         return self._chunks(Job.GENERATE, inputs, chunk, method, k)
 
     def _chunks(self, job: Job, texts: Sequence[str], chunk: int, method, k):
+        # a chunk is one actor's task: no larger than an equal share, so every actor has work
+        chunk = max(1, min(chunk, -(-len(texts) // self.options.workers)))
         shards = [(i, s, min(len(texts), s + chunk)) for i, s in enumerate(range(0, len(texts), chunk))]
         for shard, results in run_shards(self.config, job, texts, shards, self.options, method=method, k=k):
             yield slice(shards[shard][1], shards[shard][2]), results

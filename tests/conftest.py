@@ -121,8 +121,24 @@ class CountingTokenizer:
         self.calls.append(text)
         return self.tokenizer(text, **kw)
 
+    @property
+    def backend_tokenizer(self):  # PromptBuilder.encode_many may call the Rust tokenizer directly
+        return _CountingRust(self.tokenizer.backend_tokenizer, self.calls)
+
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
+
+
+class _CountingRust:
+    def __init__(self, rust, calls):
+        self.rust, self.calls = rust, calls
+
+    def encode_batch_fast(self, texts, **kw):
+        self.calls.append(texts)
+        return self.rust.encode_batch_fast(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.rust, name)
 
 
 def sentiment_template():

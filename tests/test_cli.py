@@ -150,3 +150,35 @@ def test_config_file_and_flag_precedence_through_the_installed_script(workspace,
     res = subprocess.run([str(icl), "classify", "tiny", "x", "--config", str(bad)], capture_output=True, text=True,
                          env=env, timeout=300)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "kk" in res.stderr
+
+
+def test_the_installed_script_freezes_the_heap_once_an_engine_is_loaded(workspace, tmp_path):
+    """`icl eval` (the console script, in its own process) freezes the garbage collector's heap
+    after loading the engine, so the full collections of a long run stop walking the LM's and the
+    libraries' objects; a command that loads no engine leaves it alone. A sitecustomize on
+    PYTHONPATH reports gc.get_freeze_count() as the process exits."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, lm_dir = workspace
+    icl = Path(sys.executable).with_name("icl")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print(f'FROZEN {gc.get_freeze_count()}', file=sys.stderr))\n")
+    env = {**os.environ, "ICL_INDEXES": "", "PYTHONPATH": os.pathsep.join(
+        [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"text": "a great film", "label": "positive"}\n')
+
+    def frozen(*args) -> int:
+        res = subprocess.run([str(icl), *args, "--indexes-dir", str(root / "indexes")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return int(res.stderr.rsplit("FROZEN ", 1)[1].split()[0])
+
+    assert frozen("eval", "tiny", "--test", str(test), "--k", "2", "--lm", str(lm_dir), "--json") > 100_000
+    assert frozen("index", "info", "tiny", "--json") == 0

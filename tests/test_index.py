@@ -73,7 +73,7 @@ def test_flat_topk_breaks_ties_by_row_alone_or_batched(monkeypatch):
         alone = [index_mod.flat_topk(q[None], vectors, k) for q in queries]
         np.testing.assert_array_equal(rows, np.concatenate([r for _, r in alone]))
         np.testing.assert_array_equal(scores, np.concatenate([s for s, _ in alone]))
-        monkeypatch.setattr(index_mod, "_BLOCK", 87 * 4)  # blocks of 4 queries
+        monkeypatch.setattr(index_mod, "_SCORE_BLOCK", 87 * 4)  # blocks of 4 queries
         blocked = index_mod.flat_topk(queries, vectors, k)
         monkeypatch.undo()
         np.testing.assert_array_equal(rows, blocked[1])

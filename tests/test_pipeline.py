@@ -178,14 +178,14 @@ def test_evaluate_chunks_and_overlap_do_not_change_results(parts):
     (the tiny hashing index has many exact ties)."""
     from icl_engine.evaluate import evaluate
 
-    eng = engine(parts, k=3, batch_size=40)
+    eng = engine(parts, k=3, batch_size=5)
     queries = [f"{t} {w}" for w in ("really", "truly", "quite", "so", "very", "", "!", "?") for t in TEXTS][:60]
     test = Dataset("q", TaskKind.CLASSIFICATION, make_records((q, "positive") for q in queries), ("negative", "positive"))
     sizes = []
     prepare = eng.prepare
     eng.prepare = lambda texts, **kw: sizes.append(len(texts)) or prepare(texts, **kw)
     default = evaluate(eng, test, progress=False)
-    assert sizes == [40, 20]  # the configured batch size (at least 32), not a fixed 32
+    assert sizes == [40, 20]  # CHUNK_BATCHES = 8 LM batches of the configured size (at least 32)
     threaded = evaluate(eng, test, progress=False, chunk=20, overlap=True)
     assert sizes[2:] == [20, 20, 20]
     ref = eng.classify(queries)

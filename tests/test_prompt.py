@@ -262,6 +262,26 @@ def test_batched_tokenization_equals_one_by_one(tiny_tokenizer):
     assert builder.reserved("q", query_ids=q) == builder.reserved("q")
 
 
+def test_encode_many_takes_the_rust_path_only_where_it_equals_the_tokenizers_call(tiny_tokenizer):
+    """encode_many calls the Rust tokenizer's encode_batch_fast (no Python wrapper, no offsets)
+    and gets the ids of the tokenizer's own call, special-token text and odd whitespace included;
+    a backend set to truncate, or to split special tokens unlike the call, takes the call."""
+    tok = copy.deepcopy(tiny_tokenizer)
+    texts = ["great <|im_start|> film", "<|endoftext|>", "  two  spaces\t\ttabs\n\n", "\u00e9\u4e2d\U0001f642",
+             "", "wonderful " * 300, "Review: <|im_end|>\nSentiment:"]
+    want = lambda: [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    builder = PromptBuilder(SENTIMENT, tok, labels=LABELS)
+    assert builder._rust_encoder() is not None
+    assert builder.encode_many(texts) == want() == [builder.encode(t) for t in texts]
+    tok.backend_tokenizer.enable_truncation(4)
+    assert builder._rust_encoder() is None
+    assert builder.encode_many(texts) == want() and max(map(len, want())) > 4  # the call turns it off
+    whole = want()
+    tok.split_special_tokens = True
+    assert builder._rust_encoder() is None
+    assert builder.encode_many(texts) == want() != whole  # "<|im_start|>" now in pieces
+
+
 def piece_by_piece(builder, demos, query):
     """The assembly as first written (every piece listed, then joined), from fresh tokenizer
     calls: what the cached assembly must equal id for id and span for span."""

@@ -101,7 +101,7 @@ def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool,
                             for i in range(3) for t, l in SENTIMENT_ROWS))
     one = api.evaluate_file(config, str(test))
     on_ray = api.evaluate_file(config, str(test), ray=pool)
-    assert on_ray["n"] == 36 and 0 < on_ray["accuracy"] < 1  # two chunks of 32 and 4 queries
+    assert on_ray["n"] == 36 and 0 < on_ray["accuracy"] < 1  # one chunk of 18 queries per actor
     same_eval(one, on_ray)
 
     _, gen_config = generation_job

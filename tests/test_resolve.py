@@ -111,15 +111,18 @@ def test_config_file_mistakes_are_one_line(tmp_path):
 
 def test_engine_cache_loads_once_and_shares_parts(workspace):
     root, lm_dir = workspace
-    cache = EngineCache(size=2)
+    loaded = []
+    cache = EngineCache(size=2, on_load=loaded.append)
     cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=2)
     first = cache.get(cfg)
     assert cache.get(PipelineConfig(**{**cfg.__dict__})) is first  # equal config: the same engine
+    assert loaded == [first]  # on_load: each engine the cache loads, once
     other = cache.get(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=1))
     assert other is not first and other.lm is first.lm and other.index is first.index  # loaded once
     third = cache.get(PipelineConfig(index="stored", indexes_dir=str(root / "indexes"), lm=str(lm_dir)))
     assert third.lm is first.lm and third.index is not first.index  # another folder: its own index
     assert len(cache) == 2 and cache.get(cfg) is not first  # the least recently used was dropped
+    assert loaded == [first, other, third, cache.get(cfg)]
     assert get_engine(first) is first
     [p1], [p2] = first.classify(["a great film"]), other.classify(["a great film"])
     assert len(p1.demos) == 2 and len(p2.demos) == 1

@@ -184,6 +184,7 @@ def test_serve_freezes_the_loaded_heap(world, monkeypatch):
 
     import uvicorn
 
+    from icl_engine.engines import freeze_loaded_heap
     from icl_engine.service import server
 
     seen = {}
@@ -191,10 +192,10 @@ def test_serve_freezes_the_loaded_heap(world, monkeypatch):
     monkeypatch.setattr(server, "create_app", lambda config, **kw: seen.update(kw) or real(config, **kw))
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
     server.serve(_config(world))
-    assert seen["on_ready"] is server.freeze_loaded_heap
+    assert seen["on_ready"] is freeze_loaded_heap
     before = gc.get_freeze_count()
     try:
-        server.freeze_loaded_heap()
+        freeze_loaded_heap()
         assert gc.get_freeze_count() > before and gc.get_count()[2] == 0
     finally:
         gc.unfreeze()  # this test process goes on making (and collecting) garbage

@@ -8,16 +8,16 @@ handler that ignores it, so a requested stop ends the process with exit code 0, 
 
 from __future__ import annotations
 
-import gc
 import signal
 from contextlib import contextmanager
 
+from ..engines import freeze_loaded_heap
 from ..errors import one_line
 from .app import create_app
 from .config import ServeConfig, ServeError
 from .state import served_index
 
-__all__ = ["serve", "freeze_loaded_heap"]
+__all__ = ["serve"]
 
 
 @contextmanager
@@ -29,16 +29,6 @@ def _stop_quietly():
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-
-
-def freeze_loaded_heap() -> None:
-    """Once the LM and the indexes are loaded, their objects and the libraries' (~400,000
-    tracked by the garbage collector) live as long as the process: frozen, the full collections
-    no longer walk them. Unfrozen, each full collection took ~0.25 s of CPU (a pause for every
-    request in flight) once ~100,000 objects had survived the younger ones (issue 14). A
-    process-wide choice, so the process's owner makes it here, not the library."""
-    gc.collect()  # garbage made while loading is not frozen with the rest
-    gc.freeze()
 
 
 def serve(config: ServeConfig, *, log_level: str = "info") -> None:

@@ -1,0 +1,105 @@
+"""Padding the LM runs over, by LM batch size and queries per engine call (issue 14).
+
+    .venv/bin/python benchmarks/padding_bench.py                   # writes results/padding_bench.{json,md}
+
+The engine left-pads each LM batch to its longest prompt, and `score.length_batches` cuts the
+batches from the queries of one engine call sorted by length: the more LM batches' worth of
+queries a call holds, the closer the lengths in each batch. This counts it exactly, without an
+LM: the real prompts (SmolLM2 tokenizer, built-in sentiment template with its cached prefix,
+kNN at k over the Rotten Tomatoes train pool) of the test queries, cycled to --n as the GPU
+benchmark does, batched as `evaluate(chunk=...)` batches them. Padding = padded positions /
+real positions - 1, over the positions the LM runs (after the shared prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from icl_engine.data import load_dataset  # noqa: E402
+from icl_engine.embed import get_embedder  # noqa: E402
+from icl_engine.index import ExampleIndex  # noqa: E402
+from icl_engine.lm import cache_root  # noqa: E402
+from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
+from icl_engine.score import length_batches  # noqa: E402
+
+DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
+
+
+def prompt_lengths(n: int, k: int, embedder: str, tokenizer: str) -> np.ndarray:
+    """Tokens the LM runs for each of the first n test queries (cycled): int64 [n]."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from overhead_bench import tiny_lm  # the real tokenizer; the LM itself is never called here
+
+    pool = load_dataset(str(DATA / "rotten_tomatoes_train.jsonl"))
+    test = load_dataset(str(DATA / "rotten_tomatoes_test.jsonl"))
+    texts = [test.records[i % len(test)].input for i in range(n)]
+    emb = get_embedder(embedder)
+    engine = Engine.from_parts(PipelineConfig(index="rt", method="knn", k=k), ExampleIndex.build(pool, emb), emb,
+                               tiny_lm(tokenizer), SENTIMENT_TEMPLATE)
+    out = []
+    for a in range(0, n, 1024):
+        out += [len(p.ids) - p.shared_len for p in engine.prepare(texts[a : a + 1024]).prompts]
+    return np.asarray(out, np.int64)
+
+
+def padding(lengths: np.ndarray, batch: int, chunk: int) -> float:
+    """Padded / real positions - 1 when evaluate hands the engine `chunk` queries a call."""
+    padded = 0
+    for a in range(0, len(lengths), chunk):
+        part = lengths[a : a + chunk]
+        rows = [range(int(x)) for x in part]  # length_batches reads only len() of each row
+        padded += sum(len(idx) * int(part[idx].max()) for idx in length_batches(rows, batch, True))
+    return padded / int(lengths.sum()) - 1
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=4264, help="test queries, cycled past the 1,066 (the GPU runs' 4,264)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--embedder", default="hashing:384")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256, 512, 1024, 2048])
+    p.add_argument("--chunk-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--tokenizer", default=str(cache_root() / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    lengths = prompt_lengths(args.n, args.k, args.embedder, args.tokenizer)
+    table = {b: {c: padding(lengths, b, b * c) for c in args.chunk_batches} for b in args.batch_sizes}
+    result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["benchmarks/padding_bench.py", *(argv if argv is not None else sys.argv[1:])]),
+              "config": {"n": args.n, "k": args.k, "embedder": args.embedder},
+              "lm_positions": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max()),
+                               "p10": float(np.percentile(lengths, 10)), "p90": float(np.percentile(lengths, 90))},
+              "padding": {str(b): {str(c): v for c, v in row.items()} for b, row in table.items()}}
+    lp = result["lm_positions"]
+    md = ["# Padding by LM batch and queries per engine call", "", f"`{result['command']}`, {result['created']}", "",
+          f"n = {args.n} Rotten Tomatoes test queries (cycled), kNN k = {args.k} ({args.embedder}), SmolLM2 "
+          f"tokenizer, built-in sentiment template (its shared prefix cached, not counted). Positions the LM runs "
+          f"a query: mean {lp['mean']:.1f}, 10th-90th percentile {lp['p10']:.0f}-{lp['p90']:.0f}, "
+          f"range {lp['min']}-{lp['max']}.", "",
+          "Padding = padded positions / real positions - 1, by LM batch (rows) and engine call size in LM "
+          "batches (columns; `evaluate`'s default is CHUNK_BATCHES = 8, before issue 14's round 7 it was 1, "
+          "at least 32 queries).", "",
+          "| LM batch | " + " | ".join(f"{c} batch{'es' if c > 1 else ''}" for c in args.chunk_batches) + " |",
+          "|---|" + "---|" * len(args.chunk_batches)]
+    md += [f"| {b} | " + " | ".join(f"{row[c]:.1%}" for c in args.chunk_batches) + " |" for b, row in table.items()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "padding_bench.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    (out / "padding_bench.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return result
+
+
+if __name__ == "__main__":
+    main()
