@@ -297,10 +297,11 @@ class EngineActor:
     def __init__(self, threads: int):
         import torch
 
-        from .engines import EngineCache
+        from .engines import EngineCache, freeze_loaded_heap
 
         torch.set_num_threads(threads)
-        self.engines = EngineCache(size=2)
+        # the actor's process is ours, and long-lived: its full collections skip what a load made
+        self.engines = EngineCache(size=2, on_load=lambda _engine: freeze_loaded_heap())
 
     def lm_name(self, config: dict) -> str:
         """The name the engine of `config` gives its LM (loading the engine: a bad config fails here)."""

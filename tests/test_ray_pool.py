@@ -88,9 +88,10 @@ def same_eval(a: dict, b: dict) -> None:
         np.testing.assert_allclose(list(p.get("probs", {}).values()), list(q.get("probs", {}).values()), atol=1e-5)
 
 
-def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool, tmp_path, monkeypatch):
+def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool, tmp_path, monkeypatch, ray_session):
     from conftest import SENTIMENT_ROWS
     from icl_engine.config import PipelineConfig
+    from icl_engine.ray_jobs import engine_actors
     from test_generation_files import TEST
 
     _, _, config, _ = classify_job
@@ -103,6 +104,10 @@ def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool,
     on_ray = api.evaluate_file(config, str(test), ray=pool)
     assert on_ray["n"] == 36 and 0 < on_ray["accuracy"] < 1  # one chunk of 18 queries per actor
     same_eval(one, on_ray)
+    # each actor loaded its engine, then froze its heap (engines.freeze_loaded_heap)
+    frozen = ray_session.get([a.__ray_call__.remote(lambda _actor: __import__("gc").get_freeze_count())
+                              for a in engine_actors(pool)])
+    assert min(frozen) > 10_000, frozen
 
     _, gen_config = generation_job
     gen_test = tmp_path / "gen.jsonl"
