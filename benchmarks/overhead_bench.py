@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from icl_engine import pipeline  # noqa: E402
 from icl_engine.data import load_dataset  # noqa: E402
 from icl_engine.embed import DEFAULT_EMBEDDER, get_embedder  # noqa: E402
+from icl_engine.engines import freeze_loaded_heap  # noqa: E402
 from icl_engine.evaluate import evaluate  # noqa: E402
 from icl_engine.index import ExampleIndex  # noqa: E402
 from icl_engine.lm import LM, cache_root  # noqa: E402
@@ -157,9 +158,8 @@ def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
     # queries reach for their token lengths (0.4-0.6 s for this pool, once per engine), which
     # round 6 and before counted in their first repeat's `select`.
     evaluate(engine, test, k=args.k, progress=False, chunk=args.chunk)
-    if args.gc_freeze:  # what a long-running front end may do once loaded: the loaded heap leaves full collections
-        gc.collect()
-        gc.freeze()
+    if args.gc_freeze:  # what the icl command, icl serve and the Ray actors do once an engine is loaded
+        freeze_loaded_heap()
     runs = []
     for _ in range(args.repeats):
         stages.reset()
