@@ -39,11 +39,11 @@ def _folder_stamp(config: PipelineConfig) -> str | None:
 def freeze_loaded_heap() -> None:
     """Once the LM and the indexes are loaded, their objects and the libraries' (~400,000
     tracked by the garbage collector) live as long as the process: frozen, the full collections
-    no longer walk them. Unfrozen, each full collection took ~0.2-0.25 s of CPU (a pause for
+    no longer walk them. Unfrozen, each full collection took ~0.2-0.3 s of CPU (a pause for
     every request in flight) once ~100,000 objects had survived the younger ones; an evaluation
-    at 512 queries a call paid one every ~2,000 queries, ~0.1 ms a query (issue 14). A
-    process-wide choice, so the process's owner makes it (`icl serve`, the `icl` command), not
-    the library."""
+    paid one every 2,000-4,000 queries, 0.05-0.1 ms a query on average (issue 14). A
+    process-wide choice, so the process's owner makes it (`icl serve`, the `icl` command, the
+    Ray engine actors), not the library."""
     gc.collect()  # garbage made while loading is not frozen with the rest
     gc.freeze()
 
