@@ -58,7 +58,7 @@ def test_flat_search_equals_brute_force(emb):
 
 def test_flat_topk_breaks_ties_by_row_alone_or_batched(monkeypatch):
     """Duplicate vectors tie exactly: the lower row wins, and a query gets the same rows and
-    scores alone, in a batch, and in a batch split into blocks (against a float64 brute force
+    scores alone, in a batch, and in a batch split into blocks of queries or of re-scored pairs (against a float64 brute force
     sorted by score, then row)."""
     rng = np.random.default_rng(0)
     base = rng.normal(size=(40, 16)).astype(np.float32)
@@ -73,15 +73,30 @@ def test_flat_topk_breaks_ties_by_row_alone_or_batched(monkeypatch):
         alone = [index_mod.flat_topk(q[None], vectors, k) for q in queries]
         np.testing.assert_array_equal(rows, np.concatenate([r for _, r in alone]))
         np.testing.assert_array_equal(scores, np.concatenate([s for s, _ in alone]))
-        monkeypatch.setattr(index_mod, "_SCORE_BLOCK", 87 * 4)  # blocks of 4 queries
-        blocked = index_mod.flat_topk(queries, vectors, k)
-        monkeypatch.undo()
-        np.testing.assert_array_equal(rows, blocked[1])
-        np.testing.assert_array_equal(scores, blocked[0])
+        for knob, value in (("_SCORE_BLOCK", 87 * 4), ("_PAIR_FLOATS", 16 * 3)):  # 4 queries, 3 pairs a block
+            monkeypatch.setattr(index_mod, knob, value)
+            blocked = index_mod.flat_topk(queries, vectors, k)
+            monkeypatch.undo()
+            np.testing.assert_array_equal(rows, blocked[1])
+            np.testing.assert_array_equal(scores, blocked[0])
     assert index_mod.flat_topk(queries[:0], vectors, 3)[1].shape == (0, 3)
     index = ExampleIndex.from_vectors(make_dataset(87), vectors, "hashing:16")  # the flat index searches this way
     np.testing.assert_array_equal(index.search(queries, 5)[1], want[:, :5])  # (faiss ordered these ties otherwise)
     np.testing.assert_array_equal(index.search(queries[4], 5)[1], want[4:5, :5])
+
+
+def test_rank_pairs_equals_lexsort():
+    """flat_topk's one-key sort of (query, score, row) gives np.lexsort's order: ties broken by
+    the row, -0.0 tying 0.0, subnormals and infinities in place, any block and pool size."""
+    rng = np.random.default_rng(1)
+    special = np.array([0.0, -0.0, 1.5, -1.5, 3e-39, -3e-39, np.inf, -np.inf, 0.25], np.float32)
+    for _ in range(200):
+        b, n = int(rng.integers(1, 50)), int(rng.integers(1, 3000))
+        flat = rng.choice(b * n, size=min(b * n, int(rng.integers(0, 400))), replace=False)  # distinct pairs
+        r, c = flat // n, flat % n
+        score = rng.normal(size=len(flat)).astype(np.float32)
+        score = np.where(rng.random(len(flat)) < 0.5, rng.choice(special, len(flat)), score)
+        np.testing.assert_array_equal(index_mod._rank_pairs(r, score, c, b, n), np.lexsort((c, -score, r)))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
