@@ -23,8 +23,8 @@ Stages (wall and process CPU seconds, summed over the run, reported as ms per qu
   post        everything else: scores -> Predictions, evaluate()'s metrics and records
 Library calls inside those (round 8), CPU time: `bpe` (PromptBuilder.encode_many, the Rust
 tokenizer, inside tokenize), `log_softmax` (every Tensor.log_softmax, the one over the vocabulary
-after the LM, inside batch) and `search_matmul` (flat_topk's first-pass matmul, timed apart over
-the same queries and blocks); `host` is non-LM work less embed and log_softmax: what a GPU's host
+after the LM, inside batch) and `search_matmul` (FirstPass.scores, flat_topk's first-pass matmul,
+inside search); `host` is non-LM work less embed and log_softmax: what a GPU's host
 does per query, the log-softmax running on the device there.
 Target: non-LM work, embedding apart, <= 0.2 ms per query. The log-scores are kept (hashing
 embedder) so a later run can show its predictions equal these (`--reference`).
@@ -51,20 +51,19 @@ sys.path.insert(0, str(ROOT))
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
-from icl_engine import index as index_mod  # noqa: E402
 from icl_engine import pipeline  # noqa: E402
 from icl_engine.data import load_dataset  # noqa: E402
 from icl_engine.embed import DEFAULT_EMBEDDER, get_embedder  # noqa: E402
 from icl_engine.engines import freeze_loaded_heap  # noqa: E402
-from icl_engine.evaluate import CHUNK_BATCHES, MIN_CHUNK, evaluate  # noqa: E402
-from icl_engine.index import ExampleIndex  # noqa: E402
+from icl_engine.evaluate import evaluate  # noqa: E402
+from icl_engine.index import ExampleIndex, FirstPass  # noqa: E402
 from icl_engine.lm import LM, cache_root  # noqa: E402
 from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
 from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
 
 DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 STAGES = ("embed", "search", "select", "tokenize", "batch", "lm", "post")
-PARTS = ("bpe", "log_softmax")  # inside tokenize and batch: library calls the engine cannot make cheaper
+PARTS = ("bpe", "log_softmax", "search_matmul")  # inside tokenize, batch, search: library calls
 
 
 def tiny_lm(tokenizer_dir: str, seed: int = 0) -> LM:
@@ -88,7 +87,7 @@ class Stages:
     what a busy machine cannot inflate by taking the core away)."""
 
     KEYS = ("embed", "select_many", "search", "engine_select", "prompts", "query_ids", "score", "lm",
-            "bpe", "log_softmax")
+            "bpe", "log_softmax", "search_matmul")
 
     def __init__(self, engine: Engine):
         self.t = {c: dict.fromkeys(self.KEYS, 0.0) for c in ("wall", "cpu")}
@@ -103,6 +102,8 @@ class Stages:
             self._wrap(engine.builder, "encode_many", "bpe")
         # inside batch: the log-softmax over the vocabulary after the LM (on a GPU it runs there)
         self._wrap(torch.Tensor, "log_softmax", "log_softmax")
+        # inside search: flat_topk's first-pass matmul (every FirstPass.scores call)
+        self._wrap(FirstPass, "scores", "search_matmul")
         self._wrap(pipeline, "select_many", "select_many")
         # the engine's scoring entry point: launch_scores since the GPU pipeline (on a CPU its
         # scores are ready when it returns), score_continuations before
@@ -161,7 +162,7 @@ class Stages:
                 "tokenize": t["engine_select"] - t["embed"] - t["select_many"] + t["prompts"] + t["query_ids"],
                 "batch": t["score"] - t["lm"], "lm": t["lm"],
                 "post": total - t["engine_select"] - t["prompts"] - t["query_ids"] - t["score"],
-                "bpe": t["bpe"], "log_softmax": t["log_softmax"]}
+                "bpe": t["bpe"], "log_softmax": t["log_softmax"], "search_matmul": t["search_matmul"]}
 
 
 def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
@@ -195,30 +196,10 @@ def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
     stages.close()
     n = res["n"]
     ms = {clock: per_query(runs, clock, n) for clock in ("wall", "cpu")}
-    ms["cpu"]["search_matmul"] = search_matmul_ms(engine, [x.input for x in test.records], args)
     return {"embedder": emb.name, "index_build_s": build_s, "n": n, "accuracy": res["accuracy"],
             "mean_prompt_tokens": res["mean_prompt_tokens"], "runs": runs, "ms_per_query": ms,
             "predictions": [p["pred"] for p in res["predictions"]],
             "engine": engine}
-
-
-def search_matmul_ms(engine: Engine, texts: list[str], args) -> float:
-    """CPU ms a query of flat_topk's first pass alone (the query block times the bfloat16 or
-    float32 matrix, back to float32 numpy), over the same queries in the same calls and blocks:
-    the part of `search` the engine cannot make cheaper. Median of --repeats passes."""
-    first = engine.index.first_pass()
-    qv = engine.embedder.encode(texts)  # [n, d]
-    chunk = args.chunk or max(MIN_CHUNK, CHUNK_BATCHES * args.batch_size)
-    step = max(1, index_mod._SCORE_BLOCK // len(engine.index))
-    blocks = [qv[a : min(a + step, c + chunk)] for c in range(0, len(qv), chunk)
-              for a in range(c, min(c + chunk, len(qv)), step)]
-    times = []
-    for _ in range(max(1, args.repeats)):
-        c0 = time.process_time()
-        for qb in blocks:
-            (torch.from_numpy(qb).to(first.matrix.dtype) @ first.matrix).float().numpy()  # [b, n]
-        times.append(time.process_time() - c0)
-    return 1e3 * statistics.median(times) / len(qv)
 
 
 def per_query(runs: list[dict], clock: str, n: int) -> dict[str, float]:
@@ -331,9 +312,9 @@ def markdown(r: dict) -> str:
                          + f" | {e['accuracy']:.3f} | {e['mean_prompt_tokens']:.1f} |")
     lines += ["", "Library calls inside those stages, CPU ms a query: the queries' BPE (the Rust tokenizer's "
               "call, inside tokenize), the log-softmax over the LM's vocabulary (inside batch; on a GPU it "
-              "runs on the device, after the LM), and the search's first-pass matmul (timed apart over the "
-              "same queries in the same blocks, inside search). floor: their sum. host: non-LM work, "
-              "embed and log-softmax apart, the CPU work a GPU's host does per query.", "",
+              "runs on the device, after the LM), and the search's first-pass matmul (inside search). "
+              "floor: their sum. host: non-LM work, embed and log-softmax apart, the CPU work a GPU's host "
+              "does per query.", "",
               "| embedder | BPE | log-softmax | search matmul | floor | non-LM, embed apart | host |",
               "|---|---|---|---|---|---|---|"]
     for name, e in r["embedders"].items():

@@ -245,6 +245,13 @@ class FirstPass:
         t = torch.from_numpy(v).T  # [d, n], no copy
         return cls(t.to(torch.bfloat16).contiguous() if dtype == "bfloat16" else t, norm)
 
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """Fast scores of queries [b, d] float32 against every vector: float32 [b, n]."""
+        import torch  # here, not at import: index builds on Ray's embedder actors never load it
+
+        with torch.no_grad():
+            return (torch.from_numpy(queries).to(self.matrix.dtype) @ self.matrix).float().numpy()
+
     def error(self, query_norms: np.ndarray) -> np.ndarray:
         """[b] float64: |fast - exact| is at most this for queries of these norms, whatever the
         order of the sums. Both sum d products in float32 (gamma_d each); bfloat16 (unit roundoff
@@ -275,8 +282,6 @@ def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int, *,
     fast - 2E. The fast pass's rounding therefore never decides an order, and exact ties
     (duplicate texts) go to the lower row, where faiss and argpartition broke them differently.
     """
-    import torch  # here, not at import: index builds on Ray's embedder actors never load it
-
     first = FirstPass.of(vectors) if first is None else first
     n = len(vectors)
     out_s, out_i = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
@@ -284,8 +289,7 @@ def flat_topk(queries: np.ndarray, vectors: np.ndarray, k: int, *,
     for a in range(0, len(queries), step):
         qb = np.ascontiguousarray(queries[a : a + step], dtype=np.float32)  # [b, d]
         qn = np.sqrt(np.einsum("bd,bd->b", qb, qb, dtype=np.float64))  # [b]
-        with torch.no_grad():
-            fast = (torch.from_numpy(qb).to(first.matrix.dtype) @ first.matrix).float().numpy()  # [b, n]
+        fast = first.scores(qb)  # [b, n]
         r, c = _near_best(fast, k, 2 * first.error(qn))  # [p] pairs
         exact = _pair_dots(qb, r, vectors, c)  # [p]
         order = _rank_pairs(r, exact, c, len(qb), n)
