@@ -188,7 +188,7 @@ def evaluate(
                 f"test labels {unknown} are not among the index's labels {list(index.labels)}")
         gold = [r.output for r in records]
         row = lambda i, p: {"id": records[i].id, "gold": gold[i], "pred": p.label, "probs": p.probs,  # noqa: E731
-                            "demos": [d.id for d in p.demos]}
+                            "log_scores": p.log_scores, "demos": [d.id for d in p.demos]}
         with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
             preds, counts = _collect(labeller.classify_chunks([r.input for r in records], chunk, method=method, k=k),
                                      len(records), bar, row)

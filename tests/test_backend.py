@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
+from numerics import assert_probs_close, assert_scores_close
 from icl_engine.backend import BACKENDS, BackendError, LMBackend, Prefix, register_backend
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
@@ -20,7 +21,6 @@ from icl_engine.pipeline import Engine, PipelineConfig
 from icl_engine.prompt import Template
 from icl_engine.score import compute_prefix, next_token_logprobs, score_brute_force, score_continuations
 
-TOL = 1e-4
 LABELS = [[10], [20, 21, 22], [30, 31], [40]]  # 1, 3, 2 and 1 tokens
 INSTR = [1, 50, 51, 52, 53]
 
@@ -124,9 +124,9 @@ def test_registry(ref, hf):
 
 def test_scores_agree_across_backends(ref, hf, prompts):
     want = score_continuations(hf, prompts, LABELS, batch_size=3)
-    np.testing.assert_allclose(score_continuations(ref, prompts, LABELS, batch_size=3), want, atol=TOL)
-    np.testing.assert_allclose(score_brute_force(ref, prompts, LABELS), want, atol=TOL)
-    np.testing.assert_allclose(next_token_logprobs(ref, prompts), next_token_logprobs(hf, prompts), atol=TOL)
+    assert_scores_close(score_continuations(ref, prompts, LABELS, batch_size=3), want, hf)
+    assert_scores_close(score_brute_force(ref, prompts, LABELS), want, hf)
+    assert_scores_close(next_token_logprobs(ref, prompts), next_token_logprobs(hf, prompts), hf)
 
 
 def test_prefixes_agree_across_backends(ref, hf, prompts):
@@ -136,8 +136,8 @@ def test_prefixes_agree_across_backends(ref, hf, prompts):
     assert p_hf.ids == p_ref.ids == tuple(INSTR) and p_ref.past_key_values is None
     rows = [[]] + prompts  # an empty row is predicted from the prefix's last position
     want = score_continuations(hf, rows, LABELS, prefix=p_hf)
-    np.testing.assert_allclose(score_continuations(ref, rows, LABELS, prefix=p_ref), want, atol=TOL)
-    np.testing.assert_allclose(score_brute_force(ref, rows, LABELS, prefix=p_ref), want, atol=TOL)
+    assert_scores_close(score_continuations(ref, rows, LABELS, prefix=p_ref), want, hf)
+    assert_scores_close(score_brute_force(ref, rows, LABELS, prefix=p_ref), want, hf)
     soft = compute_prefix(hf, embeds=hf.model.get_input_embeddings()(torch.tensor(INSTR)).detach())
     assert soft.ids is None  # a soft prompt is not its ids
     with pytest.raises(BackendError, match="needs its ids"):
@@ -170,7 +170,7 @@ def test_engine_classifies_through_either_backend(ref, hf, tmp_path):
         got[name] = eng.classify(queries)
     for a, b in zip(got["hf"], got["ref"]):
         assert a.label == b.label and [d.id for d in a.demos] == [d.id for d in b.demos]
-        assert list(a.probs.values()) == pytest.approx(list(b.probs.values()), abs=1e-5)
+        assert_probs_close(list(a.probs.values()), list(b.probs.values()), a.log_scores, hf)
 
 
 def test_deprecated_cache_kwarg_fails_the_suite(hf):

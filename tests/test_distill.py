@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import SENTIMENT_ROWS, make_tiny_lm, sentiment_template
+from numerics import assert_scores_close
 from icl_engine.adapters import FINETUNE_META_FILE
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.prompt import PromptBuilder, Template
@@ -52,7 +53,7 @@ def test_label_logprobs_match_the_brute_force_scorer(lm, dataset, builder):
     got = label_logprobs(lm.model, examples, lm.tokenizer.pad_token_id or 0, lm.device).detach().numpy()
     labels = [builder.label_ids(lab) for lab in dataset.labels]
     want = normalize(score_brute_force(lm, [list(e.prompt_ids) for e in examples], labels))
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert_scores_close(got, want, lm)
 
 
 def row_by_row(model, examples, n_lead: int) -> np.ndarray:
@@ -92,7 +93,7 @@ def test_label_logprobs_with_multi_token_labels_match_full_rows(tiny_tokenizer, 
     prompts = [tuple(range(20, 29)), tuple(range(30, 35)), tuple(range(40, 52))]
     examples = [Example(p, cands[0], candidates=cands, answer=0) for p in prompts]
     got = label_logprobs(model, examples, tiny_tokenizer.pad_token_id or 0, torch.device("cpu"), offset)
-    np.testing.assert_allclose(got.detach().numpy(), row_by_row(model, examples, n_lead), atol=1e-4)
+    assert_scores_close(got.detach().numpy(), row_by_row(model, examples, n_lead), model)
     got.sum().backward()  # gradients reach the soft prompt through both passes
     if soft != "none":
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prompt_encoder.parameters())

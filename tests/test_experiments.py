@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer, shared_data
+from numerics import assert_scores_close
 from icl_engine.studies import bounds as B
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.studies.experiments import (
@@ -202,7 +203,7 @@ def test_nested_prefix_scores_match_brute_force(tiny_lm):
     fast = score_continuations(tiny_lm, queries, R.label_ids, prefix=p6)
     full = [R.start + [t for d in demos for t in d] + q for q in queries]
     slow = score_brute_force(tiny_lm, full, R.label_ids)
-    np.testing.assert_allclose(fast, slow, atol=1e-4)
+    assert_scores_close(fast, slow, tiny_lm)
 
 
 def test_fit_logreg_binary_and_multiclass():

@@ -16,6 +16,7 @@ from icl_engine import store
 from icl_engine.index import (ExampleIndex, IndexConfig, IndexExistsError, IndexFormatError, IndexType, IndexWriteError,
                               delete_index, folder_state, index_path, indexes_dir, list_indexes)
 from icl_engine.store import current_version
+from numerics import assert_separated, dot_tol
 
 WORDS = [f"w{i}" for i in range(300)]
 
@@ -39,9 +40,10 @@ def assert_topk(index: ExampleIndex, queries: np.ndarray, k: int) -> None:
     """Same scores as brute force, and every returned id really has its score (ties aside)."""
     scores, ids = index.search(queries, k)
     assert scores.dtype == np.float32 and ids.dtype == np.int64 and scores.shape == ids.shape == (len(queries), k)
-    np.testing.assert_allclose(scores, brute_force(index.vectors, queries, k), atol=1e-5)
+    tol = dot_tol(queries.shape[1])  # unit vectors
+    np.testing.assert_allclose(scores, brute_force(index.vectors, queries, k), atol=tol)
     exact = np.einsum("qd,qkd->qk", queries, index.vectors[ids])  # [q, k]
-    np.testing.assert_allclose(scores, exact, atol=1e-5)
+    np.testing.assert_allclose(scores, exact, atol=tol)
     assert all(len(set(row)) == k for row in ids.tolist())
 
 
@@ -57,19 +59,22 @@ def test_flat_search_equals_brute_force(emb):
 
 
 def test_flat_topk_breaks_ties_by_row_alone_or_batched(monkeypatch):
-    """Duplicate vectors tie exactly: the lower row wins, and a query gets the same rows and
-    scores alone, in a batch, and in a batch split into blocks of queries or of re-scored pairs (against a float64 brute force
-    sorted by score, then row)."""
+    """Ties broken by the lower row, and a query gets the same rows and scores alone, in a
+    batch, and in a batch split into blocks of queries or of re-scored pairs. The ties are exact
+    by construction, not by rounding luck: the vectors hold small integers, so every float32 dot
+    product (at most 16 * 9 = 144) is exact, equal to the float64 brute force's, and duplicate
+    rows (and many distinct ones) score exactly the same."""
     rng = np.random.default_rng(0)
-    base = rng.normal(size=(40, 16)).astype(np.float32)
+    base = rng.integers(-3, 4, size=(40, 16)).astype(np.float32)
     vectors = np.concatenate([base, base[::-1], base[:7]])  # [87, 16]: every row duplicated, some twice
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    queries = np.concatenate([vectors[[3, 50, 85]], rng.normal(size=(30, 16)).astype(np.float32)])  # [33, 16]
-    want = np.lexsort((np.broadcast_to(np.arange(87), (33, 87)), -(queries.astype(np.float64) @ vectors.T.astype(np.float64))), axis=1)
+    queries = np.concatenate([vectors[[3, 50, 85]], rng.integers(-3, 4, size=(30, 16)).astype(np.float32)])  # [33, 16]
+    exact = queries.astype(np.float64) @ vectors.T.astype(np.float64)  # [33, 87], integers
+    assert (queries @ vectors.T == exact).all()  # float32 computes them exactly too
+    want = np.lexsort((np.broadcast_to(np.arange(87), (33, 87)), -exact), axis=1)
     for k in (1, 5, 87):
         scores, rows = index_mod.flat_topk(queries, vectors, k)
         np.testing.assert_array_equal(rows, want[:, :k])
-        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[rows]), atol=1e-6)
+        np.testing.assert_array_equal(scores, np.take_along_axis(exact, rows, 1))
         alone = [index_mod.flat_topk(q[None], vectors, k) for q in queries]
         np.testing.assert_array_equal(rows, np.concatenate([r for _, r in alone]))
         np.testing.assert_array_equal(scores, np.concatenate([s for s, _ in alone]))
@@ -119,11 +124,14 @@ def test_flat_topk_first_pass_never_decides_an_order(monkeypatch, dtype):
         w /= np.linalg.norm(w, axis=1, keepdims=True)
         cos = rng.permutation(0.952 - 3e-5 * np.arange(60))
         near.append(cos[:, None] * q + np.sqrt(1 - cos**2)[:, None] * w)
-    vectors = np.concatenate([*near, rng.normal(size=(100, d))]).astype(np.float32)  # [280, d]
+    other = np.random.default_rng(101)  # rows and queries with no float32 near-tie (asserted below)
+    vectors = np.concatenate([*near, other.normal(size=(100, d))]).astype(np.float32)  # [280, d]
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    queries = np.concatenate([queries, rng.normal(size=(5, d)) / np.sqrt(d)]).astype(np.float32)  # [8, d]
+    queries = np.concatenate([queries, other.normal(size=(5, d)) / np.sqrt(d)]).astype(np.float32)  # [8, d]
     s64 = queries.astype(np.float64) @ vectors.T.astype(np.float64)
     want = np.lexsort((np.broadcast_to(np.arange(len(vectors)), s64.shape), -s64), axis=1)
+    for row in s64:  # the built near-ties are 3e-5 apart; no other pair is nearer than rounding reaches
+        assert_separated(row, d, top=41)
     first = index_mod.FirstPass.of(vectors, "bfloat16")
     bf16 = (torch.from_numpy(queries).to(torch.bfloat16) @ first.matrix).float().numpy()
     assert (np.argsort(-bf16, axis=1, kind="stable")[:3, :8] != want[:3, :8]).any(1).all()
@@ -170,7 +178,11 @@ def test_approximate_indexes_are_exact_when_searching_everything(config):
     index = ExampleIndex.build(ds, Fixed(), config)
     queries = rng.standard_normal((30, 16)).astype(np.float32)
     scores, ids = index.search(queries, 10)
-    ref = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
+    exact = queries.astype(np.float64) @ vecs.T.astype(np.float64)
+    scale = np.linalg.norm(queries, axis=1).max() * np.linalg.norm(vecs, axis=1).max()
+    for row in exact:
+        assert_separated(row, 16, top=11, scale=scale)
+    ref = np.argsort(-exact, axis=1)[:, :10]
     np.testing.assert_array_equal(ids, ref)
     assert index.manifest["index_type"] == config.index_type.value
 

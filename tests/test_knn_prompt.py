@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import SENTIMENT_ROWS, make_tiny_lm
+from numerics import assert_scores_close
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.index import ExampleIndex
@@ -70,7 +71,7 @@ def test_a_query_finds_its_own_anchor_at_distance_zero(lm, builder, index, ancho
     knn = KnnPrompter(lm, builder, anchors, index, batch_size=3)
     texts = [r.input for r in index.records]
     q = knn.query_logp(texts)  # [n, S+1]: the same numbers as the anchors' rows
-    np.testing.assert_allclose(q, anchors.logp, atol=1e-5)
+    assert_scores_close(q, anchors.logp, lm)
     probs, nearest = knn.predict(texts, k=1)
     assert list(nearest[:, 0]) == list(range(len(texts)))
     assert [index.labels[int(np.argmax(p))] for p in probs] == [r.output for r in index.records]
@@ -84,8 +85,7 @@ def test_anchor_rows_equal_full_prompts_without_a_cached_context(lm, builder, in
     context = [by_id[i] for i in anchors.context_ids]
     assert sorted(r.output for r in context) == ["negative", "positive"]  # one per label
     full = [builder.assemble(context, r.input).ids for r in index.records[:4]]
-    np.testing.assert_allclose(on_support(next_token_logprobs(lm, full), anchors.support), anchors.logp[:4],
-                               atol=1e-4)
+    assert_scores_close(on_support(next_token_logprobs(lm, full), anchors.support), anchors.logp[:4], lm)
 
 
 def test_save_load_and_refusals(lm, builder, index, anchors, tmp_path, tiny_tokenizer):

@@ -9,6 +9,7 @@ import pytest
 
 from icl_engine.ondisk import (DATA_FILE, OnDiskConfig, build_ondisk, open_ondisk, open_vectors, recall_at_k,
                                search_reranked)
+from numerics import dot_tol
 
 
 def clustered(n: int, d: int, seed: int) -> np.ndarray:
@@ -38,7 +39,7 @@ def test_ondisk_ivfpq_recall_against_flat(tmp_path):
     np.testing.assert_array_equal(vectors, x)  # the raw rows, in shard order
     scores, reranked = search_reranked(index, vectors, q, 8)
     assert recall_at_k(reranked, exact) >= r and recall_at_k(reranked, exact) > 0.9
-    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[reranked]), atol=1e-5)  # exact scores
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[reranked]), atol=dot_tol(d))  # exact scores
     _, top1 = index.search(x[:50], 1)
     assert np.mean(top1[:, 0] == np.arange(50)) > 0.8  # a stored vector finds itself (ids in shard order)
 
@@ -86,7 +87,7 @@ def test_ivfpq_disk_recall_reload_and_exact_cover(tmp_path):
     assert loaded.manifest["index_type"] == "ivfpq_disk" and loaded.manifest["index_params"]["rerank"] == 8
     scores, found = loaded.search(q, 8)
     np.testing.assert_array_equal(found, ids)  # the same as before the save
-    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[found]), atol=1e-5)  # exact scores
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[found]), atol=dot_tol(x.shape[1]))  # exact scores
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     wide = ExampleIndex.load(tmp_path / "c")
     wide.manifest["index_params"]["rerank"] = len(x)  # candidates cover every row: flat search's answer

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_lm
+from numerics import assert_scores_close
 from icl_engine.lm import LM
 from icl_engine.score import (
     Calibration, Prefix, ScoreError, calibrate, compute_prefix, contextual_calibrate, next_token_logprobs, normalize,
     pmi, score_brute_force, score_continuations,
 )
 
-TOL = 1e-4
 # labels of 1, 3, 2 and 1 tokens: single- and multi-token paths in one call
 LABELS = [[10], [20, 21, 22], [30, 31], [40]]
 
@@ -42,20 +42,20 @@ def test_matches_brute_force(lm, prompts, batch_size, bucket):
     ref = score_brute_force(lm, prompts, LABELS)
     got = score_continuations(lm, prompts, LABELS, batch_size=batch_size, bucket=bucket)
     assert got.dtype == np.float64 and got.shape == (len(prompts), len(LABELS))
-    np.testing.assert_allclose(got, ref, atol=TOL)
+    assert_scores_close(got, ref, lm)
 
 
 def test_padded_batch_equals_one_by_one(lm, prompts):
     batched = score_continuations(lm, prompts, LABELS, batch_size=len(prompts), bucket=False)
     single = np.vstack([score_continuations(lm, [p], LABELS) for p in prompts])
-    np.testing.assert_allclose(batched, single, atol=TOL)
+    assert_scores_close(batched, single, lm)
 
 
 def test_length_normalize(lm, prompts):
     s = score_continuations(lm, prompts, LABELS)
     m = score_continuations(lm, prompts, LABELS, length_normalize=True)
     np.testing.assert_allclose(m, s / np.array([len(c) for c in LABELS]), atol=1e-9)
-    np.testing.assert_allclose(score_brute_force(lm, prompts[:2], LABELS, length_normalize=True), m[:2], atol=TOL)
+    assert_scores_close(score_brute_force(lm, prompts[:2], LABELS, length_normalize=True), m[:2], lm)
 
 
 def test_next_token_logprobs(lm, prompts):
@@ -63,7 +63,7 @@ def test_next_token_logprobs(lm, prompts):
     for p, row in zip(prompts, lp):
         with torch.no_grad():
             ref = lm.model(torch.tensor([p])).logits[0, -1].log_softmax(-1).numpy()
-        np.testing.assert_allclose(row, ref, atol=TOL)
+        assert_scores_close(row, ref, lm)
     np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, atol=1e-4)
 
 
@@ -76,10 +76,10 @@ def test_prefix_equals_concatenated_ids(lm, prompts):
     prefix = compute_prefix(lm, ids=INSTR)
     assert prefix.length == len(INSTR)
     full = score_continuations(lm, [INSTR + p for p in prompts], LABELS)
-    np.testing.assert_allclose(score_continuations(lm, prompts, LABELS, prefix=prefix, batch_size=3), full, atol=TOL)
-    np.testing.assert_allclose(score_brute_force(lm, prompts, LABELS, prefix=prefix), full, atol=TOL)
-    np.testing.assert_allclose(next_token_logprobs(lm, prompts, prefix=prefix),
-                               next_token_logprobs(lm, [INSTR + p for p in prompts]), atol=TOL)
+    assert_scores_close(score_continuations(lm, prompts, LABELS, prefix=prefix, batch_size=3), full, lm)
+    assert_scores_close(score_brute_force(lm, prompts, LABELS, prefix=prefix), full, lm)
+    assert_scores_close(next_token_logprobs(lm, prompts, prefix=prefix),
+                               next_token_logprobs(lm, [INSTR + p for p in prompts]), lm)
 
 
 def test_prefix_is_never_mutated(lm, prompts):
@@ -98,10 +98,10 @@ def test_empty_prompt_after_prefix(lm, prompts):
     prefix = compute_prefix(lm, ids=INSTR)
     got = score_continuations(lm, [[]] + prompts[:3], LABELS, prefix=prefix)
     ref = score_continuations(lm, [INSTR] + [INSTR + p for p in prompts[:3]], LABELS)
-    np.testing.assert_allclose(got, ref, atol=TOL)
-    np.testing.assert_allclose(score_brute_force(lm, [[]], LABELS, prefix=prefix), ref[:1], atol=TOL)
+    assert_scores_close(got, ref, lm)
+    assert_scores_close(score_brute_force(lm, [[]], LABELS, prefix=prefix), ref[:1], lm)
     only_empty = score_continuations(lm, [[], []], LABELS, prefix=prefix)  # a batch with no prompt tokens at all
-    np.testing.assert_allclose(only_empty, np.vstack([ref[:1]] * 2), atol=TOL)
+    assert_scores_close(only_empty, np.vstack([ref[:1]] * 2), lm)
 
 
 def test_soft_prompt_embeds_and_chained_prefix(lm, prompts):
@@ -113,7 +113,7 @@ def test_soft_prompt_embeds_and_chained_prefix(lm, prompts):
     chained = compute_prefix(lm, ids=INSTR[3:], base=compute_prefix(lm, ids=INSTR[:3]))
     for prefix in (by_embeds, chained):
         assert prefix.length == len(INSTR)
-        np.testing.assert_allclose(score_continuations(lm, prompts, LABELS, prefix=prefix), want, atol=TOL)
+        assert_scores_close(score_continuations(lm, prompts, LABELS, prefix=prefix), want, lm)
 
 
 def test_prefix_from_raw_key_values(lm, prompts):
@@ -124,7 +124,7 @@ def test_prefix_from_raw_key_values(lm, prompts):
     for kv in (legacy, computed.cache(1)):
         prefix = Prefix(kv)
         assert prefix.length == len(INSTR) and prefix.logprobs is None
-        np.testing.assert_allclose(score_continuations(lm, prompts, LABELS, prefix=prefix), want, atol=TOL)
+        assert_scores_close(score_continuations(lm, prompts, LABELS, prefix=prefix), want, lm)
     with pytest.raises(ScoreError, match="empty"):  # nothing predicts the first label token
         score_continuations(lm, [[]], LABELS, prefix=Prefix(legacy))
     with pytest.raises(ValueError, match="length"):
@@ -145,10 +145,10 @@ def test_other_configs_match_brute_force(tiny_tokenizer, prompts, cfg):
     lm = make_tiny_lm(tiny_tokenizer, seed=1, **cfg)
     ps = prompts[:4]
     prefix = compute_prefix(lm, ids=INSTR)
-    np.testing.assert_allclose(score_continuations(lm, ps, LABELS, batch_size=4),
-                               score_brute_force(lm, ps, LABELS), atol=TOL)
-    np.testing.assert_allclose(score_continuations(lm, ps, LABELS, prefix=prefix, batch_size=4),
-                               score_brute_force(lm, [INSTR + p for p in ps], LABELS), atol=TOL)
+    assert_scores_close(score_continuations(lm, ps, LABELS, batch_size=4),
+                               score_brute_force(lm, ps, LABELS), lm)
+    assert_scores_close(score_continuations(lm, ps, LABELS, prefix=prefix, batch_size=4),
+                               score_brute_force(lm, [INSTR + p for p in ps], LABELS), lm)
 
 
 def test_input_errors(lm):

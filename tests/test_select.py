@@ -21,6 +21,7 @@ from icl_engine.select import (
     select_many,
     top_k,
 )
+from numerics import assert_separated, dot_tol
 
 
 class FakeIndex:
@@ -155,10 +156,11 @@ def test_zero_and_k0_give_no_demos(index):
 
 def test_knn_is_brute_force_top_k_in_prompt_order(index):
     q = query(np.random.default_rng(3))
+    assert_separated(index.vectors.astype(np.float64) @ q, len(q))
     best = top_k(q, index.vectors, 5)
     sel = select_demonstrations(index, q, k=5)  # nearest_last
     assert sel.ids.tolist() == best[::-1].tolist()
-    np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=1e-6)
+    np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=dot_tol(len(q)))
     first = select_demonstrations(index, q, k=5, order=DemoOrder.NEAREST_FIRST)
     assert first.ids.tolist() == best.tolist()
     shuffled = select_demonstrations(index, q, k=5, order="random", seed=1)
@@ -217,11 +219,12 @@ def test_random_is_seeded_reproducible_and_excludes_the_query(index):
     assert len({tuple(sorted(x)) for x in a}) > 15  # different seeds, different draws
     assert all(4 not in x and len(set(x)) == 8 for x in a)
     sel = select_demonstrations(index, q, seed=3, **kw)
-    np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=1e-6)
+    np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=dot_tol(len(q)))
 
 
 def test_budget_skips_too_long_demo_and_fills_the_hole(index):
     q = query(np.random.default_rng(6))
+    assert_separated(index.vectors.astype(np.float64) @ q, len(q))
     best = top_k(q, index.vectors, 12).tolist()
     lengths = {i: 10 for i in range(len(index.records))}
     lengths[best[0]] = 500  # the most similar cannot fit at all
@@ -326,6 +329,7 @@ def distinct_ranking(index, q, *, exclude_id=None, query_text=None, fetch=None):
         first.setdefault(rec.input, r)
     # one similarity per input: a matrix product may round identical rows differently
     sims = {inp: float(index.vectors[r] @ q) for inp, r in first.items()}
+    assert_separated([index.vectors[r].astype(np.float64) @ q for r in first.values()], len(q))
     order = sorted(range(len(index.records)), key=lambda r: (-sims[index.records[r].input], r))
     seen, ranked = set(), []
     for r in order:
@@ -350,7 +354,7 @@ def test_knn_over_references_is_k_distinct_inputs_like_brute_force(seed, shuffle
             want = distinct_ranking(index, v)[:k]
             assert sel.ids.tolist() == want and sel.short == 0
             assert len({index.records[i].input for i in sel.ids}) == k
-            np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ v, atol=1e-6)
+            np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ v, atol=dot_tol(len(v)))
     # the query is an input of the pool: never its own input, whichever of its records is excluded
     for row in rng.integers(0, len(index.records), size=6):
         own = index.records[row]
@@ -379,7 +383,7 @@ def test_mmr_and_random_over_references_pick_distinct_inputs(seed):
             sel = select_demonstrations(index, q, method="random", k=8, seed=s, query_text="concepts 3")
             inputs = [index.records[i].input for i in sel.ids]
             assert len(sel) == 8 and len(set(inputs)) == 8 and "concepts 3" not in inputs
-            np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=1e-6)
+            np.testing.assert_allclose(sel.scores, index.vectors[sel.ids] @ q, atol=dot_tol(len(q)))
 
 
 def test_random_draws_again_when_one_input_fills_the_draw():

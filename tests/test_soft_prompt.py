@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, sentiment_template
+from numerics import assert_probs_close, assert_scores_close
 from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.embed import get_embedder
 from icl_engine.generate import generate
@@ -262,9 +263,8 @@ def test_peft_round_trip_scoring_and_generation(lm, dataset, builder, tmp_path, 
         cut = len(ids) if ids else 0
         assert prefix.length == n + cut
         rest = [p[cut:] for p in prompts]
-        np.testing.assert_allclose(score_continuations(lm, rest, labels, prefix=prefix, batch_size=3), want,
-                                   atol=1e-4, rtol=0)
-        np.testing.assert_allclose(score_brute_force(lm, rest, labels, prefix=prefix), want, atol=1e-4, rtol=0)
+        assert_scores_close(score_continuations(lm, rest, labels, prefix=prefix, batch_size=3), want, lm)
+        assert_scores_close(score_brute_force(lm, rest, labels, prefix=prefix), want, lm)
 
     # greedy generation with the prefix == greedy decoding with the PeftModel
     prefix = soft.prefix(lm, ids=shared)
@@ -290,7 +290,7 @@ def test_engine_with_soft_prompt_and_demonstrations_equals_peft(lm, dataset, bui
         ids = builder.assemble([by_id[d.id] for d in pred.demos], q).ids
         s = np.array([peft_score(peft_model, ids, builder.label_ids(lab)) for lab in dataset.labels])
         p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
-        np.testing.assert_allclose([pred.probs[lab] for lab in dataset.labels], p, atol=1e-4)
+        assert_probs_close([pred.probs[lab] for lab in dataset.labels], p, s, lm)
 
 
 def test_prefix_initialised_from_text_equals_the_text_in_the_prompt(lm, builder):
@@ -304,10 +304,10 @@ def test_prefix_initialised_from_text_equals_the_text_in_the_prompt(lm, builder)
     prompts = [builder.encode(" was great\nSentiment:"), builder.encode(" was dull")]
     labels = [builder.label_ids("positive"), builder.label_ids("negative")]
     want = score_brute_force(lm, [text_ids + p for p in prompts], labels)
-    np.testing.assert_allclose(score_continuations(lm, prompts, labels, prefix=soft.prefix(lm)), want, atol=1e-4)
+    assert_scores_close(score_continuations(lm, prompts, labels, prefix=soft.prefix(lm)), want, lm)
     # prompt tuning's text init: the virtual tokens ARE the text's embeddings
     soft = init_soft_prompt(lm, SoftPromptConfig(init="text", init_text=text, n_virtual=len(text_ids)))
-    np.testing.assert_allclose(score_continuations(lm, prompts, labels, prefix=soft.prefix(lm)), want, atol=1e-4)
+    assert_scores_close(score_continuations(lm, prompts, labels, prefix=soft.prefix(lm)), want, lm)
 
 
 # ----------------------------------------------------------------------------- zero-initialised prefix
