@@ -40,7 +40,7 @@ case $task in
     if [ ! -f "$runs/${task}_train.jsonl" ]; then
       "$here/.venv/bin/python" - "$data/$file" "$runs" "$task" <<'EOF'
 import json, sys
-from icl_engine.data import load_dataset
+from icl_engine.core.data import load_dataset
 pool, test = load_dataset(sys.argv[1]).split(0.2, seed=0)
 for name, part in (("train", pool), ("test", test)):
     with open(f"{sys.argv[2]}/{sys.argv[3]}_{name}.jsonl", "w") as f:
@@ -54,7 +54,7 @@ EOF
     template=$([ "$task" = snips ] && echo INTENT_TEMPLATE || echo E2E_TEMPLATE)
     [ "$task" = snips ] && tfile=$runs/intent.json || tfile=$runs/e2e.template.json
     "$icl" index info "$task" --indexes-dir "$runs/indexes" >/dev/null 2>&1 || {
-      "$here/.venv/bin/python" -c "from icl_engine.registry import $template as T; T.to_json('$tfile')"
+      "$here/.venv/bin/python" -c "from icl_engine.core.registry import $template as T; T.to_json('$tfile')"
       "$icl" index build "$runs/${task}_train.jsonl" --name "$task" --template "$tfile" --indexes-dir "$runs/indexes"; }
     if [ "$task" = snips ]; then limit=139; else limit=1000; fi  # E2E: every distinct test input
     ref_args=(--epochs 10 --min-epochs 1 --patience 3) ;;

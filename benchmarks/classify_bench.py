@@ -44,13 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.embed import get_embedder  # noqa: E402
-from icl_engine.generate import generate  # noqa: E402
-from icl_engine.index import ExampleIndex  # noqa: E402
-from icl_engine.lm import cache_root, load_lm  # noqa: E402
-from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
-from icl_engine.prompt import Template  # noqa: E402
+from icl_engine.core.data import load_dataset  # noqa: E402
+from icl_engine.core.embed import get_embedder  # noqa: E402
+from icl_engine.core.generate import generate  # noqa: E402
+from icl_engine.core.index import ExampleIndex  # noqa: E402
+from icl_engine.core.lm import cache_root, load_lm  # noqa: E402
+from icl_engine.core.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.core.prompt import Template  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 PEER_PYTHON = ROOT / "benchmarks" / ".openicl-venv" / "bin" / "python"

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icl_engine.data import load_dataset
-from icl_engine.embed import get_embedder
-from icl_engine.evaluate import evaluate
-from icl_engine.index import ExampleIndex, folder_state
-from icl_engine.lm import load_lm
-from icl_engine.metrics import accuracy, macro_f1
-from icl_engine.pipeline import Engine, PipelineConfig
-from icl_engine.registry import E2E_TEMPLATE, INTENT_TEMPLATE, SENTIMENT_TEMPLATE
-from icl_engine.score import contextual_calibrate, normalize, pmi
+from icl_engine.core.data import load_dataset
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.evaluate import evaluate
+from icl_engine.core.index import ExampleIndex, folder_state
+from icl_engine.core.lm import load_lm
+from icl_engine.core.metrics import accuracy, macro_f1
+from icl_engine.core.pipeline import Engine, PipelineConfig
+from icl_engine.core.registry import E2E_TEMPLATE, INTENT_TEMPLATE, SENTIMENT_TEMPLATE
+from icl_engine.core.score import contextual_calibrate, normalize, pmi
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEMPLATES = {
@@ -56,7 +56,7 @@ def classification_rows(name, eng, test, methods, k, cal_limit):
         labels = eng.index.labels
         base = dict(dataset=name, method=m, k=kk, n=r["n"], seconds=r["seconds"], queries_per_s=r["queries_per_s"],
                     mean_prompt_tokens=r["mean_prompt_tokens"])
-        unc = [p["pred"] for p in r["predictions"]]
+        unc = [p["label"] for p in r["predictions"]]
         pm = [labels[i] for i in normalize(pmi(raw, premise)).argmax(1)]
         # gold and predictions kept so that runs over parts of a test set can be merged exactly
         rows.append({**base, "calibration": "none", "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],

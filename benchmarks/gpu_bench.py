@@ -41,12 +41,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from icl_engine.data import Dataset, load_dataset  # noqa: E402
-from icl_engine.embed import get_embedder  # noqa: E402
-from icl_engine.evaluate import evaluate  # noqa: E402
-from icl_engine.lm import cache_root, compile_lm, load_lm  # noqa: E402
-from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
-from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
+from icl_engine.core.data import Dataset, load_dataset  # noqa: E402
+from icl_engine.core.embed import get_embedder  # noqa: E402
+from icl_engine.core.evaluate import evaluate  # noqa: E402
+from icl_engine.core.lm import cache_root, compile_lm, load_lm  # noqa: E402
+from icl_engine.core.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.core.registry import SENTIMENT_TEMPLATE  # noqa: E402
 
 REFERENCE = ROOT / "benchmarks" / "results" / "gpu" / "cpu_float32_predictions.json"
 
@@ -158,8 +158,8 @@ def run(engine: Engine, counter: TokenCounter, test: Dataset, batch_size: int, o
             "model_tflops": 2 * engine.lm.n_params * counter.tokens / s / 1e12,
             "non_embedding_tflops": 2 * non_embedding_params(engine.lm) * counter.tokens / s / 1e12,
             "accuracy": res["accuracy"], "mean_prompt_tokens": res["mean_prompt_tokens"],
-            "predictions": [p["pred"] for p in res["predictions"]],
-            "demos": [p["demos"] for p in res["predictions"]]}
+            "predictions": [p["label"] for p in res["predictions"]],
+            "demos": [p["demo_ids"] for p in res["predictions"]]}
 
 
 def non_embedding_params(lm) -> int:

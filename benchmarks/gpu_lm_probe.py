@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import ROOT, build_engine, publish, sync  # noqa: E402
 
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.backends.hf import left_pad  # noqa: E402
+from icl_engine.core.backends.hf import left_pad  # noqa: E402
+from icl_engine.core.data import load_dataset  # noqa: E402
 
 VARIANTS = ("eager", "nocache", "layers", "compile", "compile_nocache")
 

@@ -30,9 +30,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.embed import DEFAULT_EMBEDDER, Embedder, EmbeddingCache, canonical_name  # noqa: E402
-from icl_engine.index import ExampleIndex, IndexConfig  # noqa: E402
+from icl_engine.core.choices import DEFAULT_EMBEDDER
+from icl_engine.core.data import load_dataset  # noqa: E402
+from icl_engine.core.embed import Embedder, EmbeddingCache, canonical_name  # noqa: E402
+from icl_engine.core.index import ExampleIndex, IndexConfig  # noqa: E402
 
 
 def machine_info() -> dict:

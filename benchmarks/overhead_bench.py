@@ -51,15 +51,16 @@ sys.path.insert(0, str(ROOT))
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
-from icl_engine import pipeline  # noqa: E402
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.embed import DEFAULT_EMBEDDER, get_embedder  # noqa: E402
-from icl_engine.engines import freeze_loaded_heap  # noqa: E402
-from icl_engine.evaluate import evaluate  # noqa: E402
-from icl_engine.index import ExampleIndex, FirstPass  # noqa: E402
-from icl_engine.lm import LM, cache_root  # noqa: E402
-from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
-from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
+from icl_engine.core import pipeline  # noqa: E402
+from icl_engine.core.choices import DEFAULT_EMBEDDER
+from icl_engine.core.data import load_dataset  # noqa: E402
+from icl_engine.core.embed import get_embedder  # noqa: E402
+from icl_engine.core.engines import freeze_loaded_heap  # noqa: E402
+from icl_engine.core.evaluate import evaluate  # noqa: E402
+from icl_engine.core.index import ExampleIndex, FirstPass  # noqa: E402
+from icl_engine.core.lm import LM, cache_root  # noqa: E402
+from icl_engine.core.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.core.registry import SENTIMENT_TEMPLATE  # noqa: E402
 
 DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 STAGES = ("embed", "search", "select", "tokenize", "batch", "lm", "post")
@@ -198,7 +199,7 @@ def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
     ms = {clock: per_query(runs, clock, n) for clock in ("wall", "cpu")}
     return {"embedder": emb.name, "index_build_s": build_s, "n": n, "accuracy": res["accuracy"],
             "mean_prompt_tokens": res["mean_prompt_tokens"], "runs": runs, "ms_per_query": ms,
-            "predictions": [p["pred"] for p in res["predictions"]],
+            "predictions": [p["label"] for p in res["predictions"]],
             "engine": engine}
 
 

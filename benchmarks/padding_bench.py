@@ -25,13 +25,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.embed import get_embedder  # noqa: E402
-from icl_engine.index import ExampleIndex  # noqa: E402
-from icl_engine.lm import cache_root  # noqa: E402
-from icl_engine.pipeline import Engine, PipelineConfig  # noqa: E402
-from icl_engine.registry import SENTIMENT_TEMPLATE  # noqa: E402
-from icl_engine.score import length_batches  # noqa: E402
+from icl_engine.core.data import load_dataset  # noqa: E402
+from icl_engine.core.embed import get_embedder  # noqa: E402
+from icl_engine.core.index import ExampleIndex  # noqa: E402
+from icl_engine.core.lm import cache_root  # noqa: E402
+from icl_engine.core.pipeline import Engine, PipelineConfig  # noqa: E402
+from icl_engine.core.registry import SENTIMENT_TEMPLATE  # noqa: E402
+from icl_engine.core.score import length_batches  # noqa: E402
 
 DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 

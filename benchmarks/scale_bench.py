@@ -38,11 +38,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.embed import DEFAULT_EMBEDDER, Embedder  # noqa: E402
-from icl_engine.index import ExampleIndex, update_index  # noqa: E402
-from icl_engine.ondisk import (OnDiskConfig, build_ondisk, open_ondisk, open_vectors, recall_at_k,  # noqa: E402
-                               search_reranked)
+from icl_engine.core.choices import DEFAULT_EMBEDDER
+from icl_engine.core.data import load_dataset  # noqa: E402
+from icl_engine.core.embed import Embedder  # noqa: E402
+from icl_engine.core.index import ExampleIndex, update_index  # noqa: E402
+from icl_engine.core.index.ondisk import (  # noqa: E402
+    OnDiskConfig,
+    build_ondisk,
+    open_ondisk,
+    open_vectors,
+    recall_at_k,
+    search_reranked,
+)
 
 OUT = ROOT / "benchmarks" / "results" / "scale"
 
@@ -64,7 +71,7 @@ def plain_embed(texts: list[str]) -> tuple[float, np.ndarray]:
 
 
 def part_embed(n: int | None) -> dict:
-    from icl_engine.ray_jobs import RayOptions, embed_texts, init_ray
+    from icl_engine.apps.ray_jobs import RayOptions, embed_texts, init_ray
 
     texts = [r.input for r in load_dataset("rotten_tomatoes:train").records][:n]
     init_ray(RayOptions(workers=2))  # start Ray once, outside the timings

@@ -1,6 +1,6 @@
 """`icl serve` under load: 1, 8 and 32 concurrent clients sending Rotten Tomatoes test reviews
 (k = 8, the default SmolLM2 and MiniLM) to a real `icl serve` process over loopback, next to the
-offline throughput of what `icl eval` runs (api.evaluate_file) with the same settings, measured in
+offline throughput of what `icl eval` runs (queries.evaluate_file) with the same settings, measured in
 the same run before and after the clients (so drifting load on a shared machine hits both).
 
     .venv/bin/python benchmarks/serve_bench.py                  # a few minutes on 2 cores
@@ -54,17 +54,17 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]  # nearest rank
 
 
-# The offline side, in its own process like the server: what `icl eval` runs (api.evaluate_file ->
+# The offline side, in its own process like the server: what `icl eval` runs (queries.evaluate_file ->
 # evaluate), on an engine warmed by the same two requests the server gets before its levels (the
 # first call tokenizes every demonstration once; `icl eval`'s own seconds would include that).
 OFFLINE = """
 import json, sys
-from icl_engine import api
-from icl_engine.engines import get_engine
-cfg = api.make_config(sys.argv[1], k=int(sys.argv[2]), batch_size=int(sys.argv[3]))
+from icl_engine.apps import queries
+from icl_engine.core.engines import get_engine
+cfg = queries.make_config(sys.argv[1], k=int(sys.argv[2]), batch_size=int(sys.argv[3]))
 engine = get_engine(cfg)
 engine.classify(sys.argv[5:7])
-r = api.evaluate_file(engine, "rotten_tomatoes:test", limit=int(sys.argv[4]))
+r = queries.evaluate_file(engine, "rotten_tomatoes:test", limit=int(sys.argv[4]))
 print(json.dumps({"n": r["n"], "seconds": r["seconds"], "accuracy": r["accuracy"]}))
 """
 
@@ -139,7 +139,7 @@ def main() -> None:
     if not (ROOT / "indexes" / INDEX).exists():
         subprocess.run([str(ICL), "index", "build", "rotten_tomatoes:train", "--name", INDEX], env=env, check=True,
                        cwd=ROOT)
-    from icl_engine.data import load_dataset
+    from icl_engine.core.data import load_dataset
 
     texts = [r.input for r in load_dataset("rotten_tomatoes:test").records]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

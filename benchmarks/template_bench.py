@@ -26,17 +26,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from icl_engine.config import PipelineConfig  # noqa: E402
-from icl_engine.data import load_dataset  # noqa: E402
-from icl_engine.embed import get_embedder  # noqa: E402
-from icl_engine.evaluate import evaluate  # noqa: E402
-from icl_engine.index import ExampleIndex  # noqa: E402
-from icl_engine.lm import load_lm  # noqa: E402
-from icl_engine.pipeline import Engine  # noqa: E402
-from icl_engine.prompt import Template  # noqa: E402
-from icl_engine.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE  # noqa: E402
-from icl_engine.template_search import paired_gain, search_templates  # noqa: E402
-from icl_engine.templates import data_template, template_candidates  # noqa: E402
+from icl_engine.core.config import PipelineConfig  # noqa: E402
+from icl_engine.core.data import load_dataset  # noqa: E402
+from icl_engine.core.embed import get_embedder  # noqa: E402
+from icl_engine.core.evaluate import evaluate  # noqa: E402
+from icl_engine.core.index import ExampleIndex  # noqa: E402
+from icl_engine.core.lm import load_lm  # noqa: E402
+from icl_engine.core.pipeline import Engine  # noqa: E402
+from icl_engine.core.prompt import Template  # noqa: E402
+from icl_engine.core.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE  # noqa: E402
+from icl_engine.core.template_search import paired_gain, search_templates  # noqa: E402
+from icl_engine.core.templates import data_template, template_candidates  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 HAND = {"rt": SENTIMENT_TEMPLATE, "snips": INTENT_TEMPLATE}
@@ -86,7 +86,7 @@ def run_dataset(name: str, args, lm, emb, out: Path) -> dict:
                 engine = Engine.from_parts(cfg, index, emb, lm, tpl)
                 r = evaluate(engine, test, method=method, k=args.k, progress=False)
                 return {"accuracy": r["accuracy"], "n": r["n"], "seconds": r["seconds"],
-                        "correct": [int(p["gold"] == p["pred"]) for p in r["predictions"]]}
+                        "correct": [int(p["gold"] == p["label"]) for p in r["predictions"]]}
 
             r = cached(out / "runs" / f"{name}-{key}.json", fp, run)
             correct[(tname, method)] = r["correct"]

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# One torch thread per test process, and in the `icl` processes the tests start, unless the run
+# asks for another count: the suite runs on pytest-xdist workers, one per core, and tiny models
+# gain nothing from threads (load_lm reads these variables; the one_thread fixture below does the
+# same for the test process itself).
+if not any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ICL_NUM_THREADS")):
+    os.environ["ICL_NUM_THREADS"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,7 +86,7 @@ def make_tiny_lm(tokenizer, **overrides):
     soft prompt would have nothing to learn."""
     import torch
 
-    from icl_engine.lm import LM
+    from icl_engine.core.lm import LM
 
     overrides.setdefault("initializer_range", 0.2)
     return LM(make_tiny_model(len(tokenizer), **overrides), tokenizer, "tiny", torch.device("cpu"))
@@ -142,7 +150,7 @@ class _CountingRust:
 
 
 def sentiment_template():
-    from icl_engine.prompt import Template
+    from icl_engine.core.prompt import Template
 
     return Template(instruction="Classify the review.", input_format="Review: {input}\nSentiment:",
                     output_format=" {output}", verbalizers={"positive": "A", "negative": "B"})
@@ -178,25 +186,25 @@ def classify_job(tmp_path_factory, tiny_lm_dir):
     single-process engine's predictions for them: what classify-file (one process or Ray) must equal."""
     import json
 
-    from icl_engine import api
-    from icl_engine.config import PipelineConfig
-    from icl_engine.engines import get_engine
+    from icl_engine.apps import indexes
+    from icl_engine.core.config import PipelineConfig
+    from icl_engine.core.engines import get_engine
 
     root = tmp_path_factory.mktemp("cf")
     train = root / "train.jsonl"
     train.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in SENTIMENT_ROWS))
-    api.build_index(str(train), "tiny", embedder="hashing:64", indexes_dir=root / "indexes")
+    indexes.build_index(str(train), "tiny", embedder="hashing:64", indexes_dir=root / "indexes")
     src = root / "texts.jsonl"
     src.write_text("".join(json.dumps({"review": t}) + "\n" for t in CLASSIFY_TEXTS))
     config = PipelineConfig(index="tiny", indexes_dir=str(root / "indexes"), lm=str(tiny_lm_dir), k=2)
-    return root, src, config, get_engine(config).classify(CLASSIFY_TEXTS)
+    return root, src, config, get_engine(config).classify(CLASSIFY_TEXTS, config.options)
 
 
 @pytest.fixture(scope="session")
 def classify_anchors(classify_job):
     """kNN-prompting anchors of classify_job's index with the tiny LM (icl anchors build)."""
-    from icl_engine import api
+    from icl_engine.apps import training
 
     root, _, config, _ = classify_job
-    api.build_anchors("tiny", out=root / "anchors", lm=config.lm, indexes_dir=root / "indexes", support=64)
+    training.build_anchors("tiny", out=root / "anchors", lm=config.lm, indexes_dir=root / "indexes", support=64)
     return root / "anchors"

@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from icl_engine.core.backend import BACKENDS, BackendError, LMBackend, Prefix, register_backend
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.generate import cut_at_stop, generate
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.lm import LMLoadError, load_lm
+from icl_engine.core.pipeline import Engine, PipelineConfig
+from icl_engine.core.prompt import Template
+from icl_engine.core.score import compute_prefix, next_token_logprobs, score_brute_force, score_continuations
+
 from conftest import make_tiny_lm
 from numerics import assert_probs_close, assert_scores_close
-from icl_engine.backend import BACKENDS, BackendError, LMBackend, Prefix, register_backend
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.generate import cut_at_stop, generate
-from icl_engine.index import ExampleIndex
-from icl_engine.lm import LMLoadError, load_lm
-from icl_engine.pipeline import Engine, PipelineConfig
-from icl_engine.prompt import Template
-from icl_engine.score import compute_prefix, next_token_logprobs, score_brute_force, score_continuations
 
 LABELS = [[10], [20, 21, 22], [30, 31], [40]]  # 1, 3, 2 and 1 tokens
 INSTR = [1, 50, 51, 52, 53]

@@ -6,7 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from icl_engine.cli import app
+from icl_engine.apps.cli import app
+
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 runner = CliRunner()
@@ -118,7 +119,7 @@ def test_config_file_and_flag_precedence_through_the_installed_script(workspace,
     import sys
     from pathlib import Path
 
-    from icl_engine.config import PipelineConfig
+    from icl_engine.core.config import PipelineConfig
 
     root, lm_dir = workspace
     icl = Path(sys.executable).with_name("icl")

@@ -44,7 +44,8 @@ def _soft_prompt(folder: Path, weights, **config) -> Path:
 def base(tmp_path_factory):
     """A working folder each case gets a fresh copy of: data files, indexes, soft prompts; and,
     outside it, a tiny LM and a broken one."""
-    from icl_engine import api
+    from icl_engine.apps import indexes as index_api
+    from icl_engine.apps import training
 
     root = tmp_path_factory.mktemp("errors")
     w = root / "work"
@@ -76,12 +77,12 @@ def base(tmp_path_factory):
     (app / ".env").write_text("SECRET=1\n")
     (app / "src" / "main.py").write_text("print('hi')\n")
     indexes = w / "indexes"
-    api.build_index(str(w / "good.jsonl"), "good", embedder="hashing:64", indexes_dir=indexes)
-    api.build_index(str(w / "gen.jsonl"), "gen", embedder="hashing:64", indexes_dir=indexes)
-    api.build_index(str(w / "good.jsonl"), "broken", embedder="hashing:64", indexes_dir=indexes)
+    index_api.build_index(str(w / "good.jsonl"), "good", embedder="hashing:64", indexes_dir=indexes)
+    index_api.build_index(str(w / "gen.jsonl"), "gen", embedder="hashing:64", indexes_dir=indexes)
+    index_api.build_index(str(w / "good.jsonl"), "broken", embedder="hashing:64", indexes_dir=indexes)
     _jsonl(w / "good2.jsonl", [{"text": t + " again", "label": lab} for t, lab in ROWS])
-    api.build_index(str(w / "good2.jsonl"), "good2", embedder="hashing:64", indexes_dir=indexes)
-    from icl_engine.store import current_version
+    index_api.build_index(str(w / "good2.jsonl"), "good2", embedder="hashing:64", indexes_dir=indexes)
+    from icl_engine.core.index.store import current_version
 
     vectors = current_version(indexes / "broken") / "vectors.npy"
     vectors.write_bytes(vectors.read_bytes()[:-8])  # truncated: refused on load
@@ -96,7 +97,7 @@ def base(tmp_path_factory):
     lm = root / "tiny-lm"
     make_tiny_model(len(tok)).save_pretrained(lm)
     tok.save_pretrained(lm)
-    api.build_anchors("good", out=w / "anchors_good", support=16, lm=str(lm), indexes_dir=indexes)
+    training.build_anchors("good", out=w / "anchors_good", support=16, lm=str(lm), indexes_dir=indexes)
     broken_lm = root / "broken-lm"
     shutil.copytree(lm, broken_lm)
     (broken_lm / "config.json").write_text('{"model_type": "llama", ')

@@ -10,14 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SENTIMENT_ROWS, make_tiny_model, make_tiny_tokenizer, sentiment_template
-from icl_engine.studies.compare import (REPORT_JSON, REPORT_MD, REPORT_PNG, RUN_FILE, CompareError, CompareMethod, agreement,
-                                mean_total_variation, run_compare, total_variation)
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import ExampleIndex
+from icl_engine.studies.compare import (
+    REPORT_JSON,
+    REPORT_MD,
+    REPORT_PNG,
+    RUN_FILE,
+    CompareError,
+    CompareMethod,
+    agreement,
+    mean_total_variation,
+    run_compare,
+    total_variation,
+)
 from icl_engine.train.finetune import FinetuneConfig
-from icl_engine.index import ExampleIndex
 from icl_engine.train.loop import TrainSettings
+
+from conftest import SENTIMENT_ROWS, make_tiny_model, make_tiny_tokenizer, sentiment_template
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -197,8 +208,9 @@ def test_a_second_run_reuses_everything(workspace, report):
 def test_an_interrupted_soft_prompt_resumes_from_its_checkpoint(workspace, report, tmp_path, monkeypatch):
     """A sitting stopped mid-training leaves adapters/.<name>.partial with the checkpoint of its last
     evaluation; the next run resumes there and ends with the soft prompt an uninterrupted run trains."""
-    import icl_engine.train.loop as loop
     from safetensors.torch import load_file
+
+    import icl_engine.train.loop as loop
     kw = dict(methods=["prompt_tuning", "finetuned"], seeds=1,
               soft_train=TrainSettings(max_steps=6, batch_size=2, eval_fraction=0.25, eval_every=2, patience=None))
     compare(workspace, out=tmp_path / "whole", **kw)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from icl_engine.data import DataError, Dataset, TaskKind, group_references, load_dataset, make_records
+from icl_engine.core.data import DataError, Dataset, TaskKind, group_references, load_dataset, make_records
+
 from conftest import shared_data
 
 

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SENTIMENT_ROWS, make_tiny_lm, sentiment_template
-from numerics import assert_scores_close
-from icl_engine.adapters import FINETUNE_META_FILE
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.prompt import PromptBuilder, Template
-from icl_engine.score import normalize, score_brute_force, score_continuations
+from icl_engine.core.adapters import FINETUNE_META_FILE
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.prompt import PromptBuilder, Template
+from icl_engine.core.score import normalize, score_brute_force, score_continuations
 from icl_engine.train.distill import distill_loss, load_teacher, teacher_logprobs, with_teacher
 from icl_engine.train.finetune import FinetuneConfig, finetune
-from icl_engine.train.loop import Example, TrainSettings, TrainingError, build_examples, label_logprobs
+from icl_engine.train.loop import Example, TrainingError, TrainSettings, build_examples, label_logprobs
 from icl_engine.train.soft_prompt import SoftPromptConfig, train_soft_prompt
+
+from conftest import SENTIMENT_ROWS, make_tiny_lm, sentiment_template
+from numerics import assert_scores_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 
@@ -127,7 +128,7 @@ def test_a_distilled_soft_prompt_moves_toward_its_teacher(lm, dataset, builder, 
     before = kl_to(targets, lm, builder, dataset.records)
     cfg = SoftPromptConfig(n_virtual=4, train=TrainSettings(max_steps=30, batch_size=4, eval_fraction=0.0, lr=5e-2))
     result = train_soft_prompt(lm, dataset, cfg, builder=builder, out=tmp_path / "sp", teacher=teacher, alpha=1.0)
-    from icl_engine.adapters import load_soft_prompt
+    from icl_engine.core.adapters import load_soft_prompt
 
     soft = load_soft_prompt(tmp_path / "sp")
     after = kl_to(targets, lm, builder, dataset.records, prefix=soft.prefix(lm))
@@ -155,7 +156,7 @@ def test_references_that_do_not_belong_are_refused(lm, dataset, builder, referen
 def test_generation_is_distilled_from_the_reference_outputs(tiny_tokenizer, tmp_path):
     """Sequence-level distillation: one target per distinct input, the reference's greedy
     zero-shot output (as the engine's generate strips it); the soft prompt trains on those."""
-    from icl_engine.generate import generate
+    from icl_engine.core.generate import generate
     from icl_engine.train.distill import teacher_records
 
     lm = make_tiny_lm(tiny_tokenizer)

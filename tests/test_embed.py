@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from icl_engine import embed
-from icl_engine.embed import DEFAULT_EMBEDDER, Embedder, EmbedderError, canonical_name, get_embedder
+from icl_engine.core import embed
+from icl_engine.core.choices import DEFAULT_EMBEDDER
+from icl_engine.core.embed import Embedder, EmbedderError, canonical_name, get_embedder
 
 TEXTS = ["the movie was great", "a dull boring film", "great acting, great movie", "", "Über café déjà vu"]
 
@@ -41,7 +42,7 @@ def test_hashing_is_unit_norm_and_deterministic():
 
 
 def test_hashing_is_stable_across_processes():
-    code = ("from icl_engine.embed import get_embedder; "
+    code = ("from icl_engine.core.embed import get_embedder; "
             "print(get_embedder('hashing:32').encode(['a b c d']).tobytes().hex())")
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -168,7 +169,7 @@ def test_packaged_minilm(tmp_path):
 def test_default_batch_size_follows_the_device():
     import torch
 
-    from icl_engine.embed import BATCH_SIZE, batch_size_for
+    from icl_engine.core.embed import BATCH_SIZE, batch_size_for
 
     assert batch_size_for("cpu") == BATCH_SIZE["cpu"] == 64
     assert batch_size_for(torch.device("cuda", 1)) == batch_size_for("cuda:0") == BATCH_SIZE["cuda"] == 1024

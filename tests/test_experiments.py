@@ -10,16 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer, shared_data
-from numerics import assert_scores_close
+from icl_engine.core.data import Dataset, TaskKind, make_records
 from icl_engine.studies import bounds as B
-from icl_engine.data import Dataset, TaskKind, make_records
 from icl_engine.studies.experiments import (
-    ExperimentError, GenerationConfig, LinearConfig, RetrievalConfig, bow_logreg, knn_vote, run,
+    ExperimentError,
+    GenerationConfig,
+    LinearConfig,
+    RetrievalConfig,
+    bow_logreg,
+    knn_vote,
+    run,
 )
 from icl_engine.studies.experiments.baselines import fit_logreg
 from icl_engine.studies.experiments.common import encode, log_grid
 from icl_engine.studies.experiments.generation import counting_tv, output_tokens
+
+from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer, shared_data
+from numerics import assert_scores_close
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICTS = {"consistent", "not consistent", "inconclusive", "n/a"}
@@ -189,8 +196,8 @@ def test_counting_tv_exact_values():
 def test_nested_prefix_scores_match_brute_force(tiny_lm):
     """The linear experiment extends a cached prefix demo block by demo block; the label
     scores must equal scoring each full prompt from scratch."""
+    from icl_engine.core.score import compute_prefix, score_brute_force, score_continuations
     from icl_engine.studies.experiments.linear import _Render
-    from icl_engine.score import compute_prefix, score_brute_force, score_continuations
 
     R = _Render(tiny_lm.tokenizer, LinearConfig())
     rng = np.random.default_rng(0)
@@ -267,9 +274,9 @@ def test_bounds_notebook_is_valid_and_stored_without_outputs():
 
 def _execute_notebook(out: Path, env: dict) -> None:
     nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
     import os
+
+    from nbclient import NotebookClient
 
     nb = nbformat.read(REPO / "notebooks" / "bounds.ipynb", as_version=4)
     client = NotebookClient(nb, timeout=900, kernel_name="python3",

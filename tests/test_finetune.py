@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from icl_engine.core.adapters import FINETUNE_META_FILE, FinetuneError, load_finetuned
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.generate import generate
+from icl_engine.core.prompt import PromptBuilder, Template
+from icl_engine.core.score import score_brute_force, score_continuations
+from icl_engine.train.finetune import FinetuneConfig, finetune, fit_finetune
+from icl_engine.train.loop import LOG_FILE, TrainSettings, build_examples
+
 from conftest import SENTIMENT_ROWS, make_tiny_lm
 from numerics import assert_scores_close
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.adapters import FINETUNE_META_FILE, FinetuneError, load_finetuned
-from icl_engine.train.finetune import FinetuneConfig, finetune, fit_finetune
-from icl_engine.generate import generate
-from icl_engine.prompt import PromptBuilder, Template
-from icl_engine.score import score_brute_force, score_continuations
-from icl_engine.train.loop import LOG_FILE, TrainSettings, build_examples
 
 TEMPLATE = Template(input_format="Review: {input}\nSentiment:", output_format=" {output}",
                     verbalizers={"positive": "A", "negative": "B"})

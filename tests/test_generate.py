@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from icl_engine.core.generate import cut_at_stop, generate, sample_next
+from icl_engine.core.lm import LM
+from icl_engine.core.score import ScoreError, compute_prefix
+
 from conftest import make_tiny_lm, make_tiny_model
-from icl_engine.generate import cut_at_stop, generate, sample_next
-from icl_engine.lm import LM
-from icl_engine.score import ScoreError, compute_prefix
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.metrics import bleu, rouge_l
+
 from conftest import make_tiny_model, make_tiny_tokenizer
-from icl_engine.index import ExampleIndex
-from icl_engine.metrics import bleu, rouge_l
 
 ICL = Path(sys.executable).with_name("icl")
 WORDS = ["dog", "frisbee", "catch", "cat", "sofa", "sleep", "boy", "ball", "kick", "girl", "kite", "fly", "man",
@@ -60,7 +61,7 @@ def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work
               "--max-new-tokens", "6", "--json", "--predictions", "--log", "run.log")
     assert out["n"] == len(TEST) and "fewer_demos" not in out
     for pred, row in zip(out["predictions"], TEST):
-        inputs = [records[d].input for d in pred["demos"]]
+        inputs = [records[d].input for d in pred["demo_ids"]]
         assert len(inputs) == 4 and len(set(inputs)) == 4 and row["input"] not in inputs
         assert pred["references"] == row["output"]  # every reference kept for evaluation
     hyps, refs = [p["output"] for p in out["predictions"]], [r["output"] for r in TEST]
@@ -99,9 +100,9 @@ def test_generate_file_equals_the_engine_and_resumes(work):
     """`icl generate-file`: an output and demonstration ids per input, equal to the single-process
     engine's greedy outputs; a re-run after a lost shard redoes only that shard. (On Ray:
     test_ray_pool.py.)"""
-    from icl_engine.config import PipelineConfig
-    from icl_engine.engines import EngineCache
-    from icl_engine.shards import shard_path
+    from icl_engine.apps.shards import shard_path
+    from icl_engine.core.config import PipelineConfig
+    from icl_engine.core.engines import EngineCache
 
     root, env = work
     inputs = [r["input"] for r in TEST] + ["boy, kite, fly", "cat, sofa"]
@@ -115,7 +116,7 @@ def test_generate_file_equals_the_engine_and_resumes(work):
     engine = EngineCache(size=1).get(config)
     # shard by shard, as the command hands them over: the hashing embedder gives many demonstrations
     # the same score, and the index breaks such ties differently for one query than for a batch
-    gens = [g for s in range(0, 5, 2) for g in engine.generate(inputs[s:s + 2])]
+    gens = [g for s in range(0, 5, 2) for g in engine.generate(inputs[s:s + 2], config.options)]
     assert [r["row"] for r in rows] == list(range(5)) and [r["input"] for r in rows] == inputs
     assert [r["output"] for r in rows] == [g.text for g in gens] and any(g.text for g in gens)
     assert [r["demo_ids"] for r in rows] == [[d.id for d in g.demos] for g in gens]

@@ -9,13 +9,25 @@ from datetime import datetime
 import numpy as np
 import pytest
 
-from icl_engine import index as index_mod
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine import store
-from icl_engine.index import (ExampleIndex, IndexConfig, IndexExistsError, IndexFormatError, IndexType, IndexWriteError,
-                              delete_index, folder_state, index_path, indexes_dir, list_indexes)
-from icl_engine.store import current_version
+from icl_engine.core import index as index_mod
+from icl_engine.core.choices import IndexType
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import (
+    ExampleIndex,
+    IndexConfig,
+    IndexExistsError,
+    IndexFormatError,
+    IndexWriteError,
+    delete_index,
+    folder_state,
+    index_path,
+    indexes_dir,
+    list_indexes,
+    store,
+)
+from icl_engine.core.index.store import current_version
+
 from numerics import assert_separated, dot_tol
 
 WORDS = [f"w{i}" for i in range(300)]

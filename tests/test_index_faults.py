@@ -22,19 +22,18 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from icl_engine import store
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.index import ExampleIndex, IndexExistsError, IndexFormatError, delete_index
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import ExampleIndex, IndexExistsError, IndexFormatError, delete_index, store
 
 ICL = Path(sys.executable).with_name("icl")
 
 # The child processes build these two datasets (seeded, so the parent knows their hashes).
 DATASETS = """
 import random
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.index import ExampleIndex
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import ExampleIndex
 
 def dataset(n, seed):
     rng = random.Random(seed)
@@ -138,7 +137,7 @@ def test_kill_9_at_each_step_of_a_publish(tmp_path, hashes, step, expect):
     folder = tmp_path / "indexes" / "rt"
     proc = child(f"""
         import time
-        from icl_engine import store
+        from icl_engine.core.index import store
         folder = {str(folder)!r}
         A.save(folder)
         real = getattr(store, {step!r})
@@ -165,7 +164,7 @@ def test_a_killed_builders_scratch_is_removed_by_the_next_build_a_live_ones_kept
     builder is alive in another process is kept; nothing else is touched (a look-alike folder
     without a lock, other files, anything outside the folder)."""
     pytest.importorskip("ray", reason="--ray needs Ray installed (pip install 'icl-engine[ray]')")
-    from icl_engine import api
+    from icl_engine.apps import indexes
 
     ix = tmp_path / "indexes"
     ix.mkdir()
@@ -175,7 +174,7 @@ def test_a_killed_builders_scratch_is_removed_by_the_next_build_a_live_ones_kept
                                "127.0.0.1:9", "--index-type", "ivfpq_disk", "--embedder", "hashing:32",
                                "--indexes-dir", str(ix)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     live = subprocess.Popen(  # a builder that lives on, inside its scratch folder
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom icl_engine.store import scratch_folder\n"
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom icl_engine.core.index.store import scratch_folder\n"
          "with scratch_folder(Path(sys.argv[1]), 'live') as s:\n    print(s, flush=True)\n    time.sleep(300)", str(ix)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -195,7 +194,7 @@ def test_a_killed_builders_scratch_is_removed_by_the_next_build_a_live_ones_kept
         outside.mkdir()
         (outside / store.LOCK).touch()
         (ix / "notes.txt").write_text("kept")
-        api.build_index(str(data), "another", embedder="hashing:32", indexes_dir=ix)  # a plain build of another name
+        indexes.build_index(str(data), "another", embedder="hashing:32", indexes_dir=ix)  # a plain build of another name
         assert not dead.exists()
         assert alive.is_dir() and live.poll() is None  # a live build's scratch is kept
         assert unlocked.is_dir() and outside.is_dir() and (ix / "notes.txt").read_text() == "kept"
@@ -232,7 +231,7 @@ def test_sigint_during_a_build_prints_one_line_and_keeps_the_old_index(tmp_path)
 READER = """
 import json, time
 import numpy as np
-from icl_engine.index import ExampleIndex
+from icl_engine.core.index import ExampleIndex
 folder, seconds, known = {folder!r}, {seconds}, {known!r}
 reads = failed = 0
 errors = []
@@ -335,7 +334,7 @@ class IndexFolder(RuleBasedStateMachine):
 
     @rule(which=st.sampled_from("ABC"), step=st.sampled_from(["np.save", "rename", "switch"]))
     def failed_rebuild(self, which, step):
-        from icl_engine import index as index_mod
+        from icl_engine.core import index as index_mod
 
         target = {"np.save": (index_mod.np, "save"), "rename": (store.os, "rename"),
                   "switch": (store, "switch_pointer")}[step]
@@ -401,7 +400,7 @@ TestIndexFolder.settings = settings(max_examples=40, stateful_step_count=12, dea
 # A base index and a batch that the writer adds and removes in turn: every published version
 # holds either BASE or BASE + BATCH.
 UPDATES = """
-from icl_engine.index import update_index
+from icl_engine.core.index import update_index
 BASE = A.dataset.select(range(N_BASE))
 BATCH = A.dataset.records[N_BASE:]
 """
@@ -452,7 +451,7 @@ def test_kill_9_during_an_update_leaves_the_old_or_the_new_version(tmp_path, upd
     folder = tmp_path / "indexes" / "rt"
     proc = updater(f"""
         import time
-        from icl_engine import store
+        from icl_engine.core.index import store
         folder = {str(folder)!r}
         BASE_INDEX = ExampleIndex.build(BASE, emb)
         BASE_INDEX.save(folder)
@@ -469,7 +468,7 @@ def test_kill_9_during_an_update_leaves_the_old_or_the_new_version(tmp_path, upd
     proc.stdout.close(), proc.stderr.close()
     assert check_holds(folder, update_hashes, {expect}) == expect
     # the next update starts from what is published and cleans up what the killed one left
-    from icl_engine.index import update_index
+    from icl_engine.core.index import update_index
     base = dataset(N_A, 1)
     r = update_index(folder, records=base.records[N_BASE:], embed=get_embedder("hashing:64").encode)
     assert r["count"] == N_A and check_holds(folder, update_hashes, {"base+batch"})
@@ -492,7 +491,7 @@ def test_a_second_writer_waits_for_the_lock_or_fails_in_one_line(tmp_path):
                    check=True, capture_output=True)
     holder = child(f"""
         import time
-        from icl_engine import store
+        from icl_engine.core.index import store
         with store.writer_lock(Path({str(folder)!r})):
             print("locked", flush=True)
             time.sleep(120)

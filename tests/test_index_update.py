@@ -14,12 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from icl_engine.apps import indexes
+from icl_engine.core.data import DataError, Dataset, Record, TaskKind, load_dataset, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import (
+    ExampleIndex,
+    IndexConfig,
+    IndexFormatError,
+    StaleWarning,
+    row_id,
+    stale_note,
+    update_index,
+)
+
 from conftest import SENTIMENT_ROWS, make_tiny_lm, sentiment_template
-from icl_engine import api
-from icl_engine.data import DataError, Dataset, Record, TaskKind, load_dataset, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.index import (ExampleIndex, IndexConfig, IndexFormatError, StaleWarning, row_id, stale_note,
-                              update_index)
 from numerics import dot_tol
 
 ICL = Path(sys.executable).with_name("icl")
@@ -207,27 +215,27 @@ def test_cli_add_and_remove(tmp_path):
 
 def test_api_add_checks_template_fields_and_labels(tmp_path):
     rows = [{"review": f"film {i} " + ("great" if i % 2 else "dull"), "label": "pos" if i % 2 else "neg"} for i in range(10)]
-    api.build_index(str(write_jsonl(tmp_path / "a.jsonl", rows)), "rt", embedder="hashing:64", indexes_dir=tmp_path)
+    indexes.build_index(str(write_jsonl(tmp_path / "a.jsonl", rows)), "rt", embedder="hashing:64", indexes_dir=tmp_path)
     other = write_jsonl(tmp_path / "b.jsonl", [{"text": "film x", "label": "pos"}])
-    with pytest.raises(api.UpdateError, match=r"fields text/label are not index 'rt''s review/label, which its template reads"):
-        api.add_to_index("rt", str(other), indexes_dir=tmp_path)
+    with pytest.raises(indexes.UpdateError, match=r"fields text/label are not index 'rt''s review/label, which its template reads"):
+        indexes.add_to_index("rt", str(other), indexes_dir=tmp_path)
     odd = write_jsonl(tmp_path / "c.jsonl", [{"review": "film y", "label": "meh"}])
     with pytest.raises(DataError, match="meh"):
-        api.add_to_index("rt", str(odd), indexes_dir=tmp_path)
+        indexes.add_to_index("rt", str(odd), indexes_dir=tmp_path)
     tpl = tmp_path / "t.json"
     tpl.write_text(json.dumps(sentiment_template().to_dict()))
-    with pytest.raises(api.UpdateError, match="is not index 'rt''s template"):
-        api.add_to_index("rt", str(other), template=tpl, indexes_dir=tmp_path)
+    with pytest.raises(indexes.UpdateError, match="is not index 'rt''s template"):
+        indexes.add_to_index("rt", str(other), template=tpl, indexes_dir=tmp_path)
     stored = tmp_path / "stored.json"
     stored.write_text(json.dumps(ExampleIndex.load(tmp_path / "rt").template))
-    r = api.add_to_index("rt", str(other), text_field="text", template=stored, indexes_dir=tmp_path)
+    r = indexes.add_to_index("rt", str(other), text_field="text", template=stored, indexes_dir=tmp_path)
     assert r["added"] == 1 and r["count"] == 11  # fields given explicitly: the same template reads them
 
 
 def test_a_soft_prompt_of_an_earlier_version_is_reported_stale(tiny_tokenizer, tmp_path):
-    from icl_engine.pipeline import PipelineConfig
-    from icl_engine.prompt import PromptBuilder
-    from icl_engine.resolve import resolve
+    from icl_engine.core.pipeline import PipelineConfig
+    from icl_engine.core.prompt import PromptBuilder
+    from icl_engine.core.resolve import resolve
     from icl_engine.train.loop import TrainSettings
     from icl_engine.train.soft_prompt import SoftPromptConfig, train_soft_prompt
 

@@ -9,15 +9,23 @@ import json
 import numpy as np
 import pytest
 
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.knn_prompt import (
+    AnchorConfig,
+    AnchorError,
+    Anchors,
+    KnnPrompter,
+    build_anchors,
+    kl_to_anchors,
+    on_support,
+)
+from icl_engine.core.prompt import PromptBuilder, Template
+from icl_engine.core.score import next_token_logprobs
+
 from conftest import SENTIMENT_ROWS, make_tiny_lm
 from numerics import assert_scores_close
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.index import ExampleIndex
-from icl_engine.knn_prompt import (AnchorConfig, AnchorError, Anchors, KnnPrompter, build_anchors, kl_to_anchors,
-                                   on_support)
-from icl_engine.prompt import PromptBuilder, Template
-from icl_engine.score import next_token_logprobs
 
 TEMPLATE = Template(instruction="Sentiment.", input_format="Review: {input}\nSentiment:", output_format=" {output}")
 
@@ -116,7 +124,7 @@ def test_save_load_and_refusals(lm, builder, index, anchors, tmp_path, tiny_toke
 
 
 def test_the_engine_classifies_by_anchors_alone_or_mixed(lm, builder, index, anchors):
-    from icl_engine.pipeline import Engine, PipelineConfig
+    from icl_engine.core.pipeline import Engine, PipelineConfig
 
     queries = ["a great film", "a dull plot", "wonderful"]
     alone = Engine.from_parts(PipelineConfig(index="tiny", k=2, anchor_k=3), index, get_embedder("hashing:64"), lm,

@@ -1,6 +1,8 @@
-"""The package's layering, read from the source: core inference <- training <- studies <- front
-ends. A module may import its own layer or the ones below, never one above (imports inside
-functions included: a lazy import is still a dependency)."""
+"""The package's layering, read from the source: a folder per layer, core inference (core/) <-
+training (train/) <- studies (studies/) <- front ends (apps/: the CLI, the service, the Ray jobs,
+the Python facade). A module may import its own layer or the ones below, never one above
+(imports inside functions included: a lazy import is still a dependency). The package's
+__init__ is the public Python API, a front end."""
 
 from __future__ import annotations
 
@@ -10,20 +12,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "icl_engine"
-
-# The layer of a module, by its dotted name under icl_engine; anything not listed is core.
-FRONT_ENDS = {"cli", "cli_format", "api", "console", "service", "ray_jobs", "shards"}
-LAYERS = {"core": 0, "train": 1, "studies": 2, "front": 3}
+LAYERS = {"core": 0, "train": 1, "studies": 2, "apps": 3}
 
 
 def layer_of(module: str) -> str:
+    """The layer of a module: the folder it lives in under icl_engine."""
     parts = module.split(".")
     assert parts[0] == "icl_engine", module
     if len(parts) == 1:
-        return "core"
-    if parts[1] in ("train", "studies"):
-        return parts[1]
-    return "front" if parts[1] in FRONT_ENDS else "core"
+        return "apps"  # icl_engine/__init__.py: the public API
+    assert parts[1] in LAYERS, f"{module} lies outside the layer folders {sorted(LAYERS)}"
+    return parts[1]
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -82,24 +81,30 @@ def test_the_checker_sees_upward_imports(tmp_path):
     # a throwaway package laid out like icl_engine: core importing training (inside a function),
     # training importing studies, and allowed downward imports
     pkg = tmp_path / "icl_engine"
-    (pkg / "train").mkdir(parents=True)
-    (pkg / "studies").mkdir()
-    for f in ("__init__.py", "api.py", "train/__init__.py", "studies/__init__.py", "studies/report.py"):
+    for sub in ("core", "train", "studies", "apps"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    for f in ("__init__.py", "apps/api.py", "studies/report.py", "core/data.py"):
         (pkg / f).write_text("")
-    (pkg / "pipeline.py").write_text("def f():\n    from .train import loop\n")
-    (pkg / "train" / "loop.py").write_text("from ..studies.report import x\nfrom ..data import Dataset\n")
-    (pkg / "studies" / "compare.py").write_text("from ..train.loop import y\nfrom icl_engine import api\n")
-    (pkg / "cli.py").write_text("from .studies import compare\n")
+    (pkg / "core" / "pipeline.py").write_text("def f():\n    from ..train import loop\n")
+    (pkg / "train" / "loop.py").write_text("from ..studies.report import x\nfrom ..core.data import Dataset\n")
+    (pkg / "studies" / "compare.py").write_text("from ..train.loop import y\nfrom icl_engine.apps import api\n")
+    (pkg / "apps" / "cli.py").write_text("from ..studies import compare\n")
     bad = upward_imports(pkg)
-    assert [b.split(" ")[0] for b in bad] == ["icl_engine/pipeline.py:2", "icl_engine/studies/compare.py:2",
+    assert [b.split(" ")[0] for b in bad] == ["icl_engine/core/pipeline.py:2", "icl_engine/studies/compare.py:2",
                                               "icl_engine/train/loop.py:1"]
 
 
+def test_every_module_lies_in_a_layer_folder():
+    for path in PACKAGE.rglob("*.py"):
+        layer_of(module_name(path))
+
+
 @pytest.mark.parametrize("module, layer", [
-    ("icl_engine.pipeline", "core"), ("icl_engine.adapters", "core"), ("icl_engine.train.loop", "train"),
-    ("icl_engine.studies.experiments.common", "studies"), ("icl_engine.cli", "front"), ("icl_engine.api", "front"),
-    ("icl_engine.service.app", "front"), ("icl_engine.service", "front"),
-    ("icl_engine.ray_jobs", "front"),
+    ("icl_engine.core.pipeline", "core"), ("icl_engine.core.adapters", "core"), ("icl_engine.train.loop", "train"),
+    ("icl_engine.studies.experiments.common", "studies"), ("icl_engine.apps.cli", "apps"), ("icl_engine.apps.queries", "apps"),
+    ("icl_engine.apps.service.app", "apps"), ("icl_engine.apps.service", "apps"),
+    ("icl_engine.apps.ray_jobs", "apps"), ("icl_engine", "apps"),
 ])
 def test_layer_names(module, layer):
     assert layer_of(module) == layer

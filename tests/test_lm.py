@@ -9,9 +9,11 @@ import pytest
 import torch
 import transformers
 
+from icl_engine.core.choices import DEFAULT_LM
+from icl_engine.core.lm import LM, LMLoadError, cache_root, load_lm
+
 from conftest import make_tiny_model, make_tiny_tokenizer
 from numerics import assert_scores_close
-from icl_engine.lm import DEFAULT_LM, LM, LMLoadError, cache_root, load_lm
 
 
 @pytest.fixture(autouse=True)
@@ -134,8 +136,9 @@ def test_cache_root(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_default_smollm2(monkeypatch):
     """The packaged GGUF, converted once (~20-40 s the first time), then loaded from the cache."""
-    from icl_engine.score import score_continuations
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from icl_engine.core.score import score_continuations
 
     load_lm()  # converts if needed
     folder = cache_root() / "models" / DEFAULT_LM
@@ -159,10 +162,10 @@ def test_compile_scores_as_eager():
     """LM.compile (torch.compile, dynamic shapes): the same scores as the eager forward, over two
     batches of different lengths and a two-token label (the packed label pass); compile_lm is
     idempotent and refuses, in one line, a backend that cannot compile."""
-    from conftest import make_tiny_lm
+    from icl_engine.core.lm import compile_lm
+    from icl_engine.core.score import compute_prefix, score_continuations
 
-    from icl_engine.lm import compile_lm
-    from icl_engine.score import compute_prefix, score_continuations
+    from conftest import make_tiny_lm
 
     tok = make_tiny_tokenizer()
     lm = make_tiny_lm(tok, num_hidden_layers=1)  # one layer: the compile's time grows with the graph

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from icl_engine.metrics import accuracy, bleu, confusion_matrix, macro_f1, rouge_l, rouge_l_pair
+from icl_engine.core.metrics import accuracy, bleu, confusion_matrix, macro_f1, rouge_l, rouge_l_pair
 
 
 def test_classification_metrics_by_hand():

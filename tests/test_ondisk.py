@@ -7,8 +7,16 @@ import faiss
 import numpy as np
 import pytest
 
-from icl_engine.ondisk import (DATA_FILE, OnDiskConfig, build_ondisk, open_ondisk, open_vectors, recall_at_k,
-                               search_reranked)
+from icl_engine.core.index.ondisk import (
+    DATA_FILE,
+    OnDiskConfig,
+    build_ondisk,
+    open_ondisk,
+    open_vectors,
+    recall_at_k,
+    search_reranked,
+)
+
 from numerics import dot_tol
 
 
@@ -58,11 +66,12 @@ import shutil  # noqa: E402
 
 from typer.testing import CliRunner  # noqa: E402
 
+from icl_engine.apps.cli import app  # noqa: E402
+from icl_engine.core.choices import IndexType  # noqa: E402
+from icl_engine.core.data import Dataset, TaskKind, make_records  # noqa: E402
+from icl_engine.core.index import ExampleIndex, IndexConfig, IndexFormatError, IndexWriteError, flat_topk, update_index  # noqa: E402
+
 from conftest import make_tiny_model, make_tiny_tokenizer  # noqa: E402
-from icl_engine.cli import app  # noqa: E402
-from icl_engine.data import Dataset, TaskKind, make_records  # noqa: E402
-from icl_engine.index import (ExampleIndex, IndexConfig, IndexFormatError, IndexType, IndexWriteError,  # noqa: E402
-                              flat_topk, update_index)
 
 
 def disk_index(n: int = 3000, d: int = 32, rerank: int = 8) -> tuple[ExampleIndex, np.ndarray]:
@@ -128,7 +137,7 @@ def test_vector_file_is_moved_into_the_version_not_copied(tmp_path, monkeypatch)
     itself (os.replace: same inode, the scratch name gone, no copy made: the copy paths are made
     to fail), the index loads and searches as one built in RAM from the same vectors; a second
     save of it copies (the moved file belongs to the published version now)."""
-    from icl_engine import index as index_module
+    from icl_engine.core import index as index_module
 
     ram, x = disk_index(n=600)
     raw = tmp_path / "scratch" / "vectors.f32"

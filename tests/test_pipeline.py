@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+from icl_engine.core.choices import Calibration, SelectionMethod
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.pipeline import Engine, PipelineConfig
+from icl_engine.core.prompt import Template
+from icl_engine.core.score import normalize, score_brute_force
+
 from conftest import CountingTokenizer, make_tiny_lm
 from numerics import assert_probs_close
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.index import ExampleIndex
-from icl_engine.pipeline import Engine, PipelineConfig
-from icl_engine.prompt import Template
-from icl_engine.score import Calibration, normalize, score_brute_force
-from icl_engine.select import SelectionMethod
 
 TEXTS = ["a wonderful film", "great acting and a moving story", "a dull boring film", "terrible plot and bad acting",
          "the movie was great", "a boring waste of time", "wonderful acting", "bad film"]
@@ -122,7 +123,7 @@ def test_each_query_is_tokenized_once_in_one_call(parts):
 
 
 def test_prepare_stream_on_cpu_is_a_no_op():
-    from icl_engine.evaluate import prepare_stream
+    from icl_engine.core.evaluate import prepare_stream
 
     with prepare_stream(torch.device("cpu"))() as ctx:
         assert ctx is None
@@ -131,7 +132,7 @@ def test_prepare_stream_on_cpu_is_a_no_op():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_prepare_stream_on_cuda_is_its_own():
     """The prepare thread's GPU work must not queue behind the LM's forward on the default stream."""
-    from icl_engine.evaluate import prepare_stream
+    from icl_engine.core.evaluate import prepare_stream
 
     with prepare_stream(torch.device("cuda"))():
         assert torch.cuda.current_stream() != torch.cuda.default_stream()
@@ -144,7 +145,7 @@ def test_overlap_pipelines_chunks_in_one_thread(parts):
     of plain chunks."""
     import threading
 
-    from icl_engine.evaluate import classify_chunks
+    from icl_engine.core.evaluate import classify_chunks
 
     eng = engine(parts, k=2, batch_size=4)
     texts = TEXTS + TEXTS[:2]  # chunks of 4, 4 and 2
@@ -154,9 +155,9 @@ def test_overlap_pipelines_chunks_in_one_thread(parts):
     def spy(name):
         f = getattr(eng, name)
 
-        def call(x, **kw):
+        def call(x, *a, **kw):
             assert threading.current_thread() is threading.main_thread()
-            out = f(x, **kw)
+            out = f(x, *a, **kw)
             size = {"prepare": lambda: len(x), "launch": lambda: len(x.prompts),
                     "collect": lambda: len(x.prepared.prompts)}[name]()
             calls.append(f"{name}{size}")
@@ -177,14 +178,14 @@ def test_evaluate_chunks_and_overlap_do_not_change_results(parts):
     predictions of one engine call over all queries (within float32 rounding: only padding and
     batch composition differ). Demonstrations may differ only between equally similar records
     (the tiny hashing index has many exact ties)."""
-    from icl_engine.evaluate import evaluate
+    from icl_engine.core.evaluate import evaluate
 
     eng = engine(parts, k=3, batch_size=5)
     queries = [f"{t} {w}" for w in ("really", "truly", "quite", "so", "very", "", "!", "?") for t in TEXTS][:60]
     test = Dataset("q", TaskKind.CLASSIFICATION, make_records((q, "positive") for q in queries), ("negative", "positive"))
     sizes = []
     prepare = eng.prepare
-    eng.prepare = lambda texts, **kw: sizes.append(len(texts)) or prepare(texts, **kw)
+    eng.prepare = lambda texts, *a, **kw: sizes.append(len(texts)) or prepare(texts, *a, **kw)
     default = evaluate(eng, test, progress=False)
     assert sizes == [40, 20]  # CHUNK_BATCHES = 8 LM batches of the configured size (at least 32)
     threaded = evaluate(eng, test, progress=False, chunk=20, overlap=True)
@@ -193,10 +194,10 @@ def test_evaluate_chunks_and_overlap_do_not_change_results(parts):
     same = 0
     for run in (default, threaded):
         for p, r in zip(run["predictions"], ref):
-            if p["demos"] != [d.id for d in r.demos]:
+            if p["demo_ids"] != [d.id for d in r.demos]:
                 continue
             same += 1
-            assert p["pred"] == r.label
+            assert p["label"] == r.label
             assert_probs_close(list(p["probs"].values()), list(r.probs.values()), r.log_scores, eng.lm)
     assert same >= 0.9 * 2 * len(queries)
     with pytest.raises(ValueError, match="chunk"):
@@ -210,7 +211,7 @@ def test_evaluate_drops_each_chunks_predictions_and_keeps_its_numbers(parts):
     import gc
     import weakref
 
-    from icl_engine.evaluate import evaluate, fewer_demos
+    from icl_engine.core.evaluate import evaluate, fewer_demos
 
     eng = engine(parts, k=12)  # more than the 8 records: every query is short of demonstrations
     queries = [f"{t} {w}" for w in ("really", "so", "very", "") for t in TEXTS][:30]
@@ -234,8 +235,8 @@ def test_evaluate_drops_each_chunks_predictions_and_keeps_its_numbers(parts):
             gc.enable()
     assert len(chunks) == 4
     ref = eng.classify(queries)
-    assert [p["pred"] for p in out["predictions"]] == [p.label for p in ref]
-    assert [p["demos"] for p in out["predictions"]] == [[d.id for d in p.demos] for p in ref]
+    assert [p["label"] for p in out["predictions"]] == [p.label for p in ref]
+    assert [p["demo_ids"] for p in out["predictions"]] == [[d.id for d in p.demos] for p in ref]
     assert out["mean_prompt_tokens"] == float(np.mean([p.prompt_tokens for p in ref]))
     assert out["fewer_demos"] == fewer_demos(ref, 12) and out["fewer_demos"]["queries"] == len(queries)
     assert out["fewer_demos"]["short"] == sum(p.short for p in ref) > 0
@@ -248,8 +249,8 @@ def test_engine_runs_without_faiss():
     import sys
 
     code = ("import sys; sys.modules['faiss'] = None; sys.modules['gguf'] = None\n"
-            "import icl_engine.pipeline, icl_engine.evaluate, icl_engine.lm, icl_engine.data, icl_engine.embed\n"
-            "try:\n    import icl_engine.index\nexcept ImportError:\n    print('index needs faiss')\n")
+            "import icl_engine.core.pipeline, icl_engine.core.evaluate, icl_engine.core.lm, icl_engine.core.data, icl_engine.core.embed\n"
+            "try:\n    import icl_engine.core.index\nexcept ImportError:\n    print('index needs faiss')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "index needs faiss"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from icl_engine import progress
-from icl_engine.progress import Progress
+from icl_engine.core import progress
+from icl_engine.core.progress import Progress
 
 
 class Clock:

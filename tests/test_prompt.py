@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from icl_engine.core.data import TaskKind, make_records
+from icl_engine.core.prompt import PARTS, PromptBuilder, PromptTooLong, Template
+from icl_engine.core.select import select_demonstrations
+
 from conftest import CountingTokenizer
-from icl_engine.data import TaskKind, make_records
-from icl_engine.prompt import PARTS, PromptBuilder, PromptTooLong, Template
-from icl_engine.select import select_demonstrations
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

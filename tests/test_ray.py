@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_engine import api
-from icl_engine.data import DataError
-from icl_engine.index import ExampleIndex, flat_topk
+from icl_engine.apps import indexes
+from icl_engine.core.data import DataError
+from icl_engine.core.index import ExampleIndex, flat_topk
+
+# one local Ray per test session: under pytest-xdist every Ray test runs on the same worker
+pytestmark = pytest.mark.xdist_group("ray")
 
 ICL = Path(sys.executable).with_name("icl")
 SMALL = dict(workers=2, batch_size=16, cpus_per_worker=0.5)  # two actors and a read task fit 2 CPUs
@@ -42,7 +45,7 @@ def test_ray_build_equals_the_plain_build(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from icl_engine.ray_jobs import RayOptions
+    from icl_engine.apps.ray_jobs import RayOptions
 
     data = rows()
     jsonl = tmp_path / "d.jsonl"
@@ -50,42 +53,42 @@ def test_ray_build_equals_the_plain_build(ray_session, tmp_path):
     parquet = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(data), parquet, row_group_size=20)  # several blocks
     kw = dict(embedder="hashing:64", indexes_dir=tmp_path / "ix")
-    api.build_index(str(jsonl), "plain", **kw)
-    api.build_index(str(parquet), "ray", ray=RayOptions(**SMALL), **kw)
+    indexes.build_index(str(jsonl), "plain", **kw)
+    indexes.build_index(str(parquet), "ray", ray=RayOptions(**SMALL), **kw)
     same_index(ExampleIndex.load(tmp_path / "ix" / "ray"), ExampleIndex.load(tmp_path / "ix" / "plain"))
 
 
 def test_ray_build_of_generation_data_with_references_and_ids(ray_session, tmp_path):
-    from icl_engine.ray_jobs import RayOptions
+    from icl_engine.apps.ray_jobs import RayOptions
 
     gen = tmp_path / "g.jsonl"
     gen.write_text("".join(json.dumps({"key": f"k{i}", "input": f"name {i}, food {i % 4}",
                                        "output": [f"ref {i} a", f"ref {i} b"] if i % 2 else f"ref {i}"}) + "\n"
                            for i in range(30)))
     kw = dict(embedder="hashing:32", indexes_dir=tmp_path / "ix", id_field="key")
-    api.build_index(str(gen), "plain", **kw)
-    api.build_index(str(gen), "ray", ray=RayOptions(**ONE), **kw)
+    indexes.build_index(str(gen), "plain", **kw)
+    indexes.build_index(str(gen), "ray", ray=RayOptions(**ONE), **kw)
     a, b = (ExampleIndex.load(tmp_path / "ix" / n) for n in ("plain", "ray"))
     same_index(a, b)
     assert len(a) == 45 and "k1#2" in {r.id for r in a.records}
 
 
 def test_ray_build_reports_data_errors_as_the_loader_does(ray_session, tmp_path):
-    from icl_engine.ray_jobs import RayOptions
+    from icl_engine.apps.ray_jobs import RayOptions
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine", "label": "a"}) + "\n" + json.dumps({"text": "", "label": "b"}) + "\n")
     with pytest.raises(DataError) as plain:
-        api.build_index(str(bad), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix")
+        indexes.build_index(str(bad), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix")
     with pytest.raises(DataError) as ray:
-        api.build_index(str(bad), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix", ray=RayOptions(**ONE))
+        indexes.build_index(str(bad), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix", ray=RayOptions(**ONE))
     assert str(ray.value) == str(plain.value).replace(str(bad), str(bad.resolve())) or str(ray.value) == str(plain.value)
     torn = tmp_path / "torn.jsonl"  # a line Ray Data's JSON reader cannot parse: one DataError line
     torn.write_text(json.dumps({"text": "fine", "label": "a"}) + '\n{"text": "cut\n')
     with pytest.raises(DataError, match=r"torn.jsonl: Ray Data could not read it \(.+\); the plain build names"):
-        api.build_index(str(torn), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix", ray=RayOptions(**ONE))
+        indexes.build_index(str(torn), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix", ray=RayOptions(**ONE))
     with pytest.raises(DataError, match="--ray reads .jsonl, .csv, .tsv and .parquet"):
-        api.build_index(str(tmp_path / "d.txt"), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix",
+        indexes.build_index(str(tmp_path / "d.txt"), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix",
                         ray=RayOptions(**ONE))
 
 
@@ -116,9 +119,9 @@ def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, t
     import fcntl
     import tracemalloc
 
-    from icl_engine import index as index_module
-    from icl_engine import ray_jobs
-    from icl_engine.ray_jobs import RayOptions
+    from icl_engine.apps import ray_jobs
+    from icl_engine.apps.ray_jobs import RayOptions
+    from icl_engine.core import index as index_module
 
     monkeypatch.setattr(ray_jobs, "WRITE_ROWS", 100)  # blocks much smaller than n, as at scale
     monkeypatch.setattr(index_module, "FILL_ROWS", 100)
@@ -141,9 +144,9 @@ def test_ray_ivfpq_disk_build_streams_and_equals_the_plain_builds(ray_session, t
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in data))
     kw = dict(embedder="hashing:4096", indexes_dir=tmp_path / "ix")  # [n, d] float32: 39 MB
     pq = dict(index_type="ivfpq_disk", index_settings=dict(nlist=8, nprobe=2, pq_m=64, rerank=400, train_size=300))
-    api.build_index(str(jsonl), "plain", **kw, **pq)
+    indexes.build_index(str(jsonl), "plain", **kw, **pq)
     tracemalloc.start()
-    api.build_index(str(jsonl), "ray", ray=RayOptions(**{**SMALL, "batch_size": 250}), **kw, **pq)
+    indexes.build_index(str(jsonl), "ray", ray=RayOptions(**{**SMALL, "batch_size": 250}), **kw, **pq)
     kept, peak = tracemalloc.get_traced_memory()  # kept: what stays, Ray Data's modules imported on first use
     tracemalloc.stop()
     n, d = len(data), 4096  # peak - kept: a Ray block (300 rows, 5 MB) or the train sample (300 rows, 5 MB)

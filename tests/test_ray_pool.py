@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from test_classify_file import check_equal, read_out
+
+from icl_engine.apps import indexes, queries
 
 from conftest import CLASSIFY_TEXTS
 from numerics import assert_probs_close, assert_scores_close
-from icl_engine import api
-from test_classify_file import check_equal, read_out
+
+# one local Ray per test session: under pytest-xdist every Ray test runs on the same worker
+pytestmark = pytest.mark.xdist_group("ray")
 
 POOL = dict(workers=2, cpus_per_worker=0.5)  # two engine actors on the session's 2 CPUs
 
@@ -29,7 +32,7 @@ def pool(ray_session):
     once, a worker that dies: Ray restarts it and the first test checks that the shards handed
     to it still get done (killed here, while it boots, its restart overlaps the start-up instead
     of adding a whole actor start, ~9 s on the loaded machine, after it)."""
-    from icl_engine.ray_jobs import RayOptions, close_engine_pools, engine_actors
+    from icl_engine.apps.ray_jobs import RayOptions, close_engine_pools, engine_actors
 
     options = RayOptions(**POOL)
     ray_session.kill(engine_actors(options)[0], no_restart=False)  # starts them; their constructors run meanwhile
@@ -38,15 +41,15 @@ def pool(ray_session):
 
 
 def test_classify_file_on_the_pool_equals_one_process(pool, classify_job, tmp_path, ray_session):
-    from icl_engine.ray_jobs import engine_actors
+    from icl_engine.apps.ray_jobs import engine_actors
 
     root, src, config, preds = classify_job
     actors = engine_actors(pool)  # actors[0] was killed by the fixture (restarted by Ray)
     out = tmp_path / "labels.jsonl"
-    s = api.classify_file(config, str(src), out, shard_size=8, ray=pool)
+    s = queries.classify_file(config, str(src), out, shard_size=8, ray=pool)
     assert (s["shards"], s["resumed_shards"]) == (4, 0) and len(CLASSIFY_TEXTS) == 30
     check_equal(read_out(out), preds, config.lm)  # ActorPool gives both actors a shard at once: the restarted one worked
-    api.classify_file(config, str(src), tmp_path / "again.jsonl", shard_size=8, ray=pool)
+    queries.classify_file(config, str(src), tmp_path / "again.jsonl", shard_size=8, ray=pool)
     assert engine_actors(pool) == actors  # the same actors, engines loaded, for the next job
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
 
@@ -54,12 +57,13 @@ def test_classify_file_on_the_pool_equals_one_process(pool, classify_job, tmp_pa
 @pytest.fixture(scope="module")
 def generation_job(tmp_path_factory, tiny_lm_dir):
     """A CommonGen-like generation index (test_generation_files' rows), the tiny LM, an input file."""
-    from icl_engine.config import PipelineConfig
     from test_generation_files import TEST, TRAIN
+
+    from icl_engine.core.config import PipelineConfig
 
     root = tmp_path_factory.mktemp("gf")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
-    api.build_index(str(root / "train.jsonl"), "cg", embedder="hashing:64", indexes_dir=root / "indexes")
+    indexes.build_index(str(root / "train.jsonl"), "cg", embedder="hashing:64", indexes_dir=root / "indexes")
     src = root / "inputs.jsonl"
     src.write_text("".join(json.dumps({"input": r["input"]}) + "\n" for r in TEST + TRAIN[:5]))
     config = PipelineConfig(index="cg", indexes_dir=str(root / "indexes"), lm=str(tiny_lm_dir), k=4,
@@ -69,8 +73,8 @@ def generation_job(tmp_path_factory, tiny_lm_dir):
 
 def test_generate_file_on_the_pool_equals_one_process(generation_job, pool, tmp_path):
     src, config = generation_job
-    one = api.generate_file(config, str(src), tmp_path / "one.jsonl", shard_size=3)
-    on_ray = api.generate_file(config, str(src), tmp_path / "ray.jsonl", shard_size=3, ray=pool)
+    one = queries.generate_file(config, str(src), tmp_path / "one.jsonl", shard_size=3)
+    on_ray = queries.generate_file(config, str(src), tmp_path / "ray.jsonl", shard_size=3, ray=pool)
     assert one["shards"] == on_ray["shards"] == 3
     rows = read_out(tmp_path / "ray.jsonl")
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
@@ -93,10 +97,12 @@ def same_eval(a: dict, b: dict, lm) -> None:
 
 def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool, tmp_path, monkeypatch, ray_session,
                                             tiny_lm_dir):
-    from conftest import SENTIMENT_ROWS
-    from icl_engine.config import PipelineConfig
-    from icl_engine.ray_jobs import engine_actors
     from test_generation_files import TEST
+
+    from icl_engine.apps.ray_jobs import engine_actors
+    from icl_engine.core.config import PipelineConfig
+
+    from conftest import SENTIMENT_ROWS
 
     _, _, config, _ = classify_job
     monkeypatch.chdir(Path(config.lm).parent)  # the LM named by a relative path, reported as given
@@ -104,8 +110,8 @@ def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool,
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"text": f"{t} {i}", "label": l}) + "\n"
                             for i in range(3) for t, l in SENTIMENT_ROWS))
-    one = api.evaluate_file(config, str(test))
-    on_ray = api.evaluate_file(config, str(test), ray=pool)
+    one = queries.evaluate_file(config, str(test))
+    on_ray = queries.evaluate_file(config, str(test), ray=pool)
     assert on_ray["n"] == 36 and 0 < on_ray["accuracy"] < 1  # one chunk of 18 queries per actor
     same_eval(one, on_ray, tiny_lm_dir)
     # each actor loaded its engine, then froze its heap (engines.freeze_loaded_heap)
@@ -116,14 +122,15 @@ def test_eval_on_the_pool_equals_one_process(classify_job, generation_job, pool,
     _, gen_config = generation_job
     gen_test = tmp_path / "gen.jsonl"
     gen_test.write_text("".join(json.dumps(r) + "\n" for r in TEST))
-    same_eval(api.evaluate_file(gen_config, str(gen_test)), api.evaluate_file(gen_config, str(gen_test), ray=pool),
+    same_eval(queries.evaluate_file(gen_config, str(gen_test)), queries.evaluate_file(gen_config, str(gen_test), ray=pool),
               tiny_lm_dir)
 
 
 def test_knn_prompting_on_the_pool_equals_one_process(classify_job, classify_anchors, pool, tmp_path):
     """classify-file and eval --ray with anchors (kNN prompting alone, and mixed), as one process."""
+    from icl_engine.core.config import PipelineConfig
+
     from conftest import SENTIMENT_ROWS
-    from icl_engine.config import PipelineConfig
 
     root, src, config, _ = classify_job
     test = tmp_path / "test.jsonl"
@@ -132,9 +139,9 @@ def test_knn_prompting_on_the_pool_equals_one_process(classify_job, classify_anc
         knn = PipelineConfig(**{**config.to_dict(), "anchors": str(classify_anchors), "anchor_k": 3,
                                 "anchor_weight": weight})
         one, on_ray = tmp_path / f"one-{weight}.jsonl", tmp_path / f"ray-{weight}.jsonl"
-        api.classify_file(knn, str(src), one, shard_size=8)
-        api.classify_file(knn, str(src), on_ray, shard_size=8, ray=pool)
+        queries.classify_file(knn, str(src), one, shard_size=8)
+        queries.classify_file(knn, str(src), on_ray, shard_size=8, ray=pool)
         a, b = read_out(one), read_out(on_ray)
         assert [r["label"] for r in a] == [r["label"] for r in b] and [r["demo_ids"] for r in a] == [r["demo_ids"] for r in b]
         assert_scores_close([r["log_scores"] for r in a], [r["log_scores"] for r in b], config.lm)
-        same_eval(api.evaluate_file(knn, str(test)), api.evaluate_file(knn, str(test), ray=pool), config.lm)
+        same_eval(queries.evaluate_file(knn, str(test)), queries.evaluate_file(knn, str(test), ray=pool), config.lm)

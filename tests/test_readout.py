@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icl_engine.knn_prompt import AnchorError, Anchors
-from icl_engine.readout import DEFAULT_L2_GRID, READOUT_TENSORS, LinearReadout, fit_readout
+from icl_engine.core.knn_prompt import AnchorError, Anchors
+from icl_engine.core.readout import DEFAULT_L2_GRID, READOUT_TENSORS, LinearReadout, fit_readout
+
 from numerics import lm_rtol
 
 ICL = Path(sys.executable).with_name("icl")
@@ -69,8 +70,8 @@ def test_files_round_trip_and_refusals(tmp_path):
 
 def test_the_console_script_fits_and_uses_it(classify_job, tmp_path):
     """Through the installed `icl`: anchors with a readout, then classify reads the readout."""
-    from icl_engine.config import PipelineConfig
-    from icl_engine.engines import get_engine
+    from icl_engine.core.config import PipelineConfig
+    from icl_engine.core.engines import get_engine
 
     root, _, config, _ = classify_job
     common = ["--lm", config.lm, "--indexes-dir", str(root / "indexes")]

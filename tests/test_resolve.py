@@ -7,15 +7,17 @@ import json
 
 import pytest
 
+from icl_engine.core.config import ConfigError, PipelineConfig
+from icl_engine.core.data import DataError, Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.engines import EngineCache, get_engine
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.prompt import Template
+from icl_engine.core.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE, builtin, data_dir
+from icl_engine.core.resolve import resolve
+from icl_engine.core.templates import resolve_template
+
 from conftest import SHARED_DATA, make_tiny_model, make_tiny_tokenizer
-from icl_engine.config import ConfigError, PipelineConfig
-from icl_engine.data import Dataset, DataError, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.engines import EngineCache, get_engine
-from icl_engine.index import ExampleIndex
-from icl_engine.prompt import Template
-from icl_engine.registry import BUILTINS, INTENT_TEMPLATE, SENTIMENT_TEMPLATE, builtin, data_dir
-from icl_engine.resolve import resolve, resolve_template
 
 ROWS = [("a wonderful film", "positive"), ("a dull boring film", "negative"), ("great acting", "positive"),
         ("terrible plot", "negative")]
@@ -110,22 +112,27 @@ def test_config_file_mistakes_are_one_line(tmp_path):
 
 
 def test_engine_cache_loads_once_and_shares_parts(workspace):
+    """One engine per spec: configs that differ only in query options (k here) share it, and
+    the options travel with each call; another spec (an index) is another engine over the same LM."""
     root, lm_dir = workspace
     loaded = []
     cache = EngineCache(size=2, on_load=loaded.append)
     cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=2)
     first = cache.get(cfg)
-    assert cache.get(PipelineConfig(**{**cfg.__dict__})) is first  # equal config: the same engine
+    assert cache.get(PipelineConfig(**cfg.to_dict())) is first  # equal config: the same engine
+    assert cache.get(cfg.replace(k=1, method="mmr")) is first  # other query options: still the same engine
+    assert cache.get(cfg.spec) is first and first.spec == cfg.spec
     assert loaded == [first]  # on_load: each engine the cache loads, once
-    other = cache.get(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=1))
+    other = cache.get(PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir),
+                                     template={"input_format": "{input} =", "output_format": " {output}"}))
     assert other is not first and other.lm is first.lm and other.index is first.index  # loaded once
     third = cache.get(PipelineConfig(index="stored", indexes_dir=str(root / "indexes"), lm=str(lm_dir)))
     assert third.lm is first.lm and third.index is not first.index  # another folder: its own index
     assert len(cache) == 2 and cache.get(cfg) is not first  # the least recently used was dropped
     assert loaded == [first, other, third, cache.get(cfg)]
     assert get_engine(first) is first
-    [p1], [p2] = first.classify(["a great film"]), other.classify(["a great film"])
-    assert len(p1.demos) == 2 and len(p2.demos) == 1
+    [p2], [p1] = first.classify(["a great film"], cfg.options), first.classify(["a great film"], k=1)
+    assert len(p2.demos) == 2 and len(p1.demos) == 1
 
 
 def test_engine_cache_reloads_a_rebuilt_index(workspace, tmp_path):
@@ -161,14 +168,18 @@ def test_engine_cache_with_one_lm_and_given_parts(workspace):
 
 
 def test_api_query_functions_take_an_engine_or_a_config(workspace):
-    from icl_engine import api
-    from icl_engine.engines import ENGINES
+    """A config's own options answer its query; a loaded engine answers with its defaults (a
+    directly loaded engine's are its config's; the shared cache's engines have QueryOptions())."""
+    from icl_engine.apps import queries
+    from icl_engine.core.engines import ENGINES
+    from icl_engine.core.pipeline import Engine
 
     root, lm_dir = workspace
     cfg = PipelineConfig(index="plain", indexes_dir=str(root / "indexes"), lm=str(lm_dir), k=2)
     ENGINES.clear()
-    by_config = api.classify(cfg, "a great film")
-    engine = get_engine(cfg)  # the one api.classify loaded, from the default cache
+    by_config = queries.classify(cfg, "a great film")
+    engine = get_engine(cfg)  # the one queries.classify loaded, from the default cache
     assert len(ENGINES) == 1 and get_engine(PipelineConfig.from_dict(cfg.to_dict())) is engine
-    assert api.classify(engine, "a great film") == by_config
+    assert len(by_config["demos"]) == 2 and engine.defaults.k == 8
+    assert queries.classify(Engine.load(cfg), "a great film") == by_config
     ENGINES.clear()

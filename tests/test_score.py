@@ -6,13 +6,23 @@ import numpy as np
 import pytest
 import torch
 
+from icl_engine.core.choices import Calibration
+from icl_engine.core.lm import LM
+from icl_engine.core.score import (
+    Prefix,
+    ScoreError,
+    calibrate,
+    compute_prefix,
+    contextual_calibrate,
+    next_token_logprobs,
+    normalize,
+    pmi,
+    score_brute_force,
+    score_continuations,
+)
+
 from conftest import make_tiny_lm
 from numerics import assert_scores_close
-from icl_engine.lm import LM
-from icl_engine.score import (
-    Calibration, Prefix, ScoreError, calibrate, compute_prefix, contextual_calibrate, next_token_logprobs, normalize,
-    pmi, score_brute_force, score_continuations,
-)
 
 # labels of 1, 3, 2 and 1 tokens: single- and multi-token paths in one call
 LABELS = [[10], [20, 21, 22], [30, 31], [40]]
@@ -197,7 +207,7 @@ def test_pmi_by_hand():
 
 
 def test_left_pad_equals_python_lists():
-    from icl_engine.backends.hf import left_pad
+    from icl_engine.core.backends.hf import left_pad
 
     rows = [[5, 6, 7], [], [9], [1, 2, 3, 4]]
     ids, mask = left_pad(rows, 0)

@@ -7,11 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from icl_engine.data import make_records
-from icl_engine.select import (
-    DemoOrder,
+from icl_engine.core.choices import DemoOrder, SelectionMethod
+from icl_engine.core.data import make_records
+from icl_engine.core.select import (
     Selection,
-    SelectionMethod,
     exclude,
     input_groups,
     label_balanced,
@@ -21,6 +20,7 @@ from icl_engine.select import (
     select_many,
     top_k,
 )
+
 from numerics import assert_separated, dot_tol
 
 

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer
@@ -25,8 +24,8 @@ from numerics import assert_probs_close, assert_scores_close
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from icl_engine import api  # noqa: E402
-from icl_engine.service import ServeConfig, create_app  # noqa: E402
+from icl_engine.apps import indexes as index_api  # noqa: E402
+from icl_engine.apps.service import ServeConfig, create_app  # noqa: E402
 
 ICL = Path(sys.executable).with_name("icl")
 ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
@@ -52,8 +51,8 @@ def world(tmp_path_factory):
     gen = root / "gen.jsonl"
     gen.write_text("".join(json.dumps({"input": t, "output": lab}) + "\n" for t, lab in ROWS))
     indexes = root / "indexes"
-    api.build_index(str(data), "good", embedder="hashing:64", indexes_dir=indexes)
-    api.build_index(str(gen), "gen", embedder="hashing:64", indexes_dir=indexes)
+    index_api.build_index(str(data), "good", embedder="hashing:64", indexes_dir=indexes)
+    index_api.build_index(str(gen), "gen", embedder="hashing:64", indexes_dir=indexes)
     tok = make_tiny_tokenizer()
     lm = root / "tiny-lm"
     make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(lm)
@@ -98,7 +97,7 @@ def client(world):
 @pytest.fixture(scope="module")
 def offline(world, client):
     """The offline engine over the same LM object, index and settings the service uses."""
-    from icl_engine.pipeline import Engine, PipelineConfig
+    from icl_engine.core.pipeline import Engine, PipelineConfig
 
     service = client.app.state.service
     _, indexes, lm, _ = world
@@ -107,10 +106,12 @@ def offline(world, client):
 
 
 def _one_sentence(r) -> str:
+    """The error's message, after checking the body is OpenAI's error object."""
     body = r.json()
-    assert set(body) == {"error"}, body
-    assert isinstance(body["error"], str) and body["error"] and "\n" not in body["error"], body
-    return body["error"]
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}, body
+    msg = body["error"]["message"]
+    assert isinstance(msg, str) and msg and "\n" not in msg and body["error"]["code"] == r.status_code, body
+    return msg
 
 
 # ----------------------------------------------------------------------------- health, docs, metrics
@@ -129,7 +130,7 @@ def test_readyz_is_503_until_loaded(world):
     service = app.state.service
     gate = threading.Event()
     with TestClient(app) as c:
-        service.worker.submit(gate.wait)  # the worker is busy: the LM cannot load yet
+        app.state.scheduler.worker.submit(gate.wait)  # the model thread is busy: the LM cannot load yet
         try:
             # the load was queued at start-up; until it runs the service is alive but not ready
             if not service.ready:
@@ -163,8 +164,8 @@ def test_compile_is_paid_before_ready(world, monkeypatch):
     """`icl serve --compile`: the LM is compiled (HFBackend.compile: tested for its scores in
     test_lm) and each classification index loaded at start runs a batch of 1 and one of 2 before
     /readyz says ready, so no request pays the compile. Here compile only records its call."""
-    from icl_engine.backends.hf import HFBackend
-    from icl_engine.pipeline import Engine
+    from icl_engine.core.backends.hf import HFBackend
+    from icl_engine.core.pipeline import Engine
 
     events = []
     monkeypatch.setattr(HFBackend, "compile", lambda self: events.append("compile") or setattr(self, "compiled", True))
@@ -185,8 +186,8 @@ def test_serve_freezes_the_loaded_heap(world, monkeypatch):
 
     import uvicorn
 
-    from icl_engine.engines import freeze_loaded_heap
-    from icl_engine.service import server
+    from icl_engine.apps.service import server
+    from icl_engine.core.engines import freeze_loaded_heap
 
     seen = {}
     real = server.create_app
@@ -324,17 +325,16 @@ def test_labels_that_match_are_accepted(client):
 
 
 def test_failure_and_timeout_never_take_the_server_down(world, monkeypatch):
-    from icl_engine.pipeline import Engine
+    from icl_engine.core.pipeline import Engine
 
     with TestClient(create_app(_config(world, timeout_s=0.5))) as c:
         _wait_ready(c)
-        service = c.app.state.service
-        monkeypatch.setattr(Engine, "classify", lambda self, texts, **kw: 1 / 0)
+        monkeypatch.setattr(Engine, "classify", lambda self, *a, **kw: 1 / 0)
         r = c.post("/v1/classify", json={"index": "good", "text": "a film"})
         assert r.status_code == 500 and _one_sentence(r).startswith("ZeroDivisionError")
         monkeypatch.undo()
         gate = threading.Event()
-        service.worker.submit(gate.wait, 5)  # the model is busy past the timeout
+        c.app.state.scheduler.worker.submit(gate.wait, 5)  # the model is busy past the timeout
         r = c.post("/v1/classify", json={"index": "good", "text": "a film"})
         gate.set()
         assert r.status_code == 504 and _one_sentence(r)
@@ -373,9 +373,9 @@ def test_generate_and_its_stream(client, offline):
 
 
 def test_generate_stream_equals_generate(tiny_tokenizer):
-    from conftest import make_tiny_lm
+    from icl_engine.core.generate import generate, generate_stream, stream_safe
 
-    from icl_engine.generate import generate, generate_stream, stream_safe
+    from conftest import make_tiny_lm
 
     lm = make_tiny_lm(tiny_tokenizer)
     for prompt, stop in [("the movie was", ("\n\n",)), ("a dull", ("e",)), ("great", ())]:
@@ -389,7 +389,7 @@ def test_generate_stream_equals_generate(tiny_tokenizer):
 def test_search_and_indexes(client, world):
     r = client.post("/v1/search", json={"index": "good", "query": "a great film", "k": 3})
     assert r.status_code == 200
-    assert r.json()["hits"] == api.search("good", "a great film", k=3, indexes_dir=world[1])
+    assert r.json()["hits"] == index_api.search("good", "a great film", k=3, indexes_dir=world[1])
     rows = client.get("/v1/indexes").json()["indexes"]
     assert {r["name"]: r["loaded"] for r in rows}["good"] is True and {r["name"] for r in rows} == {"good", "gen"}
     info = client.get("/v1/indexes/good").json()
@@ -405,7 +405,7 @@ def test_search_and_indexes(client, world):
 def test_completions_echo_logprobs_score_like_the_reference(client):
     """lm-evaluation-harness's log-likelihood request: echo, max_tokens 1, logprobs 1; its
     token_logprobs[ctxlen:-1] sum to the brute-force score of the continuation."""
-    from icl_engine.score import score_brute_force
+    from icl_engine.core.score import score_brute_force
 
     lm = client.app.state.service.lm
     ctx, cont = lm.tokenizer("the movie was").input_ids, lm.tokenizer(" great").input_ids

@@ -12,18 +12,19 @@ import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
-from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, sentiment_template
-from numerics import assert_probs_close, assert_scores_close
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.generate import generate
-from icl_engine.index import ExampleIndex
-from icl_engine.lm import LM
-from icl_engine.prompt import PromptBuilder, Template
-from icl_engine.score import Prefix, score_brute_force, score_continuations
-from icl_engine.adapters import META_FILE, SoftPromptError, load_soft_prompt
+from icl_engine.core.adapters import META_FILE, SoftPromptError, load_soft_prompt
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.generate import generate
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.lm import LM
+from icl_engine.core.prompt import PromptBuilder, Template
+from icl_engine.core.score import Prefix, score_brute_force, score_continuations
 from icl_engine.train.loop import LOG_FILE, Example, TrainSettings, build_examples
 from icl_engine.train.soft_prompt import SoftPromptConfig, fit_soft_prompt, init_soft_prompt, train_soft_prompt
+
+from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, sentiment_template
+from numerics import assert_probs_close, assert_scores_close
 
 # PeftModel.from_pretrained trips a transformers deprecation note inside PEFT
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -275,7 +276,7 @@ def test_peft_round_trip_scoring_and_generation(lm, dataset, builder, tmp_path, 
 
 
 def test_engine_with_soft_prompt_and_demonstrations_equals_peft(lm, dataset, builder, index, tmp_path):
-    from icl_engine.pipeline import Engine, PipelineConfig
+    from icl_engine.core.pipeline import Engine, PipelineConfig
 
     cfg = SoftPromptConfig(method="ipt", k=2, n_virtual=3, train=TrainSettings(**{**FAST, "max_steps": 4}))
     folder = train_soft_prompt(lm, dataset, cfg, builder=builder, index=index, out=tmp_path / "soft").out

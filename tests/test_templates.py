@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from icl_engine.core.data import Dataset, TaskKind, make_records
+from icl_engine.core.embed import get_embedder
+from icl_engine.core.index import ExampleIndex
+from icl_engine.core.pipeline import Engine
+from icl_engine.core.prompt import Template
+from icl_engine.core.template_search import MIN_POOL, search_templates, validation_slice
+from icl_engine.core.templates import MAX_LISTED_LABELS, TemplateError, data_template, template_candidates, verbalize
+
 from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer
-from icl_engine.data import Dataset, TaskKind, make_records
-from icl_engine.embed import get_embedder
-from icl_engine.index import ExampleIndex
-from icl_engine.pipeline import Engine
-from icl_engine.prompt import Template
-from icl_engine.template_search import MIN_POOL, search_templates, validation_slice
-from icl_engine.templates import MAX_LISTED_LABELS, TemplateError, data_template, template_candidates, verbalize
 
 ICL = Path(sys.executable).with_name("icl")
 

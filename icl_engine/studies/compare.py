@@ -1,4 +1,4 @@
-"""The approximation report (issue 4): how close does in-context learning with a frozen LM, with
+"""The approximation report: how close does in-context learning with a frozen LM, with
 and without soft prompts, get to fine-tuning the same LM on the same data?
 
     report = run_compare("rt", test, reference=Path("ft/rt"), out=Path("reports/rt"))
@@ -50,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from contextlib import contextmanager
@@ -63,23 +62,23 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META_FILE, SoftPromptMethod, load_finetuned
-from ..atomic import check_out_dir, publish_dir
-from ..data import Dataset, TaskKind, group_references, load_dataset
-from ..embed import Embedder, get_embedder
-from ..evaluate import evaluate
-from ..index import ExampleIndex, index_path
-from ..knn_prompt import AnchorConfig, AnchorError, Anchors, build_anchors, index_fingerprint
-from ..readout import LinearReadout, fit_readout
-from ..lm import DEFAULT_LM, LM, load_lm
-from ..metrics import rouge_l_pair
-from ..pipeline import Engine, PipelineConfig
-from ..prompt import PromptBuilder, Template
-from ..resolve import resolve_template
-from ..select import SelectionMethod
-from ..train.finetune import FinetuneConfig, finetune
-from ..train.distill import pool_teacher_logprobs, relabel
+from ..core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FINETUNE_META_FILE, load_finetuned
+from ..core.atomic import check_out_dir, publish_dir
+from ..core.choices import DEFAULT_LM, SelectionMethod, SoftPromptMethod
+from ..core.data import Dataset, TaskKind, group_references, load_dataset
+from ..core.embed import Embedder, get_embedder
+from ..core.evaluate import evaluate
+from ..core.index import ExampleIndex, index_path
+from ..core.knn_prompt import AnchorConfig, AnchorError, Anchors, build_anchors, index_fingerprint
+from ..core.lm import LM, load_lm
+from ..core.metrics import rouge_l_pair
+from ..core.pipeline import Engine, PipelineConfig
+from ..core.prompt import PromptBuilder, Template
+from ..core.readout import LinearReadout, fit_readout
+from ..core.templates import resolve_template
 from ..train.checkpoint import CHECKPOINT_DIR
+from ..train.distill import pool_teacher_logprobs, relabel
+from ..train.finetune import FinetuneConfig, finetune
 from ..train.loop import TrainSettings
 from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
 from .report import fmt, jsonable, machine_info, pyplot, save_figure, write_json, write_report
@@ -558,11 +557,11 @@ def _evaluate(study: Study, method: str, spec: _Spec, seed: int, *, lm: LM, adap
     preds = res["predictions"]
     if study.test.kind is TaskKind.CLASSIFICATION:
         labels = list(study.index.labels)
-        run["pred"] = [p["pred"] for p in preds]
+        run["pred"] = [p["label"] for p in preds]
         run["probs"] = [[p["probs"][lab] for lab in labels] for p in preds]  # [n, L] in label order
     else:
         run["pred"] = [p["output"] for p in preds]
-    run["demo_ids"] = [p["demos"] for p in preds]
+    run["demo_ids"] = [p["demo_ids"] for p in preds]
     write_json(path, run)
     return {**run, "reused": False}
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_json as write_json_file
-from ..atomic import write_text
-from ..progress import say
+from ..core.atomic import write_json as write_json_file
+from ..core.atomic import write_text
+from ..core.progress import say
 
 __all__ = ["progress", "jsonable", "write_json", "write_report", "finish", "machine_info", "lm_info", "fmt",
            "pyplot", "save_figure"]

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import publish_dir, read_json
+from ..core.atomic import publish_dir, read_json
 
 __all__ = ["CHECKPOINT_DIR", "Checkpoint", "CheckpointMismatch"]
 

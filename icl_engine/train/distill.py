@@ -31,13 +31,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..adapters import FINETUNE_META_FILE, load_finetuned
-from ..data import Dataset, Record
-from ..generate import generate
-from ..lm import LM
-from ..progress import Progress
-from ..prompt import PromptBuilder
-from ..score import normalize, score_continuations
+from ..core.adapters import FINETUNE_META_FILE, load_finetuned
+from ..core.data import Dataset, Record
+from ..core.generate import generate
+from ..core.lm import LM
+from ..core.progress import Progress
+from ..core.prompt import PromptBuilder
+from ..core.score import normalize, score_continuations
 from .loop import Example, LossFn, TrainingError, label_logprobs
 
 __all__ = ["load_teacher", "teacher_logprobs", "pool_teacher_logprobs", "relabel", "with_teacher", "distill_loss",

@@ -1,7 +1,7 @@
 """The fine-tuned reference: the same base LM fine-tuned on the same training pool.
 
     result = finetune(lm, train, FinetuneConfig(method="lora"), builder=builder, out=Path("ft/rt"))
-    tuned = load_finetuned("ft/rt", base=lm)      # icl_engine.adapters: an LM for the same scoring code
+    tuned = load_finetuned("ft/rt", base=lm)      # icl_engine.core.adapters: an LM for the same scoring code
 
 In-context learning with a frozen LM is measured against this: full fine-tuning (every weight),
 or LoRA through PEFT. Examples are the engine's zero-shot prompts (same template, no
@@ -28,13 +28,23 @@ from typing import Sequence
 
 import torch
 
-from ..adapters import FINETUNE_META_FILE
-from ..atomic import write_json
-from ..data import Dataset
-from ..lm import LM
-from ..score import score_continuations
-from .loop import (Example, TrainResult, TrainSettings, build_examples, check_train_out, choice, data_meta, prepare,
-                   run_meta, train_loop)
+from ..core.adapters import FINETUNE_META_FILE
+from ..core.atomic import write_json
+from ..core.data import Dataset
+from ..core.lm import LM
+from ..core.score import score_continuations
+from .loop import (
+    Example,
+    TrainResult,
+    TrainSettings,
+    build_examples,
+    check_train_out,
+    choice,
+    data_meta,
+    prepare,
+    run_meta,
+    train_loop,
+)
 
 __all__ = ["FinetuneMethod", "FinetuneConfig", "DEFAULT_LR", "fit_finetune", "finetune"]
 

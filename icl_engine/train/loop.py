@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import Dataset, Record, TaskKind
-from ..embed import get_embedder
-from ..prompt import PromptTooLong
-from ..select import SelectionMethod, select_many
+from ..core.choices import SelectionMethod
+from ..core.data import Dataset, Record, TaskKind
+from ..core.embed import get_embedder
+from ..core.prompt import PromptTooLong
+from ..core.select import select_many
 from .checkpoint import CHECKPOINT_DIR, Checkpoint
 
 __all__ = [

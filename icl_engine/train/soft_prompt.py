@@ -2,7 +2,7 @@
 
     result = train_soft_prompt(lm, train, SoftPromptConfig(method="ipt", k=4), builder=builder,
                                index=index, out=Path("soft/rt-ipt"))
-    soft = load_soft_prompt("soft/rt-ipt")               # icl_engine.adapters
+    soft = load_soft_prompt("soft/rt-ipt")               # icl_engine.core.adapters
 
 Three methods, all training only the soft prompt (the LM is frozen and checked to be):
   - prompt tuning (Lester et al. 2021): n virtual token embeddings placed before the input
@@ -38,15 +38,26 @@ from typing import Sequence
 
 import torch
 
-from ..adapters import META_FILE, SoftPrompt, SoftPromptError, SoftPromptMethod, hidden_size
-from ..atomic import write_json
-from ..data import Dataset, TaskKind
-from ..lm import LM
-from ..score import score_continuations
-from ..select import SelectionMethod
+from ..core.adapters import META_FILE, SoftPrompt, SoftPromptError, hidden_size
+from ..core.atomic import write_json
+from ..core.choices import SelectionMethod, SoftPromptMethod
+from ..core.data import Dataset, TaskKind
+from ..core.lm import LM
+from ..core.score import score_continuations
 from .distill import distill_loss, teacher_logprobs, teacher_records, with_teacher
-from .loop import (Example, TrainingError, TrainResult, TrainSettings, build_examples, check_train_out, choice, data_meta,
-                   prepare, run_meta, train_loop)
+from .loop import (
+    Example,
+    TrainingError,
+    TrainResult,
+    TrainSettings,
+    build_examples,
+    check_train_out,
+    choice,
+    data_meta,
+    prepare,
+    run_meta,
+    train_loop,
+)
 
 __all__ = [
     "PromptInit",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-from ...lm import load_lm
+from ...core.lm import load_lm
 from .baselines import Predictor, bow_logreg, knn_vote
 from .common import ExperimentError, apply_overrides
 from .generation import GenerationConfig, run_generation
@@ -47,7 +47,7 @@ def run(experiment: str | Experiment, *, quick: bool, out: Path, lm=None, seed: 
         predict: Predictor | None = None, reference: Predictor | None = None, **settings) -> dict:
     """Run one experiment into `out` and return its results dict.
 
-    `lm`: an `icl_engine.lm.LM` (None: `load_lm()`, the default SmolLM2; not used by
+    `lm`: an `icl_engine.core.lm.LM` (None: `load_lm()`, the default SmolLM2; not used by
     `retrieval`). `settings` override fields of the experiment's config preset (e.g. draws=3).
     `retrieval` needs `predict` (the ICL engine) and `reference` (the fine-tuned model), both
     `(pool: Dataset, test: Dataset) -> (labels, probs [q, L])`.

@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...data import Dataset
-from ...embed import get_embedder
+from ...core.data import Dataset
+from ...core.embed import get_embedder
 
 __all__ = ["LogReg", "fit_logreg", "knn_vote", "bow_logreg", "Predictor"]
 

@@ -21,12 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ...prompt import start_ids
-from ...score import compute_prefix, next_token_logprobs
+from ...core.prompt import start_ids
+from ...core.score import compute_prefix, next_token_logprobs
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from ..report import finish, lm_info, machine_info, progress
 from .common import (
-    ExperimentError, curve, encode, fits_table, plot_curves, plot_scaling, points_table, run_line, verdict_counts,
+    ExperimentError,
+    curve,
+    encode,
+    fits_table,
+    plot_curves,
+    plot_scaling,
+    points_table,
+    run_line,
+    verdict_counts,
     verdict_line,
 )
 

@@ -23,14 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ...prompt import start_ids
-from ...score import compute_prefix, score_continuations
+from ...core.prompt import start_ids
+from ...core.score import compute_prefix, score_continuations
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, scaling_check, theory_table
 from ..report import finish, lm_info, machine_info, progress
 from .baselines import fit_logreg
 from .common import (
-    ExperimentError, curve, encode, fits_table, nanmean, plot_curves, plot_scaling, points_table, run_line,
-    verdict_counts, verdict_line,
+    ExperimentError,
+    curve,
+    encode,
+    fits_table,
+    nanmean,
+    plot_curves,
+    plot_scaling,
+    points_table,
+    run_line,
+    verdict_counts,
+    verdict_line,
 )
 
 __all__ = ["LinearConfig", "run_linear", "plot_linear"]

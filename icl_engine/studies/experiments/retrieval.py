@@ -20,18 +20,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data import DataError, Dataset, TaskKind
-from ...embed import DEFAULT_EMBEDDER, get_embedder
-from ...index import ExampleIndex
-from ...pipeline import Engine, PipelineConfig
-from ...prompt import Template
-from ...registry import BUILTINS
-from ...resolve import resolve_template
+from ...core.choices import DEFAULT_EMBEDDER
+from ...core.data import DataError, Dataset, TaskKind
+from ...core.embed import get_embedder
+from ...core.index import ExampleIndex
+from ...core.pipeline import Engine, PipelineConfig
+from ...core.prompt import Template
+from ...core.registry import BUILTINS
+from ...core.templates import resolve_template
 from ..bounds import PREDICTED_SLOPE, Bound, format_theory_table, theory_table
 from ..report import finish, machine_info, progress
 from .baselines import Predictor
 from .common import (
-    ExperimentError, curve, fits_table, log_grid, plot_curves, points_table, verdict_counts, verdict_line,
+    ExperimentError,
+    curve,
+    fits_table,
+    log_grid,
+    plot_curves,
+    points_table,
+    verdict_counts,
+    verdict_line,
 )
 
 __all__ = ["RetrievalConfig", "run_retrieval", "engine_predictor", "RETRIEVAL_DATASETS"]

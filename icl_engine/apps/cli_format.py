@@ -1,0 +1,111 @@
+"""Plain-text presentation for the CLI: each function turns what a library call returned (a
+JSON-ready dict or list) into the lines `icl` prints. The library never formats for a terminal."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["format_update", "format_info", "format_hits", "format_prediction", "format_generation", "format_eval", "format_demo",
+           "format_table"]
+
+
+def format_info(info: dict) -> str:
+    keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
+    lines = [f"{k:>10}: {info[k]}" for k in keys if k in info]
+    if info.get("index_params"):  # the settings the index was built with (nlist, nprobe, ...)
+        lines.append(f"{'settings':>10}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["index_params"].items())))
+    if "template_source" in info:
+        lines.append(f"{'template':>10}: {info['template_source']}")
+    lines += [f"{'note':>10}: {n}" for n in info.get("template_notes", [])]
+    return "\n".join(lines)
+
+
+def format_update(r: dict) -> str:
+    """`icl index add/remove`: what changed and the version now current."""
+    parts = [f"{r[k]} {k}" for k in ("added", "replaced", "unchanged", "removed") if r.get(k)]
+    changed = r["version"] != r["previous"]
+    return (f"{r['name']}: {', '.join(parts) or 'nothing to do'}; {r['count']} records"
+            + (f" (new version {r['version']})" if changed else " (unchanged)"))
+
+
+def format_template_search(r: dict) -> str:
+    """The candidates' table: held-out score, cost, the winner marked."""
+    lines = [f"template search: {r['n_validation']} held-out examples, {r['metric']}, {r['seconds']:.0f} s", "",
+             f"| candidate | {r['metric']} | seconds | instruction | input format |", "|---|---|---|---|---|"]
+    for c in r["candidates"]:
+        score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
+        mark = " (chosen)" if c["name"] == r["best"] else ""
+        t = c["template"]
+        lines.append(f"| {c['name']}{mark} | {score} | {c['seconds']:.0f} | {t['instruction'][:60]!r} | "
+                     f"{t['input_format']!r} |")
+    lines += [f"note: {n}" for n in r.get("notes", [])]
+    return "\n".join(lines)
+
+
+def format_hits(hits: list[dict]) -> str:
+    return "\n".join(f"{h['score']:.3f}  [{h['label']}]  {h['text']}" for h in hits)
+
+
+def format_prediction(p: dict) -> str:
+    probs = "  ".join(f"{lab}={x:.3f}" for lab, x in p["probs"].items())
+    lines = [f"label: {p['label']}   ({probs}; {p['prompt_tokens']} prompt tokens)"]
+    lines += [f"  demo {d['score']:.3f} [{d['output']}] {d['input']}" for d in p["demos"]]
+    return "\n".join(lines + _budget_note(p))
+
+
+def _budget_note(p: dict) -> list[str]:
+    """Nothing is left out silently: say what the token budget cost, and when the index had too
+    few distinct inputs for k."""
+    notes = []
+    if p.get("short"):
+        notes.append(f"{p['short']} demonstration(s) fewer than asked: the index has no more distinct inputs")
+    if p.get("dropped"):
+        notes.append(f"{p['dropped']} more demonstration(s) left out: the token budget was full")
+    if p.get("skipped"):
+        notes.append(f"{len(p['skipped'])} demonstration(s) skipped: each alone is longer than the budget")
+    return [f"  note: {n}" for n in notes]
+
+
+def format_generation(g: dict) -> str:
+    lines = [g["text"], f"({g['prompt_tokens']} prompt tokens)"]
+    lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
+    return "\n".join(lines + _budget_note(g))
+
+
+def format_eval(r: dict) -> str:
+    out = [format_table([r]), f"{r['seconds']:.1f} s"]
+    f = r.get("fewer_demos")
+    if f:  # never silent: queries that got fewer than k demonstrations, and why
+        why = [f"{f['short']} missing: the index has no more distinct inputs" if f["short"] else "",
+               f"{f['dropped']} left out: the token budget was full" if f["dropped"] else "",
+               f"{f['skipped']} skipped: each alone is longer than the budget" if f["skipped"] else ""]
+        out.append(f"note: {f['queries']} of {r['n']} queries had fewer than {r['k']} demonstrations "
+                   f"({'; '.join(w for w in why if w)})")
+    if "confusion_matrix" in r:
+        width = max(len(lab) for lab in r["labels"])
+        out.append("confusion (rows gold, columns predicted):")
+        out += [f"  {lab:>{width}}  " + " ".join(f"{c:5d}" for c in row) for lab, row in zip(r["labels"], r["confusion_matrix"])]
+    return "\n".join(out)
+
+
+def format_demo(d: dict) -> str:
+    """queries.run_demo's result: where the index came from, the three methods, one example."""
+    idx, ex = d["index"], d["example"]
+    lines = [f"index: {'built' if idx['built'] else 'reusing'} {idx['path']} ({idx['count']} reviews)", "",
+             format_table(d["rows"]), "", f"example: {ex['input']!r} (gold: {ex['gold']})",
+             format_prediction(ex["prediction"]), "",
+             "your own data: icl index build FILE.jsonl --name NAME [--auto-template], "
+             "then icl eval NAME --test TEST.jsonl (see the README)"]
+    return "\n".join(lines)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """A markdown table of evaluation results (one row per evaluate() call)."""
+    gen = "bleu" in rows[0]
+    head = ["method", "k", "calibration", "n"] + (["BLEU", "ROUGE-L"] if gen else ["accuracy", "macro-F1"]) + ["q/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        metrics = [f"{r['bleu']:.2f}", f"{r['rouge_l']:.2f}"] if gen else [f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}"]
+        lines.append("| " + " | ".join([r["method"], str(r["k"]), r["calibration"], str(r["n"]), *metrics,
+                                       f"{r['queries_per_s']:.2f}"]) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Training behind the front ends, the LM always frozen but for the reference: kNN prompting's
+anchors (and their readout), soft prompts (prompt/prefix tuning, IPT, distilled), and the
+fine-tuned reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.adapters import FINETUNE_META_FILE
+from ..core.adapters import META_FILE as SOFT_META_FILE
+from ..core.atomic import check_out_dir
+from ..core.choices import DEFAULT_LM, AnchorReadout
+from ..core.index import ExampleIndex, index_path, index_version
+from ..core.knn_prompt import AnchorConfig
+from ..core.knn_prompt import build_anchors as make_anchors
+from ..core.lm import load_lm
+from ..core.progress import Progress
+from ..core.prompt import PromptBuilder, Template
+from ..core.readout import fit_readout
+from ..core.templates import resolve_template
+from ..train.distill import load_teacher
+from ..train.finetune import FinetuneConfig, finetune
+from ..train.loop import TrainSettings, check_train_out
+from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
+
+__all__ = ["build_anchors", "tune", "finetune_reference"]
+
+def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None):
+    folder = index_path(name, indexes_dir)
+    index = ExampleIndex.load(folder)
+    lm = load_lm(lm_name)
+    tpl = resolve_template(index.kind, given=Template.from_json(template) if template else None,
+                           stored=index.template, dataset=index.manifest.get("dataset"))
+    return index, lm, PromptBuilder(tpl, lm.tokenizer, index.labels)
+
+
+def build_anchors(name: str, *, out: Path, per_label: int = 1, support: int = 1024, seed: int = 0,
+                  batch_size: int = 16, force: bool = False, readout: str = "knn", lm: str = DEFAULT_LM,
+                  template: Path | None = None, indexes_dir: Path | None = None) -> dict:
+    """kNN prompting's anchors for an index: the LM's next-token distribution for every record
+    after a fixed context (knn_prompt.py), saved to `out` with the index version, LM and
+    template they belong to; with readout "linear" also a linear readout fitted over them
+    (readout.py). An existing anchors folder is replaced only with `force`."""
+    readout = AnchorReadout(readout)
+    check_out_dir(out)
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not (force and (Path(out) / "manifest.json").is_file()):
+        raise ValueError(f"{out} is not empty: anchors go to a new or empty folder"
+                         + ("" if not (Path(out) / "manifest.json").is_file() else " (or pass --force to replace them)"))
+    index, model, builder = _training_parts(name, indexes_dir, lm, template)
+    config = AnchorConfig(per_label=per_label, support=support, seed=seed, batch_size=batch_size)
+    with Progress(len(index), "anchors", unit="records") as bar:
+        anchors = make_anchors(model, builder, index, config, index_version=index_version(index_path(name, indexes_dir)),
+                               progress=lambda done, _: bar.update(done - bar.done))
+    anchors.save(out, replace=force)
+    info = {"out": str(out), **{k: v for k, v in anchors.manifest.items() if k not in ("template", "ids")}}
+    if readout is AnchorReadout.LINEAR:
+        fitted = fit_readout(anchors)
+        fitted.save(out)
+        info["readout"] = {k: v for k, v in fitted.info.items() if k != "anchors_key"}
+    return info
+
+
+def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | None = None, steps: int | None = None,
+         epochs: int = 3, lr: float | None = None, batch_size: int = 8, seed: int = 0, init: str | None = None,
+         init_text: str | None = None, train_pool: int | None = None, distill_from: Path | None = None,
+         alpha: float = 1.0, resume: bool = False, force: bool = False, lm: str = DEFAULT_LM,
+         template: Path | None = None, indexes_dir: Path | None = None) -> dict:
+    """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen;
+    with `distill_from` (a fine-tuned reference) toward the reference's label distribution."""
+    check_out_dir(out)
+    check_train_out(Path(out), SOFT_META_FILE, force=force, resume=resume)
+    index, model, builder = _training_parts(name, indexes_dir, lm, template)
+    cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
+                           train=TrainSettings(epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed))
+    teacher = load_teacher(distill_from, lm=model, builder=builder, labels=index.labels) if distill_from else None
+    pool = index.dataset.subsample(train_pool, seed) if train_pool else index.dataset
+    result = train_soft_prompt(model, pool, cfg, builder=builder, index=index, out=Path(out), teacher=teacher,
+                               alpha=alpha, resume=resume, force=force)
+    return {"out": str(result.out), **result.metrics}
+
+
+def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int = 1, steps: int | None = None,
+                       lr: float | None = None, batch_size: int = 8, seed: int = 0, train_pool: int | None = None,
+                       eval_every: int | None = None, patience: int | None = 3, min_epochs: float = 0.0,
+                       resume: bool = False, force: bool = False, lm: str = DEFAULT_LM,
+                       template: Path | None = None, indexes_dir: Path | None = None) -> dict:
+    """Fine-tune the base LM on an index's records (full, or LoRA): the reference ICL approximates.
+    Early stopping on a held-out split (10 %, at most 256 records) every `eval_every` steps, not
+    before `min_epochs`; `resume` continues an interrupted run; `force` replaces a finished one."""
+    check_out_dir(out)
+    check_train_out(Path(out), FINETUNE_META_FILE, force=force, resume=resume)
+    index, model, builder = _training_parts(name, indexes_dir, lm, template)
+    cfg = FinetuneConfig(method="lora" if lora else "full", train=TrainSettings(
+        epochs=epochs, max_steps=steps, lr=lr, batch_size=batch_size, seed=seed, eval_every=eval_every,
+        patience=patience, min_epochs=min_epochs))
+    pool = index.dataset.subsample(train_pool, seed) if train_pool else index.dataset
+    result = finetune(model, pool, cfg, builder=builder, out=Path(out), resume=resume, force=force)
+    return {"out": str(result.out), **result.metrics}

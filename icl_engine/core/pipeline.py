@@ -1,0 +1,337 @@
+"""The whole flow of one batch of queries: embed -> select -> assemble -> score (or generate).
+
+    engine = Engine.load(EngineSpec(index="rt"))                       # LM, embedder, index: once
+    [pred] = engine.classify(["a tender, funny film"], QueryOptions(k=8))   # label, probs, demonstrations
+
+An Engine holds what is loaded (engines.py keeps one per EngineSpec); every call says what it
+asks (QueryOptions), one set for the whole batch or one per query. Queries with different
+options are selected and calibrated apart but scored in ONE pass of the LM, so a service can
+batch a k = 4 request with a k = 8 one. Every stage lives in its own module; this file wires
+them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from .adapters import SoftPrompt
+from .choices import AnchorReadout, Calibration
+from .config import EngineSpec, PipelineConfig, QueryOptions
+from .data import TaskKind
+from .embed import Embedder
+from .generate import generate, generate_stream
+from .knn_prompt import Anchors, KnnPrompter
+from .lm import LM
+from .prompt import Prompt, PromptBuilder, Template
+from .readout import LinearReadout, has_readout
+from .results import Demo, Generation, Prediction
+from .score import PendingScores, Prefix, calibrate, compute_prefix, launch_scores
+from .select import Selection, select_many
+
+if TYPE_CHECKING:  # faiss (index.py) is needed to load an index, not to run an engine over one in memory
+    from .index import ExampleIndex
+
+__all__ = ["Engine", "EngineSpec", "QueryOptions", "PipelineConfig", "Prediction", "Generation", "Demo", "Prepared",
+           "Launched", "Options"]
+
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021
+Options = QueryOptions | Sequence[QueryOptions] | None  # one set for every query, or one per query
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch of queries ready for the LM (`Engine.prepare`): per query its options, its
+    demonstrations and its prompt (None where kNN prompting alone answers: nothing to score)."""
+
+    queries: tuple[str, ...]
+    options: tuple[QueryOptions, ...]
+    selections: tuple[Selection | None, ...]
+    prompts: tuple[Prompt | None, ...]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A prepared batch whose label scores are queued on the LM (`Engine.launch`)."""
+
+    prepared: Prepared
+    scores: PendingScores | None  # the scored prompts' [m, L] log-scores; None when none is scored
+
+
+def groups(options: Sequence[QueryOptions]) -> dict[QueryOptions, list[int]]:
+    """Positions of the queries that share each option set, in order of first appearance."""
+    out: dict[QueryOptions, list[int]] = {}
+    for i, o in enumerate(options):
+        out.setdefault(o, []).append(i)
+    return out
+
+
+@dataclass
+class Engine:
+    spec: EngineSpec
+    index: ExampleIndex
+    embedder: Embedder
+    lm: LM
+    builder: PromptBuilder
+    prefix: Prefix | None = None  # soft prompt + instruction, computed once, shared by all queries
+    n_virtual: int = 0  # soft-prompt tokens in the prefix (they count against the budget)
+    knn: KnnPrompter | None = None  # kNN prompting's anchors (and readout), when spec.anchors names them
+    defaults: QueryOptions = QueryOptions()  # the options of a call that gives none
+
+    @classmethod
+    def load(cls, spec: EngineSpec, *, lm: LM | None = None, embedder: Embedder | None = None,
+             index: ExampleIndex | None = None, version: str | None = None) -> "Engine":
+        """Load what the spec names (resolve.py decides which template, LM and adapter), reusing
+        any part passed in. A PipelineConfig's options become the engine's defaults. `version`:
+        the index version the caller already read (read here otherwise)."""
+        from .index import index_version  # index.py imports faiss: only where an index is loaded
+        from .resolve import resolve
+
+        parts = resolve(spec, lm=lm, embedder=embedder, index=index)
+        engine = cls.from_parts(spec, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
+        if spec.anchors:
+            version = version or (index_version(parts.folder) if index is None else None)
+            anchors = Anchors.load(spec.anchors, lm=parts.lm, builder=engine.builder, index=parts.index,
+                                   index_version=version)
+            readout = LinearReadout.load(spec.anchors, anchors) if has_readout(spec.anchors) else None
+            engine.use_anchors(anchors, readout, folder=spec.anchors)
+        return engine
+
+    @classmethod
+    def from_parts(cls, spec: EngineSpec, index: ExampleIndex, embedder: Embedder, lm: LM, template: Template,
+                   soft: SoftPrompt | None = None, *, defaults: QueryOptions | None = None) -> "Engine":
+        """An engine over objects already in memory (an index built on the fly, a tiny LM). Its
+        default options: `defaults`, else a PipelineConfig's own, else QueryOptions()."""
+        defaults = defaults or (spec.options if isinstance(spec, QueryOptions) else QueryOptions())
+        engine = cls(spec.spec, index, embedder, lm, PromptBuilder(template, lm.tokenizer, labels=index.labels),
+                     defaults=defaults)
+        # The tokens every prompt starts with (bos + instruction), after the soft prompt if any,
+        # go through the LM once; each batch reuses their key/value cache.
+        shared = engine.builder.shared_ids()
+        if soft is not None:
+            engine.prefix, engine.n_virtual = soft.prefix(lm, ids=shared), soft.n_virtual
+        elif shared:
+            engine.prefix = compute_prefix(lm, ids=shared)
+        return engine
+
+    def use_anchors(self, anchors: Anchors, readout: LinearReadout | None = None, *, folder=None) -> None:
+        """Label by kNN prompting (alone, or mixed with the demonstrations' label probabilities
+        as a query's anchor_weight says); `readout`, when given, answers queries that ask for it."""
+        self.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, readout=readout, folder=folder)
+
+    def options(self, options: Options, n: int, overrides: dict | None = None) -> tuple[QueryOptions, ...]:
+        """One QueryOptions per query: `options` (one set, one per query, or None for the
+        defaults) with `overrides` (QueryOptions fields) applied to each."""
+        if options is None or isinstance(options, QueryOptions):
+            per = [(options or self.defaults).options] * n
+        else:
+            per = [o.options for o in options]
+            if len(per) != n:
+                raise ValueError(f"{len(per)} option sets for {n} queries")
+        if overrides:
+            per = [dataclasses.replace(o, **{k: v for k, v in overrides.items() if v is not None}) for o in per]
+        return tuple(per)
+
+    # ------------------------------------------------------------------ selection + prompts
+
+    def budget(self, options: QueryOptions) -> int:
+        return options.budget or self.lm.context_length
+
+    def _answer_tokens(self, options: QueryOptions) -> int | None:
+        # generation must leave room for the output; classification for the longest label
+        return options.max_new_tokens if self.index.kind is TaskKind.GENERATION else None
+
+    def select(self, queries: Sequence[str], options: QueryOptions | None = None, *, exclude_ids=None,
+               query_ids: Sequence[Sequence[int]] | None = None, vectors: np.ndarray | None = None,
+               **overrides) -> list[Selection]:
+        """Demonstrations for each query, all with one option set; `query_ids`
+        (`builder.query_ids_many(queries)`) and `vectors` [q, d] (the queries embedded) save
+        that work when the caller has them."""
+        [o] = self.options(options, 1, overrides)
+        qv = self.embedder.encode(list(queries)) if vectors is None else vectors  # [q, d]
+        qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
+        answer, reserved = self._answer_tokens(o), self.builder.reserved
+        budgets = [self.budget(o) - reserved(q, self.n_virtual, answer_tokens=answer, query_ids=i)
+                   for q, i in zip(queries, qids)]
+        return select_many(
+            self.index, qv, method=o.method, k=o.k, budgets=budgets, query_texts=list(queries),
+            exclude_ids=exclude_ids, demo_lengths=self.builder.demo_lengths(self.index.records),
+            seed=o.seed, mmr_lambda=o.mmr_lambda, order=o.order,
+        )
+
+    def _prompts(self, queries: Sequence[str], selections: Sequence[Selection], options: QueryOptions,
+                 query_ids: Sequence[Sequence[int]] | None = None) -> list[Prompt]:
+        recs = self.index.records
+        qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
+        budget, answer, assemble = self.budget(options) - self.n_virtual, self._answer_tokens(options), self.builder.assemble
+        return [assemble([recs[i] for i in sel.ids.tolist()], q, budget=budget, answer_tokens=answer, query_ids=i)
+                for q, sel, i in zip(queries, selections, qids)]
+
+    def _demos(self, sel: Selection) -> list[Demo]:
+        recs = self.index.records
+        return [Demo(recs[i].id, s, recs[i].input, recs[i].output)
+                for i, s in zip(sel.ids.tolist(), sel.scores.tolist())]
+
+    def _skipped(self, sel: Selection) -> tuple[str, ...]:
+        return tuple(self.index.records[i].id for i in sel.skipped)
+
+    def _launch_scores(self, prompts: Sequence[Prompt], batch_size: int) -> PendingScores:
+        labels = [self.builder.label_ids(lab) for lab in self.index.labels]
+        # the shared tokens are already in the cached prefix
+        ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
+        return launch_scores(self.lm, ids, labels, prefix=self.prefix, batch_size=batch_size)
+
+    def _score(self, prompts: Sequence[Prompt], batch_size: int = 8) -> np.ndarray:
+        """log p(label | prompt) for every label: float64 [q, L]."""
+        return self._launch_scores(prompts, batch_size).result()
+
+    def _knn_alone(self, o: QueryOptions) -> bool:
+        return self.knn is not None and o.anchor_weight >= 1.0
+
+    # ------------------------------------------------------------------ classification
+
+    def classify(self, queries: Sequence[str], options: Options = None, *, exclude_ids=None,
+                 **overrides) -> list[Prediction]:
+        """One Prediction per query. `overrides`: QueryOptions fields for every query (k=4)."""
+        return self.finish(self.prepare(queries, options, exclude_ids=exclude_ids, **overrides))
+
+    def prepare(self, queries: Sequence[str], options: Options = None, *, exclude_ids=None,
+                **overrides) -> Prepared:
+        """The CPU half of `classify`: embed, select, assemble. On a GPU a caller may prepare the
+        next batch while the LM scores this one (`launch`, then `collect`)."""
+        if self.index.kind is not TaskKind.CLASSIFICATION:
+            raise ValueError(f"index {self.spec.index!r} holds {self.index.kind.value} data; use generate")
+        opts = self.options(options, len(queries), overrides)
+        sels, prompts = [None] * len(queries), [None] * len(queries)
+        asked = [i for i, o in enumerate(opts) if not self._knn_alone(o)]  # kNN prompting alone selects nothing
+        if asked:
+            texts = [queries[i] for i in asked]
+            qids = dict(zip(asked, self.builder.query_ids_many(texts)))  # each query tokenized once, in one call
+            qv = dict(zip(asked, self.embedder.encode(texts)))  # and embedded once
+            for o, rows in groups([opts[i] for i in asked]).items():
+                rows = [asked[j] for j in rows]
+                sub, ids = [queries[i] for i in rows], [qids[i] for i in rows]
+                ex = None if exclude_ids is None else [exclude_ids[i] for i in rows]
+                got = self.select(sub, o, exclude_ids=ex, query_ids=ids, vectors=np.stack([qv[i] for i in rows]))
+                for i, sel, prompt in zip(rows, got, self._prompts(sub, got, o, ids)):
+                    sels[i], prompts[i] = sel, prompt
+        return Prepared(tuple(queries), opts, tuple(sels), tuple(prompts))
+
+    def finish(self, prepared: Prepared) -> list[Prediction]:
+        """The LM half of `classify`: score every label, calibrate, one Prediction per query."""
+        return self.collect(self.launch(prepared))
+
+    def launch(self, prepared: Prepared) -> Launched:
+        """Queue the scoring of every label of every prompt, in one LM pass whatever the
+        queries' options; on a GPU this returns before the LM has finished."""
+        scored = [p for p in prepared.prompts if p is not None]
+        if not scored:
+            return Launched(prepared, None)
+        batch = next(o.batch_size for o, p in zip(prepared.options, prepared.prompts) if p is not None)
+        return Launched(prepared, self._launch_scores(scored, batch))
+
+    def collect(self, launched: Launched) -> list[Prediction]:
+        """Wait for a launched batch's scores; calibrate each option group; one Prediction per query."""
+        p = launched.prepared
+        n, labels = len(p.queries), self.index.labels
+        scored = [i for i, pr in enumerate(p.prompts) if pr is not None]
+        log_scores = np.full((n, len(labels)), np.nan)  # [q, L]
+        if launched.scores is not None:
+            log_scores[scored] = launched.scores.result()
+        out: list[Prediction | None] = [None] * n
+        for o, rows in groups(p.options).items():
+            queries = [p.queries[i] for i in rows]
+            if self._knn_alone(o):
+                for i, pred in zip(rows, self._knn_classify(queries, o)):
+                    out[i] = pred
+                continue
+            sels = [p.selections[i] for i in rows]
+            probs = np.exp(self._calibrated(log_scores[rows], sels, o))  # [r, L]
+            if self.knn is not None:  # a mixture: anchor_weight on the anchors' label shares
+                w = o.anchor_weight
+                probs = (1 - w) * probs + w * self.knn.predict(queries, o.anchor_k, readout=self._readout(o))[0]
+            for i, pr, raw, sel in zip(rows, probs.tolist(), log_scores[rows].tolist(), sels):
+                out[i] = Prediction(label=labels[int(np.argmax(pr))], probs=dict(zip(labels, pr)), log_scores=raw,
+                                    demos=self._demos(sel), prompt_tokens=len(p.prompts[i].ids) + self.n_virtual,
+                                    skipped=self._skipped(sel), dropped=sel.dropped, short=sel.short)
+        return out
+
+    def _calibrated(self, log_scores: np.ndarray, selections: Sequence[Selection], o: QueryOptions) -> np.ndarray:
+        """Label log-probs [r, L] of one option group after its calibration."""
+        if o.calibration is Calibration.CONTEXTUAL:
+            return calibrate(o.calibration, log_scores, np.log(self.content_free_probs(selections, o)))
+        if o.calibration is Calibration.PMI:
+            return calibrate(o.calibration, log_scores, self.premise_log_scores(o))
+        return calibrate(o.calibration, log_scores)
+
+    def _readout(self, o: QueryOptions) -> bool:
+        return o.anchor_readout is AnchorReadout.LINEAR
+
+    def _knn_classify(self, queries: Sequence[str], o: QueryOptions) -> list[Prediction]:
+        """kNN prompting alone: the label shares of the nearest anchors (or the readout's); the
+        anchors that voted are shown as the demonstrations (score = -KL distance), the prompt is
+        context + query."""
+        probs, nearest, dist, tokens = self.knn.predict(queries, o.anchor_k, readout=self._readout(o), detail=True)
+        recs, labels = self.index.records, self.index.labels
+        return [
+            Prediction(label=labels[int(np.argmax(p))], probs={lab: float(x) for lab, x in zip(labels, p)},
+                       demos=[Demo(recs[i].id, -float(d), recs[i].input, recs[i].output) for i, d in zip(rows, ds)],
+                       prompt_tokens=n, log_scores=[float(x) for x in np.log(np.clip(p, 1e-12, None))])
+            for p, rows, ds, n in zip(probs, nearest, dist, tokens)
+        ]
+
+    def content_free_probs(self, selections: Sequence[Selection], options: QueryOptions | None = None) -> np.ndarray:
+        """Contextual calibration's reference (Zhao et al. 2021): label probabilities for the
+        content-free inputs with the SAME demonstrations, averaged. float64 [q, L]."""
+        o, n = options or self.defaults, len(selections)
+        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o),
+                                                                       o.batch_size)))
+                        for c in CONTENT_FREE], axis=0)
+
+    def premise_log_scores(self, options: QueryOptions | None = None) -> np.ndarray:
+        """Domain-conditional PMI's reference (Holtzman et al. 2021): log p(label | the answer
+        prefix with no input and no demonstrations). float64 [1, L]."""
+        o = options or self.defaults
+        return self._score(self._prompts([""], [Selection.empty()], o), o.batch_size)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, inputs: Sequence[str], options: Options = None, *, exclude_ids=None,
+                 max_new_tokens: int | None = None, **sampling) -> list[Generation]:
+        """One Generation per input (greedy unless `sampling` says otherwise: do_sample, top_p, ...)."""
+        fields = {f.name for f in dataclasses.fields(QueryOptions)}
+        overrides = {k: sampling.pop(k) for k in list(sampling) if k in fields}
+        opts = self.options(options, len(inputs), {**overrides, "max_new_tokens": max_new_tokens})
+        out: list[Generation | None] = [None] * len(inputs)
+        for o, rows in groups(opts).items():
+            sub = [inputs[i] for i in rows]
+            qids = self.builder.query_ids_many(sub)
+            ex = None if exclude_ids is None else [exclude_ids[i] for i in rows]
+            sels = self.select(sub, o, exclude_ids=ex, query_ids=qids)
+            prompts = self._prompts(sub, sels, o, qids)
+            ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
+            texts = generate(self.lm, ids, prefix=self.prefix, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
+                             stop=(self.builder.template.separator,), seed=o.seed, **sampling)
+            for i, t, s, p in zip(rows, texts, sels, prompts):
+                out[i] = self._generation(t, s, p)
+        return out
+
+    def generate_stream(self, input: str, on_text: Callable[[str], None], options: QueryOptions | None = None,
+                        *, max_new_tokens: int | None = None, **sampling) -> Generation:
+        """`generate` for one input, telling `on_text` each piece of the output as it is decoded
+        (generate.generate_stream); the pieces join to the returned Generation's text before its
+        surrounding whitespace is stripped."""
+        [o] = self.options(options, 1, {"max_new_tokens": max_new_tokens})
+        [sel] = self.select([input], o)
+        [prompt] = self._prompts([input], [sel], o)
+        ids = prompt.ids[prompt.shared_len:] if self.prefix is not None else prompt.ids
+        text = generate_stream(self.lm, ids, on_text=on_text, prefix=self.prefix, max_new_tokens=o.max_new_tokens,
+                               stop=(self.builder.template.separator,), seed=o.seed, **sampling)
+        return self._generation(text, sel, prompt)
+
+    def _generation(self, text: str, sel: Selection, prompt: Prompt) -> Generation:
+        return Generation(text.strip(), self._demos(sel), len(prompt.ids) + self.n_virtual, self._skipped(sel),
+                          sel.dropped, sel.short)
