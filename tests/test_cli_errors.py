@@ -68,6 +68,14 @@ def base(tmp_path_factory):
     (w / "data.txt").write_text("a film\n")
     (w / "nofields.csv").write_text("a,b\n1,2\n")
     (w / "a_file").write_text("not a folder\n")
+    _jsonl(w / "texts.jsonl", [{"text": t} for t, _ in ROWS])
+    (w / "link.jsonl").symlink_to("texts.jsonl")
+    _jsonl(w / "gen_inputs.jsonl", [{"input": t} for t, _ in ROWS])
+    _jsonl(w / "withids.jsonl", [{"id": f"r{i}", "text": t, "label": lab} for i, (t, lab) in enumerate(ROWS)])
+    (w / "extra.csv").write_text("text,label\na film,positive\nanother film,negative,surplus\n")
+    _jsonl(w / "dupkeys.jsonl", ['{"text": "a film", "label": "positive", "label": "negative"}'])
+    _jsonl(w / "zws.jsonl", [{"text": "a film", "label": "positive"}, {"text": "\u200b\u200b", "label": "negative"}])
+    (w / "deep.jsonl").write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + ', "label": "positive"}\n')
     (w / "bad_template.json").write_text('{"instruction": 3, "nonsense": true}')
     (w / "plain_template.json").write_text('{"input_format": "{input}\\nAnswer:", "output_format": " {output}"}')
     app = w / "app"  # the data-loss report: a project folder that happens to hold a manifest.json
@@ -149,6 +157,14 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
         "build: unloadable embedder": ["index", "build", "good.jsonl", "--name", "x", "--embedder", "./no-model"],
         "build: missing template file": [*build, "--name", "x", "--template", "nope.json"],
         "build: invalid template": [*build, "--name", "x", "--template", "bad_template.json"],
+        "build: a CSV row with more cells than the header": ["index", "build", "extra.csv", "--name", "x"],
+        "build: text and label from one field": [*build, "--name", "x", "--text-field", "text", "--label-field", "text"],
+        "build: a JSON key twice in a row": ["index", "build", "dupkeys.jsonl", "--name", "x"],
+        "build: a text of zero-width spaces": ["index", "build", "zws.jsonl", "--name", "x"],
+        "build: a device, not a file": ["index", "build", "/dev/zero", "--name", "x"],
+        "build: JSON nested 100,000 deep": ["index", "build", "deep.jsonl", "--name", "x"],
+        "add: --id-field on an index of content-hash ids": ["index", "add", "good", "withids.jsonl", "--id-field", "id"],
+        "search: a blank query": ["index", "search", "good", "   "],
         "delete: foreign folder": ["index", "delete", "app", "--indexes-dir", "."],
         "delete: no such index": ["index", "delete", "nope"],
         # queries, models, soft prompts
@@ -163,6 +179,18 @@ def cases(lm: Path, broken_lm: Path) -> dict[str, list[str]]:
         "classify: NaN soft prompt": ["classify", "good", "a film", *L, "--soft-prompt", "sp_nan"],
         "classify: adapter key missing": ["classify", "good", "a film", *L, "--soft-prompt", "sp_nokey"],
         "classify: unknown dtype": ["classify", "good", "a film", *L, "--dtype", "int3"],
+        "classify-file: --out is the input": ["classify-file", "texts.jsonl", "--index", "good", "--out",
+                                              "texts.jsonl", *L],
+        "classify-file: --out is a link to the input": ["classify-file", "texts.jsonl", "--index", "good", "--out",
+                                                        "link.jsonl", *L],
+        "classify-file: --out inside the index": ["classify-file", "texts.jsonl", "--index", "good", "--out",
+                                                  "indexes/good/out.jsonl", *L],
+        "classify-file: no such index (no parts left)": ["classify-file", "texts.jsonl", "--index", "nope", "--out",
+                                                         "o.jsonl", *L],
+        "classify-file: an LM that does not load (no parts left)": ["classify-file", "texts.jsonl", "--index",
+                                                                    "good", "--out", "o.jsonl", "--lm", "./no-lm"],
+        "generate-file: --out is the input": ["generate-file", "gen_inputs.jsonl", "--index", "gen", "--out",
+                                              "gen_inputs.jsonl", *L],
         "eval: missing test file": ["eval", "good", "--test", "missing.jsonl", *L],
         "eval: unknown test label": ["eval", "good", "--test", "unknownlabel.jsonl", *L],
         "eval: unknown method": ["eval", "good", "--test", "good.jsonl", "--method", "magic", *L],
@@ -271,3 +299,18 @@ def test_budget_that_leaves_demonstrations_out_says_so(base):
                         *plain],
                        cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert "note: 3 more demonstration(s) left out: the token budget was full" in p.stdout
+
+
+def test_out_that_is_a_hard_link_to_the_input_is_refused(base, tmp_path):
+    """A hard link is the input under another name (one inode): refused, the input unchanged."""
+    root, work, lm, _ = base
+    case = tmp_path / "case"
+    shutil.copytree(work, case, symlinks=True)
+    os.link(case / "texts.jsonl", case / "hard.jsonl")
+    before = (case / "texts.jsonl").read_bytes()
+    env = {**os.environ, "ICL_INDEXES": str(case / "indexes"), "ICL_CACHE": str(root / "cache")}
+    for command, src, index in (("classify-file", "texts.jsonl", "good"), ("generate-file", "texts.jsonl", "gen")):
+        p = subprocess.run([str(ICL), command, src, "--index", index, "--out", "hard.jsonl", "--lm", str(lm)],
+                           cwd=case, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and p.stderr.startswith("error: --out hard.jsonl is the input file"), p.stderr
+    assert (case / "texts.jsonl").read_bytes() == before and not (case / "hard.jsonl.parts").exists()

@@ -531,7 +531,13 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="How long a request waits for others "
                                       "to share its batch."),
     batch_size: int = _BATCH,
-    timeout: float = typer.Option(60.0, "--timeout", min=0.001, help="Seconds before a request is answered 504."),
+    timeout: float = typer.Option(60.0, "--timeout", min=0.001, help="A request's deadline in seconds: unanswered "
+                                  "by then it gets a 504 and its work stops."),
+    max_queue_s: float = typer.Option(10.0, "--max-queue-s", min=0.001, help="Most seconds of work (at the "
+                                      "measured speed) that may wait for the model; beyond, 503 with Retry-After."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Most requests waiting for the model."),
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes", min=1, help="Larger request bodies "
+                                       "are refused (413) unread."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ICL_API_KEY", help="Require "
                                           "'Authorization: Bearer KEY' on every endpoint but /healthz and /readyz."),
     adapters_dir: Optional[Path] = typer.Option(None, "--adapters-dir", envvar="ICL_ADAPTERS", help="Soft prompts "
@@ -548,6 +554,7 @@ def serve(
     run_service(ServeConfig(
         indexes=tuple(index or ()), indexes_dir=str(indexes_dir) if indexes_dir else None, host=host, port=port,
         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, batch_size=batch_size, timeout_s=timeout,
+        max_queue_s=max_queue_s, max_queue=max_queue, max_body_bytes=max_body_bytes,
         api_key=api_key, adapters_dir=str(adapters_dir) if adapters_dir else None, lm=lm,
         dtype=dtype.value if dtype else None, compile=compile_lm))
 

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.choices import DEFAULT_EMBEDDER, DEFAULT_LM, IndexType, SelectionMethod
-from ..core.data import load_dataset
+from ..core.data import is_blank, load_dataset
 from ..core.embed import canonical_name, get_embedder
 from ..core.index import (
     ExampleIndex,
@@ -150,6 +150,11 @@ def add_to_index(name: str, data: str, *, text_field=None, label_field=None, id_
         if Template.from_json(template).to_dict() != stored:
             raise UpdateError(f"{template} is not index {name!r}'s template; an update keeps the index's template "
                               "(rebuild with --force to change it)")
+    if id_field is not None and id_field != m.get("id_field"):  # ids of two kinds never match: every row stored twice
+        raise UpdateError(f"index {name!r} takes its ids from field {m['id_field']!r}, not {id_field!r}"
+                          if m.get("id_field") else
+                          f"index {name!r} has content-hash ids: rows with ids from {id_field!r} would never replace "
+                          f"its records; add without --id-field, or rebuild with --force --id-field {id_field}")
     dataset = load_dataset(data, kind=index.kind, text_field=text_field, label_field=label_field,
                            labels=index.labels or None, id_field=id_field or m.get("id_field"))
     have, got = tuple(m.get("fields") or ()), tuple(dataset.fields)
@@ -230,6 +235,8 @@ def search(name: str, query: str, *, k: int = 8, mmr_lambda: float | None = None
 def search_loaded(index: ExampleIndex, embedder, query: str, *, k: int = 8,
                   mmr_lambda: float | None = None) -> list[dict]:
     """`search` over an index and embedder already in memory (a long-lived service's)."""
+    if is_blank(query):
+        raise ValueError("the query is empty")
     [qv] = embedder.encode([query])
     method = SelectionMethod.KNN if mmr_lambda is None else SelectionMethod.MMR
     sel = select_demonstrations(index, qv, method=method, k=k, query_text=query,

@@ -21,18 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from ..core.atomic import read_json, write_json, write_text
+from ..core.atomic import check_out_file, read_json, write_json, write_text
 from ..core.config import PipelineConfig, QueryOptions
 from ..core.data import read_texts
 from ..core.engines import get_engine
-from ..core.evaluate import classify_chunks
-from ..core.index import index_path, index_version
-from ..core.pipeline import Engine, Prediction
+from ..core.index import ExampleIndex, index_path, index_version
 from ..core.progress import Progress
+
+if TYPE_CHECKING:  # the model libraries load with the engine, after the job is checked
+    from ..core.pipeline import Engine, Prediction
 
 __all__ = ["ShardError", "classify_file", "generate_file", "label_file", "prediction_rows", "generation_rows",
            "rows_of_predictions", "shard_rows", "FILE_ROWS", "write_shard", "shard_path", "JOB_FILE"]
@@ -70,6 +72,8 @@ def shard_rows(command: str, engine: Engine, texts: list[str], todo: list[tuple[
         for _, start, stop in todo:
             yield FILE_ROWS[command](engine, texts[start:stop], start, options)
         return
+    from ..core.evaluate import classify_chunks
+
     size = todo[0][2] - todo[0][1]
     pending = [t for _, start, stop in todo for t in texts[start:stop]]
     chunks = classify_chunks(engine, pending, size, options, overlap=overlap)
@@ -112,17 +116,19 @@ def _with_defaults(job: dict) -> dict:
     return {**job, "config": {**defaults, **config}}
 
 
-def _open_parts(parts: Path, job: dict, command: str) -> None:
-    """Make OUT.parts for this job, or check that the one there is this job's (then reused)."""
+def _open_parts(parts: Path, job: dict, command: str) -> bool:
+    """Make OUT.parts for this job (True), or check that the one there is this job's (then
+    reused: False)."""
     if (parts / JOB_FILE).exists():
         stored = _with_defaults(read_json(parts / JOB_FILE, "the job description", ShardError))
         if stored != json.loads(json.dumps(job)):
             raise ShardError(f"{parts} holds the shards of another job (other config, index version or input); "
                              "remove it or choose another --out")
-        return
+        return False
     if parts.exists() and any(parts.iterdir()):
         raise ShardError(f"{parts} exists and is not a {command} parts folder; remove it or choose another --out")
     write_json(parts / JOB_FILE, job)
+    return True
 
 
 def classify_file(config: PipelineConfig, source: str | Path, out: str | Path, *, text_field: str | None = None,
@@ -149,12 +155,28 @@ def label_file(command: str, config: PipelineConfig, source: str | Path, out: st
     out = Path(out)
     if out.is_dir():
         raise ShardError(f"--out {out} is a folder; give a file name (.jsonl or .parquet)")
-    texts, field = read_texts(source, text_field)
     parts = out.with_name(out.name + ".parts")
+    folder = index_path(config.index, config.indexes_dir)
+    reads = [folder, config.lm, config.soft_prompt, config.anchors]
+    for target in (out, parts):  # nothing the command reads may be written over
+        check_out_file(target, inputs=[source], folders=[f for f in reads if f and Path(f).is_dir()])
+    if index_version(folder) is None:  # before OUT.parts exists: a mistake leaves nothing behind
+        ExampleIndex.load(folder)  # says why in one line (no such index, a damaged one)
+    texts, field = read_texts(source, text_field)
     job = _job(config, texts, shard_size)
     if command != "classify-file":  # (classify-file's job files predate the key; they stay readable)
         job["command"] = command
-    _open_parts(parts, job, command)
+    made = _open_parts(parts, job, command)
+    try:
+        return _run_job(command, config, texts, field, shard_size, out, parts, ray, progress)
+    except BaseException:
+        if made and not any(p.name.startswith("shard-") for p in parts.iterdir()):
+            shutil.rmtree(parts, ignore_errors=True)  # nothing done yet: leave no trace of this run
+        raise
+
+
+def _run_job(command: str, config: PipelineConfig, texts: list[str], field: str, shard_size: int, out: Path,
+             parts: Path, ray, progress: bool) -> dict:
     shards = [(i, s, min(len(texts), s + shard_size)) for i, s in enumerate(range(0, len(texts), shard_size))]
     todo = [sh for sh in shards if not shard_path(parts, sh[0]).exists()]
     t0 = time.perf_counter()

@@ -1,31 +1,23 @@
 """Training behind the front ends, the LM always frozen but for the reference: kNN prompting's
 anchors (and their readout), soft prompts (prompt/prefix tuning, IPT, distilled), and the
-fine-tuned reference."""
+fine-tuned reference. The output folder is checked before the model libraries are imported."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.adapters import FINETUNE_META_FILE
-from ..core.adapters import META_FILE as SOFT_META_FILE
 from ..core.atomic import check_out_dir
 from ..core.choices import DEFAULT_LM, AnchorReadout
 from ..core.index import ExampleIndex, index_path, index_version
-from ..core.knn_prompt import AnchorConfig
-from ..core.knn_prompt import build_anchors as make_anchors
-from ..core.lm import load_lm
 from ..core.progress import Progress
 from ..core.prompt import PromptBuilder, Template
-from ..core.readout import fit_readout
 from ..core.templates import resolve_template
-from ..train.distill import load_teacher
-from ..train.finetune import FinetuneConfig, finetune
-from ..train.loop import TrainSettings, check_train_out
-from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
 
 __all__ = ["build_anchors", "tune", "finetune_reference"]
 
 def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None):
+    from ..core.lm import load_lm
+
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
     lm = load_lm(lm_name)
@@ -46,6 +38,10 @@ def build_anchors(name: str, *, out: Path, per_label: int = 1, support: int = 10
     if Path(out).is_dir() and any(Path(out).iterdir()) and not (force and (Path(out) / "manifest.json").is_file()):
         raise ValueError(f"{out} is not empty: anchors go to a new or empty folder"
                          + ("" if not (Path(out) / "manifest.json").is_file() else " (or pass --force to replace them)"))
+    from ..core.knn_prompt import AnchorConfig
+    from ..core.knn_prompt import build_anchors as make_anchors
+    from ..core.readout import fit_readout
+
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     config = AnchorConfig(per_label=per_label, support=support, seed=seed, batch_size=batch_size)
     with Progress(len(index), "anchors", unit="records") as bar:
@@ -68,6 +64,11 @@ def tune(name: str, *, out: Path, method: str, n_virtual: int = 20, k: int | Non
     """Train a soft prompt (prompt tuning, prefix tuning or IPT) on an index's records, LM frozen;
     with `distill_from` (a fine-tuned reference) toward the reference's label distribution."""
     check_out_dir(out)
+    from ..core.adapters import META_FILE as SOFT_META_FILE
+    from ..train.distill import load_teacher
+    from ..train.loop import TrainSettings, check_train_out
+    from ..train.soft_prompt import SoftPromptConfig, train_soft_prompt
+
     check_train_out(Path(out), SOFT_META_FILE, force=force, resume=resume)
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = SoftPromptConfig(method=method, n_virtual=n_virtual, k=k, init=init, init_text=init_text,
@@ -88,6 +89,10 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
     Early stopping on a held-out split (10 %, at most 256 records) every `eval_every` steps, not
     before `min_epochs`; `resume` continues an interrupted run; `force` replaces a finished one."""
     check_out_dir(out)
+    from ..core.adapters import FINETUNE_META_FILE
+    from ..train.finetune import FinetuneConfig, finetune
+    from ..train.loop import TrainSettings, check_train_out
+
     check_train_out(Path(out), FINETUNE_META_FILE, force=force, resume=resume)
     index, model, builder = _training_parts(name, indexes_dir, lm, template)
     cfg = FinetuneConfig(method="lora" if lora else "full", train=TrainSettings(

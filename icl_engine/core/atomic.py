@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["write_text", "write_json", "publish_dir", "read_json", "check_out_dir", "nearest_existing"]
+__all__ = ["write_text", "write_json", "publish_dir", "read_json", "check_out_dir", "check_out_file",
+           "nearest_existing"]
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,3 +89,29 @@ def check_out_dir(path: str | os.PathLike, what: str = "--out") -> None:
         raise ValueError(f"{what} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {path}: {parent} is not writable")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path after links are resolved, or one inode
+    (a hard link)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_out_file(out: str | os.PathLike, *, inputs=(), folders=(), what: str = "--out") -> None:
+    """Refuse, before anything is written, an output file that would overwrite what the command
+    reads: one of `inputs` (the same path, a symbolic or hard link to it, or the file a link at
+    `out` points to), or a file inside one of `folders` (an index, a model). ValueError, one line."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{what} {out} is a folder; give a file name")
+    for src in inputs:
+        if src is not None and _same_file(out, Path(src)):
+            raise ValueError(f"{what} {out} is the input file {src}: the output would overwrite it; "
+                             "choose another name")
+    target = out.resolve()
+    for folder in folders:
+        if folder is not None and Path(folder).exists() and target.is_relative_to(Path(folder).resolve()):
+            raise ValueError(f"{what} {out} lies inside {folder}, which the command reads; choose another place")

@@ -32,6 +32,7 @@ __all__ = [
     "Dataset",
     "DataError",
     "read_rows",
+    "is_blank",
     "PACKAGED",
     "load_dataset",
     "group_references",
@@ -144,9 +145,31 @@ _TEXT_FIELDS = ("text", "input", "sentence", "question", "source", "review", "ut
 _LABEL_FIELDS = ("label", "output", "target", "answer", "intent")
 
 
+# Characters that show nothing: a text made only of them (and spaces) is empty.
+_EXTRA_CELLS = "\0extra"  # where csv puts the cells of a row beyond the header's columns
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+
+
+def is_blank(text: str) -> bool:
+    """Nothing to read: only whitespace and invisible characters (zero-width spaces, BOMs, soft hyphens)."""
+    return not text.strip().strip(_INVISIBLE).strip()
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"the key {dup!r} appears twice in one object")
+    return dict(pairs)
+
+
 def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) pairs from a .jsonl/.json-lines or .csv/.tsv file."""
+    """(line number, row) pairs from a .jsonl/.json-lines or .csv/.tsv file. Refused in one line:
+    anything that is not a regular file (a device such as /dev/zero, a pipe), a row whose JSON
+    object repeats a key or nests too deeply, a CSV row with more cells than the header."""
     try:
+        if not path.is_file():
+            raise DataError(f"{path}: not a regular file" if path.exists() else f"{path}: no such file")
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
@@ -163,8 +186,13 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     if not content.strip():
         raise DataError(f"{path}: the file is empty")
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if suffix == ".tsv" else ",",
+                                restkey=_EXTRA_CELLS)
         for row in reader:
+            if _EXTRA_CELLS in row:
+                extra = len(row[_EXTRA_CELLS])
+                raise DataError(f"{path}:{reader.line_num}: {extra} more cell(s) than the header's "
+                                f"{len(reader.fieldnames)} columns")
             yield reader.line_num, row
     elif suffix in (".jsonl", ".json", ".ndjson"):
         # split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON strings may hold raw
@@ -172,9 +200,13 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: the JSON is nested too deeply") from None
+            except ValueError as e:  # a repeated key (_no_duplicate_keys)
+                raise DataError(f"{path}:{n}: {e}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
             yield n, row
@@ -230,7 +262,7 @@ def _field_values(v, f: str, where: str, *, references: bool = False, output: bo
                 if output and isinstance(v, list) else "")
         raise DataError(f"{where}: field {f!r} is {_describe(v)}, expected a string{hint}")
     v = v.strip()
-    if not v:
+    if is_blank(v):
         raise DataError(f"{where}: field {f!r} is empty")
     return [v]
 
@@ -249,6 +281,8 @@ def _load_file(
         raise DataError(f"{path}: the file has no rows")
     fields = list(first[1].keys())
     tf, lf = pick_fields(fields, text_field, label_field, path)
+    if tf == lf:
+        raise DataError(f"{path}: the text and the label are both read from field {tf!r}; name two fields")
     if kind is None:  # inferred: input/output means generation, anything else classification
         kind = TaskKind.GENERATION if (tf, lf) == ("input", "output") else TaskKind.CLASSIFICATION
     if id_field is not None:

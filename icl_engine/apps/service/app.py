@@ -26,9 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...core import cancel
 from ...core.config import EngineSpec, QueryOptions
+from ...core.data import is_blank
 from ...core.errors import one_line
 from .. import indexes as index_ops
-from .completions import complete, prompt_ids
 from .config import ServeConfig
 from .guard import BodyGuard
 from .metrics import CONTENT_TYPE, Metrics
@@ -133,7 +133,7 @@ class Context:
             name = what if len(texts) == 1 else f"{what} {i}"
             if len(t) > longest:
                 raise APIError(413, f"{name} has {len(t)} characters; at most {longest}")
-            if not t.strip() or not t.strip("\u200b\u200c\u200d\u2060\ufeff \t\r\n"):
+            if is_blank(t):
                 raise APIError(400, f"{name} is empty")
 
     async def load(self, on_fatal: Callable[[BaseException], None] | None,
@@ -198,10 +198,10 @@ def create_app(config: ServeConfig, *, on_fatal: Callable[[BaseException], None]
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.middleware("http")(_gate)
     app.include_router(router)
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s,
                        on_refused=error)
+    app.add_middleware(Gate, ctx=ctx)  # outermost: every answer is counted, a refused body too
     return app
 
 
@@ -217,22 +217,35 @@ async def _invalid(request: Request, exc: RequestValidationError):
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    return error(exc.status_code, str(exc.detail))
+    return error(exc.status_code, str(exc.detail), **(exc.headers or {}))
 
 
-async def _gate(request: Request, call_next):
-    """The API key (all but OPEN_PATHS), then the request, counted and timed by its route."""
-    ctx: Context = request.app.state.ctx
-    t0 = time.perf_counter()
-    key = ctx.config.api_key
-    if key and request.url.path not in OPEN_PATHS and not _authorized(request, key):
-        response = error(401, "a valid API key is needed: send the header Authorization: Bearer <key>",
-                         **{"WWW-Authenticate": "Bearer"})
-    else:
-        response = await call_next(request)
-    route = request.scope.get("route")
-    ctx.metrics.observe(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - t0)
-    return response
+class Gate:
+    """The API key (all but OPEN_PATHS), then the request, counted and timed by its route (a
+    plain ASGI middleware: the body and the client's disconnect reach the routes as they are)."""
+
+    def __init__(self, app, ctx: Context):
+        self.app, self.ctx = app, ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+        key = self.ctx.config.api_key
+        if key and scope["path"] not in OPEN_PATHS and not _authorized(Request(scope), key):
+            response = error(401, "a valid API key is needed: send the header Authorization: Bearer <key>",
+                             **{"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            status[0] = 401
+        else:
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            await self.app(scope, receive, send_status)
+        route = scope.get("route")
+        self.ctx.metrics.observe(getattr(route, "path", "unmatched"), status[0], time.perf_counter() - t0)
 
 
 def _authorized(request: Request, key: str) -> bool:
@@ -378,6 +391,8 @@ async def completions(req: CompletionRequest, request: Request):
     if ctx.service.lm is None:
         raise APIError(503, "the LM is still loading" if not ctx.service.load_error else
                        f"the service could not load its LM or indexes: {ctx.service.load_error}")
+    from .completions import complete, prompt_ids  # (torch: loaded with the LM by now)
+
     rows = await ctx.checked(prompt_ids, ctx.service.lm, req.prompt)  # too long for the context: 400 now
     body = req.model_dump()
     units = len(rows) * (req.max_tokens + 1)

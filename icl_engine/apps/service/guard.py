@@ -20,6 +20,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["BodyGuard", "guarded_h11"]
 
+_CLOSE = {"Connection": "close"}  # the rest of the body is never read: the connection cannot carry another request
+
 
 class BodyGuard:
     def __init__(self, app, *, max_bytes: int, timeout_s: float, on_refused=None):
@@ -33,7 +35,7 @@ class BodyGuard:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             status, msg = (413, f"the request body is larger than {self.max_bytes} bytes") if length.isdigit() \
                 else (400, "Content-Length is not a number")
-            return await self.on_refused(status, msg)(scope, receive, send)
+            return await self.on_refused(status, msg, **_CLOSE)(scope, receive, send)
         deadline, seen, complete = time.monotonic() + self.timeout_s, 0, False
 
         async def guarded_receive():
@@ -44,11 +46,12 @@ class BodyGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
             except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11 on)
-                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                    headers=_CLOSE) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise HTTPException(413, f"the request body is larger than {self.max_bytes} bytes")
+                    raise HTTPException(413, f"the request body is larger than {self.max_bytes} bytes", headers=_CLOSE)
                 complete = not message.get("more_body", False)
             return message
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ...core.adapters import load_model
-from ...core.backend import LMBackend
 from ...core.config import EngineSpec
 from ...core.data import TaskKind
 from ...core.embed import Embedder, get_embedder
 from ...core.engines import EngineCache
 from ...core.index import ExampleIndex, check_index_name, index_path, index_version
-from ...core.pipeline import Engine
 from .config import ServeConfig
+
+if TYPE_CHECKING:  # the model libraries load on the model thread, once the server answers
+    from ...core.backend import LMBackend
+    from ...core.pipeline import Engine
 
 __all__ = ["Service", "NotFound", "served_index"]
 
@@ -75,6 +77,8 @@ class Service:
 
     def load_sync(self) -> None:
         """The LM, then every index named at start; /readyz says ready after this."""
+        from ...core.adapters import load_model
+
         self.lm = load_model(self.config.lm, dtype=self.config.dtype)
         self.engines = EngineCache(self.config.engines, lm=self.lm)
         for name in self.config.indexes:
