@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,14 @@ _CORPUS = [
     "play music add to playlist book restaurant get weather rate book",
     "Review: Sentiment: Input: Output: x = [0.3, -1.2] -> A B",
 ] * 4
+
+
+PROGRESS_LINE = re.compile(r"\[\d\d:\d\d:\d\d\] ")  # progress.say's lines: long work says it is going on
+
+
+def said(stderr: str) -> list[str]:
+    """What a command said on stderr, its progress lines (which long work prints) left out."""
+    return [ln for ln in stderr.strip().splitlines() if not PROGRESS_LINE.match(ln)]
 
 
 def shared_data(name: str) -> Path:

@@ -93,7 +93,7 @@ def test_fewer_distinct_inputs_than_k_is_said(work):
                as_json=False)
     assert f"note: {20 - len(TRAIN)} demonstration(s) fewer than asked: the index has no more distinct inputs" in text
     hits = icl(root, env, "index", "search", "cg", "dog, frisbee", "-k", "5", "--json")
-    assert len({h["text"] for h in hits}) == 5
+    assert len({h["input"] for h in hits}) == 5  # a generation index's records: input + output
 
 
 def test_generate_file_equals_the_engine_and_resumes(work):
@@ -118,7 +118,7 @@ def test_generate_file_equals_the_engine_and_resumes(work):
     # the same score, and the index breaks such ties differently for one query than for a batch
     gens = [g for s in range(0, 5, 2) for g in engine.generate(inputs[s:s + 2], config.options)]
     assert [r["row"] for r in rows] == list(range(5)) and [r["input"] for r in rows] == inputs
-    assert [r["output"] for r in rows] == [g.text for g in gens] and any(g.text for g in gens)
+    assert [r["output"] for r in rows] == [g.output for g in gens] and any(g.output for g in gens)
     assert [r["demo_ids"] for r in rows] == [[d.id for d in g.demos] for g in gens]
     assert [r["prompt_tokens"] for r in rows] == [g.prompt_tokens for g in gens]
     first = (root / "gen.jsonl").read_text()

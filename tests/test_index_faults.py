@@ -26,6 +26,8 @@ from icl_engine.core.data import Dataset, TaskKind, make_records
 from icl_engine.core.embed import get_embedder
 from icl_engine.core.index import ExampleIndex, IndexExistsError, IndexFormatError, delete_index, store
 
+from conftest import said
+
 ICL = Path(sys.executable).with_name("icl")
 
 # The child processes build these two datasets (seeded, so the parent knows their hashes).
@@ -221,8 +223,7 @@ def test_sigint_during_a_build_prints_one_line_and_keeps_the_old_index(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["interrupted: the index was left as it was (a new one is published only "
-                                        "when complete)"]
+    assert said(err) == ["interrupted: the index was left as it was (a new one is published only when complete)"]
     assert len(ExampleIndex.load(tmp_path / "indexes" / "rt")) == 2
 
 

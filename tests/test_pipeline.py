@@ -61,7 +61,7 @@ def test_leave_one_out_and_methods(parts):
     own = eng.index.records[0]
     [p] = eng.classify([own.input], exclude_ids=[own.id])
     assert own.id not in [d.id for d in p.demos]
-    assert all(d.input != own.input for d in p.demos)
+    assert all(d.text != own.input for d in p.demos)
     [z] = eng.classify(["a film"], method=SelectionMethod.ZERO)
     assert z.demos == []
     r1 = eng.classify(["a film"], method="random")
@@ -92,7 +92,7 @@ def test_generation_pipeline(tiny_tokenizer, tmp_path):
     ExampleIndex.build(ds, emb).save(tmp_path / "g")
     eng = Engine.load(PipelineConfig(index=str(tmp_path / "g"), k=2, max_new_tokens=5), lm=lm, embedder=emb)
     [g] = eng.generate(["name: a, area: e"])
-    assert isinstance(g.text, str) and len(g.demos) == 2
+    assert isinstance(g.output, str) and len(g.demos) == 2 and g.input == "name: a, area: e"
 
 
 def test_config_round_trip_and_validation(tmp_path):

@@ -21,6 +21,7 @@ class Clock:
 def clock(monkeypatch):
     c = Clock()
     monkeypatch.setattr(progress.time, "monotonic", c)
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 3600.0)  # the fake clock alone decides
     monkeypatch.delenv(progress.LOG_ENV, raising=False)
     progress.set_log_file(None)
     yield c
@@ -36,7 +37,7 @@ def run(bar, clock, steps):
 
 def test_short_work_prints_nothing(clock, capsys):
     with Progress(100, "eval knn-4", unit="queries") as bar:
-        run(bar, clock, [(0.5, 10)] * 10)  # 5 s in all
+        run(bar, clock, [(0.45, 10)] * 10)  # 4.5 s in all, under QUIET_S
     assert capsys.readouterr().err == ""
 
 
@@ -91,3 +92,18 @@ def test_disabled_shows_nothing_and_a_bad_log_path_fails_early(clock, capsys, tm
     assert capsys.readouterr().err == "" and (tmp_path / "quiet.log").read_text() == ""
     with pytest.raises(OSError):
         progress.set_log_file(tmp_path / "no-such-folder" / "x.log")
+
+
+def test_a_heartbeat_speaks_while_no_unit_of_work_finishes(monkeypatch, capsys):
+    """Long work whose first unit takes a while (a model load, a first LM batch) is not silent:
+    the heartbeat prints the elapsed time once QUIET_S has passed, and every EVERY_S after."""
+    import time
+
+    monkeypatch.setattr(progress, "QUIET_S", 0.2)
+    monkeypatch.setattr(progress, "EVERY_S", 0.3)
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.02)
+    monkeypatch.delenv(progress.LOG_ENV, raising=False)
+    with Progress(None, "loading the LM"):
+        time.sleep(0.75)
+    lines = [ln.split("] ", 1)[1] for ln in capsys.readouterr().err.splitlines()]
+    assert len(lines) >= 3 and all(ln.startswith("loading the LM: ") for ln in lines) and lines[-1].endswith("done")

@@ -364,10 +364,10 @@ def test_generate_and_its_stream(client, offline):
     with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
         events = [e for e in s.read().decode().split("\n\n") if e]
-    pieces = [json.loads(e.removeprefix("data: "))["text"] for e in events[:-1]]
+    pieces = [json.loads(e.removeprefix("data: "))["output"] for e in events[:-1]]
     assert events[-1].startswith("event: done\ndata: ")
     done = json.loads(events[-1].split("data: ", 1)[1])
-    assert done == r.json() and "".join(pieces).strip() == done["text"]
+    assert done == r.json() and "".join(pieces).strip() == done["output"]
     r = client.post("/v1/generate", json={"index": "nope", "input": "x", "stream": True})
     assert r.status_code == 404 and _one_sentence(r)
 
@@ -409,7 +409,7 @@ def test_completions_echo_logprobs_score_like_the_reference(client):
 
     lm = client.app.state.service.lm
     ctx, cont = lm.tokenizer("the movie was").input_ids, lm.tokenizer(" great").input_ids
-    r = client.post("/v1/completions", json={"model": "x", "prompt": [ctx + cont], "max_tokens": 1, "echo": True,
+    r = client.post("/v1/completions", json={"prompt": [ctx + cont], "max_tokens": 1, "echo": True,
                                               "logprobs": 1, "temperature": 0, "seed": 1234})
     assert r.status_code == 200, r.text
     [choice] = r.json()["choices"]

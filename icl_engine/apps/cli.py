@@ -272,7 +272,7 @@ def index_list(indexes_dir: Optional[Path] = IndexesDir, as_json: bool = AsJson)
         _print_json(rows)
     else:
         typer.echo("\n".join(f"{r['name']}  error: {r['error']}" if "error" in r else
-                              f"{r['name']}  {r['count']} records  {r['kind']}  {r['embedder']}  {r['created']}"
+                              f"{r['name']}  {r['count']} records  {r['kind']}  {r['embedder']}  {r['version_created']}"
                               for r in rows) or "no indexes")
 
 
@@ -456,7 +456,8 @@ def eval_cmd(
 
 _OUT = typer.Option(..., "--out", help="Output file: JSONL, or Parquet for a .parquet name. Finished shards are "
                     "kept in OUT.parts/ and reused by a re-run.")
-_SHARD = typer.Option(256, "--shard-size", min=1, help="Texts per shard (the unit of resumption).")
+_SHARD = typer.Option(None, "--shard-size", min=1, help="Texts per shard, the unit of resumption (default 256; "
+                      "with --ray fewer, so that every actor gets a shard).")
 
 
 @app.command("classify-file")
@@ -467,7 +468,7 @@ def classify_file_cmd(
     out: Path = _OUT,
     name: str = typer.Option(..., "--index", help="The index to draw demonstrations from."),
     text_field: Optional[str] = typer.Option(None, "--text-field"),
-    shard_size: int = _SHARD,
+    shard_size: Optional[int] = _SHARD,
     ray: bool = _RAY,
     address: Optional[str] = _ADDRESS,
     workers: int = _WORKERS,
@@ -492,7 +493,7 @@ def generate_file_cmd(
     out: Path = _OUT,
     name: str = typer.Option(..., "--index", help="The generation index to draw demonstrations from."),
     text_field: Optional[str] = typer.Option(None, "--text-field"),
-    shard_size: int = _SHARD,
+    shard_size: Optional[int] = _SHARD,
     ray: bool = _RAY,
     address: Optional[str] = _ADDRESS,
     workers: int = _WORKERS,

@@ -10,13 +10,21 @@ __all__ = ["format_update", "format_info", "format_hits", "format_prediction", "
 
 
 def format_info(info: dict) -> str:
-    keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created"]
-    lines = [f"{k:>10}: {info[k]}" for k in keys if k in info]
+    keys = ["name", "path", "count", "kind", "labels", "embedder", "dim", "index_type", "created", "version",
+            "version_created"]
+    lines = [f"{k.replace('_', ' '):>15}: {info[k]}" for k in keys if info.get(k) is not None]
     if info.get("index_params"):  # the settings the index was built with (nlist, nprobe, ...)
-        lines.append(f"{'settings':>10}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["index_params"].items())))
+        lines.append(f"{'settings':>15}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["index_params"].items())))
+    t = info.get("template")
+    if t:  # what a query's prompt looks like
+        lines.append(f"{'template':>15}: " + " | ".join(f"{k} {t[k]!r}" for k in ("instruction", "input_format",
+                                                                                 "output_format") if t.get(k)))
     if "template_source" in info:
-        lines.append(f"{'template':>10}: {info['template_source']}")
-    lines += [f"{'note':>10}: {n}" for n in info.get("template_notes", [])]
+        lines.append(f"{'template from':>15}: {info['template_source']}")
+    lines += [f"{'note':>15}: {n}" for n in info.get("template_notes", [])]
+    for step in info.get("lineage", [])[1:]:  # the build is `created`; then each add / remove
+        what = ", ".join(f"{step[k]} {k}" for k in ("added", "replaced", "removed") if step.get(k))
+        lines.append(f"{'update':>15}: {step['at']}: {what or 'no change'} -> {step['count']} records")
     return "\n".join(lines)
 
 
@@ -24,8 +32,12 @@ def format_update(r: dict) -> str:
     """`icl index add/remove`: what changed and the version now current."""
     parts = [f"{r[k]} {k}" for k in ("added", "replaced", "unchanged", "removed") if r.get(k)]
     changed = r["version"] != r["previous"]
-    return (f"{r['name']}: {', '.join(parts) or 'nothing to do'}; {r['count']} records"
-            + (f" (new version {r['version']})" if changed else " (unchanged)"))
+    out = (f"{r['name']}: {', '.join(parts) or 'nothing to do'}; {r['count']} records"
+           + (f" (new version {r['version']})" if changed else " (unchanged)"))
+    ids = r.get("ids")
+    if ids:  # what `index remove --ids` takes, in the order of the file
+        out += f"\nids: {', '.join(ids[:10])}" + (f", ... ({len(ids)} in all; --json lists them)" if len(ids) > 10 else "")
+    return out
 
 
 def format_template_search(r: dict) -> str:
@@ -43,13 +55,15 @@ def format_template_search(r: dict) -> str:
 
 
 def format_hits(hits: list[dict]) -> str:
-    return "\n".join(f"{h['score']:.3f}  [{h['label']}]  {h['text']}" for h in hits)
+    """Search hits: a classification index's records are text + label, a generation index's input + output."""
+    return "\n".join(f"{h['score']:.3f}  [{h['label']}]  {h['text']}" if "label" in h else
+                     f"{h['score']:.3f}  {h['input']} -> {h['output']}" for h in hits)
 
 
 def format_prediction(p: dict) -> str:
     probs = "  ".join(f"{lab}={x:.3f}" for lab, x in p["probs"].items())
     lines = [f"label: {p['label']}   ({probs}; {p['prompt_tokens']} prompt tokens)"]
-    lines += [f"  demo {d['score']:.3f} [{d['output']}] {d['input']}" for d in p["demos"]]
+    lines += [f"  demo {d['score']:.3f} [{d['label']}] {d['text']}" for d in p["demos"]]
     return "\n".join(lines + _budget_note(p))
 
 
@@ -67,7 +81,7 @@ def _budget_note(p: dict) -> list[str]:
 
 
 def format_generation(g: dict) -> str:
-    lines = [g["text"], f"({g['prompt_tokens']} prompt tokens)"]
+    lines = [g["output"], f"({g['prompt_tokens']} prompt tokens)"]
     lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
     return "\n".join(lines + _budget_note(g))
 

@@ -6,11 +6,12 @@ index commands start in a fraction of a second."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..core.choices import DEFAULT_EMBEDDER, DEFAULT_LM, IndexType, SelectionMethod
-from ..core.data import is_blank, load_dataset
+from ..core.data import TaskKind, is_blank, load_dataset
 from ..core.embed import canonical_name, get_embedder
 from ..core.index import (
     ExampleIndex,
@@ -22,8 +23,10 @@ from ..core.index import (
     store,
     update_index,
 )
+from ..core.progress import Progress
 from ..core.prompt import Template
 from ..core.registry import builtin_template
+from ..core.results import Demo, GenerationDemo
 from ..core.select import select_demonstrations
 from ..core.templates import data_template, resolve_template, template_candidates
 from . import ray_jobs
@@ -80,7 +83,8 @@ def build_index(data: str, name: str, *, text_field=None, label_field=None, embe
                                                   scratch / "lists.ivfdata", move=True) if streamed \
                 else ExampleIndex.from_vectors(dataset, vectors, canonical_name(embedder), config)
         else:
-            emb = get_embedder(embedder)
+            with Progress(None, f"loading the embedder {embedder}"):
+                emb = get_embedder(embedder)
             index = ExampleIndex.build(dataset, emb, config)
         if id_field:
             index.manifest["id_field"] = id_field
@@ -163,7 +167,7 @@ def add_to_index(name: str, data: str, *, text_field=None, label_field=None, id_
                           "template reads; rename them, or name them with --text-field/--label-field to add them anyway")
     result = update_index(folder, records=dataset.records, index=index,
                           embed=lambda texts: get_embedder(m["embedder"]).encode(texts))
-    return {"name": name, "path": str(folder), **result}
+    return {"name": name, "path": str(folder), **result, "ids": [r.id for r in dataset.records]}
 
 
 def remove_from_index(name: str, ids, *, indexes_dir: Path | None = None) -> dict:
@@ -197,9 +201,15 @@ def search_index_template(name: str, *, lm: str = DEFAULT_LM, k: int = 8, exampl
 
 
 def index_info(name: str, *, indexes_dir: Path | None = None) -> dict:
+    """The index's manifest, with its current version (name and when it was made), the prompt
+    template its queries use, and its lineage (the build, then every add/remove)."""
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
-    return {"name": name, "path": str(folder), **index.manifest}
+    m = index.manifest
+    template = resolve_template(index.kind, stored=index.template, dataset=m.get("dataset"))
+    lineage = m.get("lineage") or [{"change": "build", "count": m["count"], "at": m["created"]}]
+    return {"name": name, "path": str(folder), **m, "version": index.version,
+            "version_created": m.get("updated", m["created"]), "template": template.to_dict(), "lineage": lineage}
 
 
 def delete_index_folder(name: str, *, indexes_dir: Path | None = None) -> dict:
@@ -220,7 +230,7 @@ def list_index_infos(*, indexes_dir: Path | None = None) -> list[dict]:
         try:
             m = ExampleIndex.load(folder).manifest
             rows.append({"name": folder.name, "count": m["count"], "kind": m["kind"], "embedder": m["embedder"],
-                         "created": m.get("updated", m["created"])})
+                         "created": m["created"], "version_created": m.get("updated", m["created"])})
         except ValueError as e:
             rows.append({"name": folder.name, "error": str(e)})
     return rows
@@ -241,7 +251,8 @@ def search_loaded(index: ExampleIndex, embedder, query: str, *, k: int = 8,
     method = SelectionMethod.KNN if mmr_lambda is None else SelectionMethod.MMR
     sel = select_demonstrations(index, qv, method=method, k=k, query_text=query,
                                 mmr_lambda=1.0 if mmr_lambda is None else mmr_lambda)
-    # most similar first for display (prompt order puts it last)
-    rows = [{"id": index.records[i].id, "score": float(s), "text": index.records[i].input,
-             "label": index.records[i].output} for i, s in zip(sel.ids, sel.scores)]
+    # most similar first for display (prompt order puts it last); named as the demonstrations are
+    kind = Demo if index.kind is TaskKind.CLASSIFICATION else GenerationDemo
+    rows = [asdict(kind(index.records[i].id, float(s), index.records[i].input, index.records[i].output))
+            for i, s in zip(sel.ids.tolist(), sel.scores.tolist())]
     return sorted(rows, key=lambda r: -r["score"])

@@ -22,7 +22,7 @@ from .indexes import build_index
 if TYPE_CHECKING:  # the model libraries load with the first engine (checks before that stay fast)
     from ..core.pipeline import Engine
 
-__all__ = ["make_config", "classify", "generate", "evaluate_file", "classify_file", "generate_file", "run_demo"]
+__all__ = ["load", "make_config", "classify", "generate", "evaluate_file", "classify_file", "generate_file", "run_demo"]
 
 def make_config(name: str, *, template: Path | None = None, soft_prompt: Path | None = None,
                 indexes_dir: Path | None = None, **kw) -> PipelineConfig:
@@ -30,6 +30,13 @@ def make_config(name: str, *, template: Path | None = None, soft_prompt: Path | 
         index=name, indexes_dir=str(indexes_dir) if indexes_dir else None,
         template=Template.from_json(template) if template else None,
         soft_prompt=str(soft_prompt) if soft_prompt else None, **kw)
+
+
+def load(index: str, **spec) -> "Engine":
+    """The engine over index `index` (a name under the indexes dir, or a folder) with the other
+    EngineSpec fields given (lm, soft_prompt, anchors, ...), from the process's engine cache:
+    loaded once, then the same object."""
+    return get_engine(EngineSpec(index=index, **spec))
 
 
 def _options(engine: Engine | PipelineConfig) -> QueryOptions:
@@ -71,7 +78,7 @@ def evaluate_file(engine: Engine | PipelineConfig, test: str, *, limit=None, tex
 
 
 def classify_file(config: PipelineConfig, source: str, out: Path, *, text_field: str | None = None,
-                  shard_size: int = 256, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+                  shard_size: int | None = None, ray: "ray_jobs.RayOptions | None" = None) -> dict:
     """Label every text of a JSONL/CSV/Parquet file into `out`, resumably, in one process or on a
     Ray actor pool of engines (shards.py); returns a summary (the labels are in `out`)."""
     from . import shards
@@ -80,7 +87,7 @@ def classify_file(config: PipelineConfig, source: str, out: Path, *, text_field:
 
 
 def generate_file(config: PipelineConfig, source: str, out: Path, *, text_field: str | None = None,
-                  shard_size: int = 256, ray: "ray_jobs.RayOptions | None" = None) -> dict:
+                  shard_size: int | None = None, ray: "ray_jobs.RayOptions | None" = None) -> dict:
     """An output (and its demonstration ids) for every input of a JSONL/CSV/Parquet file, into
     `out`, resumably, in one process or on the Ray engine pool (shards.py); returns a summary."""
     from . import shards

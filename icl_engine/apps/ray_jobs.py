@@ -81,8 +81,11 @@ def init_ray(options: RayOptions):
     ray = require_ray()
     if not ray.is_initialized():
         local = None if options.address else max(os.cpu_count() or 1, int(options.workers * options.cpus_per_worker) + 1)
-        # Ray's own INFO/WARNING lines (its start-up line, the token-authentication notice) would
-        # come before a one-line `error:`; its errors still reach the user as exceptions
+        # Ray's own INFO/WARNING lines (its start-up line, the token-authentication notice) and its
+        # C++ core's log lines (a notice about actor restarts) would come before our progress and a
+        # one-line `error:`; its errors still reach the user as exceptions. ICL_DEBUG shows them.
+        if not os.environ.get("ICL_DEBUG"):
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         ray.init(address=options.address, num_cpus=local, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
     # Ray Data logs each execution's plan (and a failed read's traceback) to the console; its

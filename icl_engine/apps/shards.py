@@ -31,7 +31,7 @@ from ..core.config import PipelineConfig, QueryOptions
 from ..core.data import read_texts
 from ..core.engines import get_engine
 from ..core.index import ExampleIndex, index_path, index_version
-from ..core.progress import Progress
+from ..core.progress import Progress, say
 
 if TYPE_CHECKING:  # the model libraries load with the engine, after the job is checked
     from ..core.pipeline import Engine, Prediction
@@ -40,6 +40,8 @@ __all__ = ["ShardError", "classify_file", "generate_file", "label_file", "predic
            "rows_of_predictions", "shard_rows", "FILE_ROWS", "write_shard", "shard_path", "JOB_FILE"]
 
 JOB_FILE = "job.json"  # in OUT.parts/: what the shards there were made by
+SHARD_SIZE = 256  # texts a shard by default: the unit of resumption (and, on Ray, of an actor's task)
+SMALL_FOR_RAY = 64  # texts per actor below which an actor pool is slower than one process
 
 
 class ShardError(ValueError):
@@ -57,7 +59,7 @@ def prediction_rows(engine: Engine, texts: list[str], start: int, options: Query
 
 def rows_of_predictions(texts: list[str], preds: list[Prediction], start: int) -> list[dict]:
     return [{"row": start + i, "text": t, "label": p.label, "probs": p.probs, "log_scores": p.log_scores,
-             "demo_ids": [d.id for d in p.demos], "prompt_tokens": p.prompt_tokens}
+             "demo_ids": p.demo_ids, "prompt_tokens": p.prompt_tokens}
             for i, (t, p) in enumerate(zip(texts, preds))]
 
 
@@ -84,7 +86,7 @@ def shard_rows(command: str, engine: Engine, texts: list[str], todo: list[tuple[
 def generation_rows(engine: Engine, inputs: list[str], start: int, options: QueryOptions | None = None) -> list[dict]:
     """The output rows of inputs[start:...]: the engine's output text and its demonstrations."""
     gens = engine.generate(inputs, options)
-    return [{"row": start + i, "input": t, "output": g.text, "demo_ids": [d.id for d in g.demos],
+    return [{"row": start + i, "input": t, "output": g.output, "demo_ids": g.demo_ids,
              "prompt_tokens": g.prompt_tokens} for i, (t, g) in enumerate(zip(inputs, gens))]
 
 
@@ -132,25 +134,25 @@ def _open_parts(parts: Path, job: dict, command: str) -> bool:
 
 
 def classify_file(config: PipelineConfig, source: str | Path, out: str | Path, *, text_field: str | None = None,
-                  shard_size: int = 256, ray=None, progress: bool = True) -> dict:
+                  shard_size: int | None = None, ray=None, progress: bool = True) -> dict:
     """Label every text of `source` into `out` (see the module doc); returns a summary."""
     return label_file("classify-file", config, source, out, text_field=text_field, shard_size=shard_size, ray=ray,
                       progress=progress)
 
 
 def generate_file(config: PipelineConfig, source: str | Path, out: str | Path, *, text_field: str | None = None,
-                  shard_size: int = 256, ray=None, progress: bool = True) -> dict:
+                  shard_size: int | None = None, ray=None, progress: bool = True) -> dict:
     """An output for every input of `source`, into `out` (see the module doc); returns a summary."""
     return label_file("generate-file", config, source, out, text_field=text_field, shard_size=shard_size, ray=ray,
                       progress=progress)
 
 
 def label_file(command: str, config: PipelineConfig, source: str | Path, out: str | Path, *,
-               text_field: str | None = None, shard_size: int = 256, ray=None, progress: bool = True) -> dict:
+               text_field: str | None = None, shard_size: int | None = None, ray=None, progress: bool = True) -> dict:
     """`command` (a key of FILE_ROWS) over every text of `source`, shard by shard, into `out`."""
     if command not in FILE_ROWS:
         raise ShardError(f"unknown file command {command!r}")
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise ShardError(f"shard size must be >= 1, got {shard_size}")
     out = Path(out)
     if out.is_dir():
@@ -158,11 +160,11 @@ def label_file(command: str, config: PipelineConfig, source: str | Path, out: st
     parts = out.with_name(out.name + ".parts")
     folder = index_path(config.index, config.indexes_dir)
     reads = [folder, config.lm, config.soft_prompt, config.anchors]
-    for target in (out, parts):  # nothing the command reads may be written over
-        check_out_file(target, inputs=[source], folders=[f for f in reads if f and Path(f).is_dir()])
+    check_out_file(out, inputs=[source], folders=[f for f in reads if f and Path(f).is_dir()])  # nothing read is overwritten
     if index_version(folder) is None:  # before OUT.parts exists: a mistake leaves nothing behind
         ExampleIndex.load(folder)  # says why in one line (no such index, a damaged one)
     texts, field = read_texts(source, text_field)
+    shard_size = shard_size or default_shard_size(len(texts), ray)
     job = _job(config, texts, shard_size)
     if command != "classify-file":  # (classify-file's job files predate the key; they stay readable)
         job["command"] = command
@@ -173,6 +175,17 @@ def label_file(command: str, config: PipelineConfig, source: str | Path, out: st
         if made and not any(p.name.startswith("shard-") for p in parts.iterdir()):
             shutil.rmtree(parts, ignore_errors=True)  # nothing done yet: leave no trace of this run
         raise
+
+
+def default_shard_size(n: int, ray) -> int:
+    """SHARD_SIZE texts a shard; on Ray, fewer when that leaves an actor without a shard (each
+    actor takes whole shards). A file too small to repay the actors' start is said so."""
+    if ray is None:
+        return SHARD_SIZE
+    if n < SMALL_FOR_RAY * ray.workers:
+        say(f"note: {n} texts for {ray.workers} Ray actors: starting them (each loads the LM) costs more than "
+            "labelling so few in one process; leave out --ray for small files")
+    return max(1, min(SHARD_SIZE, -(-n // ray.workers)))
 
 
 def _run_job(command: str, config: PipelineConfig, texts: list[str], field: str, shard_size: int, out: Path,

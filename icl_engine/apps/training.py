@@ -20,7 +20,8 @@ def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None)
 
     folder = index_path(name, indexes_dir)
     index = ExampleIndex.load(folder)
-    lm = load_lm(lm_name)
+    with Progress(None, f"loading the LM {lm_name}"):
+        lm = load_lm(lm_name)
     tpl = resolve_template(index.kind, given=Template.from_json(template) if template else None,
                            stored=index.template, dataset=index.manifest.get("dataset"))
     return index, lm, PromptBuilder(tpl, lm.tokenizer, index.labels)

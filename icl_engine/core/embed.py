@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from .choices import DEFAULT_EMBEDDER
-from .progress import Progress
+from .progress import Progress, no_library_bars
 
 __all__ = ["BATCH_SIZE", "batch_size_for", "Embedder", "EmbedderError", "EmbeddingCache", "canonical_name", "get_embedder",
            "embedding_cache_dir"]
@@ -373,7 +373,8 @@ def _load_sentence_transformer(model: str, name: str, device: str | None):
         # when the user says so (HF_HUB_OFFLINE=1), else it may be downloaded once.
         local_only = Path(source).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
     try:
-        return SentenceTransformer(source, device=device, local_files_only=local_only, trust_remote_code=False)
+        with no_library_bars():
+            return SentenceTransformer(source, device=device, local_files_only=local_only, trust_remote_code=False)
     except Exception as e:  # many failure types (OSError, HTTP, bad config); the user needs one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise EmbedderError(f"embedder {model!r}: could not load ({type(e).__name__}: {msg})") from None

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .config import EngineSpec
 from .index import index_path, index_version
+from .progress import Progress
 
 if TYPE_CHECKING:  # the model libraries load with the first engine, not with this module
     from .backend import LMBackend
@@ -77,7 +78,8 @@ class EngineCache:
         if key in self._engines:
             self._engines.move_to_end(key)
             return self._engines[key]
-        engine = Engine.load(spec, version=stamp, **{**self._reusable(spec, stamp), **parts})
+        with Progress(None, f"loading the engine of index {spec.index} (LM {spec.lm})"):
+            engine = Engine.load(spec, version=stamp, **{**self._reusable(spec, stamp), **parts})
         self._engines[key] = engine
         while len(self._engines) > self.size:
             self._engines.popitem(last=False)

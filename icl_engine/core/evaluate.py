@@ -194,8 +194,8 @@ def evaluate(
             raise UnknownLabelError(
                 f"test labels {unknown} are not among the index's labels {list(index.labels)}")
         gold = [r.output for r in records]
-        row = lambda i, p: {"id": records[i].id, "gold": gold[i], "label": p.label, "probs": p.probs,  # noqa: E731
-                            "log_scores": p.log_scores, "demo_ids": [d.id for d in p.demos]}
+        row = lambda i, p: {"id": records[i].id, "text": p.text, "gold": gold[i], "label": p.label,  # noqa: E731
+                            "probs": p.probs, "log_scores": p.log_scores, "demo_ids": p.demo_ids}
         with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
             preds, counts = _collect(labeller.classify_chunks([r.input for r in records], chunk, o),
                                      len(records), bar, row)
@@ -211,8 +211,8 @@ def evaluate(
         )
     else:
         groups = group_references(test.records)[:limit]
-        row = lambda i, g: {"input": groups[i][0], "output": g.text, "references": groups[i][1],  # noqa: E731
-                            "demo_ids": [d.id for d in g.demos]}
+        row = lambda i, g: {"input": g.input, "output": g.output, "references": groups[i][1],  # noqa: E731
+                            "demo_ids": g.demo_ids}
         with Progress(len(groups), desc, unit="inputs", enabled=progress) as bar:
             gens, counts = _collect(labeller.generate_chunks([inp for inp, _ in groups], chunk, o),
                                     len(groups), bar, row)

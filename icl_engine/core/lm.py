@@ -22,6 +22,7 @@ import torch
 from .backend import BackendError, LMBackend, backend_loader, register_backend
 from .backends.hf import HFBackend
 from .choices import DEFAULT_LM, Backend
+from .progress import no_library_bars, say
 
 __all__ = [
     "DEFAULT_GGUF", "LM", "LMLoadError", "load_lm", "load_hf", "compile_lm", "cache_root",
@@ -109,8 +110,10 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+    say(f"converting {gguf.name} once into {out} (about a minute; later loads take a second)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with no_library_bars():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are already dequantized; without this the saved config claims GGUF
         # quantization and every later load would go through the GGUF path again.
@@ -118,7 +121,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
+        with no_library_bars():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
             tmp.rename(out)
@@ -217,7 +221,8 @@ def load_hf(
     try:
         try:  # local folders, and hub names already in the Hugging Face cache: never touch the network
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kw)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, **kw)
+            with no_library_bars():
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, **kw)
         except OSError:
             if local:
                 raise

@@ -28,7 +28,7 @@ from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
 from .prompt import Prompt, PromptBuilder, Template
 from .readout import LinearReadout, has_readout
-from .results import Demo, Generation, Prediction
+from .results import Demo, Generation, GenerationDemo, Prediction
 from .score import PendingScores, Prefix, calibrate, compute_prefix, launch_scores
 from .select import Selection, select_many
 
@@ -71,15 +71,23 @@ def groups(options: Sequence[QueryOptions]) -> dict[QueryOptions, list[int]]:
 
 @dataclass
 class Engine:
+    """What is loaded for one EngineSpec. `Engine(spec)` loads what the spec names (as
+    `Engine.load(spec)`, which also takes parts already loaded); the engine cache
+    (engines.ENGINES, `icl_engine.load`) keeps one per spec."""
+
     spec: EngineSpec
-    index: ExampleIndex
-    embedder: Embedder
-    lm: LM
-    builder: PromptBuilder
+    index: ExampleIndex | None = None
+    embedder: Embedder | None = None
+    lm: LM | None = None
+    builder: PromptBuilder | None = None
     prefix: Prefix | None = None  # soft prompt + instruction, computed once, shared by all queries
     n_virtual: int = 0  # soft-prompt tokens in the prefix (they count against the budget)
     knn: KnnPrompter | None = None  # kNN prompting's anchors (and readout), when spec.anchors names them
     defaults: QueryOptions = QueryOptions()  # the options of a call that gives none
+
+    def __post_init__(self):
+        if self.builder is None:  # Engine(spec): load what it names
+            self.__dict__.update(type(self).load(self.spec).__dict__)
 
     @classmethod
     def load(cls, spec: EngineSpec, *, lm: LM | None = None, embedder: Embedder | None = None,
@@ -170,10 +178,9 @@ class Engine:
         return [assemble([recs[i] for i in sel.ids.tolist()], q, budget=budget, answer_tokens=answer, query_ids=i)
                 for q, sel, i in zip(queries, selections, qids)]
 
-    def _demos(self, sel: Selection) -> list[Demo]:
-        recs = self.index.records
-        return [Demo(recs[i].id, s, recs[i].input, recs[i].output)
-                for i, s in zip(sel.ids.tolist(), sel.scores.tolist())]
+    def _demos(self, rows, scores) -> list[Demo] | list[GenerationDemo]:
+        recs, kind = self.index.records, Demo if self.index.kind is TaskKind.CLASSIFICATION else GenerationDemo
+        return [kind(recs[i].id, float(s), recs[i].input, recs[i].output) for i, s in zip(rows, scores)]
 
     def _skipped(self, sel: Selection) -> tuple[str, ...]:
         return tuple(self.index.records[i].id for i in sel.skipped)
@@ -254,8 +261,10 @@ class Engine:
                 w = o.anchor_weight
                 probs = (1 - w) * probs + w * self.knn.predict(queries, o.anchor_k, readout=self._readout(o))[0]
             for i, pr, raw, sel in zip(rows, probs.tolist(), log_scores[rows].tolist(), sels):
-                out[i] = Prediction(label=labels[int(np.argmax(pr))], probs=dict(zip(labels, pr)), log_scores=raw,
-                                    demos=self._demos(sel), prompt_tokens=len(p.prompts[i].ids) + self.n_virtual,
+                demos = self._demos(sel.ids.tolist(), sel.scores.tolist())
+                out[i] = Prediction(text=p.queries[i], label=labels[int(np.argmax(pr))], probs=dict(zip(labels, pr)),
+                                    log_scores=raw, demo_ids=[d.id for d in demos], demos=demos,
+                                    prompt_tokens=len(p.prompts[i].ids) + self.n_virtual,
                                     skipped=self._skipped(sel), dropped=sel.dropped, short=sel.short)
         return out
 
@@ -275,13 +284,14 @@ class Engine:
         anchors that voted are shown as the demonstrations (score = -KL distance), the prompt is
         context + query."""
         probs, nearest, dist, tokens = self.knn.predict(queries, o.anchor_k, readout=self._readout(o), detail=True)
-        recs, labels = self.index.records, self.index.labels
-        return [
-            Prediction(label=labels[int(np.argmax(p))], probs={lab: float(x) for lab, x in zip(labels, p)},
-                       demos=[Demo(recs[i].id, -float(d), recs[i].input, recs[i].output) for i, d in zip(rows, ds)],
-                       prompt_tokens=n, log_scores=[float(x) for x in np.log(np.clip(p, 1e-12, None))])
-            for p, rows, ds, n in zip(probs, nearest, dist, tokens)
-        ]
+        labels = self.index.labels
+        out = []
+        for q, p, rows, ds, n in zip(queries, probs, nearest, dist, tokens):
+            demos = self._demos(rows.tolist(), (-ds).tolist())
+            out.append(Prediction(text=q, label=labels[int(np.argmax(p))], probs={lab: float(x) for lab, x in zip(labels, p)},
+                                  log_scores=[float(x) for x in np.log(np.clip(p, 1e-12, None))],
+                                  demo_ids=[d.id for d in demos], demos=demos, prompt_tokens=n))
+        return out
 
     def content_free_probs(self, selections: Sequence[Selection], options: QueryOptions | None = None) -> np.ndarray:
         """Contextual calibration's reference (Zhao et al. 2021): label probabilities for the
@@ -316,7 +326,7 @@ class Engine:
             texts = generate(self.lm, ids, prefix=self.prefix, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
                              stop=(self.builder.template.separator,), seed=o.seed, **sampling)
             for i, t, s, p in zip(rows, texts, sels, prompts):
-                out[i] = self._generation(t, s, p)
+                out[i] = self._generation(inputs[i], t, s, p)
         return out
 
     def generate_stream(self, input: str, on_text: Callable[[str], None], options: QueryOptions | None = None,
@@ -330,8 +340,9 @@ class Engine:
         ids = prompt.ids[prompt.shared_len:] if self.prefix is not None else prompt.ids
         text = generate_stream(self.lm, ids, on_text=on_text, prefix=self.prefix, max_new_tokens=o.max_new_tokens,
                                stop=(self.builder.template.separator,), seed=o.seed, **sampling)
-        return self._generation(text, sel, prompt)
+        return self._generation(input, text, sel, prompt)
 
-    def _generation(self, text: str, sel: Selection, prompt: Prompt) -> Generation:
-        return Generation(text.strip(), self._demos(sel), len(prompt.ids) + self.n_virtual, self._skipped(sel),
-                          sel.dropped, sel.short)
+    def _generation(self, input: str, text: str, sel: Selection, prompt: Prompt) -> Generation:
+        demos = self._demos(sel.ids.tolist(), sel.scores.tolist())
+        return Generation(input, text.strip(), [d.id for d in demos], len(prompt.ids) + self.n_virtual, demos,
+                          self._skipped(sel), sel.dropped, sel.short)

@@ -70,8 +70,8 @@ def _score(engine: Engine, dataset: Dataset, rows: list[int]) -> tuple[float, li
         return accuracy([r.output for r in recs], [p.label for p in preds]), per
     refs = dict(group_references(dataset.records))
     gens = engine.generate(queries, exclude_ids=exclude)
-    per = [rouge_l([g.text], [refs[q]]) for g, q in zip(gens, queries)]
-    return rouge_l([g.text for g in gens], [refs[q] for q in queries]), per
+    per = [rouge_l([g.output], [refs[q]]) for g, q in zip(gens, queries)]
+    return rouge_l([g.output for g in gens], [refs[q] for q in queries]), per
 
 
 def paired_gain(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -17,6 +17,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
@@ -46,9 +47,9 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, **headers):
+    def __init__(self, status: int, message: str, *, code: str | None = None, **headers):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.code, self.headers = status, message, code, headers
 
 
 class Unavailable(RuntimeError):
@@ -59,8 +60,10 @@ class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-def error(status: int, message: str, **headers) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "code": status}}
+def error(status: int, message: str, *, code: str | int | None = None, **headers) -> JSONResponse:
+    """OpenAI's error object; `code` is the HTTP status unless a more precise one is known."""
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
+                      "code": status if code is None else code}}
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
@@ -84,6 +87,7 @@ class Context:
     service: Service
     metrics: Metrics
     scheduler: Scheduler
+    started: int = 0  # when the service started (Unix seconds): /v1/models' `created`
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.timeout_s
@@ -181,7 +185,7 @@ def create_app(config: ServeConfig, *, on_fatal: Callable[[BaseException], None]
     service, metrics = Service(config), Metrics()
     scheduler = Scheduler(metrics, max_batch_texts=config.max_batch_size, max_wait_s=config.max_wait_ms / 1000,
                           max_queue_s=config.max_queue_s, max_queue=config.max_queue)
-    ctx = Context(config, service, metrics, scheduler)
+    ctx = Context(config, service, metrics, scheduler, started=int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -209,7 +213,7 @@ def create_app(config: ServeConfig, *, on_fatal: Callable[[BaseException], None]
 
 
 async def _api_error(request: Request, exc: APIError):
-    return error(exc.status, exc.message, **exc.headers)
+    return error(exc.status, exc.message, code=exc.code, **exc.headers)
 
 
 async def _invalid(request: Request, exc: RequestValidationError):
@@ -378,13 +382,30 @@ async def index_info(name: str, request: Request):
     return {**info, "loaded": name in ctx.service.indexes}
 
 
+def _model_ids(ctx: Context) -> list[str]:
+    """The names the served LM answers to: as `--lm` gave it, and its folder's name."""
+    return list(dict.fromkeys([ctx.config.lm, Path(ctx.config.lm).name]))
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    """OpenAI's model list: the one LM this service holds (every index is served with it)."""
+    ctx: Context = request.app.state.ctx
+    return {"object": "list", "data": [{"id": ctx.config.lm, "object": "model", "created": ctx.started,
+                                         "owned_by": "icl_engine", "ready": ctx.service.ready}]}
+
+
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     """OpenAI-compatible completions over the served LM (no retrieval), with `echo` and
-    `logprobs` for scoring: see completions.py."""
+    `logprobs` for scoring: see completions.py. `model`, when given, must name the served LM."""
     ctx: Context = request.app.state.ctx
+    if req.model is not None and req.model not in _model_ids(ctx):
+        raise APIError(404, f"the model {req.model!r} does not exist here; this service serves {ctx.config.lm!r} "
+                            "(GET /v1/models)", code="model_not_found")
     if req.stream:
-        raise APIError(400, "stream is not supported on /v1/completions; use /v1/generate")
+        raise APIError(400, "stream is not supported on /v1/completions; use /v1/generate (server-sent events)",
+                       code="unsupported_parameter")
     prompts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
     if prompts:
         ctx.check_texts(prompts, "prompt")
@@ -430,7 +451,7 @@ async def _events(ctx: Context, spec: EngineSpec, version: str, text: str, optio
             piece = await asyncio.wait_for(pieces.get(), max(left, 0.001))
             if piece is None:
                 break
-            yield f"data: {json.dumps({'text': piece}, ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps({'output': piece}, ensure_ascii=False)}\n\n"
         gen = future.result()
         yield f"event: done\ndata: {json.dumps(asdict(gen), ensure_ascii=False)}\n\n"
     except (asyncio.TimeoutError, cancel.Cancelled):

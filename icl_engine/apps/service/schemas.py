@@ -45,7 +45,7 @@ class GenerateRequest(_Strict):
     method: SelectionMethod | None = None
     soft_prompt: str | None = None
     max_new_tokens: StrictInt | None = Field(None, ge=1, le=2048)
-    stream: bool = Field(False, description="Server-sent events: one `data: {\"text\": ...}` per piece, then "
+    stream: bool = Field(False, description="Server-sent events: one `data: {\"output\": ...}` per piece, then "
                          "`event: done` with the whole generation.")
 
 
