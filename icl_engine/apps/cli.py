@@ -313,7 +313,8 @@ PIPELINE_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
     "template": (_FileArg, typer.Option(None, "--template", help="Prompt template JSON file.")),
     "soft_prompt": (_FileArg, typer.Option(None, "--soft-prompt", help="A trained soft prompt folder (icl tune).")),
     "anchors": (_FileArg, typer.Option(None, "--anchors", help="kNN prompting: an anchors folder (icl anchors build).")),
-    "method": (SelectionMethod, typer.Option(SelectionMethod.KNN, "--method")),
+    "method": (SelectionMethod, typer.Option(SelectionMethod.AUTO, "--method", help="auto: what the index's fit "
+                                             "chose (icl index fit), else knn.")),
     "k": (int, typer.Option(8, "--k", min=0, help="Number of demonstrations.")),
     "budget": (Optional[int], typer.Option(None, "--budget", min=1, help="Total prompt token budget (default: the "
                                            "LM's context).")),
@@ -322,9 +323,10 @@ PIPELINE_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
     "batch_size": (int, typer.Option(8, "--batch-size", min=1)),
     "max_new_tokens": (int, typer.Option(64, "--max-new-tokens", min=1, help="Generation: most tokens per output.")),
     "anchor_k": (int, typer.Option(8, "--anchor-k", min=1, help="kNN prompting: anchors that vote.")),
-    "anchor_weight": (float, typer.Option(1.0, "--anchor-weight", min=0.0, max=1.0, help="kNN prompting's share of "
-                                          "the label probabilities (1: anchors alone; below 1: mixed with the "
-                                          "demonstrations' scores).")),
+    "anchor_weight": (Optional[float], typer.Option(None, "--anchor-weight", min=0.0, max=1.0, help="kNN "
+                                                    "prompting's share of the label probabilities (default 1 with "
+                                                    "--anchors: anchors alone; below 1: mixed with the "
+                                                    "demonstrations' scores).")),
     "anchor_readout": (AnchorReadout, typer.Option(AnchorReadout.KNN, "--anchor-readout", help="kNN prompting: knn "
                                                    "(the nearest anchors vote) | linear (the readout fitted with "
                                                    "`icl anchors build --readout linear`).")),

@@ -310,6 +310,14 @@ class EngineActor:
         """The name the engine of `config` gives its LM (loading the engine: a bad config fails here)."""
         return self._engine(config).lm.name
 
+    def resolve(self, config: dict, query: dict) -> tuple[dict, str]:
+        """The options that answer `query` on the engine of `config` (method auto: its fit), in words too."""
+        from ..core.config import QueryOptions
+
+        engine = self._engine(config)
+        o = engine.resolve(QueryOptions(**query))
+        return o.to_dict(), engine.describe(o)
+
     def run(self, config: dict, job: Job, texts: list[str], start: int, parts: str | None, shard: int,
             query: dict | None = None) -> tuple[int, object]:
         """(shard, result): the number of texts written into the shard's file, or the engine's
@@ -420,6 +428,14 @@ class PoolLabeller:
         except ray.exceptions.RayTaskError as e:
             raise user_error(e) from None
         self.lm_name = config.lm if name == remote["lm"] else name  # as given, not the actors' absolute path
+
+    def resolve(self, query):
+        from ..core.config import QueryOptions
+
+        ray = init_ray(self.options)
+        resolved, words = ray.get(engine_actors(self.options)[0].resolve.remote(remote_config(self.config),
+                                                                                query.to_dict()))
+        return QueryOptions(**resolved), words
 
     def classify_chunks(self, texts: Sequence[str], chunk: int, query):
         return self._chunks(Job.CLASSIFY, texts, chunk, query)

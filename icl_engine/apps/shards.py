@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from ..core.atomic import check_out_file, read_json, write_json, write_text
+from ..core.atomic import check_out_file, read_json, write_json, write_text, writing
 from ..core.config import PipelineConfig, QueryOptions
 from ..core.data import read_texts
 from ..core.engines import get_engine
@@ -225,9 +224,5 @@ def _assemble(parts: Path, shards: list[int], out: Path) -> None:
     for r in rows:  # a map column of probabilities; Parquet wants one type per column
         if "probs" in r:
             r["probs"] = [{"label": k, "p": v} for k, v in r["probs"].items()]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with writing(out) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

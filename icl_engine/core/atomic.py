@@ -21,21 +21,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["write_text", "write_json", "publish_dir", "read_json", "check_out_dir", "check_out_file",
+__all__ = ["writing", "write_bytes", "write_text", "write_json", "publish_dir", "previous", "read_json", "check_out_dir", "check_out_file",
            "nearest_existing"]
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temp file beside `path` (`.NAME.XXXX`: no reader's pattern matches it) for the
+    block to write; renamed to `path` when the block succeeds, removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with writing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with writing(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: str | os.PathLike, obj, *, allow_nan: bool = True) -> None:
@@ -44,21 +56,34 @@ def write_json(path: str | os.PathLike, obj, *, allow_nan: bool = True) -> None:
 
 
 @contextmanager
-def publish_dir(final: str | os.PathLike) -> Iterator[Path]:
+def publish_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """A fresh temp folder beside `final`; when the block succeeds it is renamed to `final` (an
-    empty folder already there, e.g. one the user made for it, is replaced). When the block
-    fails, the temp folder is removed and `final` is untouched."""
+    empty folder already there, e.g. one the user made for it, is replaced; a full one only
+    with `replace`: it is renamed to `.NAME-old` first, and removed once the new one is in
+    place, so a reader sees the old folder or the new one and a kill leaves one of them whole,
+    the old under `previous(final)`). When the block fails, `final` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    old = previous(final)
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         if final.is_dir() and not any(final.iterdir()):
             final.rmdir()
+        elif final.exists() and replace:
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def previous(folder: str | os.PathLike) -> Path:
+    """Where publish_dir(folder, replace=True) keeps the folder it replaces until the new one is in."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}-old"
 
 
 def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError):

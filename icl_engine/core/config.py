@@ -66,6 +66,9 @@ class EngineSpec:
     # kNN prompting (knn_prompt.py): a folder of anchors built for this index, LM and template
     # (with its linear readout, when `icl anchors build --readout linear` fitted one)
     anchors: str | None = None
+    # the index's fit (icl index fit) answers method "auto" when there is one for this index
+    # version, LM and template (and the spec names no anchors or soft prompt of its own)
+    fit: bool = True
 
     def __post_init__(self):
         if isinstance(self.template, dict):
@@ -90,7 +93,7 @@ class EngineSpec:
 class QueryOptions:
     """What one query asks of a loaded engine."""
 
-    method: SelectionMethod = SelectionMethod.KNN
+    method: SelectionMethod = SelectionMethod.AUTO  # auto: the index's fit when it has one, else knn
     k: int = 8
     budget: int | None = None  # total prompt tokens; None: the LM's context length
     calibration: Calibration = Calibration.NONE
@@ -101,11 +104,12 @@ class QueryOptions:
     order: DemoOrder = DemoOrder.NEAREST_LAST  # where the most similar demonstration goes
     # kNN prompting, when the engine has anchors: the label shares of the `anchor_k` nearest
     # anchors get `anchor_weight` (1: kNN prompting alone, no demonstrations scored; 0 < w < 1:
-    # mixed with the in-context label probabilities); "linear" reads the anchors' features with
-    # their fitted readout instead of the vote.
+    # mixed with the in-context label probabilities; None: 1 with anchors the spec names, none
+    # otherwise); "linear" reads the anchors' features with their fitted readout instead of the vote.
     anchor_k: int = 8
-    anchor_weight: float = 1.0
+    anchor_weight: float | None = None
     anchor_readout: AnchorReadout = AnchorReadout.KNN
+    fitted: bool = False  # answered by the index's fit (set when method auto resolves to it)
 
     def __post_init__(self):
         for name, kind in (("method", SelectionMethod), ("calibration", Calibration), ("order", DemoOrder),
@@ -118,7 +122,7 @@ class QueryOptions:
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
                                         or self.budget <= 0):
             raise ValueError(f"budget must be a positive integer, got {self.budget!r}")
-        if not 0.0 < self.anchor_weight <= 1.0:
+        if self.anchor_weight is not None and not 0.0 < self.anchor_weight <= 1.0:
             raise ValueError(f"anchor_weight must be in (0, 1], got {self.anchor_weight}")
 
     @property

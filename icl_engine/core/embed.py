@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .atomic import write_bytes
 from .choices import DEFAULT_EMBEDDER
 from .progress import Progress, no_library_bars
 
@@ -230,9 +231,7 @@ class EmbeddingCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = {"model": self.model_name, "dim": str(self.dim), "sha256": _checksum(keys, vecs)}
         fname = f"{uuid.uuid4().hex}.safetensors"
-        tmp = self.folder / f".{fname}.tmp"  # not *.safetensors: never picked up half-written
-        tmp.write_bytes(save({"keys": keys, "vectors": vecs}, metadata=meta))
-        os.replace(tmp, self.folder / fname)
+        write_bytes(self.folder / fname, save({"keys": keys, "vectors": vecs}, metadata=meta))
         self._add(fname, keys, vecs)
         return fname
 

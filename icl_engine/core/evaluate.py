@@ -106,6 +106,8 @@ class Labeller(Protocol):
     def generate_chunks(self, inputs: Sequence[str], chunk: int,
                         options: QueryOptions) -> Iterator[tuple[slice, list[Generation]]]: ...
 
+    def resolve(self, options: QueryOptions) -> tuple[QueryOptions, str]: ...  # the options that answer, in words
+
 
 @dataclass
 class EngineLabeller:
@@ -129,6 +131,10 @@ class EngineLabeller:
     @property
     def lm_name(self) -> str:
         return self.engine.lm.name
+
+    def resolve(self, options):
+        o = self.engine.resolve(options)
+        return o, self.engine.describe(o)
 
     def classify_chunks(self, texts, chunk, options):
         return classify_chunks(self.engine, texts, chunk, options, overlap=self.overlap)
@@ -179,12 +185,13 @@ def evaluate(
     index = labeller.index
     o = options or labeller.defaults
     o = dataclasses.replace(o.options, **{k: v for k, v in overrides.items() if v is not None})
+    o, answered_by = labeller.resolve(o)  # method auto: the index's fit, if it has one
     chunk = max(MIN_CHUNK, CHUNK_BATCHES * o.batch_size) if chunk is None else chunk
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     k = 0 if o.method is SelectionMethod.ZERO else o.k  # zero-shot shows no demonstrations, whatever k says
     out = {"method": o.method.value, "k": k, "index": labeller.spec.index, "lm": labeller.lm_name,
-           "calibration": o.calibration.value}
+           "calibration": o.calibration.value, "answered_by": answered_by}
     desc = f"eval {o.method.value}" + (f"-{k}" if k else "")
     t0 = time.perf_counter()
     if index.kind is TaskKind.CLASSIFICATION:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from .atomic import publish_dir, read_json
+from .atomic import publish_dir, read_json, write_json
 from .backend import LMBackend
 from .prompt import PromptBuilder
 from .score import Prefix, compute_prefix, next_token_logprobs
@@ -44,7 +43,8 @@ from .score import Prefix, compute_prefix, next_token_logprobs
 if TYPE_CHECKING:  # faiss (index.py) is not needed to use anchors over an index in memory
     from .index import ExampleIndex
 
-__all__ = ["AnchorConfig", "AnchorError", "Anchors", "KnnPrompter", "build_anchors", "kl_to_anchors", "index_fingerprint",
+__all__ = ["AnchorConfig", "AnchorError", "Anchors", "KnnPrompter", "build_anchors", "kl_to_anchors", "vote",
+           "index_fingerprint",
            "ANCHORS_FORMAT"]
 
 ANCHORS_FORMAT = 1
@@ -69,12 +69,13 @@ class AnchorConfig:
                 raise AnchorError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
-def context_records(index: ExampleIndex, config: AnchorConfig) -> list:
-    """`per_label` records of each label, drawn by seed, in a seeded order (no label first by rule)."""
+def context_records(index: ExampleIndex, config: AnchorConfig, pool=None) -> list:
+    """`per_label` records of each label, drawn by seed from `pool` (default: the index's
+    records), in a seeded order (no label first by rule)."""
     rng = random.Random(config.seed)
     picked = []
     for label in index.labels:
-        rows = [r for r in index.records if r.output == label]
+        rows = [r for r in (index.records if pool is None else pool) if r.output == label]
         picked += rng.sample(rows, min(config.per_label, len(rows)))
     rng.shuffle(picked)
     return picked
@@ -96,18 +97,11 @@ class Anchors:
         folder = Path(folder)
         if (folder / MANIFEST).exists() and not replace:
             raise AnchorError(f"{folder} already holds anchors; pass replace=True (--force) to replace them")
-        new, old = folder.parent / f".{folder.name}-new", folder.parent / f".{folder.name}-old"
-        shutil.rmtree(new, ignore_errors=True)
-        with publish_dir(new) as tmp:
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST).exists():
+            raise AnchorError(f"{folder} is a folder of other files; anchors go to a new or empty folder")
+        with publish_dir(folder, replace=True) as tmp:
             save_file({"logp": self.logp, "support": self.support, "labels": self.labels}, str(tmp / TENSORS))
-            (tmp / MANIFEST).write_text(json.dumps({**self.manifest, "ids": list(self.ids)}, indent=1))
-        if folder.exists():
-            if any(folder.iterdir()) and not (folder / MANIFEST).exists():
-                shutil.rmtree(new)
-                raise AnchorError(f"{folder} is a folder of other files; anchors go to a new or empty folder")
-            folder.rename(old)
-        new.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+            write_json(tmp / MANIFEST, {**self.manifest, "ids": list(self.ids)})
 
     @classmethod
     def load(cls, folder: str | Path, *, lm: LMBackend, builder: PromptBuilder, index: ExampleIndex,
@@ -190,13 +184,20 @@ class KnnPrompter:
         if readout:
             shares = self.readout.predict(q_logp)  # [q, L]
         else:
-            votes = np.zeros((len(queries), len(self.anchors.label_names)))
-            for j in range(k):  # weights 1 + eps/(rank+1): a tie goes to the label of the nearer anchors
-                votes[np.arange(len(queries)), self.anchors.labels[nearest[:, j]]] += 1.0 + 1e-6 / (j + 1)
-            shares = votes / votes.sum(1, keepdims=True)
+            shares = vote(self.anchors.labels[nearest], len(self.anchors.label_names))
         if detail:
             return shares, nearest, np.take_along_axis(d, nearest, axis=1), [self.cut + len(i) for i in ids]
         return shares, nearest
+
+
+def vote(nearest_labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Label shares [q, L] of each query's nearest anchors' labels [q, k] (nearest first): one
+    vote each, weighted 1 + eps/(rank+1), so a tie goes to the label of the nearer anchors."""
+    q, k = nearest_labels.shape
+    votes = np.zeros((q, n_labels))
+    for j in range(k):
+        votes[np.arange(q), nearest_labels[:, j]] += 1.0 + 1e-6 / (j + 1)
+    return votes / votes.sum(1, keepdims=True)
 
 
 def kl_to_anchors(anchor_p: np.ndarray, anchor_neg_entropy: np.ndarray, query_logp: np.ndarray) -> np.ndarray:
@@ -225,11 +226,12 @@ def _context_prefix(lm: LMBackend, builder: PromptBuilder, context: list) -> tup
 
 @torch.inference_mode()
 def build_anchors(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, config: AnchorConfig, *,
-                  index_version: str | None = None, progress=None) -> Anchors:
-    """One pass of the LM over every record of the index after the fixed context."""
+                  index_version: str | None = None, progress=None, context_pool=None) -> Anchors:
+    """One pass of the LM over every record of the index after the fixed context (drawn from
+    `context_pool` when given: records kept apart, a validation split, never show in it)."""
     if len(index) < 2:
         raise AnchorError("kNN prompting needs an index of 2+ records")
-    context = context_records(index, config)
+    context = context_records(index, config, context_pool)
     prefix, cut = _context_prefix(lm, builder, context)
     ids = [builder.assemble(context, r.input).ids[cut:] for r in index.records]
     rng = np.random.default_rng(config.seed)

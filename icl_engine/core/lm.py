@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import publish_dir
 from .backend import BackendError, LMBackend, backend_loader, register_backend
 from .backends.hf import HFBackend
 from .choices import DEFAULT_LM, Backend
@@ -107,9 +106,6 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     say(f"converting {gguf.name} once into {out} (about a minute; later loads take a second)")
     try:
         with no_library_bars():
@@ -121,19 +117,14 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        with no_library_bars():
+        with publish_dir(out) as tmp, no_library_bars():
             model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process finished first: keep theirs
-            if not (out / "config.json").is_file():
-                raise
+            tokenizer.save_pretrained(tmp)
     except Exception as e:  # a half-written folder is never left at `out`
+        if isinstance(e, OSError) and (out / "config.json").is_file():
+            return out  # another process finished first: keep theirs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LMLoadError(f"cannot convert {gguf}: {first}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

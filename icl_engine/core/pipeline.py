@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from .adapters import SoftPrompt
-from .choices import AnchorReadout, Calibration
+from .adapters import SoftPrompt, load_soft_prompt
+from .choices import AnchorReadout, Calibration, SelectionMethod
 from .config import EngineSpec, PipelineConfig, QueryOptions
 from .data import TaskKind
 from .embed import Embedder
+from .fits import Fit, read_fit
 from .generate import generate, generate_stream
 from .knn_prompt import Anchors, KnnPrompter
 from .lm import LM
@@ -55,10 +56,21 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Launched:
-    """A prepared batch whose label scores are queued on the LM (`Engine.launch`)."""
+    """A prepared batch whose label scores are queued on the LM (`Engine.launch`): one pass per
+    prefix the queries use (the engine's own, and the fit's soft prompt)."""
 
     prepared: Prepared
-    scores: PendingScores | None  # the scored prompts' [m, L] log-scores; None when none is scored
+    scores: tuple[tuple[list[int], PendingScores], ...]  # (the queries' positions, their [m, L] log-scores)
+
+
+@dataclass
+class Parts:
+    """What answers a group of queries: the cached prefix (bos + instruction, after a soft prompt
+    if any), the soft prompt's length, and kNN prompting's anchors."""
+
+    prefix: Prefix | None = None
+    n_virtual: int = 0
+    knn: KnnPrompter | None = None
 
 
 def groups(options: Sequence[QueryOptions]) -> dict[QueryOptions, list[int]]:
@@ -84,6 +96,8 @@ class Engine:
     n_virtual: int = 0  # soft-prompt tokens in the prefix (they count against the budget)
     knn: KnnPrompter | None = None  # kNN prompting's anchors (and readout), when spec.anchors names them
     defaults: QueryOptions = QueryOptions()  # the options of a call that gives none
+    fit: Fit | None = None  # the index's fit (icl index fit): answers method "auto"
+    fit_parts: Parts | None = None
 
     def __post_init__(self):
         if self.builder is None:  # Engine(spec): load what it names
@@ -106,7 +120,27 @@ class Engine:
                                    index_version=version)
             readout = LinearReadout.load(spec.anchors, anchors) if has_readout(spec.anchors) else None
             engine.use_anchors(anchors, readout, folder=spec.anchors)
+        elif spec.fit and not spec.soft_prompt and index is None:
+            version = version or index_version(parts.folder)
+            engine.use_fit(read_fit(parts.folder, version, lm=parts.lm.name, template=parts.template.to_dict()),
+                           version)
         return engine
+
+    def use_fit(self, fit: Fit | None, version: str | None) -> None:
+        """Answer method "auto" with `fit` (read_fit; None: no fit, auto means knn)."""
+        self.fit, self.fit_parts = fit, None
+        if fit is None:
+            return
+        parts = Parts(self.prefix, self.n_virtual)
+        if fit.info.get("anchors"):
+            folder = fit.folder / fit.info["anchors"]
+            anchors = Anchors.load(folder, lm=self.lm, builder=self.builder, index=self.index, index_version=version)
+            readout = LinearReadout.load(folder, anchors) if has_readout(folder) else None
+            parts.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, readout=readout, folder=folder)
+        if fit.info.get("soft_prompt"):
+            soft = load_soft_prompt(fit.folder / fit.info["soft_prompt"])
+            parts.prefix, parts.n_virtual = soft.prefix(self.lm, ids=self.builder.shared_ids()), soft.n_virtual
+        self.fit_parts = parts
 
     @classmethod
     def from_parts(cls, spec: EngineSpec, index: ExampleIndex, embedder: Embedder, lm: LM, template: Template,
@@ -141,7 +175,40 @@ class Engine:
                 raise ValueError(f"{len(per)} option sets for {n} queries")
         if overrides:
             per = [dataclasses.replace(o, **{k: v for k, v in overrides.items() if v is not None}) for o in per]
-        return tuple(per)
+        return tuple(self.resolve(o) for o in per)
+
+    def resolve(self, o: QueryOptions) -> QueryOptions:
+        """Method "auto": the fit's options (the whole setting it chose) when the index has a fit,
+        else kNN with the query's other options."""
+        if o.method is not SelectionMethod.AUTO:
+            return o
+        if self.fit is not None:
+            return self.fit.options
+        return dataclasses.replace(o, method=SelectionMethod.KNN)
+
+    def parts(self, o: QueryOptions) -> Parts:
+        if o.fitted and self.fit_parts is not None:
+            return self.fit_parts
+        return Parts(self.prefix, self.n_virtual, self.knn)
+
+    def anchor_weight(self, o: QueryOptions) -> float:
+        """The anchors' share for these options: as asked, else 1 with the spec's anchors, else 0."""
+        knn = self.parts(o).knn
+        if knn is None:
+            return 0.0
+        return o.anchor_weight if o.anchor_weight is not None else 1.0 if not o.fitted else 0.0
+
+    def describe(self, o: QueryOptions) -> str:
+        """What answers a query with these options, in a few words ("knn-8", "fit: readout", ...)."""
+        if o.fitted and self.fit is not None:
+            return f"fit: {self.fit.name}"
+        w = self.anchor_weight(o)
+        anchors = f"knn_prompting anchor_k={o.anchor_k}" if o.anchor_readout is AnchorReadout.KNN else "readout"
+        if w >= 1.0:
+            return anchors
+        icl = o.method.value if o.method is SelectionMethod.ZERO else f"{o.method.value}-{o.k}"
+        icl += "" if o.calibration is Calibration.NONE else f" {o.calibration.value}"
+        return icl if w == 0 else f"{icl} + {anchors} weight={w:g}"
 
     # ------------------------------------------------------------------ selection + prompts
 
@@ -162,7 +229,7 @@ class Engine:
         qv = self.embedder.encode(list(queries)) if vectors is None else vectors  # [q, d]
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
         answer, reserved = self._answer_tokens(o), self.builder.reserved
-        budgets = [self.budget(o) - reserved(q, self.n_virtual, answer_tokens=answer, query_ids=i)
+        budgets = [self.budget(o) - reserved(q, self.parts(o).n_virtual, answer_tokens=answer, query_ids=i)
                    for q, i in zip(queries, qids)]
         return select_many(
             self.index, qv, method=o.method, k=o.k, budgets=budgets, query_texts=list(queries),
@@ -174,7 +241,8 @@ class Engine:
                  query_ids: Sequence[Sequence[int]] | None = None) -> list[Prompt]:
         recs = self.index.records
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
-        budget, answer, assemble = self.budget(options) - self.n_virtual, self._answer_tokens(options), self.builder.assemble
+        budget = self.budget(options) - self.parts(options).n_virtual
+        answer, assemble = self._answer_tokens(options), self.builder.assemble
         return [assemble([recs[i] for i in sel.ids.tolist()], q, budget=budget, answer_tokens=answer, query_ids=i)
                 for q, sel, i in zip(queries, selections, qids)]
 
@@ -185,18 +253,18 @@ class Engine:
     def _skipped(self, sel: Selection) -> tuple[str, ...]:
         return tuple(self.index.records[i].id for i in sel.skipped)
 
-    def _launch_scores(self, prompts: Sequence[Prompt], batch_size: int) -> PendingScores:
+    def _launch_scores(self, prompts: Sequence[Prompt], batch_size: int, prefix: Prefix | None) -> PendingScores:
         labels = [self.builder.label_ids(lab) for lab in self.index.labels]
         # the shared tokens are already in the cached prefix
-        ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
-        return launch_scores(self.lm, ids, labels, prefix=self.prefix, batch_size=batch_size)
+        ids = [p.ids[p.shared_len:] if prefix is not None else p.ids for p in prompts]
+        return launch_scores(self.lm, ids, labels, prefix=prefix, batch_size=batch_size)
 
-    def _score(self, prompts: Sequence[Prompt], batch_size: int = 8) -> np.ndarray:
+    def _score(self, prompts: Sequence[Prompt], o: QueryOptions) -> np.ndarray:
         """log p(label | prompt) for every label: float64 [q, L]."""
-        return self._launch_scores(prompts, batch_size).result()
+        return self._launch_scores(prompts, o.batch_size, self.parts(o).prefix).result()
 
     def _knn_alone(self, o: QueryOptions) -> bool:
-        return self.knn is not None and o.anchor_weight >= 1.0
+        return self.anchor_weight(o) >= 1.0
 
     # ------------------------------------------------------------------ classification
 
@@ -234,20 +302,24 @@ class Engine:
     def launch(self, prepared: Prepared) -> Launched:
         """Queue the scoring of every label of every prompt, in one LM pass whatever the
         queries' options; on a GPU this returns before the LM has finished."""
-        scored = [p for p in prepared.prompts if p is not None]
-        if not scored:
-            return Launched(prepared, None)
-        batch = next(o.batch_size for o, p in zip(prepared.options, prepared.prompts) if p is not None)
-        return Launched(prepared, self._launch_scores(scored, batch))
+        by_prefix: dict[int, list[int]] = {}  # one pass per prefix: the engine's, the fit's soft prompt
+        for i, (o, pr) in enumerate(zip(prepared.options, prepared.prompts)):
+            if pr is not None:
+                by_prefix.setdefault(id(self.parts(o).prefix), []).append(i)
+        scores = []
+        for rows in by_prefix.values():
+            o = prepared.options[rows[0]]
+            prompts = [prepared.prompts[i] for i in rows]
+            scores.append((rows, self._launch_scores(prompts, o.batch_size, self.parts(o).prefix)))
+        return Launched(prepared, tuple(scores))
 
     def collect(self, launched: Launched) -> list[Prediction]:
         """Wait for a launched batch's scores; calibrate each option group; one Prediction per query."""
         p = launched.prepared
         n, labels = len(p.queries), self.index.labels
-        scored = [i for i, pr in enumerate(p.prompts) if pr is not None]
         log_scores = np.full((n, len(labels)), np.nan)  # [q, L]
-        if launched.scores is not None:
-            log_scores[scored] = launched.scores.result()
+        for rows, pending in launched.scores:
+            log_scores[rows] = pending.result()
         out: list[Prediction | None] = [None] * n
         for o, rows in groups(p.options).items():
             queries = [p.queries[i] for i in rows]
@@ -257,14 +329,14 @@ class Engine:
                 continue
             sels = [p.selections[i] for i in rows]
             probs = np.exp(self._calibrated(log_scores[rows], sels, o))  # [r, L]
-            if self.knn is not None:  # a mixture: anchor_weight on the anchors' label shares
-                w = o.anchor_weight
-                probs = (1 - w) * probs + w * self.knn.predict(queries, o.anchor_k, readout=self._readout(o))[0]
+            w, parts = self.anchor_weight(o), self.parts(o)
+            if w > 0:  # a mixture: anchor_weight on the anchors' label shares
+                probs = (1 - w) * probs + w * parts.knn.predict(queries, o.anchor_k, readout=self._readout(o))[0]
             for i, pr, raw, sel in zip(rows, probs.tolist(), log_scores[rows].tolist(), sels):
                 demos = self._demos(sel.ids.tolist(), sel.scores.tolist())
                 out[i] = Prediction(text=p.queries[i], label=labels[int(np.argmax(pr))], probs=dict(zip(labels, pr)),
                                     log_scores=raw, demo_ids=[d.id for d in demos], demos=demos,
-                                    prompt_tokens=len(p.prompts[i].ids) + self.n_virtual,
+                                    prompt_tokens=len(p.prompts[i].ids) + parts.n_virtual, answered_by=self.describe(o),
                                     skipped=self._skipped(sel), dropped=sel.dropped, short=sel.short)
         return out
 
@@ -283,29 +355,31 @@ class Engine:
         """kNN prompting alone: the label shares of the nearest anchors (or the readout's); the
         anchors that voted are shown as the demonstrations (score = -KL distance), the prompt is
         context + query."""
-        probs, nearest, dist, tokens = self.knn.predict(queries, o.anchor_k, readout=self._readout(o), detail=True)
+        probs, nearest, dist, tokens = self.parts(o).knn.predict(queries, o.anchor_k, readout=self._readout(o),
+                                                                 detail=True)
         labels = self.index.labels
         out = []
         for q, p, rows, ds, n in zip(queries, probs, nearest, dist, tokens):
             demos = self._demos(rows.tolist(), (-ds).tolist())
             out.append(Prediction(text=q, label=labels[int(np.argmax(p))], probs={lab: float(x) for lab, x in zip(labels, p)},
                                   log_scores=[float(x) for x in np.log(np.clip(p, 1e-12, None))],
-                                  demo_ids=[d.id for d in demos], demos=demos, prompt_tokens=n))
+                                  demo_ids=[d.id for d in demos], demos=demos, prompt_tokens=n,
+                                  answered_by=self.describe(o)))
         return out
 
     def content_free_probs(self, selections: Sequence[Selection], options: QueryOptions | None = None) -> np.ndarray:
         """Contextual calibration's reference (Zhao et al. 2021): label probabilities for the
         content-free inputs with the SAME demonstrations, averaged. float64 [q, L]."""
-        o, n = options or self.defaults, len(selections)
-        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o),
-                                                                       o.batch_size)))
+        o, n = self.resolve(options or self.defaults), len(selections)
+        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o), o)))
                         for c in CONTENT_FREE], axis=0)
 
     def premise_log_scores(self, options: QueryOptions | None = None) -> np.ndarray:
         """Domain-conditional PMI's reference (Holtzman et al. 2021): log p(label | the answer
         prefix with no input and no demonstrations). float64 [1, L]."""
         o = options or self.defaults
-        return self._score(self._prompts([""], [Selection.empty()], o), o.batch_size)
+        o = self.resolve(o)
+        return self._score(self._prompts([""], [Selection.empty()], o), o)
 
     # ------------------------------------------------------------------ generation
 
@@ -321,12 +395,12 @@ class Engine:
             qids = self.builder.query_ids_many(sub)
             ex = None if exclude_ids is None else [exclude_ids[i] for i in rows]
             sels = self.select(sub, o, exclude_ids=ex, query_ids=qids)
-            prompts = self._prompts(sub, sels, o, qids)
-            ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
-            texts = generate(self.lm, ids, prefix=self.prefix, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
+            prompts, prefix = self._prompts(sub, sels, o, qids), self.parts(o).prefix
+            ids = [p.ids[p.shared_len:] if prefix is not None else p.ids for p in prompts]
+            texts = generate(self.lm, ids, prefix=prefix, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
                              stop=(self.builder.template.separator,), seed=o.seed, **sampling)
             for i, t, s, p in zip(rows, texts, sels, prompts):
-                out[i] = self._generation(inputs[i], t, s, p)
+                out[i] = self._generation(inputs[i], t, s, p, o)
         return out
 
     def generate_stream(self, input: str, on_text: Callable[[str], None], options: QueryOptions | None = None,
@@ -336,13 +410,14 @@ class Engine:
         surrounding whitespace is stripped."""
         [o] = self.options(options, 1, {"max_new_tokens": max_new_tokens})
         [sel] = self.select([input], o)
-        [prompt] = self._prompts([input], [sel], o)
-        ids = prompt.ids[prompt.shared_len:] if self.prefix is not None else prompt.ids
-        text = generate_stream(self.lm, ids, on_text=on_text, prefix=self.prefix, max_new_tokens=o.max_new_tokens,
+        [prompt], prefix = self._prompts([input], [sel], o), self.parts(o).prefix
+        ids = prompt.ids[prompt.shared_len:] if prefix is not None else prompt.ids
+        text = generate_stream(self.lm, ids, on_text=on_text, prefix=prefix, max_new_tokens=o.max_new_tokens,
                                stop=(self.builder.template.separator,), seed=o.seed, **sampling)
-        return self._generation(input, text, sel, prompt)
+        return self._generation(input, text, sel, prompt, o)
 
-    def _generation(self, input: str, text: str, sel: Selection, prompt: Prompt) -> Generation:
+    def _generation(self, input: str, text: str, sel: Selection, prompt: Prompt, o: QueryOptions) -> Generation:
         demos = self._demos(sel.ids.tolist(), sel.scores.tolist())
-        return Generation(input, text.strip(), [d.id for d in demos], len(prompt.ids) + self.n_virtual, demos,
-                          self._skipped(sel), sel.dropped, sel.short)
+        return Generation(input, text.strip(), [d.id for d in demos], len(prompt.ids) + self.parts(o).n_virtual,
+                          demos, answered_by=self.describe(o), skipped=self._skipped(sel), dropped=sel.dropped,
+                          short=sel.short)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from .atomic import read_json
+from .atomic import read_json, write_json, writing
 from .knn_prompt import AnchorError, Anchors
 
 __all__ = ["LinearReadout", "fit_readout", "has_readout", "no_readout", "READOUT_JSON", "READOUT_TENSORS", "DEFAULT_L2_GRID"]
@@ -61,13 +60,10 @@ class LinearReadout:
         """Beside the anchors; the tensors first, then the JSON naming their checksum, each by rename."""
         folder = Path(folder)
         tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
-        tmp = folder / f".{READOUT_TENSORS}.tmp"
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, folder / READOUT_TENSORS)
-        tmp = folder / f".{READOUT_JSON}.tmp"
-        tmp.write_text(json.dumps({**self.info, "tensors_sha256": digest}, indent=1))
-        os.replace(tmp, folder / READOUT_JSON)
+        with writing(folder / READOUT_TENSORS) as tmp:
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
+            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        write_json(folder / READOUT_JSON, {**self.info, "tensors_sha256": digest})
 
     @classmethod
     def load(cls, folder: str | Path, anchors: Anchors) -> "LinearReadout":

@@ -41,6 +41,7 @@ class Prediction:
     demo_ids: list[str]  # the demonstrations' record ids, in prompt order
     prompt_tokens: int
     demos: list[Demo] = field(default_factory=list)  # the demonstrations themselves, in prompt order
+    answered_by: str = ""  # what answered, in words: "knn-8", "knn-8 pmi", "readout", "fit: <its setting>", ...
     skipped: tuple[str, ...] = ()  # ids of demonstrations too long for the budget on their own
     dropped: int = 0  # demonstrations left out because the more similar ones kept filled the budget
     short: int = 0  # fewer demonstrations than k: the index has no more distinct inputs
@@ -53,6 +54,7 @@ class Generation:
     demo_ids: list[str]
     prompt_tokens: int
     demos: list[GenerationDemo] = field(default_factory=list)
+    answered_by: str = ""  # as in Prediction
     skipped: tuple[str, ...] = ()  # as in Prediction
     dropped: int = 0
     short: int = 0

@@ -289,6 +289,8 @@ def select_many(
     everything with `vectorized=False` (the reference the tests compare against).
     """
     method, order = SelectionMethod(method), DemoOrder(order)
+    if method is SelectionMethod.AUTO:
+        method = SelectionMethod.KNN  # (an engine resolves auto before it selects; a plain call means kNN)
     qv = np.asarray(query_vectors, np.float32)
     if qv.ndim != 2:
         raise ValueError(f"query_vectors must be [q, d], got shape {qv.shape}")

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.atomic import publish_dir, read_json
+from ..core.atomic import previous, publish_dir, read_json
 
 __all__ = ["CHECKPOINT_DIR", "Checkpoint", "CheckpointMismatch"]
 
@@ -53,18 +53,10 @@ class Checkpoint:
                 if torch.is_tensor(value):  # AdamW: step, exp_avg, exp_avg_sq
                     tensors[f"opt.{i}.{key}"] = value.detach().cpu().contiguous().clone()
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        new = self.folder.parent / f".{self.folder.name}-new"
-        shutil.rmtree(new, ignore_errors=True)  # left by a kill during an earlier save
-        with publish_dir(new) as tmp:
+        # the old checkpoint stays whole until the new one is complete
+        with publish_dir(self.folder, replace=True) as tmp:
             save_file(tensors, str(tmp / TENSORS))
             (tmp / STATE).write_text(json.dumps({**state, "scheduler": sched}, indent=1))
-        # swap in the new checkpoint: the old one stays whole until the new one is complete
-        old = self.folder.parent / f".{self.folder.name}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.folder.exists():
-            self.folder.rename(old)
-        new.rename(self.folder)
-        shutil.rmtree(old, ignore_errors=True)
 
     def load(self, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
              fingerprint: dict) -> tuple[dict, list[torch.Tensor] | None] | None:
@@ -72,7 +64,7 @@ class Checkpoint:
         None when no checkpoint exists. A checkpoint whose fingerprint differs is refused."""
         folder = self.folder
         if not self.exists():
-            old = folder.parent / f".{folder.name}-old"  # killed between the two renames of save()
+            old = previous(folder)  # killed between the two renames of save()
             if not (old / STATE).is_file():
                 return None
             folder = old
