@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from icl_engine.core.metrics import bootstrap_mean
 from icl_engine.studies import bounds as B
 
 # ----------------------------------------------------------------------------- the bounds
@@ -147,11 +148,11 @@ def test_fit_slope_inconclusive_without_draws_or_points():
 def test_bootstrap_mean_interval_contains_the_mean():
     rng = np.random.default_rng(0)
     v = rng.normal(1.0, 0.1, size=(30, 4))
-    mean, lo, hi = B.bootstrap_mean(v, n_boot=500)
+    mean, lo, hi = bootstrap_mean(v, n_boot=500)
     assert np.all(lo <= mean) and np.all(mean <= hi)
     assert np.allclose(mean, v.mean(0))
     assert np.all(hi - lo < 0.15)
-    m1, lo1, hi1 = B.bootstrap_mean(v[:1])
+    m1, lo1, hi1 = bootstrap_mean(v[:1])
     assert np.all(np.isnan(lo1)) and np.allclose(m1, v[0])
 
 

@@ -34,6 +34,7 @@ from . import indexes
 from .cli_format import (
     format_demo,
     format_eval,
+    format_fit,
     format_generation,
     format_hits,
     format_info,
@@ -235,6 +236,35 @@ def index_remove(
     """Remove records from an index by id, as a new version (an unknown id changes nothing: error)."""
     info = indexes.remove_from_index(name, [i.strip() for group in ids for i in group.split(",")], indexes_dir=indexes_dir)
     _print_json(info) if as_json else typer.echo(format_update(info))
+
+
+@index_app.command("fit")
+def index_fit(
+    name: str,
+    candidates: Optional[List[str]] = typer.Option(None, "--candidate", help="Only these candidates (repeat): icl, "
+                                                   "knn_prompting, readout, readout_ref, icl+readout, ipt (default: "
+                                                   "all that apply)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="A fine-tuned reference (icl finetune): "
+                                             "readout_ref learns its labels."),
+    validation: Optional[int] = typer.Option(None, "--validation", min=2, help="Records held out to choose on "
+                                             "(generation: inputs; default a fifth of the index, at most 500)."),
+    seed: int = typer.Option(0, "--seed", help="The validation split, the anchors' context, the soft prompt's run."),
+    ipt_steps: int = typer.Option(200, "--ipt-steps", min=1, help="Training steps of the IPT candidate."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    lm: str = typer.Option(DEFAULT_LM, "--lm", help="The LM the fit is for."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    log: Optional[Path] = LogFile,
+    as_json: bool = AsJson,
+):
+    """Choose, on a validation split of the index's own data, how its queries are answered
+    (ICL, kNN prompting, a readout, IPT...; docs/approximation.md), fit the winner on every
+    record and attach it: `--method auto` (the default) answers with it."""
+    from . import training
+
+    set_log_file(log)
+    fit = training.fit_index(name, candidates=candidates, reference=reference, validation=validation, seed=seed,
+                             ipt_steps=ipt_steps, batch_size=batch_size, lm=lm, indexes_dir=indexes_dir)
+    _print_json(fit) if as_json else typer.echo(format_fit(fit))
 
 
 anchors_app = typer.Typer(no_args_is_help=True, help="kNN prompting's anchors (Xu et al. 2023).")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 __all__ = ["format_update", "format_info", "format_hits", "format_prediction", "format_generation", "format_eval", "format_demo",
-           "format_table"]
+           "format_table", "format_fit"]
 
 
 def format_info(info: dict) -> str:
@@ -122,4 +122,20 @@ def format_table(rows: Sequence[dict]) -> str:
         metrics = [f"{r['bleu']:.2f}", f"{r['rouge_l']:.2f}"] if gen else [f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}"]
         lines.append("| " + " | ".join([r["method"], str(r["k"]), r["calibration"], str(r["n"]), *metrics,
                                        f"{r['queries_per_s']:.2f}"]) + " |")
+    return "\n".join(lines)
+
+
+def format_fit(fit: dict) -> str:
+    """`icl index fit`: every candidate's validation score, the one chosen, what it trained."""
+    metric = fit["metric"]
+    lines = [f"validation: {fit['validation']['records']} held-out {'records' if metric == 'accuracy' else 'inputs'} "
+             f"(seed {fit['validation']['seed']}), {metric}", "", f"| candidate | {metric} | trained parameters |",
+             "|---|---:|---:|"]
+    for row in sorted(fit["table"], key=lambda r: -r["score"]):
+        mark = " (chosen)" if row["name"] == fit["setting"] else ""
+        lines.append(f"| {row['name']}{mark} | {row['score']:.3f} | {row['trained']:,} |")
+    lines += ["", f"attached to {fit['name']} (version {fit['index_version']}): {fit['setting']}; trained "
+              f"{fit['trained_parameters']:,} parameters on {fit['labelled_records']:,} labelled records"
+              f"{' and ' + format(fit['reference_labels'], ',') + ' reference labels' if fit.get('reference_labels') else ''}",
+              f"queries answer with it by default (--method auto); {fit['path']}"]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ fine-tuned reference. The output folder is checked before the model libraries ar
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..core.atomic import check_out_dir
@@ -13,7 +14,7 @@ from ..core.progress import Progress
 from ..core.prompt import PromptBuilder, Template
 from ..core.templates import resolve_template
 
-__all__ = ["build_anchors", "tune", "finetune_reference"]
+__all__ = ["build_anchors", "tune", "finetune_reference", "fit_index"]
 
 def _training_parts(name: str, indexes_dir, lm_name: str, template: Path | None):
     from ..core.lm import load_lm
@@ -102,3 +103,48 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
     pool = index.dataset.subsample(train_pool, seed) if train_pool else index.dataset
     result = finetune(model, pool, cfg, builder=builder, out=Path(out), resume=resume, force=force)
     return {"out": str(result.out), **result.metrics}
+
+
+def fit_index(name: str, *, candidates: list[str] | None = None, reference: Path | None = None,
+              validation: int | None = None, seed: int = 0, ipt_steps: int = 200, batch_size: int = 8,
+              lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> dict:
+    """Choose how the index's queries are answered (docs/approximation.md): every candidate
+    fitted on the index less a seeded validation split and scored on that split; the winner
+    fitted again on every record and attached to the index's current version, where method
+    "auto" (the default) finds it. `reference`: a fine-tuned reference (icl finetune) whose
+    labels a readout may learn (readout_ref). Returns the fit (fit.json)."""
+    from ..core.fits import fit_folder
+    from ..train.fit import CANDIDATES, FitSettings, reference_labeller, refit, select, split
+
+    folder = index_path(name, indexes_dir, for_write=True)
+    unknown = sorted(set(candidates or ()) - set(CANDIDATES))
+    if unknown:
+        raise ValueError(f"unknown candidates {unknown} (choose from {', '.join(CANDIDATES)})")
+    if reference is not None and not Path(reference).is_dir():
+        raise ValueError(f"--reference {reference}: no such folder")
+    index, model, builder = _training_parts(name, indexes_dir, lm, None)
+    units = len({r.input for r in index.records}) if index.kind.value == "generation" else len(index)
+    settings = FitSettings(validation=validation or min(500, max(2, units // 5)), seed=seed,
+                           candidates=tuple(candidates) if candidates else None, batch_size=batch_size,
+                           ipt={"k": 4, "n_virtual": 20, "steps": ipt_steps})
+    from ..core.embed import get_embedder
+
+    embedder, work = get_embedder(index.manifest["embedder"]), folder / "fits" / f".work-{index.version}"
+    labels = None
+    if reference is not None:
+        from ..core.adapters import load_finetuned
+
+        labels = reference_labeller(index, load_finetuned(reference), embedder, builder.template,
+                                    work / "reference_labels.json", batch_size=batch_size)
+    chosen = select(index, model, embedder, builder.template, settings, work=work, reference_labels=labels)
+    pool_rows, _ = split(index, settings.validation, seed)
+    info = {"lm": model.name, "template": builder.template.to_dict(), "index_version": index.version,
+            "selected_on": "validation", "metric": chosen.metric, "table": chosen.table,
+            "validation": {"records": len(chosen.validation_ids), "seed": seed, "ids": chosen.validation_ids},
+            "reference": str(reference) if reference else None}
+    fit = refit(index, model, embedder, builder.template, chosen.best, seed=seed, out=fit_folder(folder, index.version),
+                work=work, info=info, reference_labels=labels, context_pool=[index.records[i] for i in pool_rows])
+    for old in (folder / "fits").iterdir():  # fits of versions replaced since are never read again
+        if old.name not in (index.version, work.name) and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return {"name": name, "path": str(fit_folder(folder, index.version)), **fit}

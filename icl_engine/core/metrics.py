@@ -1,16 +1,18 @@
 """Evaluation metrics: accuracy, macro-F1, confusion matrix (classification); corpus BLEU and
-ROUGE-L against every reference of an input (generation).
+ROUGE-L against every reference of an input (generation); the percentile bootstrap of a mean
+(every interval the studies report).
 
 Pure functions over lists; labels are indexed in the dataset's label order, never set() order.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["accuracy", "macro_f1", "confusion_matrix", "bleu", "rouge_l", "rouge_l_pair"]
+__all__ = ["accuracy", "macro_f1", "confusion_matrix", "bleu", "rouge_l", "rouge_l_pair", "bootstrap_mean"]
 
 
 def accuracy(gold: Sequence[str], pred: Sequence[str]) -> float:
@@ -77,3 +79,22 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> f
     """Mean over inputs of the best ROUGE-L F1 against any of that input's references (0-100)."""
     scores = [max(rouge_l_pair(h, r) for r in refs) for h, refs in zip(hypotheses, references)]
     return 100.0 * float(np.mean(scores))
+
+
+def bootstrap_mean(values, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
+    """Mean over rows (draws) of `values` [R, K] with a percentile-bootstrap interval per column.
+    Returns (mean [K], low [K], high [K]); the interval is NaN with fewer than two draws."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN is the intended answer
+        mean = np.nanmean(v, axis=0)
+        if v.shape[0] < 2:
+            nan = np.full(v.shape[1], np.nan)
+            return mean, nan, nan.copy()
+        idx = np.random.default_rng(seed).integers(0, v.shape[0], size=(n_boot, v.shape[0]))
+        boot = np.nanmean(v[idx], axis=1)  # [B, K]
+        q = (1 - level) / 2
+        lo, hi = np.nanquantile(boot, [q, 1 - q], axis=0)
+    return mean, lo, hi

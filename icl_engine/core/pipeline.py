@@ -120,8 +120,8 @@ class Engine:
                                    index_version=version)
             readout = LinearReadout.load(spec.anchors, anchors) if has_readout(spec.anchors) else None
             engine.use_anchors(anchors, readout, folder=spec.anchors)
-        elif spec.fit and not spec.soft_prompt and index is None:
-            version = version or index_version(parts.folder)
+        elif spec.fit and not spec.soft_prompt:
+            version = version or (index.version if index is not None else index_version(parts.folder))
             engine.use_fit(read_fit(parts.folder, version, lm=parts.lm.name, template=parts.template.to_dict()),
                            version)
         return engine

@@ -50,7 +50,6 @@ __all__ = [
     "SlopeFit",
     "fit_slope",
     "verdict",
-    "bootstrap_mean",
     "ScalingFit",
     "scaling_check",
 ]
@@ -313,24 +312,6 @@ def verdict(fit: SlopeFit, predicted: float) -> Verdict:
     if not (math.isfinite(fit.ci_low) and math.isfinite(fit.ci_high)):
         return Verdict.INCONCLUSIVE
     return Verdict.CONSISTENT if fit.ci_low <= predicted <= fit.ci_high else Verdict.NOT_CONSISTENT
-
-
-def bootstrap_mean(values, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
-    """Mean over rows (draws) of `values` [R, K] with a percentile-bootstrap interval per column.
-    Returns (mean [K], low [K], high [K]); the interval is NaN with fewer than two draws."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.ndim == 1:
-        v = v[:, None]
-    with _quiet():
-        mean = np.nanmean(v, axis=0)
-        if v.shape[0] < 2:
-            nan = np.full(v.shape[1], np.nan)
-            return mean, nan, nan.copy()
-        idx = np.random.default_rng(seed).integers(0, v.shape[0], size=(n_boot, v.shape[0]))
-        boot = np.nanmean(v[idx], axis=1)  # [B, K]
-        q = (1 - level) / 2
-        lo, hi = np.nanquantile(boot, [q, 1 - q], axis=0)
-    return mean, lo, hi
 
 
 @dataclass(frozen=True)

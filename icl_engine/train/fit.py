@@ -183,7 +183,7 @@ class _Context:
                 self._anchors = Anchors.load(folder, lm=self.engine.lm, builder=builder, index=self.index)
             except ValueError:
                 self._anchors = build_anchors(self.engine.lm, builder, self.index, config,
-                                              context_pool=self.pool.records)
+                                              context_pool=self.pool.records, index_version=self.index.version)
                 self._anchors.save(folder, replace=True)
         return self._anchors
 
@@ -330,10 +330,12 @@ def options_of(s: Setting, batch_size: int = 8) -> QueryOptions:
     if s.candidate == "icl":
         return QueryOptions(method=SelectionMethod.KNN, k=s.get("k"), calibration=s.get("calibration", "none"),
                             batch_size=batch_size)
-    if s.candidate == "knn_prompting":
-        return QueryOptions(anchor_k=s.get("anchor_k"), anchor_weight=1.0, batch_size=batch_size)
+    if s.candidate == "knn_prompting":  # (the method is moot: no demonstrations are selected)
+        return QueryOptions(method=SelectionMethod.KNN, anchor_k=s.get("anchor_k"), anchor_weight=1.0,
+                            batch_size=batch_size)
     if s.candidate in ("readout", "readout_ref"):
-        return QueryOptions(anchor_weight=1.0, anchor_readout="linear", batch_size=batch_size)
+        return QueryOptions(method=SelectionMethod.KNN, anchor_weight=1.0, anchor_readout="linear",
+                            batch_size=batch_size)
     if s.candidate == "icl+readout":
         return QueryOptions(method=SelectionMethod.KNN, k=s.get("k"), calibration=s.get("calibration"),
                             anchor_weight=s.get("weight"), anchor_readout="linear", batch_size=batch_size)
@@ -357,7 +359,8 @@ def refit(index: ExampleIndex, lm, embedder, template: Template, setting: Settin
             try:
                 anchors = Anchors.load(folder, lm=lm, builder=engine.builder, index=index)
             except ValueError:
-                anchors = build_anchors(lm, engine.builder, index, AnchorConfig(seed=seed), context_pool=context_pool)
+                anchors = build_anchors(lm, engine.builder, index, AnchorConfig(seed=seed), context_pool=context_pool,
+                                        index_version=index.version)
                 anchors.save(folder, replace=True)
             anchors.save(tmp / "anchors")
             features = anchors.logp.shape[1]

@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..bounds import Verdict, bootstrap_mean, fit_slope, verdict
+from ...core.metrics import bootstrap_mean
+from ..bounds import Verdict, fit_slope, verdict
 from ..report import fmt, pyplot, save_figure
 
 __all__ = [
