@@ -184,7 +184,7 @@ def evaluate(
         raise ValueError(f"chunk must be positive, got {chunk}")
     k = 0 if o.method is SelectionMethod.ZERO else o.k  # zero-shot shows no demonstrations, whatever k says
     out = {"method": o.method.value, "k": k, "index": labeller.spec.index, "lm": labeller.lm_name,
-           "calibration": o.calibration.value}
+           "calibration": o.calibration.value, "scoring": o.scoring.value}
     desc = f"eval {o.method.value}" + (f"-{k}" if k else "")
     t0 = time.perf_counter()
     if index.kind is TaskKind.CLASSIFICATION:

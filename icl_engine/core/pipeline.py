@@ -6,27 +6,30 @@
 An Engine holds what is loaded (engines.py keeps one per EngineSpec); every call says what it
 asks (QueryOptions), one set for the whole batch or one per query. Queries with different
 options are selected and calibrated apart but scored in ONE pass of the LM, so a service can
-batch a k = 4 request with a k = 8 one. Every stage lives in its own module; this file wires
-them together.
+batch a k = 4 request with a k = 8 one (queries with `scoring="cached"` take a second pass, over
+the index's KV cache: kvcache.py). Every stage lives in its own module; this file wires them
+together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from .adapters import SoftPrompt
-from .choices import AnchorReadout, Calibration
+from .choices import AnchorReadout, Calibration, Scoring
 from .config import EngineSpec, PipelineConfig, QueryOptions
 from .data import TaskKind
 from .embed import Embedder
 from .generate import generate, generate_stream
 from .knn_prompt import Anchors, KnnPrompter
+from .kvcache import KVCache, KVCacheError, kv_folder, score_cached
 from .lm import LM
-from .prompt import Prompt, PromptBuilder, Template
+from .prompt import Prompt, PromptBuilder, PromptTooLong, Template
 from .readout import LinearReadout, has_readout
 from .results import Demo, Generation, GenerationDemo, Prediction
 from .score import PendingScores, Prefix, calibrate, compute_prefix, launch_scores
@@ -84,6 +87,11 @@ class Engine:
     n_virtual: int = 0  # soft-prompt tokens in the prefix (they count against the budget)
     knn: KnnPrompter | None = None  # kNN prompting's anchors (and readout), when spec.anchors names them
     defaults: QueryOptions = QueryOptions()  # the options of a call that gives none
+    # cached scoring: the index's KV cache, read by the first query that asks (and again when
+    # `icl index cache` publishes a new one); kv_folder None: an index in memory (use_kv_cache)
+    kv: KVCache | None = None
+    kv_folder: Path | None = None
+    index_version: str | None = None
 
     def __post_init__(self):
         if self.builder is None:  # Engine(spec): load what it names
@@ -100,8 +108,9 @@ class Engine:
 
         parts = resolve(spec, lm=lm, embedder=embedder, index=index)
         engine = cls.from_parts(spec, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
+        version = version or (index_version(parts.folder) if index is None else None)
+        engine.kv_folder, engine.index_version = kv_folder(parts.folder), version
         if spec.anchors:
-            version = version or (index_version(parts.folder) if index is None else None)
             anchors = Anchors.load(spec.anchors, lm=parts.lm, builder=engine.builder, index=parts.index,
                                    index_version=version)
             readout = LinearReadout.load(spec.anchors, anchors) if has_readout(spec.anchors) else None
@@ -129,6 +138,27 @@ class Engine:
         """Label by kNN prompting (alone, or mixed with the demonstrations' label probabilities
         as a query's anchor_weight says); `readout`, when given, answers queries that ask for it."""
         self.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, readout=readout, folder=folder)
+
+    def use_kv_cache(self, cache: KVCache) -> None:
+        """Answer cached-scoring queries from `cache` (an engine over an index in memory; one
+        loaded from an index folder reads the index's own cache)."""
+        self.kv, self.kv_folder = cache, None
+
+    def kv_cache(self) -> KVCache:
+        """The KV cache cached scoring reads: the index's current one, loaded when first asked
+        for and again when a new one has been published."""
+        if self.spec.soft_prompt is not None:
+            raise KVCacheError("cached scoring cannot be used with a soft prompt (the cached demonstrations were "
+                               "computed without it); use --scoring exact")
+        if self.kv_folder is not None:
+            from .index import store  # (faiss: an index folder was loaded, so it is there)
+
+            if self.kv is None or self.kv.version != store.read_pointer(self.kv_folder):
+                self.kv = KVCache.load(self.kv_folder, lm=self.lm, builder=self.builder, index=self.index,
+                                       index_version=self.index_version, name=self.spec.index)
+        elif self.kv is None:
+            raise KVCacheError("this engine's index is in memory and has no KV cache (give it one with use_kv_cache)")
+        return self.kv
 
     def options(self, options: Options, n: int, overrides: dict | None = None) -> tuple[QueryOptions, ...]:
         """One QueryOptions per query: `options` (one set, one per query, or None for the
@@ -162,8 +192,10 @@ class Engine:
         qv = self.embedder.encode(list(queries)) if vectors is None else vectors  # [q, d]
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
         answer, reserved = self._answer_tokens(o), self.builder.reserved
-        budgets = [self.budget(o) - reserved(q, self.n_virtual, answer_tokens=answer, query_ids=i)
-                   for q, i in zip(queries, qids)]
+        # cached scoring keeps all k demonstrations whatever their length (kvcache.py: the layout
+        # changes when they do not fit); exact scoring packs the budget
+        budgets = None if o.scoring is Scoring.CACHED else \
+            [self.budget(o) - reserved(q, self.n_virtual, answer_tokens=answer, query_ids=i) for q, i in zip(queries, qids)]
         return select_many(
             self.index, qv, method=o.method, k=o.k, budgets=budgets, query_texts=list(queries),
             exclude_ids=exclude_ids, demo_lengths=self.builder.demo_lengths(self.index.records),
@@ -175,6 +207,12 @@ class Engine:
         recs = self.index.records
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
         budget, answer, assemble = self.budget(options) - self.n_virtual, self._answer_tokens(options), self.builder.assemble
+        if options.scoring is Scoring.CACHED:  # no budget on the demonstrations; the query alone must fit
+            for q, i in zip(queries, qids):
+                alone = self.builder.reserved(q, 0, answer, query_ids=i)
+                if alone > budget:
+                    raise PromptTooLong(f"the query alone needs {alone} tokens but the budget is {budget}")
+            budget = None
         return [assemble([recs[i] for i in sel.ids.tolist()], q, budget=budget, answer_tokens=answer, query_ids=i)
                 for q, sel, i in zip(queries, selections, qids)]
 
@@ -185,15 +223,34 @@ class Engine:
     def _skipped(self, sel: Selection) -> tuple[str, ...]:
         return tuple(self.index.records[i].id for i in sel.skipped)
 
-    def _launch_scores(self, prompts: Sequence[Prompt], batch_size: int) -> PendingScores:
+    def _launch_scores(self, prompts: Sequence[Prompt], options: Sequence[QueryOptions],
+                       selections: Sequence[Selection]) -> PendingScores:
+        """Queue the label scores of every prompt (each with its options and demonstrations):
+        the exact ones in one LM pass, the cached ones in another (a prompt without
+        demonstrations is scored exactly: cached scoring of it is the same computation)."""
         labels = [self.builder.label_ids(lab) for lab in self.index.labels]
-        # the shared tokens are already in the cached prefix
-        ids = [p.ids[p.shared_len:] if self.prefix is not None else p.ids for p in prompts]
-        return launch_scores(self.lm, ids, labels, prefix=self.prefix, batch_size=batch_size)
+        cached = [i for i, (o, s) in enumerate(zip(options, selections))
+                  if o.scoring is Scoring.CACHED and len(s)]
+        exact = sorted(set(range(len(prompts))) - set(cached))
+        pieces = []
+        if exact:
+            # the shared tokens are already in the cached prefix
+            ids = [prompts[i].ids[prompts[i].shared_len:] if self.prefix is not None else prompts[i].ids for i in exact]
+            pieces.append((exact, launch_scores(self.lm, ids, labels, prefix=self.prefix,
+                                                batch_size=options[exact[0]].batch_size)))
+        if cached:
+            pieces.append((cached, score_cached(
+                self.lm, self.kv_cache(), self.prefix, [prompts[i] for i in cached],
+                [selections[i].ids for i in cached], labels,
+                budgets=[self.budget(options[i]) - self.n_virtual for i in cached],
+                answer=self.builder.max_answer_len, batch_size=options[cached[0]].batch_size)))
+        if not cached:
+            return pieces[0][1]
+        return PendingScores.join((len(prompts), len(labels)), pieces)
 
-    def _score(self, prompts: Sequence[Prompt], batch_size: int = 8) -> np.ndarray:
-        """log p(label | prompt) for every label: float64 [q, L]."""
-        return self._launch_scores(prompts, batch_size).result()
+    def _score(self, prompts: Sequence[Prompt], options: QueryOptions, selections: Sequence[Selection]) -> np.ndarray:
+        """log p(label | prompt) for every label, all prompts with one option set: float64 [q, L]."""
+        return self._launch_scores(prompts, [options] * len(prompts), selections).result()
 
     def _knn_alone(self, o: QueryOptions) -> bool:
         return self.knn is not None and o.anchor_weight >= 1.0
@@ -234,11 +291,12 @@ class Engine:
     def launch(self, prepared: Prepared) -> Launched:
         """Queue the scoring of every label of every prompt, in one LM pass whatever the
         queries' options; on a GPU this returns before the LM has finished."""
-        scored = [p for p in prepared.prompts if p is not None]
+        scored = [i for i, p in enumerate(prepared.prompts) if p is not None]
         if not scored:
             return Launched(prepared, None)
-        batch = next(o.batch_size for o, p in zip(prepared.options, prepared.prompts) if p is not None)
-        return Launched(prepared, self._launch_scores(scored, batch))
+        return Launched(prepared, self._launch_scores([prepared.prompts[i] for i in scored],
+                                                      [prepared.options[i] for i in scored],
+                                                      [prepared.selections[i] for i in scored]))
 
     def collect(self, launched: Launched) -> list[Prediction]:
         """Wait for a launched batch's scores; calibrate each option group; one Prediction per query."""
@@ -297,15 +355,15 @@ class Engine:
         """Contextual calibration's reference (Zhao et al. 2021): label probabilities for the
         content-free inputs with the SAME demonstrations, averaged. float64 [q, L]."""
         o, n = options or self.defaults, len(selections)
-        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o),
-                                                                       o.batch_size)))
+        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o), o,
+                                                                       selections)))
                         for c in CONTENT_FREE], axis=0)
 
     def premise_log_scores(self, options: QueryOptions | None = None) -> np.ndarray:
         """Domain-conditional PMI's reference (Holtzman et al. 2021): log p(label | the answer
         prefix with no input and no demonstrations). float64 [1, L]."""
         o = options or self.defaults
-        return self._score(self._prompts([""], [Selection.empty()], o), o.batch_size)
+        return self._score(self._prompts([""], [Selection.empty()], o), o, [Selection.empty()])
 
     # ------------------------------------------------------------------ generation
 
@@ -315,6 +373,7 @@ class Engine:
         fields = {f.name for f in dataclasses.fields(QueryOptions)}
         overrides = {k: sampling.pop(k) for k in list(sampling) if k in fields}
         opts = self.options(options, len(inputs), {**overrides, "max_new_tokens": max_new_tokens})
+        _exact_only(opts)
         out: list[Generation | None] = [None] * len(inputs)
         for o, rows in groups(opts).items():
             sub = [inputs[i] for i in rows]
@@ -335,6 +394,7 @@ class Engine:
         (generate.generate_stream); the pieces join to the returned Generation's text before its
         surrounding whitespace is stripped."""
         [o] = self.options(options, 1, {"max_new_tokens": max_new_tokens})
+        _exact_only([o])
         [sel] = self.select([input], o)
         [prompt] = self._prompts([input], [sel], o)
         ids = prompt.ids[prompt.shared_len:] if self.prefix is not None else prompt.ids
@@ -346,3 +406,9 @@ class Engine:
         demos = self._demos(sel.ids.tolist(), sel.scores.tolist())
         return Generation(input, text.strip(), [d.id for d in demos], len(prompt.ids) + self.n_virtual, demos,
                           self._skipped(sel), sel.dropped, sel.short)
+
+
+def _exact_only(options: Sequence[QueryOptions]) -> None:
+    if any(o.scoring is Scoring.CACHED for o in options):
+        raise KVCacheError("cached scoring is for classification; generation reads its prompt exactly "
+                           "(scoring \"exact\")")
