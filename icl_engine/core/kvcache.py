@@ -332,7 +332,7 @@ def score_cached(lm: LMBackend, cache: KVCache, prefix: Prefix | None, prompts: 
     past_len = [int(lengths[p.rows].sum()) for p in plans]
     per_token = cache.data[0].numel() * torch.empty(0, dtype=lm.dtype).element_size()  # bytes a past token takes
     parts = []
-    for idx in _batches(past_len, P, batch_size, max_past_bytes // max(per_token, 1)):
+    for idx in _batches([len(p.query) for p in plans], past_len, P, batch_size, max_past_bytes // max(per_token, 1)):
         cancel.check()  # a server's abandoned work ends here, at an LM batch boundary
         past, see, bias, starts = _past(lm, cache, prefix, [plans[i] for i in idx], rescale)
         s = lm.score_after(past, see, [plans[i].query for i in idx], starts, continuations, bias)  # [B, L]
@@ -340,16 +340,18 @@ def score_cached(lm: LMBackend, cache: KVCache, prefix: Prefix | None, prompts: 
     return PendingScores((len(prompts), len(continuations)), parts)
 
 
-def _batches(past_len: list[int], P: int, batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Prompts sorted by cached length, cut into batches of at most batch_size prompts whose
-    padded past (rows x longest) stays under max_tokens (one prompt always goes, however long)."""
-    order = sorted(range(len(past_len)), key=past_len.__getitem__)
-    out, cur = [], []
+def _batches(run_len: list[int], past_len: list[int], P: int, batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Prompts sorted by the tokens run (padding there costs whole forwards), then by cached
+    length, cut into batches of at most batch_size prompts whose padded past (rows x longest)
+    stays under max_tokens (one prompt always goes, however long)."""
+    order = sorted(range(len(past_len)), key=lambda i: (run_len[i], past_len[i]))
+    out, cur, longest = [], [], 0
     for i in order:
-        if cur and (len(cur) >= batch_size or (len(cur) + 1) * (P + past_len[i]) > max_tokens):
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * (P + max(longest, past_len[i])) > max_tokens):
             out.append(cur)
-            cur = []
+            cur, longest = [], 0
         cur.append(i)
+        longest = max(longest, past_len[i])
     return out + ([cur] if cur else [])
 
 
@@ -385,9 +387,8 @@ def _past(lm: LMBackend, cache: KVCache, prefix: Prefix | None, plans: Sequence[
         for i, (k, v) in enumerate(prefix.past_key_values):
             past[i, 0, :, :, :P] = k[0].to(past)
             past[i, 1, :, :, :P] = v[0].to(past)
-    if (stored != target).any():  # keys move to their new positions: [layers, B, H, S, D], positions [B, 1, S]
-        past[:, 0, :, :, P:] = lm.move_keys(past[:, 0, :, :, P:], torch.from_numpy(stored)[:, None],
-                                            torch.from_numpy(target)[:, None])
+    if (stored != target).any():  # keys move to their new positions, in place: [layers, B, H, S, D], positions [B, 1, S]
+        lm.move_keys(past[:, 0, :, :, P:], torch.from_numpy(stored)[:, None], torch.from_numpy(target)[:, None])
     bias = None
     if rescale and any(p.reuse for p in plans):
         b_np = np.zeros((B, P + S), np.float32)

@@ -16,8 +16,8 @@ Generation: one prompt pass, then one token per step reading the cache; rows tha
 the batch (and the cache), so the remaining rows stop paying for them.
 Cached scoring (kvcache.py): `block_kv` hands out the keys/values a row leaves after the prefix,
 `move_keys` turns stored keys to other positions with the model's own rotary embedding, and
-`score_after` runs rows (and the label pass) against a past given as tensors, with a mask and
-an attention bias of the caller's.
+`score_after` runs rows and their labels in one pass against a past given as tensors, with a
+mask and an attention bias of the caller's.
 """
 
 from __future__ import annotations
@@ -184,25 +184,15 @@ class HFBackend:
         waits for the GPU)."""
         packed = self._packed(continuations)
         logprobs, cache, full, next_pos = self.prefill(rows, prefix)
-        return self._label_pass(packed, logprobs, cache, full.bool(), None, next_pos)
-
-    def _label_pass(self, packed: "_Packed", logprobs: torch.Tensor, cache: DynamicCache, see: torch.Tensor,
-                    bias: torch.Tensor | None, next_pos: torch.Tensor) -> torch.Tensor:
-        """Every label's summed log-prob [B, L]: the first tokens from `logprobs` [B, V] (the prompt
-        pass's last position), the others from one packed pass over `cache`, whose K positions
-        each row sees where `see` [B, K] (bool) says, with `bias` [B, K] added to their attention
-        logits (None: 0); each label's tokens are placed from `next_pos` [B] on."""
-        B = logprobs.shape[0]
+        B = len(rows)
         scores = logprobs[:, packed.first]  # [B, L] first tokens, from the prompt pass
         C = packed.ids.numel()
         if C == 0:  # all labels are single tokens: done in one pass
             return scores
-        K = see.shape[1]  # cached positions
+        K = full.shape[1]  # P+T cached positions
+        see = torch.cat([full.bool()[:, None, :].expand(B, C, K), packed.block.expand(B, C, C)], -1)  # [B, C, K+C]
         mask = torch.zeros(B, 1, C, K + C, dtype=self.dtype, device=self.device)
-        if bias is not None:
-            mask[:, 0, :, :K] = bias[:, None, :].to(self.dtype)
-        full = torch.cat([see[:, None, :].expand(B, C, K), packed.block.expand(B, C, C)], -1)  # [B, C, K+C]
-        mask.masked_fill_(~full[:, None], torch.finfo(self.dtype).min)  # additive: works for sdpa and eager
+        mask.masked_fill_(~see[:, None], torch.finfo(self.dtype).min)  # additive: works for sdpa and eager
         out = self.model(input_ids=packed.ids.expand(B, C), attention_mask=mask,
                          position_ids=next_pos[:, None] + packed.off[None], cache=cache, use_cache=True)
         lp = out.logits.float().log_softmax(-1)  # [B, C, V]
@@ -231,7 +221,9 @@ class HFBackend:
             if not found or half is None:
                 raise BackendError(f"{self.name} has no rotary position embedding this engine can move: cached "
                                    "scoring needs a RoPE model (Llama, Qwen, Mistral, SmolLM2, ...)")
-            self._rope = (found[0], half)
+            probe = torch.arange(8.0)
+            split = bool(torch.equal(half(probe), torch.cat([-probe[4:], probe[:4]])))  # pairs (i, i + D/2)
+            self._rope = (found[0], half, split)
         return self._rope
 
     def _base(self) -> torch.nn.Module:
@@ -241,7 +233,7 @@ class HFBackend:
         """cos and sin [..., D] of the model's rotation at `positions` (int64 [...]), from its own
         rotary embedding (its scaling config included) with the attention scaling divided out:
         the pure rotation the model applies to a key at that position."""
-        rope, _ = self._rotary()
+        rope = self._rotary()[0]
         flat = positions.reshape(1, -1).to(self.device)
         cos, sin = rope(torch.zeros(1, dtype=torch.float32, device=self.device), flat)  # [1, N, D]
         scale = float(getattr(rope, "attention_scaling", 1.0) or 1.0)
@@ -249,22 +241,32 @@ class HFBackend:
         return (cos[0] / scale).reshape(shape), (sin[0] / scale).reshape(shape)
 
     def move_keys(self, keys: torch.Tensor, stored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Keys the model rotated for positions `stored`, rotated for positions `target` instead:
-        RoPE turns each pair of dimensions by an angle proportional to the position, so turning
-        by angle(target) - angle(stored) gives what the model would have computed at `target`
-        from the same unrotated key. The angles are the model's own (cos/sin of both positions,
-        composed: cos(a-b) = cos a cos b + sin a sin b, sin(a-b) = sin a cos b - cos a sin b), so
-        its rounding of position * frequency is kept. keys [..., S, D] with stored, target int64
-        [S] or broadcastable to keys' [..., S] (e.g. [B, 1, S] for [B, H, S, D] keys)."""
-        _, half = self._rotary()
+        """Keys the model rotated for positions `stored`, turned IN PLACE to what they would be at
+        positions `target`: RoPE turns each pair of dimensions by an angle proportional to the
+        position, so turning by angle(target) - angle(stored) gives what the model would have
+        computed at `target` from the same unrotated key. The angles are the model's own (cos and
+        sin of both positions, composed: cos(a-b) = cos a cos b + sin a sin b, sin(a-b) = sin a
+        cos b - cos a sin b), so its rounding of position x frequency is kept. keys [..., S, D]
+        (float); stored, target int64, broadcastable to keys' [..., S] (e.g. [B, 1, S] for keys
+        [layers, B, H, S, D]). Returns `keys`."""
+        _, half, split = self._rotary()
         ct, st = self.rotary(target)
         cs, ss = self.rotary(stored)
         cos, sin = ct * cs + st * ss, st * cs - ct * ss  # [..., S, D]
-        if cos.shape[-1] != keys.shape[-1]:
-            raise BackendError(f"{self.name} rotates {cos.shape[-1]} of {keys.shape[-1]} key dimensions (partial "
-                               "rotary): cached scoring cannot move its keys")
-        k = keys.float()  # rotated in float32 whatever the cache's dtype
-        return (k * cos + half(k) * sin).to(keys.dtype)
+        D = keys.shape[-1]
+        if cos.shape[-1] != D:
+            raise BackendError(f"{self.name} rotates {cos.shape[-1]} of {D} key dimensions (partial rotary): "
+                               "cached scoring cannot move its keys")
+        cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)
+        if split and torch.equal(cos[..., : D // 2], cos[..., D // 2:]) and torch.equal(sin[..., : D // 2], sin[..., D // 2:]):
+            # dimension i turns with i + D/2 by one angle: rotate the halves, without rotate_half's copies
+            c, s_ = cos[..., : D // 2], sin[..., : D // 2]
+            k1, k2 = keys[..., : D // 2], keys[..., D // 2:]
+            first = k1 * c - k2 * s_
+            k2.copy_(k2 * c + k1 * s_)
+            k1.copy_(first)
+            return keys
+        return keys.copy_(keys * cos + half(keys) * sin)
 
     @torch.inference_mode()
     def score_after(self, past: Sequence[tuple[torch.Tensor, torch.Tensor]], see: torch.Tensor, rows: Ids,
@@ -272,72 +274,39 @@ class HFBackend:
         """Summed log-probs [B, L] of every label after each row, the row reading `past` (per layer
         (key, value) [B, H_kv, K, D], keys already rotated for their positions) where `see` [B, K]
         (bool) says, with `bias` [B, K] added to its attention logits (None: 0). Row i's tokens
-        take positions start[i], start[i]+1, ... (start int64 [B]); rows are left-padded."""
+        take positions start[i], start[i]+1, ... (start int64 [B]); rows are left-padded.
+
+        One forward: the rows, then the labels packed side by side (as score_batch's label pass
+        lays them out), each label token seeing the past, its row and the earlier tokens of its own
+        label; logits for the row's last position and the label tokens only."""
         packed = self._packed(continuations)
         B, K = see.shape
         ids_np, mask_np = left_pad(rows, self.tokenizer.pad_token_id or 0)  # [B, T] each
         if not mask_np.sum(1).all():
             raise BackendError("score_after: a row is empty")
         ids, mask = self._to_device(torch.from_numpy(ids_np)), self._to_device(torch.from_numpy(mask_np))
-        T, real = ids.shape[1], mask.bool()
-        pos = start.to(self.device)[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
-        new = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None] & real[:, None, :]  # [B, T, T]
-        new |= torch.eye(T, dtype=torch.bool, device=self.device)[None]  # a padding row sees itself: no empty softmax
-        attn = torch.zeros(B, 1, T, K + T, dtype=self.dtype, device=self.device)
+        T, C, real, dev = ids.shape[1], packed.ids.numel(), mask.bool(), self.device
+        pos = start.to(dev)[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
+        ids = torch.cat([ids, packed.ids.expand(B, C)], 1)  # [B, T+C]
+        pos = torch.cat([pos, pos[:, -1:] + 1 + packed.off[None]], 1)  # labels right after the row's last token
+        own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & real[:, None, :]  # [B, T, T]
+        own |= torch.eye(T, dtype=torch.bool, device=dev)[None]  # a padding row sees itself: no empty softmax
+        rows_see = torch.cat([own, own.new_zeros(B, T, C)], 2)  # [B, T, T+C]: rows never see the labels
+        labels_see = torch.cat([real[:, None, :].expand(B, C, T), packed.block.expand(B, C, C)], 2)  # [B, C, T+C]
+        full = torch.cat([see[:, None, :].expand(B, T + C, K), torch.cat([rows_see, labels_see], 1)], 2)
+        attn = torch.zeros(B, 1, T + C, K + T + C, dtype=self.dtype, device=dev)
         if bias is not None:
             attn[:, 0, :, :K] = bias[:, None, :].to(self.dtype)
-        full = torch.cat([see[:, None, :].expand(B, T, K), new], -1)  # [B, T, K+T]
-        attn.masked_fill_(~full[:, None], torch.finfo(self.dtype).min)
-        cache = DynamicCache(list(past), config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
-                         **self._last_only())
-        logprobs = out.logits[:, -1].float().log_softmax(-1)  # [B, V]
-        see2 = torch.cat([see, real], 1)  # [B, K+T]
-        bias2 = None if bias is None else torch.cat([bias, bias.new_zeros(B, T)], 1)
-        return self._label_pass(packed, logprobs, out.cache, see2, bias2, pos[:, -1] + 1)
-
-    @torch.inference_mode()
-    def sequence_logprobs(self, ids: Sequence[int], prefix: Prefix | None) -> torch.Tensor:
-        P, n = (prefix.length if prefix else 0), len(ids)
-        seq = torch.tensor([list(ids)], device=self.device)  # [1, N]
-        return self.model(
-            input_ids=seq, attention_mask=torch.ones(1, P + n, dtype=torch.long, device=self.device),
-            position_ids=torch.arange(P, P + n, device=self.device)[None],
-            cache=self._cache(prefix, 1) if prefix else None, use_cache=prefix is not None,
-        ).logits[0].float().log_softmax(-1)  # [N, V]
-
-    @torch.inference_mode()
-    def generate_batch(self, rows: Ids, *, prefix: Prefix | None, max_new_tokens: int, stop: Sequence[str],
-                       pick: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
-        logprobs, cache, mask, pos = self.prefill(rows, prefix)  # [B, V], cache, [B, P+T], [B]
-        B, eos, decode = len(rows), self.eos_ids, self.tokenizer.decode
-        new: list[list[int]] = [[] for _ in range(B)]  # generated ids per row, eos excluded
-        live = torch.arange(B, device=self.device)  # original row of each row still in the batch
-        for step in range(max_new_tokens):
-            nxt = pick(logprobs)  # [B']
-            done = []
-            for r, (row, tok) in enumerate(zip(live.tolist(), nxt.tolist())):
-                if tok in eos:
-                    done.append(r)
-                    continue
-                new[row].append(tok)
-                # a stop string may span tokens (or end mid-token): look at the decoded text
-                if stop and cut_at_stop(decode(new[row], skip_special_tokens=True), stop)[1]:
-                    done.append(r)
-            if step == max_new_tokens - 1:
-                break
-            if done:  # drop finished rows from every tensor and from the cache
-                keep = torch.tensor(sorted(set(range(len(live))) - set(done)), dtype=torch.long, device=self.device)
-                if keep.numel() == 0:
-                    break
-                live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
-                cache.batch_select_indices(keep)
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)  # [B', K+1]
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                             cache=cache, use_cache=True)
-            cache, pos = out.cache, pos + 1
-            logprobs = out.logits[:, -1].float().log_softmax(-1)
-        return [cut_at_stop(decode(n, skip_special_tokens=True), stop)[0] for n in new]
+        attn.masked_fill_(~full[:, None], torch.finfo(self.dtype).min)  # additive: works for sdpa and eager
+        keep = {"logits_to_keep": C + 1} if self._last_only() else {}
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                         cache=DynamicCache(list(past), config=self.model.config), use_cache=True, **keep)
+        lp = out.logits[:, -(C + 1):].float().log_softmax(-1)  # [B, C+1, V]: the row's last token, then the labels'
+        scores = lp[:, 0, packed.first]  # [B, L] first tokens
+        if C == 0:
+            return scores
+        got = lp[:, 1:].gather(-1, packed.target.expand(B, C)[..., None])[..., 0]  # [B, C]
+        return scores.index_add(1, packed.seg, got)
 
 
 def left_pad(rows: Ids, pad: int) -> tuple[np.ndarray, np.ndarray]:
