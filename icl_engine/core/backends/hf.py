@@ -308,6 +308,49 @@ class HFBackend:
         got = lp[:, 1:].gather(-1, packed.target.expand(B, C)[..., None])[..., 0]  # [B, C]
         return scores.index_add(1, packed.seg, got)
 
+    @torch.inference_mode()
+    def sequence_logprobs(self, ids: Sequence[int], prefix: Prefix | None) -> torch.Tensor:
+        P, n = (prefix.length if prefix else 0), len(ids)
+        seq = torch.tensor([list(ids)], device=self.device)  # [1, N]
+        return self.model(
+            input_ids=seq, attention_mask=torch.ones(1, P + n, dtype=torch.long, device=self.device),
+            position_ids=torch.arange(P, P + n, device=self.device)[None],
+            cache=self._cache(prefix, 1) if prefix else None, use_cache=prefix is not None,
+        ).logits[0].float().log_softmax(-1)  # [N, V]
+
+    @torch.inference_mode()
+    def generate_batch(self, rows: Ids, *, prefix: Prefix | None, max_new_tokens: int, stop: Sequence[str],
+                       pick: Callable[[torch.Tensor], torch.Tensor]) -> list[str]:
+        logprobs, cache, mask, pos = self.prefill(rows, prefix)  # [B, V], cache, [B, P+T], [B]
+        B, eos, decode = len(rows), self.eos_ids, self.tokenizer.decode
+        new: list[list[int]] = [[] for _ in range(B)]  # generated ids per row, eos excluded
+        live = torch.arange(B, device=self.device)  # original row of each row still in the batch
+        for step in range(max_new_tokens):
+            nxt = pick(logprobs)  # [B']
+            done = []
+            for r, (row, tok) in enumerate(zip(live.tolist(), nxt.tolist())):
+                if tok in eos:
+                    done.append(r)
+                    continue
+                new[row].append(tok)
+                # a stop string may span tokens (or end mid-token): look at the decoded text
+                if stop and cut_at_stop(decode(new[row], skip_special_tokens=True), stop)[1]:
+                    done.append(r)
+            if step == max_new_tokens - 1:
+                break
+            if done:  # drop finished rows from every tensor and from the cache
+                keep = torch.tensor(sorted(set(range(len(live))) - set(done)), dtype=torch.long, device=self.device)
+                if keep.numel() == 0:
+                    break
+                live, nxt, mask, pos = live[keep], nxt[keep], mask[keep], pos[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)  # [B', K+1]
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
+                             cache=cache, use_cache=True)
+            cache, pos = out.cache, pos + 1
+            logprobs = out.logits[:, -1].float().log_softmax(-1)
+        return [cut_at_stop(decode(n, skip_special_tokens=True), stop)[0] for n in new]
+
 
 def left_pad(rows: Ids, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Token-id rows -> (ids, mask), int64 [B, T] each, T the longest row: each row right-aligned
