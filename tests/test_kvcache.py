@@ -343,3 +343,27 @@ def test_soft_prompts_refuse_cached_scoring(engine):
                                   engine.builder.template)
     with pytest.raises(KVCacheError, match="soft prompt"):
         with_soft.classify(QUERIES[:1], QueryOptions(k=2, scoring="cached"))
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_one_demonstration_cached_is_exact(tmp_path):
+    """The real model (30 layers, 3 KV heads, RoPE base 1e5, the built-in sentiment template with
+    its instruction as the prefix): with a float32 cache, one demonstration scored cached is
+    exact scoring; with the default bfloat16 cache and k = 4 the labels stay those of exact scoring
+    on these easy reviews."""
+    from icl_engine.core.lm import load_lm
+    from icl_engine.core.registry import SENTIMENT_TEMPLATE
+
+    lm = load_lm()
+    ds = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(SENTIMENT_ROWS), ("negative", "positive"))
+    index = ExampleIndex.build(ds, get_embedder("hashing:64"))
+    engine = Engine.from_parts(EngineSpec(index="tiny"), index, get_embedder("hashing:64"), lm, SENTIMENT_TEMPLATE)
+    build_kv_cache(lm, engine.builder, index, tmp_path / "f32", dtype="float32")
+    engine.use_kv_cache(KVCache.load(tmp_path / "f32", lm=lm, builder=engine.builder, index=index))
+    exact = engine.classify(QUERIES, QueryOptions(k=1))
+    cached = engine.classify(QUERIES, QueryOptions(k=1, scoring="cached"))
+    assert_scores_close([p.log_scores for p in cached], [p.log_scores for p in exact], lm)
+    build_kv_cache(lm, engine.builder, index, tmp_path / "bf16")
+    engine.use_kv_cache(KVCache.load(tmp_path / "bf16", lm=lm, builder=engine.builder, index=index))
+    assert [p.label for p in engine.classify(QUERIES[:3], QueryOptions(k=4, scoring="cached"))] == \
+        [p.label for p in engine.classify(QUERIES[:3], QueryOptions(k=4))]

@@ -271,8 +271,12 @@ def index_cache(
         _print_json(info)
         return
     typer.echo(f"cached the demonstrations of {info['count']} records of index {name} ({info['tokens']} tokens, "
-               f"{info['dtype']}): {info['bytes'] / 1e9:.3g} GB, {info['bytes_per_record'] / 1e3:.3g} KB a record, "
-               f"{info['bytes_per_token']} bytes a token, in {info['path']} ({info['seconds']:.0f} s)")
+               f"{info['dtype']}): {_size(info['bytes'])}, {_size(info['bytes_per_record'])} a record, "
+               f"{info['bytes_per_token']:,} bytes a token, in {info['path']} ({info['seconds']:.0f} s)")
+
+
+def _size(n: float) -> str:
+    return next(f"{n / 10**e:.3g} {unit}" for e, unit in ((9, "GB"), (6, "MB"), (3, "KB"), (0, "bytes")) if n >= 10**e or not e)
 
 
 anchors_app = typer.Typer(no_args_is_help=True, help="kNN prompting's anchors (Xu et al. 2023).")

@@ -70,7 +70,7 @@ __all__ = ["KVCache", "KVCacheError", "build_kv_cache", "score_cached", "kv_fold
            "decode", "KV_FORMAT", "MAX_PAST_BYTES"]
 
 KV_FORMAT = 1
-MANIFEST, DATA, SCALES, OFFSETS, IDS = "manifest.json", "kv.bin", "scales.bin", "offsets.npy", "ids.npy"
+MANIFEST, DATA, SCALES, OFFSETS = "manifest.json", "kv.bin", "scales.bin", "offsets.npy"
 FOLDER = "kvcache"  # inside the index's folder
 MAX_PAST_BYTES = 512 * 2**20  # a scoring batch's gathered keys/values (in the LM's dtype) stay below this
 _STORED = {KVDType.BFLOAT16: torch.int16, KVDType.INT8: torch.int8, KVDType.FLOAT32: torch.float32}
@@ -174,8 +174,8 @@ class KVCache:
                   "index_version": index_version, "records": len(index), "index_sha256": index_fingerprint(index)}
         for key, want in expect.items():
             if (key != "index_version" or want is not None) and m.get(key) != want:
-                raise KVCacheError(f"the KV cache was built for another {_WHAT[key]} ({_short(m.get(key))}, not "
-                                   f"{_short(want)}); {rebuild}")
+                raise KVCacheError(f"the KV cache was built for another {_WHAT[key]} ({_differs(m.get(key), want)}); "
+                                   f"{rebuild}")
         stored = _STORED[KVDType(m["dtype"])]
         shape = (m["tokens"], m["layers"], 2, m["kv_heads"], m["head_dim"])
         data = _mapped(version / DATA, stored, shape, rebuild)
@@ -196,6 +196,14 @@ def _mapped(path: Path, dtype: torch.dtype, shape: tuple[int, ...], rebuild: str
     if want == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(np.memmap(path, dtype=_NUMPY[dtype], mode="c", shape=shape))
+
+
+def _differs(had, want) -> str:
+    """What differs, short: the first differing entry of two dicts (a template), else both values."""
+    if isinstance(had, dict) and isinstance(want, dict):
+        key = next(k for k in sorted(set(had) | set(want)) if had.get(k) != want.get(k))
+        return f"{key} {_short(had.get(key))}, not {_short(want.get(key))}"
+    return f"{_short(had)}, not {_short(want)}"
 
 
 def _short(value) -> str:
@@ -261,7 +269,6 @@ def build_kv_cache(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, f
         if scales is not None:
             scales.flush()
         np.save(tmp / OFFSETS, offsets, allow_pickle=False)
-        np.save(tmp / IDS, np.fromiter((t for b in blocks for t in b), np.int32, n_tok), allow_pickle=False)
         vectors = geometry["layers"] * 2 * geometry["kv_heads"]  # one key and one value per layer and head
         per_token = vectors * geometry["head_dim"] * torch.empty(0, dtype=_STORED[dtype]).element_size()
         if dtype is KVDType.INT8:

@@ -13,7 +13,7 @@ from ...core.choices import Calibration, Scoring, SelectionMethod
 
 __all__ = ["ClassifyRequest", "GenerateRequest", "SearchRequest", "CompletionRequest", "MAX_K"]
 
-MAX_K = 256  # demonstrations per query; more never fits a context anyway
+MAX_K = 256  # demonstrations per query (cached scoring keeps them all: each costs its keys and values in memory)
 
 
 class _Strict(BaseModel):
