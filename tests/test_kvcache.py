@@ -349,8 +349,9 @@ def test_soft_prompts_refuse_cached_scoring(engine):
 def test_packaged_smollm2_one_demonstration_cached_is_exact(tmp_path):
     """The real model (30 layers, 3 KV heads, RoPE base 1e5, the built-in sentiment template with
     its instruction as the prefix): with a float32 cache, one demonstration scored cached is
-    exact scoring; with the default bfloat16 cache and k = 4 the labels stay those of exact scoring
-    on these easy reviews."""
+    exact scoring. The default bfloat16 cache then gives the float32 cache's labels at k = 4 (the
+    same approximation stored at 8 significant bits; the positive probabilities here are 0.05-0.9,
+    and moved by about 1e-3 when this test was written)."""
     from icl_engine.core.lm import load_lm
     from icl_engine.core.registry import SENTIMENT_TEMPLATE
 
@@ -363,7 +364,7 @@ def test_packaged_smollm2_one_demonstration_cached_is_exact(tmp_path):
     exact = engine.classify(QUERIES, QueryOptions(k=1))
     cached = engine.classify(QUERIES, QueryOptions(k=1, scoring="cached"))
     assert_scores_close([p.log_scores for p in cached], [p.log_scores for p in exact], lm)
+    full = [p.label for p in engine.classify(QUERIES, QueryOptions(k=4, scoring="cached"))]
     build_kv_cache(lm, engine.builder, index, tmp_path / "bf16")
     engine.use_kv_cache(KVCache.load(tmp_path / "bf16", lm=lm, builder=engine.builder, index=index))
-    assert [p.label for p in engine.classify(QUERIES[:3], QueryOptions(k=4, scoring="cached"))] == \
-        [p.label for p in engine.classify(QUERIES[:3], QueryOptions(k=4))]
+    assert [p.label for p in engine.classify(QUERIES, QueryOptions(k=4, scoring="cached"))] == full

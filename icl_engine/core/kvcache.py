@@ -27,7 +27,9 @@ with the model's own rotary embedding). Two layouts:
     block. Positions then never exceed what the model was trained on, whatever k is; the model
     sees k demonstrations "in parallel", which it was not trained for. `rescale` applies Hao et
     al.'s rescaled attention there (each block's tokens' attention weights divided by the number
-    of blocks, as a -log(k) bias on their attention logits); off by default.
+    of blocks, as a -log(k) bias on their attention logits); off by default, and not a query
+    option. Measured with SmolLM2, reuse costs accuracy against sequential positions (SNIPS,
+    k = 64: 5.8 points; benchmarks/results/kv_cache/reuse), so it is the fallback only.
 The budget never drops a demonstration in cached scoring: all k are kept (select.py is asked
 with no budget), and the layout alone changes when they do not fit.
 
