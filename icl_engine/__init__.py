@@ -6,6 +6,8 @@
     engine = icl.load("reviews")                            # the LM, embedder and index, loaded once
     [pred] = engine.classify(["a tender, funny film"], k=8)  # .label .probs .log_scores .demo_ids .demos
     icl.search("reviews", "a tender, funny film", k=4)      # the demonstrations the index holds for a text
+    icl.cache_index("reviews")                              # each demonstration's keys/values, stored once:
+    engine.classify(["a tender, funny film"], k=64, scoring="cached")   # then only the query is run
     icl.evaluate_file(icl.PipelineConfig(index="reviews", k=8), "test.jsonl")["accuracy"]
     clf = icl.ICLClassifier(k=8).fit(texts, labels)          # scikit-learn: predict, predict_proba, score
 
@@ -28,10 +30,12 @@ _EXPORTS = {
     "Prediction": "icl_engine.core.results", "Generation": "icl_engine.core.results", "Demo": "icl_engine.core.results",
     "GenerationDemo": "icl_engine.core.results",
     "SelectionMethod": "icl_engine.core.choices", "Calibration": "icl_engine.core.choices",
+    "Scoring": "icl_engine.core.choices",
     "ExampleIndex": "icl_engine.core.index", "load_dataset": "icl_engine.core.data",
     "build_index": "icl_engine.apps.indexes", "add_to_index": "icl_engine.apps.indexes",
     "remove_from_index": "icl_engine.apps.indexes", "index_info": "icl_engine.apps.indexes",
     "search": "icl_engine.apps.indexes", "list_indexes": "icl_engine.apps.indexes",
+    "cache_index": "icl_engine.apps.indexes",
     "classify": "icl_engine.apps.queries", "generate": "icl_engine.apps.queries",
     "evaluate_file": "icl_engine.apps.queries", "classify_file": "icl_engine.apps.queries",
     "generate_file": "icl_engine.apps.queries", "load": "icl_engine.apps.queries",

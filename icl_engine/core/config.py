@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 
 from .atomic import read_json, write_json
-from .choices import DEFAULT_LM, AnchorReadout, Calibration, DemoOrder, DType, SelectionMethod
+from .choices import DEFAULT_LM, AnchorReadout, Calibration, DemoOrder, DType, Scoring, SelectionMethod
 from .prompt import Template
 
 __all__ = ["EngineSpec", "QueryOptions", "PipelineConfig", "ConfigError"]
@@ -110,10 +110,14 @@ class QueryOptions:
     anchor_weight: float | None = None
     anchor_readout: AnchorReadout = AnchorReadout.KNN
     fitted: bool = False  # answered by the index's fit (set when method auto resolves to it)
+    # exact: the whole prompt through the LM. cached: the demonstrations' keys/values come from
+    # the index's KV cache (`icl index cache`) and only the query is run; k is then not bounded
+    # by the context (kvcache.py says how positions are laid out).
+    scoring: Scoring = Scoring.EXACT
 
     def __post_init__(self):
         for name, kind in (("method", SelectionMethod), ("calibration", Calibration), ("order", DemoOrder),
-                           ("anchor_readout", AnchorReadout)):
+                           ("anchor_readout", AnchorReadout), ("scoring", Scoring)):
             _enum(self, name, kind)
         for name, low in (("k", 0), ("anchor_k", 1), ("batch_size", 1), ("max_new_tokens", 1)):
             v = getattr(self, name)

@@ -191,7 +191,7 @@ def evaluate(
         raise ValueError(f"chunk must be positive, got {chunk}")
     k = 0 if o.method is SelectionMethod.ZERO else o.k  # zero-shot shows no demonstrations, whatever k says
     out = {"method": o.method.value, "k": k, "index": labeller.spec.index, "lm": labeller.lm_name,
-           "calibration": o.calibration.value, "answered_by": answered_by}
+           "calibration": o.calibration.value, "scoring": o.scoring.value, "answered_by": answered_by}
     desc = f"eval {o.method.value}" + (f"-{k}" if k else "")
     t0 = time.perf_counter()
     if index.kind is TaskKind.CLASSIFICATION:

@@ -6,28 +6,31 @@
 An Engine holds what is loaded (engines.py keeps one per EngineSpec); every call says what it
 asks (QueryOptions), one set for the whole batch or one per query. Queries with different
 options are selected and calibrated apart but scored in ONE pass of the LM, so a service can
-batch a k = 4 request with a k = 8 one. Every stage lives in its own module; this file wires
-them together.
+batch a k = 4 request with a k = 8 one (queries with `scoring="cached"` take a second pass, over
+the index's KV cache: kvcache.py). Every stage lives in its own module; this file wires them
+together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from .adapters import SoftPrompt, load_soft_prompt
-from .choices import AnchorReadout, Calibration, SelectionMethod
+from .choices import AnchorReadout, Calibration, Scoring, SelectionMethod
 from .config import EngineSpec, PipelineConfig, QueryOptions
 from .data import TaskKind
 from .embed import Embedder
 from .fits import Fit, read_fit
 from .generate import generate, generate_stream
 from .knn_prompt import Anchors, KnnPrompter
+from .kvcache import KVCache, KVCacheError, kv_folder, score_cached
 from .lm import LM
-from .prompt import Prompt, PromptBuilder, Template
+from .prompt import Prompt, PromptBuilder, PromptTooLong, Template
 from .readout import LinearReadout, has_readout
 from .results import Demo, Generation, GenerationDemo, Prediction
 from .score import PendingScores, Prefix, calibrate, compute_prefix, launch_scores
@@ -98,6 +101,11 @@ class Engine:
     defaults: QueryOptions = QueryOptions()  # the options of a call that gives none
     fit: Fit | None = None  # the index's fit (icl index fit): answers method "auto"
     fit_parts: Parts | None = None
+    # cached scoring: the index's KV cache, read by the first query that asks (and again when
+    # `icl index cache` publishes a new one); kv_folder None: an index in memory (use_kv_cache)
+    kv: KVCache | None = None
+    kv_folder: Path | None = None
+    index_version: str | None = None
 
     def __post_init__(self):
         if self.builder is None:  # Engine(spec): load what it names
@@ -114,8 +122,9 @@ class Engine:
 
         parts = resolve(spec, lm=lm, embedder=embedder, index=index)
         engine = cls.from_parts(spec, parts.index, parts.embedder, parts.lm, parts.template, parts.soft)
+        version = version or (index_version(parts.folder) if index is None else None)
+        engine.kv_folder, engine.index_version = kv_folder(parts.folder), version
         if spec.anchors:
-            version = version or (index_version(parts.folder) if index is None else None)
             anchors = Anchors.load(spec.anchors, lm=parts.lm, builder=engine.builder, index=parts.index,
                                    index_version=version)
             readout = LinearReadout.load(spec.anchors, anchors) if has_readout(spec.anchors) else None
@@ -163,6 +172,27 @@ class Engine:
         """Label by kNN prompting (alone, or mixed with the demonstrations' label probabilities
         as a query's anchor_weight says); `readout`, when given, answers queries that ask for it."""
         self.knn = KnnPrompter(self.lm, self.builder, anchors, self.index, readout=readout, folder=folder)
+
+    def use_kv_cache(self, cache: KVCache) -> None:
+        """Answer cached-scoring queries from `cache` (an engine over an index in memory; one
+        loaded from an index folder reads the index's own cache)."""
+        self.kv, self.kv_folder = cache, None
+
+    def kv_cache(self) -> KVCache:
+        """The KV cache cached scoring reads: the index's current one, loaded when first asked
+        for and again when a new one has been published."""
+        if self.spec.soft_prompt is not None:
+            raise KVCacheError("cached scoring cannot be used with a soft prompt (the cached demonstrations were "
+                               "computed without it); use --scoring exact")
+        if self.kv_folder is not None:
+            from .index import store  # (faiss: an index folder was loaded, so it is there)
+
+            if self.kv is None or self.kv.version != store.read_pointer(self.kv_folder):
+                self.kv = KVCache.load(self.kv_folder, lm=self.lm, builder=self.builder, index=self.index,
+                                       index_version=self.index_version, name=self.spec.index)
+        elif self.kv is None:
+            raise KVCacheError("this engine's index is in memory and has no KV cache (give it one with use_kv_cache)")
+        return self.kv
 
     def options(self, options: Options, n: int, overrides: dict | None = None) -> tuple[QueryOptions, ...]:
         """One QueryOptions per query: `options` (one set, one per query, or None for the
@@ -229,8 +259,11 @@ class Engine:
         qv = self.embedder.encode(list(queries)) if vectors is None else vectors  # [q, d]
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
         answer, reserved = self._answer_tokens(o), self.builder.reserved
-        budgets = [self.budget(o) - reserved(q, self.parts(o).n_virtual, answer_tokens=answer, query_ids=i)
-                   for q, i in zip(queries, qids)]
+        # cached scoring keeps all k demonstrations whatever their length (kvcache.py: the layout
+        # changes when they do not fit); exact scoring packs the budget
+        budgets = None if o.scoring is Scoring.CACHED else \
+            [self.budget(o) - reserved(q, self.parts(o).n_virtual, answer_tokens=answer, query_ids=i)
+             for q, i in zip(queries, qids)]
         return select_many(
             self.index, qv, method=o.method, k=o.k, budgets=budgets, query_texts=list(queries),
             exclude_ids=exclude_ids, demo_lengths=self.builder.demo_lengths(self.index.records),
@@ -243,6 +276,12 @@ class Engine:
         qids = self.builder.query_ids_many(queries) if query_ids is None else query_ids
         budget = self.budget(options) - self.parts(options).n_virtual
         answer, assemble = self._answer_tokens(options), self.builder.assemble
+        if options.scoring is Scoring.CACHED:  # no budget on the demonstrations; the query alone must fit
+            for q, i in zip(queries, qids):
+                alone = self.builder.reserved(q, 0, answer, query_ids=i)
+                if alone > budget:
+                    raise PromptTooLong(f"the query alone needs {alone} tokens but the budget is {budget}")
+            budget = None
         return [assemble([recs[i] for i in sel.ids.tolist()], q, budget=budget, answer_tokens=answer, query_ids=i)
                 for q, sel, i in zip(queries, selections, qids)]
 
@@ -253,15 +292,39 @@ class Engine:
     def _skipped(self, sel: Selection) -> tuple[str, ...]:
         return tuple(self.index.records[i].id for i in sel.skipped)
 
-    def _launch_scores(self, prompts: Sequence[Prompt], batch_size: int, prefix: Prefix | None) -> PendingScores:
+    def _launch_scores(self, prompts: Sequence[Prompt], options: Sequence[QueryOptions],
+                       selections: Sequence[Selection]) -> PendingScores:
+        """Queue the label scores of every prompt (each with its options and demonstrations; all
+        with one prefix, see launch): the exact ones in one LM pass, the cached ones in another (a
+        prompt without demonstrations is scored exactly: cached scoring of it is the same computation)."""
         labels = [self.builder.label_ids(lab) for lab in self.index.labels]
-        # the shared tokens are already in the cached prefix
-        ids = [p.ids[p.shared_len:] if prefix is not None else p.ids for p in prompts]
-        return launch_scores(self.lm, ids, labels, prefix=prefix, batch_size=batch_size)
+        parts = self.parts(options[0])
+        cached = [i for i, (o, s) in enumerate(zip(options, selections))
+                  if o.scoring is Scoring.CACHED and len(s)]
+        if cached and parts.n_virtual:
+            raise KVCacheError("cached scoring cannot be used with a soft prompt (the cached demonstrations were "
+                               "run after the instruction alone); use scoring \"exact\"")
+        exact = sorted(set(range(len(prompts))) - set(cached))
+        pieces = []
+        if exact:
+            # the shared tokens are already in the cached prefix
+            ids = [prompts[i].ids[prompts[i].shared_len:] if parts.prefix is not None else prompts[i].ids
+                   for i in exact]
+            pieces.append((exact, launch_scores(self.lm, ids, labels, prefix=parts.prefix,
+                                                batch_size=options[exact[0]].batch_size)))
+        if cached:
+            pieces.append((cached, score_cached(
+                self.lm, self.kv_cache(), parts.prefix, [prompts[i] for i in cached],
+                [selections[i].ids for i in cached], labels,
+                budgets=[self.budget(options[i]) - parts.n_virtual for i in cached],
+                answer=self.builder.max_answer_len, batch_size=options[cached[0]].batch_size)))
+        if not cached:
+            return pieces[0][1]
+        return PendingScores.join((len(prompts), len(labels)), pieces)
 
-    def _score(self, prompts: Sequence[Prompt], o: QueryOptions) -> np.ndarray:
-        """log p(label | prompt) for every label: float64 [q, L]."""
-        return self._launch_scores(prompts, o.batch_size, self.parts(o).prefix).result()
+    def _score(self, prompts: Sequence[Prompt], options: QueryOptions, selections: Sequence[Selection]) -> np.ndarray:
+        """log p(label | prompt) for every label, all prompts with one option set: float64 [q, L]."""
+        return self._launch_scores(prompts, [options] * len(prompts), selections).result()
 
     def _knn_alone(self, o: QueryOptions) -> bool:
         return self.anchor_weight(o) >= 1.0
@@ -308,9 +371,9 @@ class Engine:
                 by_prefix.setdefault(id(self.parts(o).prefix), []).append(i)
         scores = []
         for rows in by_prefix.values():
-            o = prepared.options[rows[0]]
-            prompts = [prepared.prompts[i] for i in rows]
-            scores.append((rows, self._launch_scores(prompts, o.batch_size, self.parts(o).prefix)))
+            scores.append((rows, self._launch_scores([prepared.prompts[i] for i in rows],
+                                                     [prepared.options[i] for i in rows],
+                                                     [prepared.selections[i] for i in rows])))
         return Launched(prepared, tuple(scores))
 
     def collect(self, launched: Launched) -> list[Prediction]:
@@ -371,7 +434,8 @@ class Engine:
         """Contextual calibration's reference (Zhao et al. 2021): label probabilities for the
         content-free inputs with the SAME demonstrations, averaged. float64 [q, L]."""
         o, n = self.resolve(options or self.defaults), len(selections)
-        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o), o)))
+        return np.mean([np.exp(calibrate(Calibration.NONE, self._score(self._prompts([c] * n, selections, o), o,
+                                                                       selections)))
                         for c in CONTENT_FREE], axis=0)
 
     def premise_log_scores(self, options: QueryOptions | None = None) -> np.ndarray:
@@ -379,7 +443,7 @@ class Engine:
         prefix with no input and no demonstrations). float64 [1, L]."""
         o = options or self.defaults
         o = self.resolve(o)
-        return self._score(self._prompts([""], [Selection.empty()], o), o)
+        return self._score(self._prompts([""], [Selection.empty()], o), o, [Selection.empty()])
 
     # ------------------------------------------------------------------ generation
 
@@ -389,6 +453,7 @@ class Engine:
         fields = {f.name for f in dataclasses.fields(QueryOptions)}
         overrides = {k: sampling.pop(k) for k in list(sampling) if k in fields}
         opts = self.options(options, len(inputs), {**overrides, "max_new_tokens": max_new_tokens})
+        _exact_only(opts)
         out: list[Generation | None] = [None] * len(inputs)
         for o, rows in groups(opts).items():
             sub = [inputs[i] for i in rows]
@@ -409,6 +474,7 @@ class Engine:
         (generate.generate_stream); the pieces join to the returned Generation's text before its
         surrounding whitespace is stripped."""
         [o] = self.options(options, 1, {"max_new_tokens": max_new_tokens})
+        _exact_only([o])
         [sel] = self.select([input], o)
         [prompt], prefix = self._prompts([input], [sel], o), self.parts(o).prefix
         ids = prompt.ids[prompt.shared_len:] if prefix is not None else prompt.ids
@@ -421,3 +487,9 @@ class Engine:
         return Generation(input, text.strip(), [d.id for d in demos], len(prompt.ids) + self.parts(o).n_virtual,
                           demos, answered_by=self.describe(o), skipped=self._skipped(sel), dropped=sel.dropped,
                           short=sel.short)
+
+
+def _exact_only(options: Sequence[QueryOptions]) -> None:
+    if any(o.scoring is Scoring.CACHED for o in options):
+        raise KVCacheError("cached scoring is for classification; generation reads its prompt exactly "
+                           "(scoring \"exact\")")

@@ -100,6 +100,14 @@ class PendingScores:
     event: torch.cuda.Event | None = None
     divide: np.ndarray | None = None  # [L] token counts, for length-normalised scores
 
+    @classmethod
+    def join(cls, shape: tuple[int, int], pieces: Sequence[tuple[Sequence[int], "PendingScores"]]) -> "PendingScores":
+        """One batch's scores from passes over parts of it (exact and cached prompts): each piece's
+        rows of the whole, and its PendingScores (none length-normalised)."""
+        parts = [([rows[i] for i in idx], t) for rows, p in pieces for idx, t in p.parts]
+        events = [p.event for _, p in pieces if p.event is not None]
+        return cls(shape, parts, events[-1] if events else None)  # one stream: the last event waits for all
+
     def result(self) -> np.ndarray:
         """log p(continuation j | prompt i): float64 [q, L]."""
         if self.event is not None:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...core import cancel
+from ...core.choices import Scoring
 from ...core.config import EngineSpec, QueryOptions
 from ...core.data import is_blank
 from ...core.errors import one_line
@@ -314,9 +315,14 @@ async def classify(req: ClassifyRequest, request: Request):
     ctx.check_texts(texts)
     spec, version = await ctx.checked(ctx.service.spec, req.index, req.soft_prompt)
     options = QueryOptions(**{k: v for k, v in (("k", req.k), ("method", _value(req.method)),
-                                                 ("calibration", _value(req.calibration))) if v is not None},
+                                                 ("calibration", _value(req.calibration)),
+                                                 ("scoring", _value(req.scoring))) if v is not None},
                            batch_size=ctx.config.batch_size)
-    job = Job("classify", len(texts), _classify_group(ctx.service), ctx.deadline(), key=f"{spec.key()}@{version}",
+    # Cached and exact requests batch apart: they never share an LM pass anyway (the engine scores
+    # them in two), and a cached request the index's KV cache cannot serve (none built, or stale)
+    # then fails alone instead of with every request that shared its engine call.
+    key = f"{spec.key()}@{version}" + ("#cached" if options.scoring is Scoring.CACHED else "")
+    job = Job("classify", len(texts), _classify_group(ctx.service), ctx.deadline(), key=key,
               payload=(spec, version, texts, options))
     preds = await ctx.run(request, job)
     if req.labels is not None and set(req.labels) != set(preds[0].probs):

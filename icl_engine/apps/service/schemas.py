@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from ...core.choices import Calibration, SelectionMethod
+from ...core.choices import Calibration, Scoring, SelectionMethod
 
 __all__ = ["ClassifyRequest", "GenerateRequest", "SearchRequest", "CompletionRequest", "MAX_K"]
 
-MAX_K = 256  # demonstrations per query; more never fits a context anyway
+MAX_K = 256  # demonstrations per query (cached scoring keeps them all: each costs its keys and values in memory)
 
 
 class _Strict(BaseModel):
@@ -27,6 +27,8 @@ class ClassifyRequest(_Strict):
     k: StrictInt | None = Field(None, ge=0, le=MAX_K)
     method: SelectionMethod | None = None
     calibration: Calibration | None = None
+    scoring: Scoring | None = Field(None, description="exact (default) or cached: the demonstrations' keys/values "
+                                    "from the index's KV cache (`icl index cache`).")
     soft_prompt: str | None = Field(None, description="A soft prompt folder's name under the adapters dir.")
     labels: list[str] | None = Field(None, description="The label set the client expects; another index's "
                                      "labels are an error instead of an answer.")

@@ -14,12 +14,17 @@ Positions are computed from the attention mask, so a padded row scores exactly l
 one. A `Prefix` is computed once and every batch reads a fresh cache over its tensors.
 Generation: one prompt pass, then one token per step reading the cache; rows that finish leave
 the batch (and the cache), so the remaining rows stop paying for them.
+Cached scoring (kvcache.py): `block_kv` hands out the keys/values a row leaves after the prefix,
+`move_keys` turns stored keys to other positions with the model's own rotary embedding, and
+`score_after` runs rows and their labels in one pass against a past given as tensors, with a
+mask and an attention bias of the caller's.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ..backend import Ids, Prefix
+from ..backend import BackendError, Ids, Prefix
 from ..generate import cut_at_stop
 
 __all__ = ["HFBackend", "prefix_cache", "left_pad"]
@@ -50,6 +55,7 @@ class HFBackend:
     device: torch.device
     compiled: bool = False  # the forward goes through torch.compile (see `compile`)
     packed: dict = field(default_factory=dict, repr=False, compare=False)  # label set -> _Packed (see _packed)
+    _rope: tuple | None = field(default=None, repr=False, compare=False)  # (rotary module, rotate_half), found once
 
     def compile(self) -> None:
         """torch.compile the model's forward, with dynamic shapes so that one graph serves every
@@ -191,6 +197,115 @@ class HFBackend:
                          position_ids=next_pos[:, None] + packed.off[None], cache=cache, use_cache=True)
         lp = out.logits.float().log_softmax(-1)  # [B, C, V]
         got = lp.gather(-1, packed.target.expand(B, C)[..., None])[..., 0]  # [B, C]
+        return scores.index_add(1, packed.seg, got)
+
+    # ------------------------------------------------------------------ demonstration key/value blocks
+
+    @torch.inference_mode()
+    def block_kv(self, rows: Ids, prefix: Prefix | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values each row leaves in every layer when it is run alone after the
+        prefix (positions P, P+1, ...): [B, layers, 2, H_kv, T, D], each row right-aligned (left
+        padding, as prefill lays rows out), and the rows' lengths [B]."""
+        _, cache, full, _ = self.prefill(rows, prefix)
+        P = prefix.length if prefix is not None else 0
+        kv = torch.stack([torch.stack([layer.keys[:, :, P:], layer.values[:, :, P:]], 1)
+                          for layer in cache.layers], 1)  # [B, layers, 2, H, T, D]
+        return kv, full[:, P:].sum(1)
+
+    def _rotary(self) -> tuple[torch.nn.Module, Callable]:
+        """The model's own rotary embedding module and its rotate_half (the pairing of dimensions
+        it rotates together); a BackendError when the model has none."""
+        if self._rope is None:
+            found = [m for name, m in self.model.named_modules() if name.endswith("rotary_emb")]
+            half = getattr(sys.modules.get(type(self._base()).__module__), "rotate_half", None)
+            if not found or half is None:
+                raise BackendError(f"{self.name} has no rotary position embedding this engine can move: cached "
+                                   "scoring needs a RoPE model (Llama, Qwen, Mistral, SmolLM2, ...)")
+            probe = torch.arange(8.0)
+            split = bool(torch.equal(half(probe), torch.cat([-probe[4:], probe[:4]])))  # pairs (i, i + D/2)
+            self._rope = (found[0], half, split)
+        return self._rope
+
+    def _base(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [..., D] of the model's rotation at `positions` (int64 [...]), from its own
+        rotary embedding (its scaling config included) with the attention scaling divided out:
+        the pure rotation the model applies to a key at that position."""
+        rope = self._rotary()[0]
+        flat = positions.reshape(1, -1).to(self.device)
+        cos, sin = rope(torch.zeros(1, dtype=torch.float32, device=self.device), flat)  # [1, N, D]
+        scale = float(getattr(rope, "attention_scaling", 1.0) or 1.0)
+        shape = (*positions.shape, cos.shape[-1])
+        return (cos[0] / scale).reshape(shape), (sin[0] / scale).reshape(shape)
+
+    def move_keys(self, keys: torch.Tensor, stored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Keys the model rotated for positions `stored`, turned IN PLACE to what they would be at
+        positions `target`: RoPE turns each pair of dimensions by an angle proportional to the
+        position, so turning by angle(target) - angle(stored) gives what the model would have
+        computed at `target` from the same unrotated key. The angles are the model's own (cos and
+        sin of both positions, composed: cos(a-b) = cos a cos b + sin a sin b, sin(a-b) = sin a
+        cos b - cos a sin b), so its rounding of position x frequency is kept. keys [..., S, D]
+        (float); stored, target int64, broadcastable to keys' [..., S] (e.g. [B, 1, S] for keys
+        [layers, B, H, S, D]). Returns `keys`."""
+        _, half, split = self._rotary()
+        ct, st = self.rotary(target)
+        cs, ss = self.rotary(stored)
+        cos, sin = ct * cs + st * ss, st * cs - ct * ss  # [..., S, D]
+        D = keys.shape[-1]
+        if cos.shape[-1] != D:
+            raise BackendError(f"{self.name} rotates {cos.shape[-1]} of {D} key dimensions (partial rotary): "
+                               "cached scoring cannot move its keys")
+        cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)
+        if split and torch.equal(cos[..., : D // 2], cos[..., D // 2:]) and torch.equal(sin[..., : D // 2], sin[..., D // 2:]):
+            # dimension i turns with i + D/2 by one angle: rotate the halves, without rotate_half's copies
+            c, s_ = cos[..., : D // 2], sin[..., : D // 2]
+            k1, k2 = keys[..., : D // 2], keys[..., D // 2:]
+            first = k1 * c - k2 * s_
+            k2.copy_(k2 * c + k1 * s_)
+            k1.copy_(first)
+            return keys
+        return keys.copy_(keys * cos + half(keys) * sin)
+
+    @torch.inference_mode()
+    def score_after(self, past: Sequence[tuple[torch.Tensor, torch.Tensor]], see: torch.Tensor, rows: Ids,
+                    start: torch.Tensor, continuations: Ids, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed log-probs [B, L] of every label after each row, the row reading `past` (per layer
+        (key, value) [B, H_kv, K, D], keys already rotated for their positions) where `see` [B, K]
+        (bool) says, with `bias` [B, K] added to its attention logits (None: 0). Row i's tokens
+        take positions start[i], start[i]+1, ... (start int64 [B]); rows are left-padded.
+
+        One forward: the rows, then the labels packed side by side (as score_batch's label pass
+        lays them out), each label token seeing the past, its row and the earlier tokens of its own
+        label; logits for the row's last position and the label tokens only."""
+        packed = self._packed(continuations)
+        B, K = see.shape
+        ids_np, mask_np = left_pad(rows, self.tokenizer.pad_token_id or 0)  # [B, T] each
+        if not mask_np.sum(1).all():
+            raise BackendError("score_after: a row is empty")
+        ids, mask = self._to_device(torch.from_numpy(ids_np)), self._to_device(torch.from_numpy(mask_np))
+        T, C, real, dev = ids.shape[1], packed.ids.numel(), mask.bool(), self.device
+        pos = start.to(dev)[:, None] + (mask.cumsum(1) - 1).clamp(min=0)  # [B, T]
+        ids = torch.cat([ids, packed.ids.expand(B, C)], 1)  # [B, T+C]
+        pos = torch.cat([pos, pos[:, -1:] + 1 + packed.off[None]], 1)  # labels right after the row's last token
+        own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & real[:, None, :]  # [B, T, T]
+        own |= torch.eye(T, dtype=torch.bool, device=dev)[None]  # a padding row sees itself: no empty softmax
+        rows_see = torch.cat([own, own.new_zeros(B, T, C)], 2)  # [B, T, T+C]: rows never see the labels
+        labels_see = torch.cat([real[:, None, :].expand(B, C, T), packed.block.expand(B, C, C)], 2)  # [B, C, T+C]
+        full = torch.cat([see[:, None, :].expand(B, T + C, K), torch.cat([rows_see, labels_see], 1)], 2)
+        attn = torch.zeros(B, 1, T + C, K + T + C, dtype=self.dtype, device=dev)
+        if bias is not None:
+            attn[:, 0, :, :K] = bias[:, None, :].to(self.dtype)
+        attn.masked_fill_(~full[:, None], torch.finfo(self.dtype).min)  # additive: works for sdpa and eager
+        keep = {"logits_to_keep": C + 1} if self._last_only() else {}
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                         cache=DynamicCache(list(past), config=self.model.config), use_cache=True, **keep)
+        lp = out.logits[:, -(C + 1):].float().log_softmax(-1)  # [B, C+1, V]: the row's last token, then the labels'
+        scores = lp[:, 0, packed.first]  # [B, L] first tokens
+        if C == 0:
+            return scores
+        got = lp[:, 1:].gather(-1, packed.target.expand(B, C)[..., None])[..., 0]  # [B, C]
         return scores.index_add(1, packed.seg, got)
 
     @torch.inference_mode()
