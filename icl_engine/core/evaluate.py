@@ -160,6 +160,50 @@ def _collect(chunks: Iterator[tuple[slice, list]], n: int, bar, row) -> tuple[li
     return rows, counts
 
 
+def _eval_classification(labeller: Labeller, test: Dataset, limit: int | None, chunk: int, o: QueryOptions,
+                         desc: str, progress: bool) -> tuple[dict, np.ndarray]:
+    """evaluate's classification fields (accuracy, macro-F1, confusion, predictions) and the
+    per-query counts [n, 5] of _collect."""
+    index = labeller.index
+    records = list(test.records[:limit])
+    unknown = sorted({r.output for r in records} - set(index.labels))
+    if unknown:
+        raise UnknownLabelError(f"test labels {unknown} are not among the index's labels {list(index.labels)}")
+    gold = [r.output for r in records]
+    row = lambda i, p: {"id": records[i].id, "text": p.text, "gold": gold[i], "label": p.label,  # noqa: E731
+                        "probs": p.probs, "log_scores": p.log_scores, "demo_ids": p.demo_ids}
+    with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
+        preds, counts = _collect(labeller.classify_chunks([r.input for r in records], chunk, o),
+                                 len(records), bar, row)
+    guess = [p["label"] for p in preds]
+    return dict(
+        n=len(records), accuracy=accuracy(gold, guess),
+        macro_f1=macro_f1(gold, guess, index.labels),
+        labels=list(index.labels),
+        confusion_matrix=confusion_matrix(gold, guess, index.labels).tolist(),
+        mean_prompt_tokens=float(np.mean(counts[:, 0])),
+        predictions=preds,
+    ), counts
+
+
+def _eval_generation(labeller: Labeller, test: Dataset, limit: int | None, chunk: int, o: QueryOptions,
+                     desc: str, progress: bool) -> tuple[dict, np.ndarray]:
+    """evaluate's generation fields (BLEU, ROUGE-L against every reference of an input, the
+    outputs) and the per-input counts [n, 5] of _collect."""
+    groups = group_references(test.records)[:limit]
+    row = lambda i, g: {"input": g.input, "output": g.output, "references": groups[i][1],  # noqa: E731
+                        "demo_ids": g.demo_ids}
+    with Progress(len(groups), desc, unit="inputs", enabled=progress) as bar:
+        gens, counts = _collect(labeller.generate_chunks([inp for inp, _ in groups], chunk, o),
+                                len(groups), bar, row)
+    hyps, refs = [g["output"] for g in gens], [r for _, r in groups]
+    return dict(
+        n=len(groups), bleu=bleu(hyps, refs), rouge_l=rouge_l(hyps, refs),
+        mean_prompt_tokens=float(np.mean(counts[:, 0])),
+        predictions=gens,
+    ), counts
+
+
 def evaluate(
     engine: Engine | Labeller,
     test: Dataset,
@@ -194,42 +238,10 @@ def evaluate(
            "calibration": o.calibration.value, "scoring": o.scoring.value, "answered_by": answered_by}
     desc = f"eval {o.method.value}" + (f"-{k}" if k else "")
     t0 = time.perf_counter()
-    if index.kind is TaskKind.CLASSIFICATION:
-        records = list(test.records[:limit])
-        unknown = sorted({r.output for r in records} - set(index.labels))
-        if unknown:
-            raise UnknownLabelError(
-                f"test labels {unknown} are not among the index's labels {list(index.labels)}")
-        gold = [r.output for r in records]
-        row = lambda i, p: {"id": records[i].id, "text": p.text, "gold": gold[i], "label": p.label,  # noqa: E731
-                            "probs": p.probs, "log_scores": p.log_scores, "demo_ids": p.demo_ids}
-        with Progress(len(records), desc, unit="queries", enabled=progress) as bar:
-            preds, counts = _collect(labeller.classify_chunks([r.input for r in records], chunk, o),
-                                     len(records), bar, row)
-        seconds = time.perf_counter() - t0
-        guess = [p["label"] for p in preds]
-        out.update(
-            n=len(records), accuracy=accuracy(gold, guess),
-            macro_f1=macro_f1(gold, guess, index.labels),
-            labels=list(index.labels),
-            confusion_matrix=confusion_matrix(gold, guess, index.labels).tolist(),
-            mean_prompt_tokens=float(np.mean(counts[:, 0])),
-            predictions=preds,
-        )
-    else:
-        groups = group_references(test.records)[:limit]
-        row = lambda i, g: {"input": g.input, "output": g.output, "references": groups[i][1],  # noqa: E731
-                            "demo_ids": g.demo_ids}
-        with Progress(len(groups), desc, unit="inputs", enabled=progress) as bar:
-            gens, counts = _collect(labeller.generate_chunks([inp for inp, _ in groups], chunk, o),
-                                    len(groups), bar, row)
-        seconds = time.perf_counter() - t0
-        hyps, refs = [g["output"] for g in gens], [r for _, r in groups]
-        out.update(
-            n=len(groups), bleu=bleu(hyps, refs), rouge_l=rouge_l(hyps, refs),
-            mean_prompt_tokens=float(np.mean(counts[:, 0])),
-            predictions=gens,
-        )
+    run = _eval_classification if index.kind is TaskKind.CLASSIFICATION else _eval_generation
+    fields, counts = run(labeller, test, limit, chunk, o, desc, progress)
+    seconds = time.perf_counter() - t0
+    out.update(fields)
     fewer = _fewer(counts[:, 1:], k)
     if fewer:  # never silent: how many queries got fewer than k demonstrations, and why
         out["fewer_demos"] = fewer

@@ -222,6 +222,27 @@ def _blocks(builder: PromptBuilder, index: ExampleIndex) -> list[list[int]]:
     return [builder.demo_ids(r) + builder.sep_ids for r in index.records]
 
 
+def _store_rows(kv: torch.Tensor, lens: torch.Tensor, rows, offsets: np.ndarray, dtype: KVDType,
+                data: np.memmap, scales: np.memmap | None) -> None:
+    """Copy a batch's keys and values kv [B, layers, 2, H, T, D] (left-padded to T; row b holds
+    lens[b] tokens) to each record's token range offsets[r]:offsets[r+1], encoded as `dtype`."""
+    T = kv.shape[4]
+    for b, r in enumerate(rows):
+        n = int(lens[b])
+        x = kv[b, :, :, :, T - n:].permute(3, 0, 1, 2, 4)  # [n, layers, 2, H, D]: its tokens, left padding cut
+        q, s = encode(x.cpu(), dtype)
+        data[offsets[r]: offsets[r + 1]] = q.numpy()
+        if s is not None:
+            scales[offsets[r]: offsets[r + 1]] = s.numpy()
+
+
+def _bytes_per_token(geometry: dict, dtype: KVDType) -> int:
+    """What one cached token costs on disk: a key and a value per layer and head (+ int8's scales)."""
+    vectors = geometry["layers"] * 2 * geometry["kv_heads"]
+    per_token = vectors * geometry["head_dim"] * torch.empty(0, dtype=_STORED[dtype]).element_size()
+    return per_token + (vectors * 4 if dtype is KVDType.INT8 else 0)  # int8: a float32 scale per vector
+
+
 @torch.inference_mode()
 def build_kv_cache(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, folder: str | Path, *,
                    index_version: str | None = None, dtype: KVDType | str = KVDType.BFLOAT16, batch_size: int = 16,
@@ -257,24 +278,14 @@ def build_kv_cache(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, f
                                  shape=(n_tok, layers, 2, heads, dim))
                 if dtype is KVDType.INT8:
                     scales = np.memmap(tmp / SCALES, dtype=np.float32, mode="w+", shape=(n_tok, layers, 2, heads))
-            T = kv.shape[4]
-            for b, r in enumerate(rows):
-                n = int(lens[b])
-                x = kv[b, :, :, :, T - n:].permute(3, 0, 1, 2, 4)  # [n, layers, 2, H, D]: its tokens, left padding cut
-                q, s = encode(x.cpu(), dtype)
-                data[offsets[r]: offsets[r + 1]] = q.numpy()
-                if s is not None:
-                    scales[offsets[r]: offsets[r + 1]] = s.numpy()
+            _store_rows(kv, lens, rows, offsets, dtype, data, scales)
             if progress is not None:
                 progress(len(rows))
         data.flush()
         if scales is not None:
             scales.flush()
         np.save(tmp / OFFSETS, offsets, allow_pickle=False)
-        vectors = geometry["layers"] * 2 * geometry["kv_heads"]  # one key and one value per layer and head
-        per_token = vectors * geometry["head_dim"] * torch.empty(0, dtype=_STORED[dtype]).element_size()
-        if dtype is KVDType.INT8:
-            per_token += vectors * 4  # their float32 scales
+        per_token = _bytes_per_token(geometry, dtype)
         manifest.update(geometry, tokens=n_tok, bytes=per_token * n_tok, bytes_per_token=per_token,
                         bytes_per_record=per_token * n_tok / len(blocks), seconds=time.perf_counter() - t0)
         write_json(tmp / MANIFEST, manifest)

@@ -261,6 +261,39 @@ def _default_fetch(method: SelectionMethod, k: int) -> int:
     return base + k
 
 
+def _check(index, method: SelectionMethod, k: int, budgets: list, demo_lengths, mmr_lambda: float,
+           fetch_k: int | None) -> tuple[str, ...]:
+    """select_many's argument checks (ValueError), before anything is searched; returns the
+    index's labels (empty for generation)."""
+    labels = tuple(getattr(index, "labels", ()) or ())
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if any(b is not None for b in budgets) and demo_lengths is None:
+        raise ValueError("a token budget needs demo_lengths (PromptBuilder.demo_lengths)")
+    if method is SelectionMethod.MMR and not 0.0 <= mmr_lambda <= 1.0:
+        raise ValueError(f"mmr_lambda must be in [0, 1], got {mmr_lambda}")
+    if fetch_k is not None and fetch_k < k:
+        raise ValueError(f"fetch_k must be >= k ({k}), got {fetch_k}")
+    if method is SelectionMethod.BALANCED and not labels:
+        raise ValueError("method 'balanced' needs a classification index (this one has no labels)")
+    return labels
+
+
+def _window(index, groups, qv: np.ndarray, method: SelectionMethod, fetch: int, random_window: int,
+            rngs: list) -> tuple[int, np.ndarray, np.ndarray]:
+    """Every query's candidate rows [q, w] int64 (-1 padding) and their similarities [q, w]
+    float32, with the window size w: a uniform draw for method random, else one index search."""
+    n = len(index.records)
+    if method is SelectionMethod.RANDOM:  # same pool, uniform over records; scores are still real similarities
+        window = min(n, random_window)
+        rows = np.stack([g.choice(n, size=window, replace=False) for g in rngs]).astype(np.int64)  # [q, w]
+        return window, rows, np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)
+    # fetch x (records per input) rows usually hold `fetch` inputs: one search for all queries
+    window = min(n, math.ceil(fetch * n / groups.count))
+    scores, rows = index.search(qv, window)
+    return window, rows, scores
+
+
 def select_many(
     index,
     query_vectors: np.ndarray,
@@ -289,26 +322,15 @@ def select_many(
     everything with `vectorized=False` (the reference the tests compare against).
     """
     method, order = SelectionMethod(method), DemoOrder(order)
-    if method is SelectionMethod.AUTO:
-        method = SelectionMethod.KNN  # (an engine resolves auto before it selects; a plain call means kNN)
+    # an engine resolves auto before it selects; a plain call means kNN
+    method = SelectionMethod.KNN if method is SelectionMethod.AUTO else method
     qv = np.asarray(query_vectors, np.float32)
-    if qv.ndim != 2:
+    if qv.ndim != 2:  # (before len(qv) means anything)
         raise ValueError(f"query_vectors must be [q, d], got shape {qv.shape}")
     nq, n = len(qv), len(index.records)
-    budgets = _per_query(budgets, nq, "budgets")
-    exclude_ids = _per_query(exclude_ids, nq, "exclude_ids")
-    query_texts = _per_query(query_texts, nq, "query_texts")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    if any(b is not None for b in budgets) and demo_lengths is None:
-        raise ValueError("a token budget needs demo_lengths (PromptBuilder.demo_lengths)")
-    if method is SelectionMethod.MMR and not 0.0 <= mmr_lambda <= 1.0:
-        raise ValueError(f"mmr_lambda must be in [0, 1], got {mmr_lambda}")
-    if fetch_k is not None and fetch_k < k:
-        raise ValueError(f"fetch_k must be >= k ({k}), got {fetch_k}")
-    labels = tuple(getattr(index, "labels", ()) or ())
-    if method is SelectionMethod.BALANCED and not labels:
-        raise ValueError("method 'balanced' needs a classification index (this one has no labels)")
+    budgets, exclude_ids, query_texts = (_per_query(v, nq, name) for v, name in (
+        (budgets, "budgets"), (exclude_ids, "exclude_ids"), (query_texts, "query_texts")))
+    labels = _check(index, method, k, budgets, demo_lengths, mmr_lambda, fetch_k)
     if method is SelectionMethod.ZERO or k == 0 or nq == 0:
         return [Selection.empty() for _ in range(nq)]
     if n == 0:
@@ -319,35 +341,34 @@ def select_many(
     # a seeded generator per query only where something is drawn (each costs ~20 us to seed)
     need_rng = method is SelectionMethod.RANDOM or order is DemoOrder.RANDOM
     rngs = [_rng(seed, t, v) if need_rng else None for t, v in zip(query_texts, qv)]
-    if method is SelectionMethod.RANDOM:  # same pool, uniform over records; scores are still real similarities
-        window = min(n, fetch_k or _default_fetch(method, k))
-        rows = np.stack([g.choice(n, size=window, replace=False) for g in rngs]).astype(np.int64)  # [q, w]
-        scores = np.einsum("qfd,qd->qf", index.vectors[rows], qv).astype(np.float32)  # [q, w]
-    else:
-        # fetch x (records per input) rows usually hold `fetch` inputs: one search for all queries
-        window = min(n, math.ceil(fetch * n / groups.count))
-        scores, rows = index.search(qv, window)  # [q, w] float32, int64 (-1 padding)
+    window, rows, scores = _window(index, groups, qv, method, fetch, fetch_k or _default_fetch(method, k), rngs)
 
     out: list[Selection | None] = [None] * nq
     if vectorized and method is SelectionMethod.KNN:  # the common case, for all queries at once
         out = _knn_many(index, groups, rows, scores, fetch, k, budgets, demo_lengths, exclude_ids, query_texts,
                         order, rngs)
-    for i in range(nq):
-        if out[i] is not None:
-            continue
-
-        def wider(size: int, i=i) -> tuple[np.ndarray, np.ndarray]:
-            return _fetch_one(index, method, qv[i], _rng(seed, query_texts[i], qv[i]), size)
-
-        window_i = (np.asarray(rows[i], np.int64), np.asarray(scores[i], np.float32))
-        if method is SelectionMethod.RANDOM:
-            rows_i, scores_i = _drawn(index, window_i, wider, window, k, exclude_ids[i], query_texts[i])
-        else:
-            rows_i, scores_i = _candidates(index, groups, window_i, wider, window, fetch, k, exclude_ids[i],
-                                           query_texts[i])
-        out[i] = _select_one(index, qv[i], rows_i, scores_i, method, k, budgets[i], demo_lengths, mmr_lambda,
-                             order, labels, rngs[i])
+    for i in range(nq):  # what _knn_many left, and every query of the other methods
+        if out[i] is None:
+            rows_i, scores_i = _candidates_alone(index, groups, method, qv[i], (rows[i], scores[i]), window, fetch, k,
+                                                 exclude_ids[i], query_texts[i], seed)
+            out[i] = _select_one(index, qv[i], rows_i, scores_i, method, k, budgets[i], demo_lengths, mmr_lambda,
+                                 order, labels, rngs[i])
     return out
+
+
+def _candidates_alone(index, groups, method: SelectionMethod, q: np.ndarray, window_rows: tuple, window: int,
+                      fetch: int, k: int, exclude_id: str | None, query_text: str | None,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One query's candidate rows and similarities from its share of the shared window
+    (rows [w], scores [w]), searching wider for this query alone where the window falls short."""
+
+    def wider(size: int) -> tuple[np.ndarray, np.ndarray]:
+        return _fetch_one(index, method, q, _rng(seed, query_text, q), size)
+
+    window_i = (np.asarray(window_rows[0], np.int64), np.asarray(window_rows[1], np.float32))
+    if method is SelectionMethod.RANDOM:
+        return _drawn(index, window_i, wider, window, k, exclude_id, query_text)
+    return _candidates(index, groups, window_i, wider, window, fetch, k, exclude_id, query_text)
 
 
 def _earlier_equal(x: np.ndarray, among: np.ndarray) -> np.ndarray:

@@ -936,58 +936,16 @@ class ExampleIndex:
             raise bad(f"index format version {m['format_version']}, this version of icl_engine reads {FORMAT_VERSION}")
         if embedder_name is not None and canonical_name(embedder_name) != m["embedder"]:
             raise bad(f"built with embedder {m['embedder']!r}, not {canonical_name(embedder_name)!r}")
-        blobs = {}
         disk = config.index_type is IndexType.IVFPQ_DISK
         data_files = DISK_FILES if disk else DATA_FILES
         optional = (TEMPLATE_FILE,) if TEMPLATE_FILE in m["files"] else ()
         extra_names = sorted(n for n in m["files"] if n not in (*data_files, TEMPLATE_FILE))
         if not all(_EXTRA.match(n) for n in extra_names):
             raise bad(f"manifest.json lists files that are not the index's: {extra_names}")
-        n, d = m["count"], m["dim"]
-        for name in (*data_files, *optional, *extra_names):  # read once, verify, then parse those very bytes
-            entry = m["files"].get(name)
-            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                    and isinstance(entry.get("size"), int)):
-                raise bad(f"manifest.json has no valid entry for {name}")
-            if not (version / name).is_file():
-                raise bad(f"missing file {name}")
-            streamed = name in _STREAMED  # too big to hold: verified in chunks, then mmapped
-            data = None if streamed else (version / name).read_bytes()
-            size = (version / name).stat().st_size if streamed else len(data)
-            if size != entry["size"]:
-                raise bad(f"{name} is {size} bytes, the manifest says {entry['size']} (truncated or modified)")
-            if (_sha256_file(version / name) if streamed else _sha256(data)) != entry["sha256"]:
-                raise bad(f"{name} does not match its sha256 in manifest.json (corrupt or modified)")
-            blobs[name] = data
-        if disk and os.path.getsize(version / RAW_FILE) != n * d * 4:
-            raise bad(f"vectors.f32 is {os.path.getsize(version / RAW_FILE)} bytes, expected float32 [{n}, {d}]")
-        try:
-            if disk:  # rows are read from disk when used (search's re-rank, MMR), never all at once
-                vectors = np.memmap(version / RAW_FILE, dtype=np.float32, mode="r", shape=(n, d))
-                with _quiet_faiss():
-                    cpu_index = faiss.read_index(str(version / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
-            else:
-                vectors = np.load(io.BytesIO(blobs[VECTORS_FILE]), allow_pickle=False)
-                cpu_index = faiss.deserialize_index(np.frombuffer(blobs[FAISS_FILE], dtype=np.uint8))
-            records = tuple(_parse_record(line) for line in blobs[RECORDS_FILE].decode("utf-8").split("\n") if line)
-            template = json.loads(blobs[TEMPLATE_FILE]) if optional else _legacy_template(version)
-            extras = {name: json.loads(blobs[name]) for name in extra_names}
-        except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as e:
-            first_line = str(e).splitlines()[0] if str(e) else ""
-            raise bad(f"unreadable index files ({type(e).__name__}: {first_line})") from None
-        if len(records) != n or len({r.id for r in records}) != n:
-            raise bad(f"records.jsonl holds {len(records)} records (distinct ids expected), "
-                      f"the manifest's count is {n}")
-        if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != n:
-            raise bad(f"vectors.npy is {vectors.dtype} {list(vectors.shape)}, expected float32 [{n}, {d}]")
-        for what, dim in ((RAW_FILE if disk else VECTORS_FILE, vectors.shape[1]), ("index.faiss", cpu_index.d)):
-            if dim != d:
-                raise bad(f"dimension mismatch: {what} has dim {dim}, the manifest says {d}")
-        if cpu_index.ntotal != n:
-            raise bad(f"index.faiss holds {cpu_index.ntotal} vectors, the manifest's count is {n}")
-        if not _faiss_matches(cpu_index, config, m["index_params"]):
-            raise bad(f"index.faiss is a {type(cpu_index).__name__}, "
-                      f"not the manifest's {m['index_type']} {m['index_params']}")
+        blobs = _verified_files(version, m, (*data_files, *optional, *extra_names), bad)
+        vectors, cpu_index, records, template, extras = _parse_files(version, m, blobs, disk, bool(optional),
+                                                                     extra_names, bad)
+        _check_consistent(m, config, vectors, cpu_index, records, disk, bad)
         for name, obj in (*extras.items(), (TEMPLATE_FILE, template if template is not None else {})):
             if not isinstance(obj, dict):
                 raise bad(f"{name} is not a JSON object")
@@ -1003,6 +961,70 @@ class ExampleIndex:
         loaded.template, loaded.extras = template, extras
         loaded.version = version.name if version != folder else None
         return loaded
+
+
+def _verified_files(version: Path, m: dict, names: tuple[str, ...], bad) -> dict[str, bytes | None]:
+    """Each named file's bytes, checked against the manifest's size and sha256: read once, then
+    parsed from those very bytes. Streamed files (too big to hold) are verified in chunks and
+    map to None: they are memory-mapped later."""
+    blobs = {}
+    for name in names:
+        entry = m["files"].get(name)
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("size"), int)):
+            raise bad(f"manifest.json has no valid entry for {name}")
+        if not (version / name).is_file():
+            raise bad(f"missing file {name}")
+        streamed = name in _STREAMED
+        data = None if streamed else (version / name).read_bytes()
+        size = (version / name).stat().st_size if streamed else len(data)
+        if size != entry["size"]:
+            raise bad(f"{name} is {size} bytes, the manifest says {entry['size']} (truncated or modified)")
+        if (_sha256_file(version / name) if streamed else _sha256(data)) != entry["sha256"]:
+            raise bad(f"{name} does not match its sha256 in manifest.json (corrupt or modified)")
+        blobs[name] = data
+    return blobs
+
+
+def _parse_files(version: Path, m: dict, blobs: dict, disk: bool, has_template: bool, extra_names: list[str], bad):
+    """(vectors [n, d], the faiss index on the CPU, records, template, extras) from verified files;
+    any parse error becomes one IndexFormatError naming its type and first line."""
+    n, d = m["count"], m["dim"]
+    if disk and os.path.getsize(version / RAW_FILE) != n * d * 4:
+        raise bad(f"vectors.f32 is {os.path.getsize(version / RAW_FILE)} bytes, expected float32 [{n}, {d}]")
+    try:
+        if disk:  # rows are read from disk when used (search's re-rank, MMR), never all at once
+            vectors = np.memmap(version / RAW_FILE, dtype=np.float32, mode="r", shape=(n, d))
+            with _quiet_faiss():
+                cpu_index = faiss.read_index(str(version / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        else:
+            vectors = np.load(io.BytesIO(blobs[VECTORS_FILE]), allow_pickle=False)
+            cpu_index = faiss.deserialize_index(np.frombuffer(blobs[FAISS_FILE], dtype=np.uint8))
+        records = tuple(_parse_record(line) for line in blobs[RECORDS_FILE].decode("utf-8").split("\n") if line)
+        template = json.loads(blobs[TEMPLATE_FILE]) if has_template else _legacy_template(version)
+        extras = {name: json.loads(blobs[name]) for name in extra_names}
+    except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise bad(f"unreadable index files ({type(e).__name__}: {first_line})") from None
+    return vectors, cpu_index, records, template, extras
+
+
+def _check_consistent(m: dict, config: IndexConfig, vectors, cpu_index, records, disk: bool, bad) -> None:
+    """The parsed files agree with the manifest and each other: counts, distinct ids, dims, index type."""
+    n, d = m["count"], m["dim"]
+    if len(records) != n or len({r.id for r in records}) != n:
+        raise bad(f"records.jsonl holds {len(records)} records (distinct ids expected), "
+                  f"the manifest's count is {n}")
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != n:
+        raise bad(f"vectors.npy is {vectors.dtype} {list(vectors.shape)}, expected float32 [{n}, {d}]")
+    for what, dim in ((RAW_FILE if disk else VECTORS_FILE, vectors.shape[1]), ("index.faiss", cpu_index.d)):
+        if dim != d:
+            raise bad(f"dimension mismatch: {what} has dim {dim}, the manifest says {d}")
+    if cpu_index.ntotal != n:
+        raise bad(f"index.faiss holds {cpu_index.ntotal} vectors, the manifest's count is {n}")
+    if not _faiss_matches(cpu_index, config, m["index_params"]):
+        raise bad(f"index.faiss is a {type(cpu_index).__name__}, "
+                  f"not the manifest's {m['index_type']} {m['index_params']}")
 
 
 # ----------------------------------------------------------------------------- folders
