@@ -269,6 +269,57 @@ def test_concurrent_requests_share_batches_and_answer_as_offline(client, offline
     assert requests == len(DISTINCT) * 2 and calls < requests, "no two requests shared an engine call"
 
 
+def _counting(monkeypatch, owner, name: str) -> list:
+    """Replace owner.name by a wrapper that records each call's arguments; returns the record."""
+    calls, real = [], getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def test_requests_with_different_k_share_one_lm_pass(world, tmp_path, monkeypatch):
+    """k = 4 and k = 8 on one index, sent together, are scored by ONE Engine.launch and ONE
+    launch_scores (one LM pass). No timing is relied on: with max_batch_size 2 and a long
+    max_wait the first request's batch closes exactly when the second one is queued."""
+    from icl_engine.core import pipeline
+
+    _, _, lm, _ = world
+    rows = ROWS + [(f"{t} indeed", lab) for t, lab in ROWS]  # 12 records: k = 8 gets all 8
+    data = tmp_path / "twelve.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    index_api.build_index(str(data), "twelve", embedder="hashing:64", indexes_dir=tmp_path / "indexes")
+    config = ServeConfig(indexes=("twelve",), indexes_dir=str(tmp_path / "indexes"), lm=str(lm),
+                         max_batch_size=2, max_wait_ms=60_000, timeout_s=120)
+    with TestClient(create_app(config)) as c:
+        _wait_ready(c)
+        launches = _counting(monkeypatch, pipeline.Engine, "launch")
+        passes = _counting(monkeypatch, pipeline, "launch_scores")
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda k: c.post("/v1/classify", json={"index": "twelve", "text": "a great film",
+                                                                           "k": k}), (4, 8)))
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert [len(r.json()["demos"]) for r in answers] == [4, 8]
+    assert len(launches) == 1 and len(passes) == 1
+    assert len(passes[0][1]) == 2  # that one pass scored both prompts
+
+
+def test_a_classify_request_reads_the_index_pointer_once(client, world, monkeypatch):
+    """The service asks the index store for the current version once per request (Service.spec)
+    and hands that version on, instead of every layer reading the pointer again."""
+    from icl_engine.core.index import store
+
+    _, indexes, _, _ = world
+    client.post("/v1/classify", json={"index": "good", "text": "a film"})  # anything lazy happens now
+    reads = _counting(monkeypatch, store, "read_pointer")
+    r = client.post("/v1/classify", json={"index": "good", "text": "a great film", "k": 3})
+    assert r.status_code == 200, r.text
+    assert [Path(args[0]) for args in reads] == [indexes / "good"]
+
+
 def test_a_bad_request_in_a_batch_fails_alone(client, world):
     """A query too long for the budget fails its own request only, not the batch it joined."""
     long = " ".join(["wonderful"] * 600)
