@@ -1,4 +1,4 @@
-"""Classification throughput on one GPU (issue 14): bfloat16, LM batch sizes 64..1024, MFU against
+"""Classification throughput on one GPU: bfloat16, LM batch sizes 64..1024, MFU against
 a bfloat16 matmul measured in the same run, agreement with the float32 CPU engine's predictions.
 
 Runs from a plain checkout: torch, transformers and numpy are enough (no faiss, no gguf, no

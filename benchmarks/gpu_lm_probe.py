@@ -1,4 +1,4 @@
-"""Where the GPU time of a scoring batch goes, and what cuts it (issue 14).
+"""Where the GPU time of a scoring batch goes, and what cuts it.
 
 gpu_bench.py showed the LM forward, not the engine's Python, bounds throughput on an H200
 (0.74 ms of ~0.95 ms per query at batch 2048, MFU ~12 %). This probe times one batch of real

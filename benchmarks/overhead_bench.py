@@ -1,15 +1,16 @@
-"""The engine's own work around the LM, per query, split by stage (issue 14's CPU proxy).
+"""The engine's own work around the LM, per query, split by stage: a CPU proxy for what a GPU's
+host does while the LM runs.
 
-    .venv/bin/python benchmarks/overhead_bench.py --label before      # writes overhead_bench_before.{json,md}
-    .venv/bin/python benchmarks/overhead_bench.py --label after --reference benchmarks/results/overhead_bench_before.json
+    .venv/bin/python benchmarks/overhead_bench.py                     # writes results/overhead_bench.{json,md}
+    .venv/bin/python benchmarks/overhead_bench.py --label mine --reference benchmarks/results/overhead_bench.json \
+        --out /tmp/mine                                               # a change against the current results
 
 On a GPU the LM is fast and the Python work around it dominates; here the LM is a tiny random
 Llama built from a config (1 layer, hidden 16, the SmolLM2 vocabulary and tokenizer, so prompt
 lengths are the real ones) whose forward costs next to nothing, and everything else is the real
 engine: `evaluate()` over the first N Rotten Tomatoes test queries (after one warm-up pass over
 them), kNN at k, the built-in sentiment template (its instruction is the cached prefix), once
-per embedder. Queries per engine call: evaluate's default (CHUNK_BATCHES LM batches since round
-7; one LM batch before), or --chunk.
+per embedder. Queries per engine call: evaluate's default (CHUNK_BATCHES LM batches), or --chunk.
 
 Stages (wall and process CPU seconds, summed over the run, reported as ms per query):
   embed       Embedder.encode of the queries (no embedding cache, as for new queries)
@@ -21,7 +22,7 @@ Stages (wall and process CPU seconds, summed over the run, reported as ms per qu
               buckets, padded tensors
   lm          the LM's forward calls (forward pre-hook to forward hook)
   post        everything else: scores -> Predictions, evaluate()'s metrics and records
-Library calls inside those (round 8), CPU time: `bpe` (PromptBuilder.encode_many, the Rust
+Library calls inside those, CPU time: `bpe` (PromptBuilder.encode_many, the Rust
 tokenizer, inside tokenize), `log_softmax` (every Tensor.log_softmax, the one over the vocabulary
 after the LM, inside batch) and `search_matmul` (FirstPass.scores, flat_topk's first-pass matmul,
 inside search); `host` is non-LM work less embed and log_softmax: what a GPU's host
@@ -97,7 +98,7 @@ class Stages:
         self._wrap(engine, "select", "engine_select")
         self._wrap(engine, "_prompts", "prompts")
         self._wrap(engine.index, "search", "search")
-        if hasattr(engine.builder, "query_ids_many"):  # the batched tokenization (absent before issue 14)
+        if hasattr(engine.builder, "query_ids_many"):  # the batched tokenization (absent from older engines)
             self._wrap(engine.builder, "query_ids_many", "query_ids")
         if hasattr(engine.builder, "encode_many"):  # inside tokenize: the tokenizer's own call
             self._wrap(engine.builder, "encode_many", "bpe")
@@ -178,8 +179,8 @@ def run_embedder(name: str, lm: LM, pool, test, args) -> dict:
     engine = Engine.from_parts(cfg, index, emb, lm, SENTIMENT_TEMPLATE)
     stages = Stages(engine)
     # Warm-up: one pass over the test queries. The first pass also tokenizes the pool rows the
-    # queries reach for their token lengths (0.4-0.6 s for this pool, once per engine), which
-    # round 6 and before counted in their first repeat's `select`.
+    # queries reach for their token lengths (once per engine), which would otherwise land in the
+    # first repeat's `select`.
     evaluate(engine, test, k=args.k, progress=False, chunk=args.chunk)
     if args.gc_freeze:  # what the icl command, icl serve and the Ray actors do once an engine is loaded
         freeze_loaded_heap()
@@ -229,19 +230,20 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tokenizer-threads", action="store_true",
-                   help="with --threads 1, leave the tokenizer's own thread pool on (as before round 5)")
+                   help="with --threads 1, leave the tokenizer's own thread pool on")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is loaded and warm")
     p.add_argument("--embedders", nargs="+", default=["hashing:384", DEFAULT_EMBEDDER])
     p.add_argument("--tokenizer", default=str(cache_root() / "models" / "smollm2-135m-instruct"))
-    p.add_argument("--label", default="run", help="result files: overhead_bench_<label>.json/.md")
+    p.add_argument("--label", default="current", help="the run's name in its report")
+    p.add_argument("--name", default="overhead_bench", help="result files: NAME.json and NAME.md under --out")
     p.add_argument("--reference", default=None, help="an earlier result JSON: compare predictions and log-scores")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)  # the index search: same thread count as the LM
     if args.threads == 1 and not args.tokenizer_threads:
-        # the tokenizer's Rust thread pool too: a batch of 64 queries on every core cost 0.03 ms of
-        # CPU per query more than on one (round 5), and on a shared machine it waits for cores
+        # the tokenizer's Rust thread pool too: spread over every core it costs more CPU per query
+        # than on one, and on a shared machine it waits for cores
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     lm = tiny_lm(args.tokenizer)
@@ -269,8 +271,8 @@ def main(argv=None) -> dict:
         out["reference"] = compare(json.loads(Path(args.reference).read_text()), results)
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / f"overhead_bench_{args.label}.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    (dest / f"overhead_bench_{args.label}.md").write_text(markdown(out))
+    (dest / f"{args.name}.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    (dest / f"{args.name}.md").write_text(markdown(out))
     print(markdown(out))
     return out
 

@@ -1,4 +1,4 @@
-"""Padding the LM runs over, by LM batch size and queries per engine call (issue 14).
+"""Padding the LM runs over, by LM batch size and queries per engine call.
 
     .venv/bin/python benchmarks/padding_bench.py                   # writes results/padding_bench.{json,md}
 
@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from icl_engine.core.data import load_dataset  # noqa: E402
 from icl_engine.core.embed import get_embedder  # noqa: E402
+from icl_engine.core.evaluate import CHUNK_BATCHES, MIN_CHUNK  # noqa: E402
 from icl_engine.core.index import ExampleIndex  # noqa: E402
 from icl_engine.core.lm import cache_root  # noqa: E402
 from icl_engine.core.pipeline import Engine, PipelineConfig  # noqa: E402
@@ -88,8 +89,8 @@ def main(argv=None) -> dict:
           f"a query: mean {lp['mean']:.1f}, 10th-90th percentile {lp['p10']:.0f}-{lp['p90']:.0f}, "
           f"range {lp['min']}-{lp['max']}.", "",
           "Padding = padded positions / real positions - 1, by LM batch (rows) and engine call size in LM "
-          "batches (columns; `evaluate`'s default is CHUNK_BATCHES = 8, before issue 14's round 7 it was 1, "
-          "at least 32 queries).", "",
+          f"batches (columns; `evaluate`'s default is CHUNK_BATCHES = {CHUNK_BATCHES}, at least {MIN_CHUNK} "
+          "queries).", "",
           "| LM batch | " + " | ".join(f"{c} batch{'es' if c > 1 else ''}" for c in args.chunk_batches) + " |",
           "|---|" + "---|" * len(args.chunk_batches)]
     md += [f"| {b} | " + " | ".join(f"{row[c]:.1%}" for c in args.chunk_batches) + " |" for b, row in table.items()]

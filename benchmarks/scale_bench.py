@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 13): Ray embedding against the plain build, add-100 against a rebuild,
+"""Scale benchmark: Ray embedding against the plain build, add-100 against a rebuild,
 and flat against IVF-PQ on disk. Each part is measured in one run, interleaved where it compares.
 
     .venv/bin/python benchmarks/scale_bench.py                         # all parts, full sizes

@@ -106,8 +106,8 @@ def test_config_round_trip_and_validation(tmp_path):
 
 
 def test_each_query_is_tokenized_once_in_one_call(parts):
-    """Budgets and assembly reuse one batched tokenization of the queries (issue 14: each query
-    was tokenized three times, one call each)."""
+    """Budgets and assembly reuse one batched tokenization of the queries (tokenizing
+    each query once per use, one call each, cost three times the work)."""
     eng = engine(parts, k=3)
     queries = ["a great moving film", "boring and bad", "wonderful"]
     eng.classify(queries)  # warm: demonstrations and labels tokenized and cached

@@ -16,6 +16,6 @@ def main() -> None:
         print("interrupted: nothing was started", file=sys.stderr)
         sys.exit(130)
     # The process is the command's: once an engine is loaded, the full garbage collections stop
-    # walking its ~400,000 long-lived objects (a ~0.2 s pause every few thousand queries otherwise).
+    # walking its long-lived objects (otherwise a pause every few thousand queries).
     ENGINES.on_load = lambda _engine: freeze_loaded_heap()
     cli_main()

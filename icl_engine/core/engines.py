@@ -44,9 +44,9 @@ def _folder_stamp(spec: EngineSpec) -> str | None:
 def freeze_loaded_heap() -> None:
     """Once the LM and the indexes are loaded, their objects and the libraries' (~400,000
     tracked by the garbage collector) live as long as the process: frozen, the full collections
-    no longer walk them. Unfrozen, each full collection took ~0.2-0.3 s of CPU (a pause for
-    every request in flight) once ~100,000 objects had survived the younger ones; an evaluation
-    paid one every 2,000-4,000 queries, 0.05-0.1 ms a query on average. A process-wide choice,
+    no longer walk them. Unfrozen, every full collection walks them all (a pause for every
+    request in flight), and one comes each time enough objects have survived the younger
+    generations (benchmarks/results/overhead_bench_gc_freeze/ has the cost). A process-wide choice,
     so the process's owner makes it (`icl serve`, the `icl` command, the Ray engine actors), not
     the library."""
     gc.collect()  # garbage made while loading is not frozen with the rest

@@ -31,10 +31,9 @@ __all__ = ["evaluate", "classify_chunks", "CHUNK_BATCHES", "prepare_stream", "fe
 
 MIN_CHUNK = 32  # queries per engine call at least
 # LM batches per engine call by default: the length buckets (score.length_batches) cut each LM
-# batch from this many batches' worth of queries sorted by length. On the Rotten Tomatoes test
-# at k = 8 and LM batch 8, padding is 27 % of the real tokens with 1 batch a call, 9.6 % with 4,
-# 5.2 % with 8 and 2.9 % with 16; at batch 1024, 56 % with 1
-# and 10 % with 8 (benchmarks/padding_bench.py).
+# batch from this many batches' worth of queries sorted by length: the more to sort, the closer
+# the lengths in a batch and the less padding; 8 takes most of the gain at every batch size
+# (benchmarks/results/padding_bench.md).
 CHUNK_BATCHES = 8
 
 

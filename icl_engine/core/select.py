@@ -338,7 +338,7 @@ def select_many(
 
     groups = input_groups(index)
     fetch = min(groups.count, fetch_k or _default_fetch(method, k))  # distinct inputs per query
-    # a seeded generator per query only where something is drawn (each costs ~20 us to seed)
+    # a seeded generator per query only where something is drawn (seeding costs more than most draws)
     need_rng = method is SelectionMethod.RANDOM or order is DemoOrder.RANDOM
     rngs = [_rng(seed, t, v) if need_rng else None for t, v in zip(query_texts, qv)]
     window, rows, scores = _window(index, groups, qv, method, fetch, fetch_k or _default_fetch(method, k), rngs)

@@ -60,9 +60,9 @@ class HFBackend:
     def compile(self) -> None:
         """torch.compile the model's forward, with dynamic shapes so that one graph serves every
         batch size and prompt length. On a GPU it fuses a small model's many memory-bound ops
-        (norms, rotary, activations, casts): SmolLM2-135M's scoring forward took 0.38 ms a query
-        instead of 0.73 on an H200 (benchmarks/results/gpu). The first batches pay the compile
-        (one to a few minutes on the H200's host); scores change only by float rounding. Calling
+        (norms, rotary, activations, casts), about halving SmolLM2-135M's scoring forward on a
+        GPU (benchmarks/results/gpu). The first batches pay the compile (minutes); scores change
+        only by float rounding. Calling
         it again does nothing."""
         if not self.compiled:
             self.model.forward = torch.compile(self.model.forward, dynamic=True)

@@ -66,17 +66,15 @@ _STREAMED = (LISTS_FILE, RAW_FILE)  # checksummed in chunks on load, never read 
 TEMPLATE_FILE = "template.json"  # optional default prompt template stored with a version
 _EXTRA = re.compile(r"[a-z][a-z0-9_]{0,40}\.json\Z")  # other JSON files a version may hold
 _GROUP = 16  # flat_topk finds its candidates among groups of this many rows (_near_best)
-FILL_ROWS = 1 << 12  # from_vector_file adds this many rows at a time; faiss's add copies them (residuals):
-# a 100 k x 1,536-d streaming build peaked at 2.1 GB anonymous RSS with 65,536-row chunks, 0.80 GB with
-# 8,192 and 0.56 GB with 4,096 (one run each, load ~5)
+# from_vector_file adds this many rows at a time. faiss's add copies what it is given (residuals),
+# so a streaming build's peak memory grows with the chunk; small chunks cost next to no speed.
+FILL_ROWS = 1 << 12
 _BLOCK = 1 << 22  # at most this many floats of candidate rows at once (16 MB of float32)
-# flat_topk scores at most this many (query, row) pairs at once: 8 MB of float32. On the 11,752-row
-# Rotten Tomatoes pool, 512 queries a call at a window of 25: 0.069 ms a query in blocks of 178
-# queries, 0.089 in blocks of 356 (1 << 22), as fast as calls of 64.
+# flat_topk scores at most this many (query, row) pairs at once: 8 MB of float32, so a large call
+# runs in blocks that stay in cache and is no slower per query than a small one.
 _SCORE_BLOCK = 1 << 21
-# _pair_dots gathers at most this many floats of each side at once (256 KB of float32, in L2): the
-# 20,000 pairs of 512 queries at d = 384 took 0.024 ms a query in blocks of 170 pairs, 0.041 when
-# gathered whole
+# _pair_dots gathers at most this many floats of each side at once (256 KB of float32): the
+# gathered rows stay in L2 while they are multiplied, where gathering them whole would not.
 _PAIR_FLOATS = 1 << 16
 
 
@@ -309,8 +307,8 @@ def _rank_pairs(r: np.ndarray, score: np.ndarray, c: np.ndarray, b: int, n: int)
     """The order [p] of (query r, score, row c) triples [p] each: by query, then best score,
     then lower row; == np.lexsort((c, -score, r)) for float32 scores without NaN (-0.0 and 0.0
     tie), r in [0, b), c in [0, n), the pairs distinct. One argsort of an int64 key (query,
-    score's bits flipped to sort descending, row) instead of a three-key lexsort: 0.0015 ms a
-    query against 0.008 on 512 queries of 40 pairs each."""
+    score's bits flipped to sort descending, row) instead of a three-key lexsort: one sort pass
+    over integers instead of three."""
     rbits, cbits = max(b - 1, 0).bit_length(), max(n - 1, 0).bit_length()
     if rbits + 32 + cbits > 63:  # does not fit one key (only for billions of rows and queries)
         return np.lexsort((c, -score, r))
