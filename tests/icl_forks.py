@@ -10,9 +10,10 @@ flushes, finalizers of its objects; not the teardown of the preloaded modules), 
 printed on the way out still reaches its stderr. The exit status is the child's.
 
 What differs from a fresh `icl` process: the preloaded modules were imported before the command's
-environment was set (the helper sets what the CLI itself sets before importing them), and a
-command line does not pay the import time. Tests that are about start-up itself (import cost,
-signals, the heap freeze, ICL_DEBUG's tracebacks) run the installed script instead, and the suites
+environment was set (the helper sets what the CLI itself sets before importing them), a command
+line does not pay the import time, the preloaded heap is frozen (gc.freeze) and is not torn down
+at exit. Tests that are about start-up or exit themselves (import cost, signals, the heap freeze,
+module teardown) run the installed script instead, and the suites
 that use this helper keep a few cases through the installed script too.
 """
 
