@@ -6,5 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL_EXTRAS=dev,ray bash scripts/setup.sh  # Ray too: its tests run here (one local Ray, 2 CPUs)
-workers=$(.venv/bin/python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
+workers=$(.venv/bin/python -c 'import os
+n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+print(max(1, min(4, n)))')
 exec .venv/bin/python -m pytest -n "$workers" --dist loadgroup --durations=15 "$@"
