@@ -166,6 +166,18 @@ def sentiment_template():
 
 
 @pytest.fixture(scope="session")
+def icl_forks():
+    """`icl_forks.run(args, cwd=, env=)`: an `icl` command line in a process of its own, forked
+    from one that has imported the CLI and torch once (tests/icl_forks.py says what differs from
+    the installed script)."""
+    from icl_forks import IclForks
+
+    forks = IclForks()
+    yield forks
+    forks.close()
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (Ray 2.60 has no local_mode): 2 CPUs, no
     dashboard. Skips where Ray is not installed (`bash scripts/test.sh` installs it)."""

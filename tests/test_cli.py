@@ -110,10 +110,12 @@ def test_user_mistakes_are_one_line_errors(workspace, args, match):
     assert match in res.stderr
 
 
-def test_config_file_and_flag_precedence_through_the_installed_script(workspace, tmp_path):
+def test_config_file_and_flag_precedence_through_the_installed_script(workspace, tmp_path, icl_forks):
     """`icl classify/generate/eval --config FILE`: the file's fields, then NAME and the options
     given on the command line (or their environment variable) override them; an option left out
-    keeps the file's value, not its own default. Run as the user runs it: the console script."""
+    keeps the file's value, not its own default. Run as the user runs it: the console script (the
+    first command line installed, the others in processes forked from a preloaded one, as
+    tests/icl_forks.py says)."""
     import os
     import subprocess
     import sys
@@ -129,12 +131,15 @@ def test_config_file_and_flag_precedence_through_the_installed_script(workspace,
                    seed=3).save(cfg)
     env = {**os.environ, "ICL_INDEXES": ""}
 
-    def icl_json(*args):
-        res = subprocess.run([str(icl), *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    def icl_json(*args, installed=False):
+        if installed:
+            res = subprocess.run([str(icl), *args, "--json"], capture_output=True, text=True, env=env, timeout=300)
+        else:
+            res = icl_forks.run([*args, "--json"], cwd=tmp_path, env=env)
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout)
 
-    from_file = icl_json("classify", "tiny", "a moving film", "--config", str(cfg))
+    from_file = icl_json("classify", "tiny", "a moving film", "--config", str(cfg), installed=True)
     assert len(from_file["demos"]) == 1  # k from the file, not the option's default 8
     flag = icl_json("classify", "tiny", "a moving film", "--config", str(cfg), "--k", "2")
     assert len(flag["demos"]) == 2  # the option given wins
@@ -148,8 +153,7 @@ def test_config_file_and_flag_precedence_through_the_installed_script(workspace,
     assert (r["method"], r["k"]) == ("random", 1)
     bad = tmp_path / "bad.json"
     bad.write_text('{"index": "x", "kk": 1}')
-    res = subprocess.run([str(icl), "classify", "tiny", "x", "--config", str(bad)], capture_output=True, text=True,
-                         env=env, timeout=300)
+    res = icl_forks.run(["classify", "tiny", "x", "--config", str(bad)], cwd=tmp_path, env=env)
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "kk" in res.stderr
 
 

@@ -1,7 +1,8 @@
-"""Bad input through the installed `icl` console script, in real subprocesses (an in-process
-runner hid a traceback after every error): each case must exit 1 (or 2 for usage errors) with
-one line on stderr and no traceback, and leave its working folder (the indexes, the data, any
-folder it was pointed at) byte-identical."""
+"""Bad input through the `icl` console script, in real processes (an in-process runner hid a
+traceback after every error): each case must exit 1 (or 2 for usage errors) with one line on
+stderr and no traceback, and leave its working folder (the indexes, the data, any folder it was
+pointed at) byte-identical. The corpus runs in processes forked from one that imported the CLI and
+torch once (tests/icl_forks.py); a case of each kind also runs through the installed script."""
 
 from __future__ import annotations
 
@@ -242,15 +243,20 @@ def _snapshot(folder: Path) -> dict[str, str]:
     return out
 
 
-def _run_case(name: str, args: list[str], root: Path, work: Path) -> str | None:
-    """None when the case behaved, else what went wrong."""
-    case = root / "cases" / hashlib.sha1(name.encode()).hexdigest()[:10]
+def _installed_script(args, *, cwd, env, timeout):
+    return subprocess.run([str(ICL), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_case(name: str, args: list[str], root: Path, work: Path, run=_installed_script, tag: str = "") -> str | None:
+    """None when the case behaved, else what went wrong. `run` runs the command line (by default
+    the installed script; else a subprocess.run-like function such as icl_forks.run)."""
+    case = root / "cases" / hashlib.sha1((tag + name).encode()).hexdigest()[:10]
     shutil.copytree(work, case, symlinks=True)
     before = _snapshot(case)
     env = {**os.environ, "ICL_INDEXES": str(case / "indexes"), "ICL_CACHE": str(root / "cache"),
            "HF_HUB_OFFLINE": "1", "ICL_LOCK_TIMEOUT": "5"}
     env.pop("ICL_DEBUG", None)
-    p = subprocess.run([str(ICL), *args], cwd=case, env=env, capture_output=True, text=True, timeout=300)
+    p = run(args, cwd=case, env=env, timeout=300)
     err = said(p.stderr)  # long work may print progress lines first
     problems = []
     if p.returncode not in (1, 2):
@@ -264,14 +270,31 @@ def _run_case(name: str, args: list[str], root: Path, work: Path) -> str | None:
     return f"{name}: {'; '.join(problems)}" if problems else None
 
 
-def test_bad_input_corpus_gives_one_line_and_changes_nothing(base):
+def test_bad_input_corpus_gives_one_line_and_changes_nothing(base, icl_forks):
     root, work, lm, broken_lm = base
     corpus = cases(lm, broken_lm)
     assert len(corpus) >= 40
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda kv: _run_case(*kv, root, work), corpus.items()))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # copies and snapshots overlap; the forks take turns
+        results = list(pool.map(lambda kv: _run_case(*kv, root, work, icl_forks.run), corpus.items()))
     failures = [r for r in results if r]
     assert not failures, f"{len(failures)} of {len(corpus)} classes misbehaved:\n" + "\n".join(failures)
+
+
+# One case of each kind through the installed script: a usage error, a bad name, a bad data file,
+# one that imports torch and loads the LM before it fails (a damaged soft prompt), and an embedder
+# that does not load.
+INSTALLED = ("unknown option", "build: name ../x", "build: invalid JSON line", "classify: NaN soft prompt",
+             "build: unloadable embedder")
+
+
+def test_bad_input_through_the_installed_script(base):
+    root, work, lm, broken_lm = base
+    corpus = cases(lm, broken_lm)
+    assert ICL.is_file(), f"the console script is not installed beside {sys.executable}"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda name: _run_case(name, corpus[name], root, work, tag="installed"), INSTALLED))
+    failures = [r for r in results if r]
+    assert not failures, "\n".join(failures)
 
 
 def test_usage_errors_exit_2_and_user_errors_exit_1(base):
@@ -286,18 +309,17 @@ def test_usage_errors_exit_2_and_user_errors_exit_1(base):
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # the traceback, when asked for
 
 
-def test_budget_that_leaves_demonstrations_out_says_so(base):
+def test_budget_that_leaves_demonstrations_out_says_so(base, icl_forks):
     root, work, lm, _ = base
     env = {**os.environ, "ICL_INDEXES": str(work / "indexes"), "ICL_CACHE": str(root / "cache")}
     plain = ["--template", "plain_template.json"]  # the budget below is sized for it
-    p = subprocess.run([str(ICL), "classify", "good", "a moving film", "--k", "4", "--budget", "50", "--lm", str(lm),
-                        *plain, "--json"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    args = ["classify", "good", "a moving film", "--k", "4", "--budget", "50", "--lm", str(lm), *plain]
+    p = icl_forks.run([*args, "--json"], cwd=work, env=env)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert len(out["demos"]) == 1 and out["dropped"] == 3 and out["skipped"] == []  # was: 1 demo, "skipped": []
-    p = subprocess.run([str(ICL), "classify", "good", "a moving film", "--k", "4", "--budget", "50", "--lm", str(lm),
-                        *plain],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    p = icl_forks.run(args, cwd=work, env=env)
+    assert p.returncode == 0, p.stderr
     assert "note: 3 more demonstration(s) left out: the token budget was full" in p.stdout
 
 

@@ -5,6 +5,7 @@ CLI and `icl serve` (the same log-scores as `icl eval`). Tiny LM, hashing embedd
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -99,8 +100,10 @@ def test_a_new_index_version_has_no_fit(world, tmp_path):
     assert engine.fit is None  # fitted to the version before: another version answers with knn
 
 
-def test_the_cli_and_the_service_answer_with_the_fit_as_eval_does(world):
-    """icl eval (auto), icl classify (auto), /v1/classify: the fit answers, with equal log-scores."""
+def test_the_cli_and_the_service_answer_with_the_fit_as_eval_does(world, icl_forks):
+    """icl eval (auto), icl classify (auto), /v1/classify: the fit answers, with equal log-scores.
+    (icl eval through the installed script, icl classify forked from a preloaded process:
+    tests/icl_forks.py.)"""
     from fastapi.testclient import TestClient
 
     from icl_engine.apps.service import ServeConfig, create_app
@@ -113,8 +116,9 @@ def test_the_cli_and_the_service_answer_with_the_fit_as_eval_does(world):
     ev = json.loads(ev.stdout)
     assert ev["answered_by"] == f"fit: {fit['setting']}"
     text = ev["predictions"][0]["text"]
-    cl = json.loads(subprocess.run([str(ICL), "classify", "rt", text, "--json", *env_args], capture_output=True,
-                                   text=True, timeout=300, check=True).stdout)
+    cl = icl_forks.run(["classify", "rt", text, "--json", *env_args], cwd=root, env=dict(os.environ))
+    assert cl.returncode == 0, cl.stderr
+    cl = json.loads(cl.stdout)
     assert cl["answered_by"] == ev["answered_by"] and cl["label"] == ev["predictions"][0]["label"]
     assert_scores_close(cl["log_scores"], ev["predictions"][0]["log_scores"], root / "lm")
     with TestClient(create_app(ServeConfig(indexes=("rt",), indexes_dir=str(ix), lm=str(root / "lm")))) as c:

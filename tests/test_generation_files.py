@@ -1,6 +1,8 @@
-"""Generation files as users have them, through the installed `icl` script: a CommonGen-like
+"""Generation files as users have them, through the `icl` console script: a CommonGen-like
 JSONL whose output field holds a list of references is indexed as one demonstration per
-reference, kNN picks k distinct inputs, and BLEU/ROUGE-L score against all the references."""
+reference, kNN picks k distinct inputs, and BLEU/ROUGE-L score against all the references.
+The index build and the first generate-file run use the installed script; the other command
+lines run in processes forked from a preloaded one (tests/icl_forks.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from icl_engine.core.index import ExampleIndex
 from icl_engine.core.metrics import bleu, rouge_l
 
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer, said
 
 ICL = Path(sys.executable).with_name("icl")
 WORDS = ["dog", "frisbee", "catch", "cat", "sofa", "sleep", "boy", "ball", "kick", "girl", "kite", "fly", "man",
@@ -44,21 +46,27 @@ def work(tmp_path_factory):
     return root, env
 
 
-def icl(root: Path, env: dict, *args: str, as_json: bool = True):
-    assert ICL.is_file(), f"the console script is not installed beside {sys.executable}"
-    p = subprocess.run([str(ICL), *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+def icl(root: Path, env: dict, *args: str, as_json: bool = True, forks=None):
+    """The command line through `forks` (icl_forks), else through the installed script."""
+    if forks is not None:
+        p = forks.run(args, cwd=root, env=env)
+    else:
+        assert ICL.is_file(), f"the console script is not installed beside {sys.executable}"
+        p = subprocess.run([str(ICL), *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert p.stderr == "", p.stderr  # a short run in a pipe: no progress lines, no tqdm carriage returns
+    # In a pipe: no tqdm bar (no carriage returns) and nothing said but the plain progress lines a
+    # run that lasts past progress.QUIET_S prints (on a busy machine even a short one may).
+    assert "\r" not in p.stderr and said(p.stderr) == [], p.stderr
     return json.loads(p.stdout) if as_json else p.stdout
 
 
-def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work):
+def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work, icl_forks):
     root, env = work
     records = {r.id: r for r in ExampleIndex.load(root / "indexes" / "cg").records}
     assert not any(r.output.startswith("[") for r in records.values())  # not the string "['...']"
     lm = str(root / "lm")
     out = icl(root, env, "eval", "cg", "--test", "test.jsonl", "--method", "knn", "--k", "4", "--lm", lm,
-              "--max-new-tokens", "6", "--json", "--predictions", "--log", "run.log")
+              "--max-new-tokens", "6", "--json", "--predictions", "--log", "run.log", forks=icl_forks)
     assert out["n"] == len(TEST) and "fewer_demos" not in out
     for pred, row in zip(out["predictions"], TEST):
         inputs = [records[d].input for d in pred["demo_ids"]]
@@ -70,33 +78,33 @@ def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work
 
     # --max-new-tokens reaches the decoder: greedy outputs of 2 tokens begin the outputs of 6
     short = icl(root, env, "eval", "cg", "--test", "test.jsonl", "--method", "knn", "--k", "4", "--lm", lm,
-                "--max-new-tokens", "2", "--json", "--predictions")
+                "--max-new-tokens", "2", "--json", "--predictions", forks=icl_forks)
     pairs = [(s["output"], long) for s, long in zip(short["predictions"], hyps)]
     assert all(long.startswith(s) for s, long in pairs) and any(len(s) < len(long) for s, long in pairs)
     # --limit: the first N distinct inputs of the test file
     assert icl(root, env, "eval", "cg", "--test", "test.jsonl", "--k", "4", "--lm", lm, "--max-new-tokens", "2",
-               "--limit", "2", "--json")["n"] == 2
+               "--limit", "2", "--json", forks=icl_forks)["n"] == 2
 
 
-def test_fewer_distinct_inputs_than_k_is_said(work):
+def test_fewer_distinct_inputs_than_k_is_said(work, icl_forks):
     root, env = work
     lm = str(root / "lm")
     text = icl(root, env, "eval", "cg", "--test", "test.jsonl", "--k", "20", "--lm", lm, "--max-new-tokens", "2",
-               as_json=False)
+               as_json=False, forks=icl_forks)
     assert f"note: 3 of 3 queries had fewer than 20 demonstrations ({3 * (20 - len(TRAIN))} missing: the index " \
            "has no more distinct inputs" in text
     gen = icl(root, env, "generate", "cg", "boy, kite, fly", "--k", "20", "--lm", lm, "--max-new-tokens", "2",
-              "--json")
+              "--json", forks=icl_forks)
     assert gen["short"] == 20 - len(TRAIN) and len(gen["demos"]) + gen["dropped"] == len(TRAIN)
     assert len({d["input"] for d in gen["demos"]}) == len(gen["demos"])
     text = icl(root, env, "generate", "cg", "boy, kite, fly", "--k", "20", "--lm", lm, "--max-new-tokens", "2",
-               as_json=False)
+               as_json=False, forks=icl_forks)
     assert f"note: {20 - len(TRAIN)} demonstration(s) fewer than asked: the index has no more distinct inputs" in text
-    hits = icl(root, env, "index", "search", "cg", "dog, frisbee", "-k", "5", "--json")
+    hits = icl(root, env, "index", "search", "cg", "dog, frisbee", "-k", "5", "--json", forks=icl_forks)
     assert len({h["input"] for h in hits}) == 5  # a generation index's records: input + output
 
 
-def test_generate_file_equals_the_engine_and_resumes(work):
+def test_generate_file_equals_the_engine_and_resumes(work, icl_forks):
     """`icl generate-file`: an output and demonstration ids per input, equal to the single-process
     engine's greedy outputs; a re-run after a lost shard redoes only that shard. (On Ray:
     test_ray_pool.py.)"""
@@ -123,4 +131,4 @@ def test_generate_file_equals_the_engine_and_resumes(work):
     assert [r["prompt_tokens"] for r in rows] == [g.prompt_tokens for g in gens]
     first = (root / "gen.jsonl").read_text()
     shard_path(root / "gen.jsonl.parts", 1).unlink()  # as if the run had died in shard 1
-    assert icl(root, env, *args)["resumed_shards"] == 2 and (root / "gen.jsonl").read_text() == first
+    assert icl(root, env, *args, forks=icl_forks)["resumed_shards"] == 2 and (root / "gen.jsonl").read_text() == first

@@ -228,10 +228,11 @@ def test_console_script_json_stays_clean_after_a_rename(tmp_path):
     assert len(hits) == 3 and hits == run("index", "search", "f", "a boring film", "-k", "3")  # 24 candidates cover all
 
 
-def test_console_script_index_settings_land_in_the_manifest_and_bad_ones_are_one_line(tmp_path):
+def test_console_script_index_settings_land_in_the_manifest_and_bad_ones_are_one_line(tmp_path, icl_forks):
     """`icl index build` takes each kind's settings (--nlist, --nprobe, --pq-m, --rerank, ...);
     `icl index info` shows them; a bad value or a setting of another kind is one line, exit 1,
-    and nothing is written."""
+    and nothing is written. (The first build through the installed script, the other command
+    lines forked from a preloaded process: tests/icl_forks.py.)"""
     import os
     import subprocess
     import sys
@@ -242,12 +243,14 @@ def test_console_script_index_settings_land_in_the_manifest_and_bad_ones_are_one
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in rows) + "\n")
     env = {**os.environ, "ICL_INDEXES": str(tmp_path / "ix")}
 
-    def run(*args):
-        return subprocess.run([str(icl), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    def run(*args, installed=False):
+        if installed:
+            return subprocess.run([str(icl), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return icl_forks.run(args, cwd=tmp_path, env=env)
 
     build = ["index", "build", "d.jsonl", "--embedder", "hashing:64"]
     p = run(*build, "--name", "pq", "--index-type", "ivfpq_disk", "--nlist", "4", "--nprobe", "2", "--pq-m", "16",
-            "--rerank", "3", "--train-size", "200", "--json")
+            "--rerank", "3", "--train-size", "200", "--json", installed=True)
     assert p.returncode == 0, p.stderr
     want = {"nlist": 4, "nprobe": 2, "pq_m": 16, "pq_nbits": 7, "rerank": 3, "train_size": 200}  # 7 bits: 200 rows
     assert json.loads(p.stdout)["index_params"] == want

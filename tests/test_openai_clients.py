@@ -85,7 +85,7 @@ def test_the_openai_client(served):
     assert "stream is not supported" in str(e.value)
 
 
-def test_lm_evaluation_harness_local_completions(served, tmp_path):
+def test_lm_evaluation_harness_local_completions(served, tmp_path, icl_forks):
     """lm-eval's `local-completions` model, a multiple-choice task on local data: its per-choice
     log-likelihoods are `icl eval --method zero`'s log-scores (the same prompts, scored by the
     same LM through /v1/completions with echo), and so are its answers."""
@@ -108,8 +108,9 @@ def test_lm_evaluation_harness_local_completions(served, tmp_path):
     [samples] = list((tmp_path / "out").rglob("samples_icl_sentiment_*.jsonl"))
     theirs = {json.loads(line)["doc"]["text"]: [float(r[0]) for r in json.loads(line)["filtered_resps"]]
               for line in samples.read_text().splitlines()}
-    ours = subprocess.run([str(ICL), "eval", "rt", "--test", str(root / "test.jsonl"), "--method", "zero", "--lm",
-                           str(lm), "--json", "--predictions"], env=env, capture_output=True, text=True, check=True)
+    ours = icl_forks.run(["eval", "rt", "--test", str(root / "test.jsonl"), "--method", "zero", "--lm", str(lm),
+                          "--json", "--predictions"], cwd=tmp_path, env=env)  # `icl eval`, forked (tests/icl_forks.py)
+    assert ours.returncode == 0, ours.stderr
     preds = json.loads(ours.stdout)["predictions"]
     assert len(preds) == len(theirs) == len(ROWS)
     for p in preds:

@@ -17,6 +17,7 @@ import pytest
 from icl_engine.core.knn_prompt import AnchorError, Anchors
 from icl_engine.core.readout import DEFAULT_L2_GRID, READOUT_TENSORS, LinearReadout, fit_readout
 
+from conftest import said
 from numerics import lm_rtol
 
 ICL = Path(sys.executable).with_name("icl")
@@ -99,5 +100,6 @@ def test_the_console_script_fits_and_uses_it(classify_job, tmp_path):
                    capture_output=True, text=True, timeout=300, check=True)
     p = subprocess.run([str(ICL), "classify", "tiny", text, "--anchors", str(plain), "--anchor-readout", "linear",
                         *common], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+    # one error line; on a busy machine the engine's load may say first that it is going on
+    assert p.returncode == 1 and "Traceback" not in p.stderr and said(p.stderr) == [
         f"error: {plain} holds no linear readout (fit one with `icl anchors build --readout linear`)"]

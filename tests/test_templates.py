@@ -115,7 +115,9 @@ def test_a_tiny_pool_keeps_the_default_with_a_note(parts):
     assert result.best == "default" and result.n_validation == 0 and "too few" in result.notes[0]
 
 
-def test_build_with_auto_template_and_template_search_through_the_cli(tmp_path):
+def test_build_with_auto_template_and_template_search_through_the_cli(tmp_path, icl_forks):
+    """The first build through the installed script, the others forked from a preloaded process
+    (tests/icl_forks.py)."""
     tok = make_tiny_tokenizer()
     lm_dir = tmp_path / "lm"
     make_tiny_model(len(tok), initializer_range=0.2).save_pretrained(lm_dir)
@@ -124,8 +126,9 @@ def test_build_with_auto_template_and_template_search_through_the_cli(tmp_path):
     ds = dataset(["get_weather", "play_music", "rate_book"], n=45)
     data.write_text("".join(json.dumps({"utterance": r.input, "intent": r.output}) + "\n" for r in ds.records))
     env = {**os.environ, "ICL_INDEXES": str(tmp_path / "indexes")}
-    run = lambda *a: subprocess.run([str(ICL), *a], capture_output=True, text=True, env=env, timeout=300)  # noqa: E731
-    p = run("index", "build", str(data), "--name", "plain", "--embedder", "hashing:64", "--json")
+    run = lambda *a: icl_forks.run(a, cwd=tmp_path, env=env)  # noqa: E731
+    p = subprocess.run([str(ICL), "index", "build", str(data), "--name", "plain", "--embedder", "hashing:64", "--json"],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     info = json.loads(p.stdout)
     assert info["template_source"] == "made from the data"
