@@ -41,11 +41,6 @@ def test_generation_inferred_and_split_by_input(tmp_path):
     assert d.kind is TaskKind.GENERATION and d.labels == ()
     train, test = d.split(0.4, seed=1)
     assert not {r.input for r in train} & {r.input for r in test}
-    # a sub-pool loads by the name Dataset.subsample gives it, as the same records
-    sub = train.subsample(50, seed=3)
-    again = load_dataset(sub.name)
-    assert again.name == sub.name == "rotten_tomatoes:train[50@3]" and again.records == sub.records
-    assert again.labels == train.labels
     assert len(train) + len(test) == 20
     assert [len(refs) for _, refs in group_references(d.records)] == [4] * 5
 
@@ -98,6 +93,11 @@ def test_builtin_rotten_tomatoes():
     train, test = load_dataset("rotten_tomatoes:train"), load_dataset("rotten_tomatoes:test")
     assert len(test) == 1000 and len(train) + len(test) == len(d)
     assert not {r.input for r in train} & {r.input for r in test}
+    # a sub-pool loads by the name Dataset.subsample gives it, as the same records
+    sub = train.subsample(50, seed=3)
+    again = load_dataset(sub.name)
+    assert again.name == sub.name == "rotten_tomatoes:train[50@3]" and again.records == sub.records
+    assert again.labels == train.labels
 
 
 def test_shared_files_load():
