@@ -1,0 +1,238 @@
+"""The approximation protocol's test stage (docs/approximation.md), resumable.
+
+Selection already ran (`icl index fit NAME --reference REF`, which wrote the fit and its
+validation table); this reads the test file once for each fixed row and nothing else:
+
+  selected   the fit attached to the index, through the product path (`icl eval`, method auto),
+             seed 0; seeds 1 and 2 refit the seed-dependent part (the anchors' context and their
+             readout, `icl anchors build --seed S --readout linear`) and mix it with the same
+             kNN ICL answers (ICL itself draws nothing at random)
+  reference  the fine-tuned LM, zero-shot prompts
+  zero, knn-8, random-8 (seeds 0, 1, 2)   the fixed baselines, never selected
+
+Every row is one `icl` command whose JSON (with per-example predictions) lands in
+`RUNS/test-NAME/ROW.json`; a row already there is not run again, so an interrupted run resumes.
+Then `summarize` writes accuracy, the gap to the reference and agreement with it, each with a
+95 % bootstrap interval (2,000 resamples of test examples, seeds averaged inside a resample),
+plus what each row trained on how many labelled records, to benchmarks/results/approximation/NAME/.
+
+    python benchmarks/approximation.py rt --runs ../runs/approx --jobs 2     # OMP_NUM_THREADS=1 per job
+    python benchmarks/approximation.py rt --runs ../runs/approx --summarize  # only the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from icl_engine.core import fits
+from icl_engine.core.index.store import read_pointer
+
+HERE = Path(__file__).resolve().parent
+TASKS = {  # the index, the test file (under the shared data folder) and the reference, under RUNS
+    "rt": {"index": "rt", "test": "rotten_tomatoes_test.jsonl", "reference": "ft/rt"},
+}
+SEEDS = (0, 1, 2)
+RESAMPLES = 2000
+
+
+def rows(task: dict, runs: Path, out: Path, test: Path) -> list[dict]:
+    """Every row: its name, the `icl` arguments, the rows it needs first, and what marks it done."""
+    common = ["--test", str(test), "--indexes-dir", str(runs / "indexes"), "--json", "--predictions"]
+    fit = json.loads((fit_folder(runs, task) / "fit.json").read_text())
+    plan = [{"name": "selected-seed0", "args": ["eval", task["index"], *common]}]
+    for s in SEEDS:  # the readout alone: mixed with the ICL answers in summarize
+        anchors = fit_folder(runs, task) / fit["anchors"] if s == 0 else out / f"anchors-seed{s}"
+        if s:
+            plan.append({"name": f"anchors-seed{s}", "done": anchors / "readout.json",
+                         "args": ["anchors", "build", task["index"], "--out", str(anchors), "--seed", str(s),
+                                  "--readout", "linear", "--indexes-dir", str(runs / "indexes"), "--force"]})
+        plan.append({"name": f"readout-seed{s}", "needs": [] if s == 0 else [f"anchors-seed{s}"],
+                     "args": ["eval", task["index"], *common, "--method", "knn", "--anchors", str(anchors),
+                              "--anchor-weight", "1", "--anchor-readout", "linear"]})
+    plan += [{"name": "reference", "args": ["eval", task["index"], *common, "--lm", str(runs / task["reference"]),
+                                            "--method", "zero", "--k", "0"]},
+             {"name": "zero", "args": ["eval", task["index"], *common, "--method", "zero", "--k", "0"]},
+             {"name": "knn-8", "args": ["eval", task["index"], *common, "--method", "knn", "--k", "8"]}]
+    plan += [{"name": f"random-8-seed{s}", "args": ["eval", task["index"], *common, "--method", "random", "--k", "8",
+                                                    "--seed", str(s)]} for s in SEEDS]
+    order = ["selected-seed0", "readout-seed0", "reference", "zero", "anchors-seed1", "readout-seed1", "knn-8",
+             "anchors-seed2", "readout-seed2", "random-8-seed0", "random-8-seed1", "random-8-seed2"]
+    return sorted(plan, key=lambda r: order.index(r["name"]))
+
+
+def fit_folder(runs: Path, task: dict) -> Path:
+    """The fit of the index's current version (where `icl index fit` attached it)."""
+    index = runs / "indexes" / task["index"]
+    return fits.fit_folder(index, read_pointer(index))
+
+
+def run(plan: list[dict], out: Path, icl: str, jobs: int) -> None:
+    """Each row once (a row's JSON is written only when its command succeeded), `jobs` at a time,
+    a row starting when the rows it needs are done."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ICL_NUM_THREADS": "1"}
+    done = {r["name"] for r in plan if _done(r, out)}
+    running: set[str] = set()
+    lock = threading.Lock()
+
+    def next_row():
+        with lock:
+            for r in plan:
+                if r["name"] not in done | running and set(r.get("needs", [])) <= done:
+                    running.add(r["name"])
+                    return r
+        return None
+
+    def worker():
+        while (r := next_row()) is not None:
+            started = time.time()
+            print(f"[{time.strftime('%H:%M:%S')}] {r['name']}: icl {' '.join(r['args'][:3])} ...", file=sys.stderr)
+            with open(out / f"{r['name']}.log", "w") as log:
+                got = subprocess.run([icl, *r["args"]], stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+            with lock:
+                running.discard(r["name"])
+                if got.returncode == 0:
+                    if "done" not in r:
+                        tmp = out / f"{r['name']}.json.tmp"
+                        tmp.write_text(got.stdout)
+                        tmp.replace(out / f"{r['name']}.json")
+                    done.add(r["name"])
+            status = "done" if got.returncode == 0 else f"failed (rc {got.returncode}, see {r['name']}.log)"
+            print(f"[{time.strftime('%H:%M:%S')}] {r['name']}: {status} in {time.time() - started:.0f} s",
+                  file=sys.stderr)
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _done(r: dict, out: Path) -> bool:
+    return Path(r["done"]).is_file() if "done" in r else (out / f"{r['name']}.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def bootstrap(per_seed: np.ndarray, ref: np.ndarray, gold: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy, gap to the reference and agreement with it, each the mean over seeds, with a 95 %
+    percentile interval. per_seed: [s, n] predicted label ids; ref, gold: [n]."""
+    rng = np.random.default_rng(seed)
+    n = gold.shape[0]
+    correct, agree = (per_seed == gold).astype(float), (per_seed == ref).astype(float)  # [s, n]
+    ref_correct = (ref == gold).astype(float)  # [n]
+    draws = rng.integers(0, n, size=(RESAMPLES, n))  # [B, n]
+    acc = correct[:, draws].mean(axis=(0, 2))  # [B]: seeds averaged inside each resample
+    gap = acc - ref_correct[draws].mean(axis=1)
+    agr = agree[:, draws].mean(axis=(0, 2))
+
+    def stat(point: float, sample: np.ndarray) -> dict:
+        lo, hi = np.percentile(sample, [2.5, 97.5])
+        return {"value": float(point), "ci95": [float(lo), float(hi)]}
+
+    return {"accuracy": stat(correct.mean(), acc), "gap_to_reference": stat(correct.mean() - ref_correct.mean(), gap),
+            "agreement": stat(agree.mean(), agr), "per_seed_accuracy": correct.mean(1).tolist(),
+            "per_seed_agreement": agree.mean(1).tolist()}
+
+
+def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
+    got = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    fit = json.loads((fit_folder(runs, task) / "fit.json").read_text())
+    labels = got["reference"]["labels"]
+    ids = [p["id"] for p in got["reference"]["predictions"]]
+    gold = np.array([labels.index(p["gold"]) for p in got["reference"]["predictions"]])
+
+    def pred(row: str) -> np.ndarray:
+        preds = got[row]["predictions"]
+        assert [p["id"] for p in preds] == ids, f"{row}: another test set or order"
+        return np.array([labels.index(p["label"]) for p in preds])
+
+    ref = pred("reference")
+    selected, check = selected_seeds(got, fit, labels)
+    ft = json.loads((runs / task["reference"] / "icl_finetune.json").read_text())
+    n_index = fit["labelled_records"]  # the fit was refitted on every record of the index
+    table = {
+        "selected": {"setting": fit["setting"], "seeds": list(SEEDS), "answered_by": got["selected-seed0"]["answered_by"],
+                     "trained_parameters": fit["trained_parameters"], "labelled_records": fit["labelled_records"],
+                     **bootstrap(selected, ref, gold)},
+        "reference": {"setting": "full fine-tune, zero-shot prompts", "seeds": [0],
+                      "trained_parameters": ft["metrics"]["trainable_params"], "labelled_records": ft["metrics"]["n_train"],
+                      "early_stopping_records": ft["metrics"]["n_eval"], "kept_step": ft["metrics"]["best_step"],
+                      **bootstrap(ref[None], ref, gold)},
+        "zero": {"setting": "zero-shot", "seeds": [0], "trained_parameters": 0, "labelled_records": 0,
+                 **bootstrap(pred("zero")[None], ref, gold)},
+        "knn-8": {"setting": "kNN-8 ICL", "seeds": [0], "trained_parameters": 0, "labelled_records": n_index,
+                  **bootstrap(pred("knn-8")[None], ref, gold)},
+    }
+    randoms = [s for s in SEEDS if f"random-8-seed{s}" in got]
+    if randoms:
+        table["random-8"] = {"setting": "random-8 ICL", "seeds": randoms, "trained_parameters": 0,
+                             "labelled_records": n_index,
+                             **bootstrap(np.stack([pred(f"random-8-seed{s}") for s in randoms]), ref, gold)}
+    sel = table["selected"]
+    targets = {"within_2_points": abs(sel["gap_to_reference"]["value"]) <= 0.02,
+               "agreement_at_least_90": sel["agreement"]["value"] >= 0.90,
+               "agreement_ci_low_at_least_88": sel["agreement"]["ci95"][0] >= 0.88}
+    report = {"task": name, "test_file": task["test"], "n": int(gold.shape[0]), "selected_on": fit["selected_on"],
+              "selection_table": fit["table"], "validation": {k: v for k, v in fit["validation"].items() if k != "ids"},
+              "rows": table, "targets": targets, "mixture_check": check, "resamples": RESAMPLES,
+              "seconds": {k: v.get("seconds") for k, v in got.items()},
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per job",
+              "command": f"python benchmarks/approximation.py {name} --runs RUNS --jobs 2"}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "test.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def selected_seeds(got: dict, fit: dict, labels: list[str]) -> tuple[np.ndarray, dict]:
+    """The selected setting's label ids [s, n] for every seed whose readout ran. Seed 0 comes from
+    the product path; the others mix the same ICL answers with their own readout, and seed 0's mix
+    is checked against the product path first (so the mix is the engine's)."""
+    product = got["selected-seed0"]["predictions"]
+    w = fit["options"]["anchor_weight"]
+    assert fit["candidate"] == "icl+readout" and fit["options"]["calibration"] == "none", fit["setting"]
+    ls = np.array([p["log_scores"] for p in product])  # [n, L] raw label log-likelihoods
+    icl = np.exp(ls - np.logaddexp.reduce(ls, axis=1, keepdims=True))  # calibration none: normalised
+
+    def mix(seed: int) -> np.ndarray:
+        readout = np.array([[p["probs"][lab] for lab in labels] for p in got[f"readout-seed{seed}"]["predictions"]])
+        return (1 - w) * icl + w * readout  # [n, L], as the engine mixes
+
+    engine = np.array([[p["probs"][lab] for lab in labels] for p in product])
+    check = {"max_abs_prob_difference_seed0": float(np.abs(mix(0) - engine).max()),
+             "same_labels_seed0": bool((mix(0).argmax(1) == engine.argmax(1)).all())}
+    assert check["same_labels_seed0"], check
+    seeds = [s for s in SEEDS if f"readout-seed{s}" in got]
+    return np.stack([engine.argmax(1) if s == 0 else mix(s).argmax(1) for s in seeds]), check
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("task", choices=sorted(TASKS))
+    ap.add_argument("--runs", type=Path, required=True, help="the folder holding indexes/ and the reference")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("ICL_SHARED_DATA", HERE.parent.parent / "shared/data")))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--summarize", action="store_true", help="only write the report from the rows already run")
+    ap.add_argument("--icl", default=str(HERE.parent / ".venv/bin/icl"))
+    a = ap.parse_args()
+    task = TASKS[a.task]
+    out = a.runs / f"test-{a.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.summarize:
+        run(rows(task, a.runs.resolve(), out.resolve(), (a.data / task["test"]).resolve()), out, a.icl, a.jobs)
+    report = summarize(a.task, task, a.runs, out, HERE / "results/approximation" / a.task)
+    print(json.dumps({k: report[k] for k in ("rows", "targets", "mixture_check")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
