@@ -588,13 +588,16 @@ def generate_file_cmd(
 
 @app.command()
 def demo(
-    n: int = typer.Option(200, "--n", min=1, help="Held-out reviews to evaluate."),
+    n: int = typer.Option(100, "--n", min=1, help="Reviews of the test split to evaluate (the first N)."),
     k: int = typer.Option(8, "--k", min=1),
+    pool: int = typer.Option(2000, "--pool", min=2, max=11752, help="Built-in training reviews in the demo's "
+                             "index (the first N of a seeded shuffle)."),
     lm: str = _LM,
     indexes_dir: Optional[Path] = IndexesDir,
 ):
-    """The main job: built-in Rotten Tomatoes index, zero-shot vs random-k vs kNN-k accuracy."""
-    typer.echo(format_demo(_queries().run_demo(n=n, k=k, lm=lm, indexes_dir=indexes_dir)))
+    """The main job: an index over built-in Rotten Tomatoes reviews; zero-shot, kNN-k ICL, a
+    readout over kNN prompting's anchors, and kNN-k mixed with the readout, on held-out reviews."""
+    typer.echo(format_demo(_queries().run_demo(n=n, k=k, pool=pool, lm=lm, indexes_dir=indexes_dir)))
 
 
 @app.command()

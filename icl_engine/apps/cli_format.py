@@ -103,11 +103,14 @@ def format_eval(r: dict) -> str:
 
 
 def format_demo(d: dict) -> str:
-    """queries.run_demo's result: where the index came from, the three methods, one example."""
-    idx, ex = d["index"], d["example"]
-    lines = [f"index: {'built' if idx['built'] else 'reusing'} {idx['path']} ({idx['count']} reviews)", "",
+    """queries.run_demo's result: the index and anchors it used, the four rows, one example."""
+    idx, anc, ex = d["index"], d["anchors"], d["example"]
+    lines = [f"index: {'built' if idx['built'] else 'reusing'} {idx['path']} ({idx['count']:,} reviews: {idx['data']})",
+             f"anchors: {'built' if anc['built'] else 'reusing'} {anc['path']} (a linear readout of "
+             f"{anc['trained_parameters']:,} parameters fitted on {anc['labelled_records']:,} labelled records)", "",
              format_table(d["rows"]), "", f"example: {ex['input']!r} (gold: {ex['gold']})",
              format_prediction(ex["prediction"]), "",
+             "the full Rotten Tomatoes figures and how the method is chosen: benchmarks/results/approximation/rt",
              "your own data: icl index build FILE.jsonl --name NAME [--auto-template], "
              "then icl eval NAME --test TEST.jsonl (see the README)"]
     return "\n".join(lines)
@@ -116,12 +119,12 @@ def format_demo(d: dict) -> str:
 def format_table(rows: Sequence[dict]) -> str:
     """A markdown table of evaluation results (one row per evaluate() call)."""
     gen = "bleu" in rows[0]
-    head = ["method", "k", "calibration", "n"] + (["BLEU", "ROUGE-L"] if gen else ["accuracy", "macro-F1"]) + ["q/s"]
+    head = ["answered by", "k", "calibration", "n"] + (["BLEU", "ROUGE-L"] if gen else ["accuracy", "macro-F1"]) + ["q/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         metrics = [f"{r['bleu']:.2f}", f"{r['rouge_l']:.2f}"] if gen else [f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}"]
-        lines.append("| " + " | ".join([r["method"], str(r["k"]), r["calibration"], str(r["n"]), *metrics,
-                                       f"{r['queries_per_s']:.2f}"]) + " |")
+        lines.append("| " + " | ".join([r.get("answered_by", r["method"]), str(r["k"]), r["calibration"], str(r["n"]),
+                                       *metrics, f"{r['queries_per_s']:.2f}"]) + " |")
     return "\n".join(lines)
 
 
