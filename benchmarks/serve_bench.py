@@ -6,6 +6,15 @@ the same run before and after the clients (so drifting load on a shared machine 
     .venv/bin/python benchmarks/serve_bench.py                  # a few minutes on 2 cores
     .venv/bin/python benchmarks/serve_bench.py --levels 1:4 8:16 32:32 --offline 32   # quicker
 
+    .venv/bin/python benchmarks/serve_bench.py --levels --overload 64:60 --server-timeout 30   # overload only
+
+`--overload CLIENTS:SECONDS`: more clients than the server can answer (about 1 q/s with one thread
+at k = 8), closed-loop for SECONDS, each request with the server's deadline (`--server-timeout`);
+a rejected client waits what Retry-After says (at most the time left) before its next request.
+Goodput = answers within their deadline per second of load, against the offline throughput; a
+lone request is then sent once every client has its last answer, against the quiet lone latency.
+Written to serve_bench_overload.json and .md.
+
 Each level is closed-loop: `clients` threads, each sending its next request when its last is
 answered, until `requests` have been sent; queries/s = requests / wall seconds of the level.
 Latency is per request (client side). Both processes run with ICL_NUM_THREADS torch threads
@@ -117,6 +126,62 @@ def level(url: str, texts: list[str], clients: int, requests: int, k: int, timeo
             "transport_errors": sum(s == "transport" for s in status)}
 
 
+def overload(url: str, texts: list[str], clients: int, seconds: float, k: int, deadline: float) -> dict:
+    """`clients` closed-loop clients for `seconds`; per request: status and client-side latency."""
+    lock, results = threading.Lock(), []  # (status, latency s)
+    end = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    def client():
+        with httpx.Client(timeout=deadline + 5) as c:
+            while time.perf_counter() < end:
+                with lock:
+                    i = next(counter)
+                t0 = time.perf_counter()
+                retry = 0.0
+                try:
+                    r = c.post(f"{url}/v1/classify", json={"index": INDEX, "text": texts[i % len(texts)], "k": k})
+                    code = r.status_code
+                    retry = float(r.headers.get("retry-after", 0) or 0) if code in (429, 503) else 0.0
+                except httpx.HTTPError:
+                    code = "transport"
+                with lock:
+                    results.append((code, time.perf_counter() - t0))
+                if retry:
+                    time.sleep(max(0.0, min(retry, end - time.perf_counter())))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [lat for code, lat in results if code == 200]
+    rejected = [lat for code, lat in results if code in (429, 503)]
+    return {"clients": clients, "seconds": seconds, "wall_s": wall, "requests": len(results),
+            "ok": len(ok), "ok_within_deadline": sum(lat <= deadline for lat in ok),
+            "goodput_qps": sum(lat <= deadline for lat in ok) / seconds,
+            "rejected": len(rejected), "rejection_p50_s": percentile(rejected, 50) if rejected else None,
+            "rejection_p99_s": percentile(rejected, 99) if rejected else None,
+            "ok_p50_s": percentile(ok, 50) if ok else None, "ok_p99_s": percentile(ok, 99) if ok else None,
+            "status_counts": {str(c): sum(1 for x, _ in results if x == c) for c in sorted({x for x, _ in results}, key=str)},
+            "errors_5xx_not_503": sum(isinstance(c, int) and c >= 500 and c != 503 for c, _ in results),
+            "transport_errors": sum(c == "transport" for c, _ in results)}
+
+
+def lone(url: str, texts: list[str], k: int, n: int, timeout: float) -> list[float]:
+    """`n` requests one after another (the quiet latency)."""
+    out = []
+    with httpx.Client(timeout=timeout) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post(f"{url}/v1/classify", json={"index": INDEX, "text": texts[i % len(texts)], "k": k})
+            r.raise_for_status()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
 def batch_sizes(url: str) -> dict:
     """The server's own histogram of texts per engine call (sum / count)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
@@ -126,7 +191,11 @@ def batch_sizes(url: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--levels", nargs="+", default=["1:8", "8:32", "32:64"], help="CLIENTS:REQUESTS per level")
+    ap.add_argument("--levels", nargs="*", default=["1:8", "8:32", "32:64"], help="CLIENTS:REQUESTS per level "
+                    "(none: only the overload scenario)")
+    ap.add_argument("--overload", default=None, help="CLIENTS:SECONDS: the overload scenario (e.g. 64:60)")
+    ap.add_argument("--server-timeout", type=float, default=None, help="the server's --timeout (a request's "
+                    "deadline; default: --timeout)")
     ap.add_argument("--offline", type=int, default=64, help="test reviews per offline `icl eval` run")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8, help="LM rows per forward (server and eval alike)")
@@ -148,7 +217,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(ICL), "serve", "--index", INDEX, "--port", str(port), "--batch-size",
                                str(args.batch_size), "--max-wait-ms", str(args.max_wait_ms), "--timeout",
-                               str(args.timeout)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               str(args.server_timeout or args.timeout)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.perf_counter()
@@ -176,6 +245,19 @@ def main() -> None:
             row["mean_batch_texts"] = (after["texts"] - before["texts"]) / calls if calls else None
             rows.append(row)
             print(json.dumps(row), flush=True)
+        over = None
+        if args.overload:
+            clients, seconds = (float(x) for x in args.overload.split(":"))
+            deadline = args.server_timeout or args.timeout
+            quiet = lone(url, texts, args.k, 5, deadline)
+            before = metrics(url)
+            print(f"overload: {int(clients)} clients for {seconds:g} s ...", flush=True)
+            over = overload(url, texts, int(clients), seconds, args.k, deadline)
+            after_load = lone(url, texts[100:], args.k, 1, deadline)[0]
+            over |= {"deadline_s": deadline, "quiet_lone_s": quiet, "quiet_lone_p50_s": statistics.median(quiet),
+                     "lone_after_load_s": after_load, "server_metrics": {k: metrics(url).get(k, 0) - v
+                                                                         for k, v in before.items()}}
+            print(json.dumps(over), flush=True)
         print("offline eval 2 ...", flush=True)
         off.append(offline(args, env, texts[:2]))
     finally:
@@ -199,9 +281,55 @@ def main() -> None:
         "offline": off, "offline_qps": offline_qps, "levels": rows, "server_exit_code": exit_code,
     }
     OUT.mkdir(parents=True, exist_ok=True)
+    if over is not None:
+        over |= {"goodput_vs_offline": over["goodput_qps"] / offline_qps,
+                 "lone_after_vs_quiet": over["lone_after_load_s"] / over["quiet_lone_p50_s"]}
+        result["overload"] = over
+        (OUT / "serve_bench_overload.json").write_text(json.dumps(result, indent=2) + "\n")
+        (OUT / "serve_bench_overload.md").write_text(overload_markdown(result) + "\n")
+        print(overload_markdown(result))
+        if not rows:
+            return
     (OUT / "serve_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (OUT / "serve_bench.md").write_text(markdown(result) + "\n")
     print(markdown(result))
+
+
+def metrics(url: str) -> dict:
+    """The server's own counters of admission: rejections, drops and cancellations (Prometheus text)."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if not line.startswith("#") and any(w in name for w in ("admitted", "reject", "cancel", "drop")) \
+                and not name.endswith("_created"):
+            out[line.rsplit(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def overload_markdown(r: dict) -> str:
+    o, s = r["overload"], r["settings"]
+    targets = [("goodput >= 90 % of offline", o["goodput_vs_offline"] >= 0.9),
+               ("p99 of a rejection <= 100 ms", o["rejection_p99_s"] is None or o["rejection_p99_s"] <= 0.1),
+               ("no 5xx but 503", o["errors_5xx_not_503"] == 0 and o["transport_errors"] == 0),
+               ("lone request after the load <= 2x quiet", o["lone_after_vs_quiet"] <= 2)]
+    p = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    return "\n".join([
+        "# `icl serve` overloaded", "", f"`{r['command']}`, {r['started']}", "",
+        f"Machine: {r['machine']['processor'] or 'CPU'}, {r['machine']['cpu_count']} CPUs; {s['threads']} torch "
+        f"thread(s) per process. `uptime` at start: {r['load_start']}; at end: {r['load_end']}.", "",
+        f"{o['clients']} closed-loop clients for {o['seconds']:g} s, k = {s['k']}, each request's deadline "
+        f"{o['deadline_s']:g} s (the server's --timeout); a rejected client waits Retry-After. Offline "
+        f"throughput in the same run: {r['offline_qps']:.2f} q/s (" + ", ".join(f"{x['qps']:.2f}" for x in r["offline"])
+        + ").", "",
+        "| requests | answered | within deadline | goodput q/s | vs offline | rejected | rejection p50 / p99 s "
+        "| answer p50 / p99 s | 5xx but 503 | transport errors |", "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {o['requests']} | {o['ok']} | {o['ok_within_deadline']} | {o['goodput_qps']:.2f} | "
+        f"{100 * o['goodput_vs_offline']:.0f} % | {o['rejected']} | {p(o['rejection_p50_s'])} / {p(o['rejection_p99_s'])} "
+        f"| {p(o['ok_p50_s'])} / {p(o['ok_p99_s'])} | {o['errors_5xx_not_503']} | {o['transport_errors']} |", "",
+        f"Status counts: {o['status_counts']}. Server counters during the load: {o['server_metrics']}.", "",
+        f"Lone request once every client had its last answer: {o['lone_after_load_s']:.2f} s, "
+        f"{o['lone_after_vs_quiet']:.2f}x the quiet lone latency ({o['quiet_lone_p50_s']:.2f} s, median of 5).", "",
+        "Targets: " + "; ".join(f"{name}: {'met' if ok else 'missed'}" for name, ok in targets) + "."])
 
 
 def markdown(r: dict) -> str:
