@@ -177,29 +177,3 @@ def test_generation_is_distilled_from_the_reference_outputs(tiny_tokenizer, tmp_
     assert meta["distill"]["targets"] == "reference outputs" and meta["distill"]["gold_records"] == 4
     with pytest.raises(TrainingError, match="alpha must be 1"):
         train_soft_prompt(lm, data, cfg, builder=builder, out=tmp_path / "sp2", teacher=teacher, alpha=0.5)
-
-
-def test_pool_teacher_logprobs_resume_after_a_torn_write(lm, dataset, builder, reference, tmp_path, monkeypatch):
-    """The cache keeps whole lines only: a pass cut mid-line resumes with the records it lacks,
-    and a cache made for another reference (key) is started over."""
-    from icl_engine.train import distill
-
-    teacher = load_teacher(reference, lm=lm, builder=builder, labels=dataset.labels)
-    records, cache, key = dataset.records, tmp_path / "t.jsonl", {"reference": "a"}
-    full = distill.pool_teacher_logprobs(teacher, builder, records, cache, key, chunk=5, progress=False)
-    assert list(full) == [r.id for r in records]
-    lines = cache.read_text().splitlines()
-    assert len(lines) == 1 + len(records)
-    cache.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])  # 3 whole rows, then a torn one
-    asked = []
-    real = distill.teacher_logprobs
-    monkeypatch.setattr(distill, "teacher_logprobs", lambda t, b, rs, **kw: asked.extend(r.id for r in rs) or real(t, b, rs, **kw))
-    again = distill.pool_teacher_logprobs(teacher, builder, records, cache, key, chunk=5, progress=False)
-    assert asked == [r.id for r in records[3:]]
-    assert all(np.allclose(again[i], full[i], atol=1e-9) for i in full)
-    assert len(cache.read_text().splitlines()) == 1 + len(records)
-    asked.clear()
-    distill.pool_teacher_logprobs(teacher, builder, records, cache, {"reference": "b"}, progress=False)
-    assert asked == [r.id for r in records]
-    relabelled = distill.relabel(dataset, full)
-    assert [r.output for r in relabelled.records] == [dataset.labels[int(np.argmax(full[r.id]))] for r in records]

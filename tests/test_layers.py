@@ -56,7 +56,7 @@ def imported_modules(path: Path, package_dir: Path = PACKAGE) -> list[tuple[int,
                 target = node.module or ""
             if target.split(".")[0] != "icl_engine":
                 continue
-            # `from . import compare` / `from icl_engine import api` import the submodules themselves
+            # `from . import bounds` / `from icl_engine import api` import the submodules themselves
             subs = [f"{target}.{a.name}" for a in node.names if is_module(f"{target}.{a.name}", package_dir)]
             found += [(node.lineno, m) for m in subs or [target]]
     return found
@@ -88,10 +88,10 @@ def test_the_checker_sees_upward_imports(tmp_path):
         (pkg / f).write_text("")
     (pkg / "core" / "pipeline.py").write_text("def f():\n    from ..train import loop\n")
     (pkg / "train" / "loop.py").write_text("from ..studies.report import x\nfrom ..core.data import Dataset\n")
-    (pkg / "studies" / "compare.py").write_text("from ..train.loop import y\nfrom icl_engine.apps import api\n")
-    (pkg / "apps" / "cli.py").write_text("from ..studies import compare\n")
+    (pkg / "studies" / "bounds.py").write_text("from ..train.loop import y\nfrom icl_engine.apps import api\n")
+    (pkg / "apps" / "cli.py").write_text("from ..studies import bounds\n")
     bad = upward_imports(pkg)
-    assert [b.split(" ")[0] for b in bad] == ["icl_engine/core/pipeline.py:2", "icl_engine/studies/compare.py:2",
+    assert [b.split(" ")[0] for b in bad] == ["icl_engine/core/pipeline.py:2", "icl_engine/studies/bounds.py:2",
                                               "icl_engine/train/loop.py:1"]
 
 

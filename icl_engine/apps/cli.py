@@ -66,7 +66,6 @@ _KEPT_ON_INTERRUPT = {
     "cache": "the KV cache was left as it was (a new one is published only when complete)",
     "tune": "no soft prompt was written (it is written only when training ends)",
     "finetune": "no model was written (it is written only when training ends)",
-    "compare": "finished runs are kept under --out/runs and reused when you run it again",
     "run": "finished points are kept under --out and reused when you run it again",
     "classify-file": "finished shards are kept in OUT.parts and reused when you run it again",
     "generate-file": "finished shards are kept in OUT.parts and reused when you run it again",
@@ -754,37 +753,6 @@ def finetune(
                                        eval_every=eval_every, patience=patience, min_epochs=min_epochs,
                                        resume=resume, force=force, lm=lm, template=template,
                                        indexes_dir=indexes_dir))
-
-
-@app.command()
-def compare(
-    name: str,
-    test: str = typer.Option(..., "--test"),
-    out: Path = typer.Option(..., "--out"),
-    reference: Optional[Path] = typer.Option(None, "--reference", help="Fine-tuned reference (trained there if empty)."),
-    methods: Optional[List[str]] = typer.Option(None, "--methods", help="Repeat to pick methods (default: all)."),
-    seeds: int = typer.Option(3, "--seeds", min=1),
-    k: int = typer.Option(4, "--k", min=1),
-    train_pool: Optional[int] = typer.Option(None, "--train-pool", min=2),
-    test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Soft-prompt training steps (with "
-                                        "--eval-every: at most this many, default 400)."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1, help="Soft prompts: early stopping on a "
-                                             "held-out 10 % of the pool, evaluated every N steps."),
-    anchor_k: int = typer.Option(8, "--anchor-k", min=1, help="kNN prompting: anchors that vote."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1),
-    lm: str = _LM,
-    template: Optional[Path] = _TEMPLATE,
-    indexes_dir: Optional[Path] = IndexesDir,
-):
-    """Approximation report: zero/random/kNN, soft prompts (plain and distilled), kNN prompting and the
-    fine-tuned reference, side by side."""
-    from . import reports
-
-    report = reports.compare(name, test, out=out, reference=reference, methods=methods, seeds=seeds, k=k,
-                         train_pool=train_pool, test_limit=test_limit, steps=steps, eval_every=eval_every,
-                         anchor_k=anchor_k, threads=threads, lm=lm, template=template, indexes_dir=indexes_dir)
-    typer.echo(report["markdown"])
 
 
 bounds_app = typer.Typer(no_args_is_help=True, help="Sample-size bounds of ICL vs fine-tuning (Sharma 2025).")

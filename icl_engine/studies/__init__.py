@@ -1,1 +1,1 @@
-"""Studies layer: the approximation report (compare), the sample-size bounds and their experiments."""
+"""Studies layer: the sample-size bounds and the experiments that check their shapes."""

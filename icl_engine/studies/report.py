@@ -1,6 +1,6 @@
 """What every study writes and how: JSON-ready values, results.json + report.md written
 atomically, a description of the machine and the LM, number formatting for markdown tables,
-and matplotlib set up for files only. Shared by compare.py and the bound experiments.
+and matplotlib set up for files only. Shared by the bound experiments.
 
     write_report(out, results, markdown, json_name="results.json")   # -> the markdown, also on disk
 """

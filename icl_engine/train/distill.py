@@ -1,5 +1,5 @@
 """Distillation from the fine-tuned reference: soft prompts trained to give the reference's label
-distribution, so they optimise what the approximation report measures (agreement, TV distance).
+distribution, so what they optimise is agreement with the reference, not only the gold labels.
 
     teacher = load_teacher("ft/rt", lm=lm, builder=builder, labels=index.labels)   # refused if not ours
     examples = with_teacher(examples, teacher_logprobs(teacher, builder, records))  # aligned by record id
@@ -14,16 +14,11 @@ record can be used. The LM under the soft prompt stays frozen.
 Generation is distilled at the sequence level (Kim & Rush 2016): the reference's greedy output
 for each distinct input becomes the target, and the student is trained on it with the usual
 loss over the target tokens (`teacher_records`).
-
-The reference can also label the whole pool once (`pool_teacher_logprobs`, cached and resumable,
-then `relabel`): demonstrations and kNN-prompting anchors that carry its labels instead of the
-gold ones teach the frozen LM the reference's decisions, errors included, with nothing trained.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -35,13 +30,11 @@ from ..core.adapters import FINETUNE_META_FILE, load_finetuned
 from ..core.data import Dataset, Record
 from ..core.generate import generate
 from ..core.lm import LM
-from ..core.progress import Progress
 from ..core.prompt import PromptBuilder
 from ..core.score import normalize, score_continuations
 from .loop import Example, LossFn, TrainingError, label_logprobs
 
-__all__ = ["load_teacher", "teacher_logprobs", "pool_teacher_logprobs", "relabel", "with_teacher", "distill_loss",
-           "teacher_records"]
+__all__ = ["load_teacher", "teacher_logprobs", "with_teacher", "distill_loss", "teacher_records"]
 
 
 def load_teacher(folder: str | Path, *, lm: LM, builder: PromptBuilder, labels: Sequence[str]) -> LM:
@@ -80,48 +73,6 @@ def teacher_logprobs(teacher: LM, builder: PromptBuilder, records: Sequence[Reco
     labels = [builder.label_ids(lab) for lab in builder.labels]
     logp = normalize(score_continuations(teacher, prompts, labels, batch_size=batch_size))  # [n, L]
     return {r.id: row for r, row in zip(records, logp)}
-
-
-def pool_teacher_logprobs(teacher: LM, builder: PromptBuilder, records: Sequence[Record], cache: Path, key: dict,
-                          *, chunk: int = 256, batch_size: int = 8, progress: bool = True) -> dict[str, np.ndarray]:
-    """teacher_logprobs for many records (a whole index: 11,752 reviews took 21 min on one CPU
-    thread), kept in the JSONL file `cache`: a first line holding `key` (which reference, records
-    and template), then one line per record, appended `chunk` records at a time, so an
-    interrupted pass resumes where it stopped. A cache with another key is started over."""
-    header = json.dumps(key, sort_keys=True)
-    as_lines = lambda rows: "".join(json.dumps({"id": i, "logp": v.tolist()}) + "\n" for i, v in rows.items())
-    done: dict[str, np.ndarray] = {}
-    lines = cache.read_text().split("\n") if cache.is_file() else []
-    if lines and lines[0] == header:
-        for line in lines[1:-1]:  # the last piece is "" after a whole line, or a torn line: dropped
-            row = json.loads(line)
-            done[row["id"]] = np.asarray(row["logp"], dtype=np.float64)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # rewrite what is kept (drops a torn line or another key's rows), then append
-    with open(cache, "w", encoding="utf-8") as f:
-        f.write(header + "\n" + as_lines(done))
-    todo = [r for r in records if r.id not in done]
-    with open(cache, "a", encoding="utf-8") as f, Progress(len(records), "reference labels", unit="record",
-                                                            enabled=progress) as bar:
-        bar.update(len(records) - len(todo))
-        for start in range(0, len(todo), chunk):
-            part = teacher_logprobs(teacher, builder, todo[start:start + chunk], batch_size=batch_size)
-            f.write(as_lines(part))
-            f.flush()
-            os.fsync(f.fileno())
-            done.update(part)
-            bar.update(len(part))
-    return {r.id: done[r.id] for r in records}
-
-
-def relabel(dataset: Dataset, teacher: dict[str, np.ndarray]) -> Dataset:
-    """Classification: every record's label replaced by the reference's most probable one
-    (`teacher`: record id -> log p over dataset.labels [L]; ties go to the first label)."""
-    missing = [r.id for r in dataset.records if r.id not in teacher]
-    if missing:
-        raise TrainingError(f"no reference label for record {missing[0]}")
-    records = tuple(replace(r, output=dataset.labels[int(np.argmax(teacher[r.id]))]) for r in dataset.records)
-    return replace(dataset, name=f"{dataset.name}[reference labels]", records=records)
 
 
 def teacher_records(teacher: LM, builder: PromptBuilder, train: Dataset, *, max_new_tokens: int = 64,

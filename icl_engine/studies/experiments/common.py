@@ -1,6 +1,6 @@
 """What every bounds experiment shares: curve summaries (points with bootstrap intervals, a
 fitted slope, a verdict), log-log PNGs, token helpers for the LM. Writing files, describing the machine and plotting basics are in
-studies/report.py, shared with compare.
+studies/report.py.
 
 A curve is a plain JSON-ready dict, so results.json, the report and the plots all read the
 same object:
