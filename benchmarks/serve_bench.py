@@ -11,7 +11,8 @@ the same run before and after the clients (so drifting load on a shared machine 
 `--overload CLIENTS:SECONDS`: more clients than the server can answer (about 1 q/s with one thread
 at k = 8), closed-loop for SECONDS, each request with the server's deadline (`--server-timeout`);
 a rejected client waits what Retry-After says (at most the time left) before its next request.
-Goodput = answers within their deadline per second of load, against the offline throughput; a
+Goodput = answers within their deadline per second, from the first request to the last answer,
+against the offline throughput; a
 lone request is then sent once every client has its last answer, against the quiet lone latency.
 Written to serve_bench_overload.json and .md.
 
@@ -161,7 +162,7 @@ def overload(url: str, texts: list[str], clients: int, seconds: float, k: int, d
     rejected = [lat for code, lat in results if code in (429, 503)]
     return {"clients": clients, "seconds": seconds, "wall_s": wall, "requests": len(results),
             "ok": len(ok), "ok_within_deadline": sum(lat <= deadline for lat in ok),
-            "goodput_qps": sum(lat <= deadline for lat in ok) / seconds,
+            "goodput_qps": sum(lat <= deadline for lat in ok) / wall,  # wall: until the last answer
             "rejected": len(rejected), "rejection_p50_s": percentile(rejected, 50) if rejected else None,
             "rejection_p99_s": percentile(rejected, 99) if rejected else None,
             "ok_p50_s": percentile(ok, 50) if ok else None, "ok_p99_s": percentile(ok, 99) if ok else None,
@@ -255,8 +256,8 @@ def main() -> None:
             over = overload(url, texts, int(clients), seconds, args.k, deadline)
             after_load = lone(url, texts[100:], args.k, 1, deadline)[0]
             over |= {"deadline_s": deadline, "quiet_lone_s": quiet, "quiet_lone_p50_s": statistics.median(quiet),
-                     "lone_after_load_s": after_load, "server_metrics": {k: metrics(url).get(k, 0) - v
-                                                                         for k, v in before.items()}}
+                     "lone_after_load_s": after_load,
+                     "server_metrics": {k: v - before.get(k, 0) for k, v in metrics(url).items()}}
             print(json.dumps(over), flush=True)
         print("offline eval 2 ...", flush=True)
         off.append(offline(args, env, texts[:2]))
