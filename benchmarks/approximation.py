@@ -191,7 +191,51 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
               "command": f"python benchmarks/approximation.py {name} --runs RUNS --jobs 2"}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "test.json").write_text(json.dumps(report, indent=1) + "\n")
+    (dest / "README.md").write_text(markdown(report, fit, ft) + "\n")
     return report
+
+
+def markdown(r: dict, fit: dict, ft: dict) -> str:
+    """The task's README: the selection on validation, then the test rows, from test.json's own fields."""
+    pct = lambda x: f"{100 * x['value']:.1f} [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"  # noqa: E731
+    v = r["validation"]
+    lines = [f"# {r['task']}: the approximation protocol (docs/approximation.md)", "",
+             f"Selection on a validation split V ({v['records']} records carved from the index with seed {v['seed']}; "
+             f"the test file not read), `icl index fit {r['task']} --reference REF`: every candidate fitted on the rest "
+             "of the index and scored on V.", "",
+             "| candidate (validation) | accuracy | trained parameters | labelled records |", "|---|---:|---:|---:|"]
+    for row in sorted(r["selection_table"], key=lambda x: -x["score"]):
+        mark = " **(selected)**" if row["name"] == fit["setting"] else ""
+        lines.append(f"| {row['name']}{mark} | {row['score']:.3f} | {row['trained']:,} | {row['labelled']:,} |")
+    lines += ["", f"Selected: `{fit['setting']}` (ties go to fewer trained parameters, then the earlier setting), "
+              f"refitted on all {fit['labelled_records']:,} records: {fit['trained_parameters']:,} trained parameters.",
+              "", f"## Test ({r['test_file']}, {r['n']} reviews, read once for these rows)", "",
+              "Mean over the seeds listed; 95 % bootstrap intervals over test examples "
+              f"({r['resamples']:,} resamples, seeds averaged inside each).", "",
+              "| row | seeds | accuracy % | gap to reference (points) | agreement with reference % | trained parameters "
+              "| labelled records |", "|---|---|---|---|---|---:|---:|"]
+    for name, row in r["rows"].items():
+        agree = "–" if name == "reference" else pct(row["agreement"])
+        gap = "–" if name == "reference" else pct(row["gap_to_reference"])
+        lines.append(f"| {name}: {row['setting']} | {', '.join(map(str, row['seeds']))} | {pct(row['accuracy'])} | "
+                     f"{gap} | {agree} | {row['trained_parameters']:,} | {row['labelled_records']:,} |")
+    sel, t = r["rows"]["selected"], r["targets"]
+    lines += ["", f"Selected, per seed: accuracy {', '.join(f'{100 * a:.1f}' for a in sel['per_seed_accuracy'])}; "
+              f"agreement {', '.join(f'{100 * a:.1f}' for a in sel['per_seed_agreement'])}.",
+              f"The reference: a full fine-tune (`icl finetune`), kept weights step {ft['metrics']['best_step']} of "
+              f"{ft['metrics']['steps']} (best held-out loss on its own {ft['metrics']['n_eval']}-record slice), "
+              f"trained on {ft['metrics']['n_train']:,} records.", "",
+              "Targets (docs/approximation.md): within 2 points of the reference: "
+              f"{'met' if t['within_2_points'] else 'missed'}; agreement >= 90 %: "
+              f"{'met' if t['agreement_at_least_90'] else 'missed'}; the agreement interval's lower end >= 88 %: "
+              f"{'met' if t['agreement_ci_low_at_least_88'] else 'missed'}.", "",
+              "Seeds 1 and 2 of the selected row mix the seed-0 run's kNN ICL answers (ICL draws nothing at random) "
+              "with a readout over anchors built with that seed (`icl anchors build --seed S --readout linear`, their "
+              "context drawn from the whole index; seed 0's, from the index less V). The mix is checked on seed 0 "
+              f"against the product path: largest probability difference {r['mixture_check']['max_abs_prob_difference_seed0']:.1e}, "
+              f"same labels: {r['mixture_check']['same_labels_seed0']}.", "",
+              f"Command: `{r['command']}` ({r['machine']}); per-row seconds are in test.json."]
+    return "\n".join(lines)
 
 
 def selected_seeds(got: dict, fit: dict, labels: list[str]) -> tuple[np.ndarray, dict]:

@@ -75,6 +75,7 @@ def test_bfloat16_flag_loads_the_lm_in_bfloat16_and_stays_close(workspace):
     assert 0 < max(diff) < 0.1  # rounded weights: close, not equal
 
 
+@pytest.mark.slow
 def test_bounds_run_settings_and_their_mistakes(workspace, tmp_path):
     _, lm_dir = workspace
     res = runner.invoke(app, ["bounds", "run", "--experiment", "generation", "--quick", "--lm", str(lm_dir), "--out",
@@ -110,6 +111,7 @@ def test_user_mistakes_are_one_line_errors(workspace, args, match):
     assert match in res.stderr
 
 
+@pytest.mark.slow
 def test_config_file_and_flag_precedence_through_the_installed_script(workspace, tmp_path, icl_forks):
     """`icl classify/generate/eval --config FILE`: the file's fields, then NAME and the options
     given on the command line (or their environment variable) override them; an option left out
@@ -157,6 +159,7 @@ def test_config_file_and_flag_precedence_through_the_installed_script(workspace,
     assert res.returncode == 1 and res.stderr.startswith("error: ") and "kk" in res.stderr
 
 
+@pytest.mark.slow
 def test_the_installed_script_freezes_the_heap_once_an_engine_is_loaded(workspace, tmp_path):
     """`icl eval` (the console script, in its own process) freezes the garbage collector's heap
     after loading the engine, so the full collections of a long run stop walking the LM's and the

@@ -19,6 +19,8 @@ import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer, said
 
+pytestmark = pytest.mark.slow  # the console script in subprocesses
+
 ICL = Path(sys.executable).with_name("icl")
 ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
         ("a dull boring film", "negative"), ("terrible plot and bad acting", "negative")]

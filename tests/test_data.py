@@ -87,6 +87,7 @@ def test_duplicate_pairs_get_distinct_ids():
     assert len({r.id for r in recs}) == 3 and recs[1].id == recs[0].id + "-2"
 
 
+@pytest.mark.slow
 def test_builtin_rotten_tomatoes():
     d = load_dataset("rotten_tomatoes")
     assert d.labels == ("negative", "positive") and len(d) > 12000

@@ -74,6 +74,7 @@ def _check_outputs(out: Path, res: dict, experiment: str) -> dict:
 # ----------------------------------------------------------------------------- quick modes
 
 
+@pytest.mark.slow
 def test_linear_quick_mode_writes_valid_outputs(tmp_path, tiny_lm):
     out = tmp_path / "linear"
     res = run("linear", quick=True, out=out, lm=tiny_lm, seed=0)
@@ -93,6 +94,7 @@ def test_linear_quick_mode_writes_valid_outputs(tmp_path, tiny_lm):
     assert again["curves"][0]["mean"] == res["curves"][0]["mean"]
 
 
+@pytest.mark.slow
 def test_linear_retrieval_regime_beyond_the_budget(tmp_path, tiny_lm):
     out = tmp_path / "lin_retrieval"
     res = run("linear", quick=True, out=out, lm=tiny_lm, dims=(2, 3), n_grid=(2, 4, 8, 16), budget=80, k=3,
@@ -104,6 +106,7 @@ def test_linear_retrieval_regime_beyond_the_budget(tmp_path, tiny_lm):
     assert "bounded context: k = 3 nearest" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_generation_quick_mode_writes_valid_outputs(tmp_path, tiny_lm):
     out = tmp_path / "generation"
     res = run("generation", quick=True, out=out, lm=tiny_lm)
@@ -121,6 +124,7 @@ def test_generation_quick_mode_writes_valid_outputs(tmp_path, tiny_lm):
     assert set(saved["scaling"]) == {"LM TV mean", "counting TV mean"}
 
 
+@pytest.mark.slow
 def test_retrieval_quick_mode_with_baseline_stand_ins(tmp_path):
     data_dir = shared_data("snips_intents.jsonl").parent
     out = tmp_path / "retrieval"
@@ -168,6 +172,7 @@ def test_run_rejects_bad_requests(tmp_path, tiny_lm):
 # ----------------------------------------------------------------------------- the pieces
 
 
+@pytest.mark.slow
 def test_counting_estimator_slope_is_minus_one_half():
     """Empirical frequencies: TV ∝ sqrt(V' m / N). The fitter must see -1/2 on this curve."""
     m, V, draws = 2, 8, 20
@@ -295,6 +300,7 @@ def _execute_notebook(out: Path, env: dict) -> None:
         assert _strict_json(out / exp / "results.json")["experiment"] == exp
 
 
+@pytest.mark.slow
 def test_bounds_notebook_executes_with_a_tiny_lm_folder(tmp_path):
     """The notebook's LM parameter (ICL_BOUNDS_LM) takes any model folder: a tiny random Llama
     saved to disk keeps this run fast."""

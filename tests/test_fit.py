@@ -49,6 +49,7 @@ def world(tmp_path_factory):
     return root, ix, fit
 
 
+@pytest.mark.slow
 def test_the_selection_reads_only_the_validation_split_and_picks_its_best(world):
     root, ix, fit = world
     table = {r["name"]: r for r in fit["table"]}
@@ -100,6 +101,7 @@ def test_a_new_index_version_has_no_fit(world, tmp_path):
     assert engine.fit is None  # fitted to the version before: another version answers with knn
 
 
+@pytest.mark.slow
 def test_the_cli_and_the_service_answer_with_the_fit_as_eval_does(world, icl_forks):
     """icl eval (auto), icl classify (auto), /v1/classify: the fit answers, with equal log-scores.
     (icl eval through the installed script, icl classify forked from a preloaded process:

@@ -60,6 +60,7 @@ def icl(root: Path, env: dict, *args: str, as_json: bool = True, forks=None):
     return json.loads(p.stdout) if as_json else p.stdout
 
 
+@pytest.mark.slow
 def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work, icl_forks):
     root, env = work
     records = {r.id: r for r in ExampleIndex.load(root / "indexes" / "cg").records}
@@ -86,6 +87,7 @@ def test_eval_knn_picks_k_distinct_inputs_and_scores_against_all_references(work
                "--limit", "2", "--json", forks=icl_forks)["n"] == 2
 
 
+@pytest.mark.slow
 def test_fewer_distinct_inputs_than_k_is_said(work, icl_forks):
     root, env = work
     lm = str(root / "lm")
@@ -104,6 +106,7 @@ def test_fewer_distinct_inputs_than_k_is_said(work, icl_forks):
     assert len({h["input"] for h in hits}) == 5  # a generation index's records: input + output
 
 
+@pytest.mark.slow
 def test_generate_file_equals_the_engine_and_resumes(work, icl_forks):
     """`icl generate-file`: an output and demonstration ids per input, equal to the single-process
     engine's greedy outputs; a re-run after a lost shard redoes only that shard. (On Ray:

@@ -28,6 +28,8 @@ from icl_engine.core.index import ExampleIndex, IndexExistsError, IndexFormatErr
 
 from conftest import said
 
+pytestmark = pytest.mark.slow  # writers and readers in processes of their own, killed
+
 ICL = Path(sys.executable).with_name("icl")
 
 # The child processes build these two datasets (seeded, so the parent knows their hashes).

@@ -186,6 +186,7 @@ def run_icl(*args, env=None):
     return subprocess.run([str(ICL), *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_add_and_remove(tmp_path):
     rows = [{"id": f"r{i}", "review": f"film {i} " + ("great" if i % 2 else "dull"), "label": "pos" if i % 2 else "neg"}
             for i in range(30)]

@@ -159,6 +159,7 @@ def test_default_smollm2(monkeypatch):
     assert pos > neg
 
 
+@pytest.mark.slow
 def test_compile_scores_as_eager():
     """LM.compile (torch.compile, dynamic shapes): the same scores as the eager forward, over two
     batches of different lengths and a two-token label (the packed label pass); compile_lm is

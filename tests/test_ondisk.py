@@ -27,6 +27,7 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # [n, d] unit norm
 
 
+@pytest.mark.slow
 def test_ondisk_ivfpq_recall_against_flat(tmp_path):
     d, n = 32, 12000
     x = clustered(n, d, 0)
@@ -202,6 +203,7 @@ def test_cli_classify_same_over_flat_and_ivfpq_disk(tmp_path):
     assert res.exit_code != 0 and "rebuild it" in res.output
 
 
+@pytest.mark.slow
 def test_console_script_json_stays_clean_after_a_rename(tmp_path):
     """faiss printf's a line when the on-disk lists are written or re-pointed: never into the JSON
     on stdout (the installed `icl`, a real process: Typer's runner would not see C's stdout)."""
@@ -228,6 +230,7 @@ def test_console_script_json_stays_clean_after_a_rename(tmp_path):
     assert len(hits) == 3 and hits == run("index", "search", "f", "a boring film", "-k", "3")  # 24 candidates cover all
 
 
+@pytest.mark.slow
 def test_console_script_index_settings_land_in_the_manifest_and_bad_ones_are_one_line(tmp_path, icl_forks):
     """`icl index build` takes each kind's settings (--nlist, --nprobe, --pq-m, --rerank, ...);
     `icl index info` shows them; a bad value or a setting of another kind is one line, exit 1,

@@ -19,6 +19,8 @@ import pytest
 from conftest import make_tiny_model, make_tiny_tokenizer
 from numerics import assert_scores_close
 
+pytestmark = pytest.mark.slow  # a real server and third-party clients
+
 ICL = Path(sys.executable).with_name("icl")
 ROWS = [("the movie was great", "positive"), ("a dull boring film", "negative"), ("great film", "positive"),
         ("terrible plot", "negative"), ("wonderful acting", "positive"), ("a boring movie", "negative")]

@@ -242,6 +242,7 @@ def test_evaluate_drops_each_chunks_predictions_and_keeps_its_numbers(parts):
     assert out["fewer_demos"]["short"] == sum(p.short for p in ref) > 0
 
 
+@pytest.mark.slow
 def test_engine_runs_without_faiss():
     """A GPU machine may lack faiss: the engine, evaluate and the LM load without it (only
     loading an index from disk needs it)."""

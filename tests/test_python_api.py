@@ -17,6 +17,7 @@ from conftest import SENTIMENT_ROWS, make_tiny_model, make_tiny_tokenizer
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_import_is_light_and_every_public_name_resolves():
     code = ("import sys, icl_engine as icl; light = 'torch' not in sys.modules; "
             "[getattr(icl, n) for n in icl.__all__]; print(light, len(icl.__all__))")

@@ -19,7 +19,7 @@ from icl_engine.core.data import DataError
 from icl_engine.core.index import ExampleIndex, flat_topk
 
 # one local Ray per test session: under pytest-xdist every Ray test runs on the same worker
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]  # slow: Ray workers
 
 ICL = Path(sys.executable).with_name("icl")
 SMALL = dict(workers=2, batch_size=16, cpus_per_worker=0.5)  # two actors and a read task fit 2 CPUs

@@ -19,7 +19,7 @@ from conftest import CLASSIFY_TEXTS
 from numerics import assert_probs_close, assert_scores_close
 
 # one local Ray per test session: under pytest-xdist every Ray test runs on the same worker
-pytestmark = pytest.mark.xdist_group("ray")
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]  # slow: Ray workers
 
 POOL = dict(workers=2, cpus_per_worker=0.5)  # two engine actors on the session's 2 CPUs
 

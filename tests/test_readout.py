@@ -69,6 +69,7 @@ def test_files_round_trip_and_refusals(tmp_path):
         fit_readout(anchors, np.full(400, 3))
 
 
+@pytest.mark.slow
 def test_the_console_script_fits_and_uses_it(classify_job, tmp_path):
     """Through the installed `icl`: anchors with a readout, then classify reads the readout."""
     from icl_engine.core.config import PipelineConfig

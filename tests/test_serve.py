@@ -502,6 +502,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_icl_serve_process_starts_answers_and_stops_on_sigterm(world, tmp_path):
     import httpx
 

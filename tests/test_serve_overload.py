@@ -24,6 +24,8 @@ from icl_engine.apps import indexes as index_api  # noqa: E402
 from icl_engine.apps.service import ServeConfig, create_app  # noqa: E402
 from icl_engine.apps.service.guard import guarded_h11  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real server processes under load
+
 ROWS = [("a wonderful film", "positive"), ("great acting and a moving story", "positive"),
         ("a dull boring film", "negative"), ("terrible plot and bad acting", "negative")]
 SLOW = 0.15  # seconds per LM forward: the model's pace in these tests

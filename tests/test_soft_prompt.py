@@ -141,6 +141,7 @@ def test_only_the_soft_prompt_trains_and_the_lm_is_bit_identical(lm, dataset, bu
     # learns; with ties to the lower row, 15 steps gave 6.76 -> 6.50 and 30 steps 6.76 -> 5.20
     ("ipt", dict(k=2), 30),
 ])
+@pytest.mark.slow
 def test_a_few_steps_reduce_the_loss(lm, dataset, builder, index, tmp_path, method, extra, steps):
     lr = 0.01 if method == "prefix_tuning" and not extra else 0.1
     train = TrainSettings(**{**FAST, "max_steps": steps}, lr=lr, patience=None)

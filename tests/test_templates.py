@@ -115,6 +115,7 @@ def test_a_tiny_pool_keeps_the_default_with_a_note(parts):
     assert result.best == "default" and result.n_validation == 0 and "too few" in result.notes[0]
 
 
+@pytest.mark.slow
 def test_build_with_auto_template_and_template_search_through_the_cli(tmp_path, icl_forks):
     """The first build through the installed script, the others forked from a preloaded process
     (tests/icl_forks.py)."""

@@ -123,11 +123,13 @@ def returned(tmp_path_factory) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_every_returned_name_is_documented(returned):
     missing = sorted(returned - documented())
     assert not missing, missing
 
 
+@pytest.mark.slow
 def test_every_documented_name_is_returned(returned):
     """What the doc names exists (names only sent, never returned, are the request options)."""
     requests = {"texts", "k", "method", "calibration", "scoring", "soft_prompt", "labels", "max_new_tokens", "stream", "mmr",
