@@ -212,6 +212,11 @@ def test_a_killed_builders_scratch_is_removed_by_the_next_build_a_live_ones_kept
     assert store.remove_dead_scratch(ix) == [alive]  # its builder is gone now
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_sigint_during_a_build_prints_one_line_and_keeps_the_old_index(tmp_path):
     data = tmp_path / "big.jsonl"
     rng = random.Random(0)
@@ -221,11 +226,19 @@ def test_sigint_during_a_build_prints_one_line_and_keeps_the_old_index(tmp_path)
     small.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     env_dir = ["--indexes-dir", str(tmp_path / "indexes"), "--embedder", "hashing:64"]
     subprocess.run([str(ICL), "index", "build", str(small), "--name", "rt", *env_dir], check=True, capture_output=True)
+    # the child starts with Ctrl-C's default disposition and unblocked, whatever this worker
+    # process inherited (a shell gives a command exactly that)
     proc = subprocess.Popen([str(ICL), "index", "build", str(data), "--name", "rt", "--force", *env_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(7.0)  # past start-up (about 3 s), inside reading or embedding (about 15 s)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    seen = []
+    for line in proc.stderr:  # the embedding's first progress line: the build is past start-up and reading
+        seen.append(line)
+        if "embedding" in line:
+            break
+    assert proc.poll() is None, f"the build finished before its embedding said anything: {''.join(seen)}"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
     assert proc.returncode == 130, err
     assert said(err) == ["interrupted: the index was left as it was (a new one is published only when complete)"]
     assert len(ExampleIndex.load(tmp_path / "indexes" / "rt")) == 2

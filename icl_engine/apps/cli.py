@@ -589,14 +589,15 @@ def generate_file_cmd(
 def demo(
     n: int = typer.Option(100, "--n", min=1, help="Reviews of the test split to evaluate (the first N)."),
     k: int = typer.Option(8, "--k", min=1),
-    pool: int = typer.Option(2000, "--pool", min=2, max=11752, help="Built-in training reviews in the demo's "
-                             "index (the first N of a seeded shuffle)."),
+    pool: Optional[int] = typer.Option(None, "--pool", min=2, max=11752, help="Built-in training reviews in the "
+                                       "demo's index (the first N of a seeded shuffle; default 1,000)."),
     lm: str = _LM,
     indexes_dir: Optional[Path] = IndexesDir,
 ):
     """The main job: an index over built-in Rotten Tomatoes reviews; zero-shot, kNN-k ICL, a
     readout over kNN prompting's anchors, and kNN-k mixed with the readout, on held-out reviews."""
-    typer.echo(format_demo(_queries().run_demo(n=n, k=k, pool=pool, lm=lm, indexes_dir=indexes_dir)))
+    queries = _queries()
+    typer.echo(format_demo(queries.run_demo(n=n, k=k, pool=pool or queries.DEMO_POOL, lm=lm, indexes_dir=indexes_dir)))
 
 
 @app.command()
