@@ -89,6 +89,17 @@ def offline(args, env, warm: list[str]) -> dict:
     return {**r, "qps": r["n"] / r["seconds"]}
 
 
+def run_clients(client, clients: int) -> float:
+    """`clients` threads running `client` to the end; the wall seconds they took."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def level(url: str, texts: list[str], clients: int, requests: int, k: int, timeout: float) -> dict:
     """Closed loop: `clients` threads share `requests` requests."""
     lock, lat, status, labels = threading.Lock(), [], [], []
@@ -113,13 +124,7 @@ def level(url: str, texts: list[str], clients: int, requests: int, k: int, timeo
                     status.append(code)
                     labels.append((i, label))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     return {"clients": clients, "requests": requests, "seconds": wall, "qps": requests / wall,
             "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
             "ok": sum(s == 200 for s in status), "errors_4xx": sum(isinstance(s, int) and 400 <= s < 500 for s in status),
@@ -151,13 +156,7 @@ def overload(url: str, texts: list[str], clients: int, seconds: float, k: int, d
                 if retry:
                     time.sleep(max(0.0, min(retry, end - time.perf_counter())))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_clients(client, clients)
     ok = [lat for code, lat in results if code == 200]
     rejected = [lat for code, lat in results if code in (429, 503)]
     return {"clients": clients, "seconds": seconds, "wall_s": wall, "requests": len(results),
