@@ -18,6 +18,8 @@ from icl_engine.apps import indexes
 from icl_engine.core.data import DataError
 from icl_engine.core.index import ExampleIndex, flat_topk
 
+from conftest import said
+
 # one local Ray per test session: under pytest-xdist every Ray test runs on the same worker
 pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]  # slow: Ray workers
 
@@ -90,6 +92,20 @@ def test_ray_build_reports_data_errors_as_the_loader_does(ray_session, tmp_path)
     with pytest.raises(DataError, match="--ray reads .jsonl, .csv, .tsv and .parquet"):
         indexes.build_index(str(tmp_path / "d.txt"), "x", embedder="hashing:32", indexes_dir=tmp_path / "ix",
                         ray=RayOptions(**ONE))
+
+
+def test_the_console_script_on_a_local_ray_says_nothing_but_its_progress(tmp_path):
+    """A local Ray started by the command itself (not the test session's): Ray's start-up lines,
+    its C++ core's own log lines included, stay out of the user's terminal."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(30)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "ICL_DEBUG"}
+    out = subprocess.run([str(ICL), "index", "build", str(data), "--name", "x", "--ray", "--workers", "1",
+                          "--indexes-dir", str(tmp_path / "ix"), "--embedder", "hashing:32"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert said(out.stderr) == []
+    assert len(ExampleIndex.load(tmp_path / "ix" / "x")) == 30
 
 
 def test_without_ray_the_flag_is_one_line_with_the_install_command(tmp_path):

@@ -24,6 +24,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -75,6 +79,34 @@ def require_ray():
     return ray
 
 
+# An INFO line of Ray's C++ logging: "[2026-12-05 19:09:02,246 I 31622 31622] logging.cc:303: ..."
+_NATIVE_INFO = re.compile(r"^\[[^\]]* I \d+ \d+\] ")
+
+
+@contextmanager
+def _native_info_dropped(enabled: bool):
+    """Ray's C++ core writes to file descriptor 2 itself, past Python's logging; even with its
+    level at fatal it says so in an INFO line ("Set ray log level ... to 3"). While Ray starts,
+    fd 2 goes to a temporary file; its INFO lines are dropped and anything else is written back."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not _NATIVE_INFO.match(line)))
+            sys.stderr.flush()
+
+
 def init_ray(options: RayOptions):
     """Connect to `options.address`, or start a local Ray sized for the pool (one CPU more for
     the read tasks), unless this process is connected already (e.g. a test session's Ray)."""
@@ -84,10 +116,12 @@ def init_ray(options: RayOptions):
         # Ray's own INFO/WARNING lines (its start-up line, the token-authentication notice) and its
         # C++ core's log lines (a notice about actor restarts) would come before our progress and a
         # one-line `error:`; its errors still reach the user as exceptions. ICL_DEBUG shows them.
-        if not os.environ.get("ICL_DEBUG"):
+        quiet = not os.environ.get("ICL_DEBUG")
+        if quiet:
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        ray.init(address=options.address, num_cpus=local, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
+        with _native_info_dropped(quiet):
+            ray.init(address=options.address, num_cpus=local, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
     # Ray Data logs each execution's plan (and a failed read's traceback) to the console; its
     # session log file keeps them, the terminal shows our progress lines and one `error:` line
     for handler in logging.getLogger("ray.data").handlers:
