@@ -25,8 +25,8 @@ from icl_engine.studies.experiments.baselines import fit_logreg
 from icl_engine.studies.experiments.common import encode, log_grid
 from icl_engine.studies.experiments.generation import counting_tv, output_tokens
 
-from conftest import make_tiny_lm, make_tiny_model, make_tiny_tokenizer, shared_data
-from numerics import assert_scores_close
+from conftest import SENTIMENT_ROWS, make_tiny_lm, make_tiny_model, make_tiny_tokenizer, sentiment_template, shared_data
+from numerics import assert_probs_close, assert_scores_close
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICTS = {"consistent", "not consistent", "inconclusive", "n/a"}
@@ -152,6 +152,109 @@ def test_retrieval_asks_a_fixed_reference_once_per_dataset(tmp_path):
               data_dir=str(data_dir), datasets=("snips_intents",), n_points=3, draws=2)
     assert len(calls) == 1 and set(res["tasks"]) == {"snips_intents"}
     assert "trained once" in (tmp_path / "r" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- cached rows
+
+_GOOD, _BAD = ("great", "wonderful", "fine", "lovely", "superb"), ("dull", "boring", "terrible", "awful", "weak")
+_NOUNS = ("film", "movie", "plot", "acting")
+
+
+@pytest.fixture(scope="module")
+def tiny_rt(tmp_path_factory):
+    """A 40-review Rotten Tomatoes stand-in (the built-in's file names) and 4 test reviews."""
+    root = tmp_path_factory.mktemp("tiny_rt")
+    train = [(f"a {a} {n}", lab) for words, lab in ((_GOOD, "positive"), (_BAD, "negative")) for a in words
+             for n in _NOUNS]
+    test = [("a great story", "positive"), ("the plot was dull", "negative"), ("lovely acting", "positive"),
+            ("a weak and awful movie", "negative")]
+    for name, rows in (("train", train), ("test", test)):
+        (root / f"rotten_tomatoes_{name}.jsonl").write_text(
+            "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    return root
+
+
+def _engine_predictor(lm, k: int):
+    from icl_engine.studies.experiments.retrieval import engine_predictor
+
+    return engine_predictor(lm, k=k, embedder="hashing:64", template=sentiment_template())
+
+
+def _is_subsequence(short: list[str], long: list[str]) -> bool:
+    it = iter(long)
+    return all(line in it for line in short)
+
+
+def test_retrieval_cached_rows_use_k_per_n_and_leave_the_exact_report_alone(tmp_path, tiny_lm, tiny_rt):
+    kw = dict(quick=True, predict=_engine_predictor(tiny_lm, 2), reference=bow_logreg(), data_dir=str(tiny_rt),
+              datasets=("rotten_tomatoes",), n_min=4, n_points=3, draws=2, n_test=4, k=2, n_boot=200)
+    plain = run("retrieval", out=tmp_path / "plain", **kw)
+    res = run("retrieval", out=tmp_path / "rows", cached=True, cached_k_max=8, cached_same_k=True,
+              cached_dtype="float32", **kw)
+    saved = _check_outputs(tmp_path / "rows", res, "retrieval")
+    task = saved["tasks"]["rotten_tomatoes"]
+    assert task["n_grid"] == [4, 13, 40]
+    assert task["k"] == {"cached_many_shot": [4, 8, 8], "cached_same_k": [2, 2, 2]}
+    assert {r["label"] for r in saved["rows"].values()} == {"cached many-shot", "cached same-k"}
+    assert "kNN-min(N, 8), cached scoring" in saved["rows"]["cached_many_shot"]["predictor"]
+    for key, label in (("cached_many_shot", "cached many-shot"), ("cached_same_k", "cached same-k")):
+        mine = {c["group"]: c for c in saved["curves"] if c["group"].endswith(key)}
+        assert set(mine) == {f"disagreement_{key}", f"prob_tv_{key}", f"error_{key}"}
+        assert mine[f"disagreement_{key}"]["name"] == f"disagreement {label} rotten_tomatoes"
+        assert mine[f"disagreement_{key}"]["predicted"] == mine[f"prob_tv_{key}"]["predicted"] == -0.5
+        assert mine[f"error_{key}"]["verdict"] == "n/a"
+    assert "retrieval_rotten_tomatoes_cached.png" in saved["plots"]
+    report = (tmp_path / "rows" / "report.md").read_text()
+    assert "## Cached rows" in report and "k = [4, 8, 8] at N = [4, 13, 40]" in report
+    # the exact predictor's curves, raw values and report lines are those of a run without rows
+    by_name = {c["name"]: c for c in res["curves"]}
+    assert all(by_name[c["name"]] == c for c in plain["curves"])
+    assert all(np.array_equal(res["raw"]["rotten_tomatoes"][k], v) for k, v in plain["raw"]["rotten_tomatoes"].items())
+    before = [ln for ln in plain["report"].splitlines() if not ln.startswith("Machine ")]
+    assert _is_subsequence(before, report.splitlines())
+    assert "Cached" not in plain["report"] and "rows" not in plain and "k" not in plain["tasks"]["rotten_tomatoes"]
+
+
+def test_cached_predictor_at_one_demonstration_is_exact_and_its_subset_cache_is_the_pool_cache(tmp_path, tiny_lm):
+    """k = 1: a cached demonstration is exactly what the prompt holds (kvcache.py), so the cached
+    predictor's probabilities are exact scoring's, to float32 rounding. Any k: the cache of the
+    retrieved records answers as a cache of the whole pool does."""
+    from icl_engine.core.config import EngineSpec, QueryOptions
+    from icl_engine.core.embed import get_embedder
+    from icl_engine.core.index import ExampleIndex
+    from icl_engine.core.kvcache import KVCache, build_kv_cache
+    from icl_engine.core.pipeline import Engine
+    from icl_engine.studies.experiments.retrieval import cached_predictor
+
+    pool = Dataset("tiny", TaskKind.CLASSIFICATION, make_records(SENTIMENT_ROWS), ("negative", "positive"))
+    texts = ["a great movie", "the plot was dull and boring", "great film", "a terrible film with great acting"]
+    test = Dataset("tiny:test", TaskKind.CLASSIFICATION, make_records([(t, "positive") for t in texts]), pool.labels)
+    emb = get_embedder("hashing:64")
+    engine = Engine.from_parts(EngineSpec(index="tiny"), ExampleIndex.build(pool, emb), emb, tiny_lm, sentiment_template())
+    exact = engine.classify(texts, QueryOptions(k=1))
+    _, want = _engine_predictor(tiny_lm, 1)(pool, test)
+    labels, got = cached_predictor(tiny_lm, k=1, embedder=emb, template=sentiment_template(), dtype="float32")(pool, test)
+    assert_probs_close(got, want, [p.log_scores for p in exact], tiny_lm)
+    assert list(labels) == [pool.labels[i] for i in np.argmax(want, 1)]
+    build_kv_cache(tiny_lm, engine.builder, engine.index, tmp_path / "kv", dtype="float32")
+    engine.use_kv_cache(KVCache.load(tmp_path / "kv", lm=tiny_lm, builder=engine.builder, index=engine.index))
+    for k, k_max in ((3, None), (1, 8)):  # fixed k; many-shot k = min(12, 8)
+        predict = cached_predictor(tiny_lm, k=k, k_max=k_max, embedder=emb, template=sentiment_template(),
+                                   dtype="float32")
+        whole = engine.classify(texts, QueryOptions(k=predict.k_for(len(pool)), scoring="cached"))
+        _, got = predict(pool, test)
+        assert_probs_close(got, [[p.probs[lab] for lab in pool.labels] for p in whole],
+                           [p.log_scores for p in whole], tiny_lm)
+
+
+def test_cached_rows_need_the_engine_predictor(tmp_path, tiny_rt):
+    with pytest.raises(ExperimentError, match="cached rows need the engine predictor"):
+        run("retrieval", quick=True, out=tmp_path, predict=knn_vote(2), reference=bow_logreg(),
+            data_dir=str(tiny_rt), datasets=("rotten_tomatoes",), cached=True)
+    with pytest.raises(ExperimentError, match="cached_dtype"):
+        RetrievalConfig(cached_dtype="float16")
+    with pytest.raises(ExperimentError, match="cached_k_max"):
+        RetrievalConfig(cached_k_max=0)
 
 
 def test_run_rejects_bad_requests(tmp_path, tiny_lm):

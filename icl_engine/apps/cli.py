@@ -798,6 +798,12 @@ def bounds_run(
     dataset: Optional[List[str]] = typer.Option(None, "--dataset", help="retrieval: rotten_tomatoes and/or "
                                                 "snips_intents (repeat; default both)."),
     template: Optional[Path] = _TEMPLATE,
+    cached: bool = typer.Option(False, "--cached", help="retrieval: also a cached many-shot row, k = min(N, "
+                                "--cached-k-max) demonstrations read from a KV cache of each pool."),
+    cached_k_max: Optional[int] = typer.Option(None, "--cached-k-max", min=1, help="retrieval: the many-shot "
+                                               "row's largest k (default 64)."),
+    cached_same_k: bool = typer.Option(False, "--cached-same-k", help="retrieval: also a cached row with --k "
+                                       "demonstrations (like for like with the exact row)."),
     settings: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE overriding a field of the "
                                                  "experiment's preset, e.g. --set draws=2 (repeat)."),
     lm: str = _LM,
@@ -806,6 +812,8 @@ def bounds_run(
     overrides = dict(_parse_setting(s) for s in settings or ())
     if dataset:
         overrides["datasets"] = tuple(dataset)
+    flags = {"cached": cached or None, "cached_k_max": cached_k_max, "cached_same_k": cached_same_k or None}
+    overrides.update({key: value for key, value in flags.items() if value is not None})  # the settings they name
     from . import reports
 
     result = reports.bounds_run(experiment, out=out / experiment, quick=quick, seed=seed, lm=lm, k=k, reference=reference,
