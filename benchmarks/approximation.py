@@ -4,9 +4,12 @@ Selection already ran (`icl index fit NAME --reference REF`, which wrote the fit
 validation table); this reads the test file once for each fixed row and nothing else:
 
   selected   the fit attached to the index, through the product path (`icl eval`, method auto),
-             seed 0; seeds 1 and 2 refit the seed-dependent part (the anchors' context and their
-             readout, `icl anchors build --seed S --readout linear`) and mix it with the same
-             kNN ICL answers (ICL itself draws nothing at random)
+             seed 0. Seeds 1 and 2, per task: "refit" (SNIPS) fits the same setting again with
+             that seed on a copy of the index (`icl index fit --refit --seed S`: the anchors'
+             context, a readout, a soft prompt's run; the validation split kept) and answers
+             through the product path too; "mix" (RT, run before --refit existed) refits only the
+             anchors and their readout (`icl anchors build --seed S --readout linear`) and mixes
+             them with the same kNN ICL answers (ICL itself draws nothing at random)
   reference  the fine-tuned LM, zero-shot prompts
   zero, knn-8, random-8 (seeds 0, 1, 2)   the fixed baselines, never selected
 
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,19 +42,29 @@ from icl_engine.core import fits
 from icl_engine.core.index.store import read_pointer
 
 HERE = Path(__file__).resolve().parent
-TASKS = {  # the index, the test file (under the shared data folder) and the reference, under RUNS
-    "rt": {"index": "rt", "test": "rotten_tomatoes_test.jsonl", "reference": "ft/rt"},
+TASKS = {  # the index, the test set (a file under the shared data folder, or a built-in split's name),
+    # the reference (under RUNS), how seeds 1 and 2 of the selected row are made (see above)
+    "rt": {"index": "rt", "test": "rotten_tomatoes_test.jsonl", "reference": "ft/rt", "seeds": "mix"},
+    "snips": {"index": "snips", "test": "snips_intents:test", "reference": "ft/snips", "seeds": "refit"},
 }
 SEEDS = (0, 1, 2)
 RESAMPLES = 2000
 
 
-def rows(task: dict, runs: Path, out: Path, test: Path) -> list[dict]:
+def rows(task: dict, runs: Path, out: Path, test: str) -> list[dict]:
     """Every row: its name, the `icl` arguments, the rows it needs first, and what marks it done."""
-    common = ["--test", str(test), "--indexes-dir", str(runs / "indexes"), "--json", "--predictions"]
+    common = ["--test", test, "--indexes-dir", str(runs / "indexes"), "--json", "--predictions"]
     fit = json.loads((fit_folder(runs, task) / "fit.json").read_text())
     plan = [{"name": "selected-seed0", "args": ["eval", task["index"], *common]}]
-    for s in SEEDS:  # the readout alone: mixed with the ICL answers in summarize
+    for s in SEEDS[1:] if task["seeds"] == "refit" else ():
+        copy = seed_indexes(runs, task, out, s)
+        ref = ["--reference", str(runs / task["reference"])] if fit["reference_labels"] else []
+        plan += [{"name": f"refit-seed{s}", "args": ["index", "fit", task["index"], "--refit", "--seed", str(s), *ref,
+                                                     "--indexes-dir", str(copy), "--json"]},
+                 {"name": f"selected-seed{s}", "needs": [f"refit-seed{s}"],
+                  "args": ["eval", task["index"], "--test", test, "--indexes-dir", str(copy), "--json",
+                           "--predictions"]}]
+    for s in SEEDS if task["seeds"] == "mix" else ():  # the readout alone: mixed with the ICL answers in summarize
         anchors = fit_folder(runs, task) / fit["anchors"] if s == 0 else out / f"anchors-seed{s}"
         if s:
             plan.append({"name": f"anchors-seed{s}", "done": anchors / "readout.json",
@@ -65,9 +79,22 @@ def rows(task: dict, runs: Path, out: Path, test: Path) -> list[dict]:
              {"name": "knn-8", "args": ["eval", task["index"], *common, "--method", "knn", "--k", "8"]}]
     plan += [{"name": f"random-8-seed{s}", "args": ["eval", task["index"], *common, "--method", "random", "--k", "8",
                                                     "--seed", str(s)]} for s in SEEDS]
-    order = ["selected-seed0", "readout-seed0", "reference", "zero", "anchors-seed1", "readout-seed1", "knn-8",
-             "anchors-seed2", "readout-seed2", "random-8-seed0", "random-8-seed1", "random-8-seed2"]
+    order = ["selected-seed0", "readout-seed0", "reference", "zero", "refit-seed1", "anchors-seed1", "readout-seed1",
+             "selected-seed1", "knn-8", "refit-seed2", "anchors-seed2", "readout-seed2", "selected-seed2",
+             "random-8-seed0", "random-8-seed1", "random-8-seed2"]
     return sorted(plan, key=lambda r: order.index(r["name"]))
+
+
+def seed_indexes(runs: Path, task: dict, out: Path, seed: int) -> Path:
+    """An indexes folder holding a copy of the task's index (its fit included), for the refit
+    with `seed`; made once (the copy is atomic), so the task's own index is never touched."""
+    copy = out / f"indexes-seed{seed}"
+    if not (copy / task["index"]).is_dir():
+        tmp = out / f".indexes-seed{seed}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(runs / "indexes" / task["index"], tmp / task["index"], symlinks=True)
+        tmp.replace(copy)
+    return copy
 
 
 def fit_folder(runs: Path, task: dict) -> Path:
@@ -158,11 +185,17 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
         return np.array([labels.index(p["label"]) for p in preds])
 
     ref = pred("reference")
-    selected, check = selected_seeds(got, fit, labels)
+    if task["seeds"] == "refit":
+        seeds = [s for s in SEEDS if f"selected-seed{s}" in got]
+        for s in seeds:  # each seed answered by the same setting (its own fit)
+            assert got[f"selected-seed{s}"]["answered_by"] == got["selected-seed0"]["answered_by"], s
+        selected, check = np.stack([pred(f"selected-seed{s}") for s in seeds]), None
+    else:
+        selected, check = selected_seeds(got, fit, labels)
     ft = json.loads((runs / task["reference"] / "icl_finetune.json").read_text())
     n_index = fit["labelled_records"]  # the fit was refitted on every record of the index
     table = {
-        "selected": {"setting": fit["setting"], "seeds": list(SEEDS), "answered_by": got["selected-seed0"]["answered_by"],
+        "selected": {"setting": fit["setting"], "seeds": list(SEEDS[:selected.shape[0]]), "answered_by": got["selected-seed0"]["answered_by"],
                      "trained_parameters": fit["trained_parameters"], "labelled_records": fit["labelled_records"],
                      **bootstrap(selected, ref, gold)},
         "reference": {"setting": "full fine-tune, zero-shot prompts", "seeds": [0],
@@ -184,6 +217,7 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
                "agreement_at_least_90": sel["agreement"]["value"] >= 0.90,
                "agreement_ci_low_at_least_88": sel["agreement"]["ci95"][0] >= 0.88}
     report = {"task": name, "test_file": task["test"], "n": int(gold.shape[0]), "selected_on": fit["selected_on"],
+              "seeds_made_by": task["seeds"],
               "selection_table": fit["table"], "validation": {k: v for k, v in fit["validation"].items() if k != "ids"},
               "rows": table, "targets": targets, "mixture_check": check, "resamples": RESAMPLES,
               "seconds": {k: v.get("seconds") for k, v in got.items()},
@@ -192,7 +226,22 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "test.json").write_text(json.dumps(report, indent=1) + "\n")
     (dest / "README.md").write_text(markdown(report, fit, ft) + "\n")
+    write_summary(dest.parent)
     return report
+
+
+def write_summary(root: Path) -> None:
+    """summary.json: per task, the selected method and its test figures, from each task's test.json."""
+    tasks = {}
+    for path in sorted(root.glob("*/test.json")):
+        r = json.loads(path.read_text())
+        sel = r["rows"]["selected"]
+        tasks[path.parent.name] = {
+            "selected": sel["setting"], "selected_on": r["selected_on"], "test_file": r["test_file"], "n": r["n"],
+            "seeds": sel["seeds"], "trained_parameters": sel["trained_parameters"],
+            "labelled_records": sel["labelled_records"], "reference_accuracy": r["rows"]["reference"]["accuracy"],
+            **{k: sel[k] for k in ("accuracy", "gap_to_reference", "agreement")}, "targets": r["targets"]}
+    (root / "summary.json").write_text(json.dumps(tasks, indent=1) + "\n")
 
 
 def markdown(r: dict, fit: dict, ft: dict) -> str:
@@ -209,7 +258,7 @@ def markdown(r: dict, fit: dict, ft: dict) -> str:
         lines.append(f"| {row['name']}{mark} | {row['score']:.3f} | {row['trained']:,} | {row['labelled']:,} |")
     lines += ["", f"Selected: `{fit['setting']}` (ties go to fewer trained parameters, then the earlier setting), "
               f"refitted on all {fit['labelled_records']:,} records: {fit['trained_parameters']:,} trained parameters.",
-              "", f"## Test ({r['test_file']}, {r['n']} reviews, read once for these rows)", "",
+              "", f"## Test ({r['test_file']}, {r['n']} examples, read once for these rows)", "",
               "Mean over the seeds listed; 95 % bootstrap intervals over test examples "
               f"({r['resamples']:,} resamples, seeds averaged inside each).", "",
               "| row | seeds | accuracy % | gap to reference (points) | agreement with reference % | trained parameters "
@@ -229,13 +278,21 @@ def markdown(r: dict, fit: dict, ft: dict) -> str:
               f"{'met' if t['within_2_points'] else 'missed'}; agreement >= 90 %: "
               f"{'met' if t['agreement_at_least_90'] else 'missed'}; the agreement interval's lower end >= 88 %: "
               f"{'met' if t['agreement_ci_low_at_least_88'] else 'missed'}.", "",
-              "Seeds 1 and 2 of the selected row mix the seed-0 run's kNN ICL answers (ICL draws nothing at random) "
-              "with a readout over anchors built with that seed (`icl anchors build --seed S --readout linear`, their "
-              "context drawn from the whole index; seed 0's, from the index less V). The mix is checked on seed 0 "
-              f"against the product path: largest probability difference {r['mixture_check']['max_abs_prob_difference_seed0']:.1e}, "
-              f"same labels: {r['mixture_check']['same_labels_seed0']}.", "",
+              seeds_sentence(r), "",
               f"Command: `{r['command']}` ({r['machine']}); per-row seconds are in test.json."]
     return "\n".join(lines)
+
+
+def seeds_sentence(r: dict) -> str:
+    if r["seeds_made_by"] == "refit":
+        return ("Each seed of the selected row answers through the product path (`icl eval`, method auto): seeds 1 "
+                "and 2 fit the same setting again with that seed on a copy of the index (`icl index fit --refit "
+                "--seed S`; the anchors' context, a readout, a soft prompt's run; the validation split kept).")
+    return ("Seeds 1 and 2 of the selected row mix the seed-0 run's kNN ICL answers (ICL draws nothing at random) "
+            "with a readout over anchors built with that seed (`icl anchors build --seed S --readout linear`, their "
+            "context drawn from the whole index; seed 0's, from the index less V). The mix is checked on seed 0 "
+            f"against the product path: largest probability difference {r['mixture_check']['max_abs_prob_difference_seed0']:.1e}, "
+            f"same labels: {r['mixture_check']['same_labels_seed0']}.")
 
 
 def selected_seeds(got: dict, fit: dict, labels: list[str]) -> tuple[np.ndarray, dict]:
@@ -272,8 +329,11 @@ def main() -> None:
     task = TASKS[a.task]
     out = a.runs / f"test-{a.task}"
     out.mkdir(parents=True, exist_ok=True)
+    os.environ["ICL_SHARED_DATA"] = str(a.data.resolve())  # where a built-in split's name is read from
     if not a.summarize:
-        run(rows(task, a.runs.resolve(), out.resolve(), (a.data / task["test"]).resolve()), out, a.icl, a.jobs)
+        test = a.data / task["test"]
+        run(rows(task, a.runs.resolve(), out.resolve(), str(test.resolve()) if test.is_file() else task["test"]), out,
+            a.icl, a.jobs)
     report = summarize(a.task, task, a.runs, out, HERE / "results/approximation" / a.task)
     print(json.dumps({k: report[k] for k in ("rows", "targets", "mixture_check")}, indent=1))
 

@@ -86,6 +86,36 @@ def test_auto_answers_with_the_fit_and_an_explicit_method_without_it(world):
     assert plain.fit is None and plain.classify(["a great film"])[0].answered_by == "knn-8"
 
 
+def test_refit_keeps_the_choice_and_its_validation_split_under_another_seed(world, tmp_path):
+    import shutil
+
+    from icl_engine.apps import training
+
+    root, ix, fit = world
+    copy = tmp_path / "indexes"
+    shutil.copytree(ix, copy)
+    refit = lambda seed, **kw: training.fit_index("rt", refit_only=True, seed=seed, lm=str(root / "lm"),  # noqa: E731
+                                                   indexes_dir=copy, **kw)
+    if fit["reference_labels"]:
+        with pytest.raises(ValueError, match="give it with --reference"):
+            refit(1)
+    kept = ("setting", "options", "params", "validation", "table", "selected_on", "trained_parameters",
+            "labelled_records", "reference_labels")
+    # the anchors' context (kNN prompting, readouts) is drawn by the seed, from the records outside V
+    context = lambda f: json.loads((Path(f["path"]) / "anchors" / "manifest.json").read_text())["context"] \
+        if f["anchors"] else None  # noqa: E731
+    again = refit(0, reference=root / "ref")
+    assert {k: again[k] for k in kept} == {k: fit[k] for k in kept}
+    context0 = context(again)
+    other = refit(1, reference=root / "ref")  # replaces the fit in place
+    assert {k: other[k] for k in kept} == {k: fit[k] for k in kept} and (fit["seed"], other["seed"]) == (0, 1)
+    if other["anchors"]:
+        assert not set(context(other)) & set(fit["validation"]["ids"]) and context(other) != context0
+    shutil.rmtree(copy / "rt" / "fits")
+    with pytest.raises(ValueError, match="no fit is attached"):
+        refit(1, reference=root / "ref")
+
+
 def test_a_new_index_version_has_no_fit(world, tmp_path):
     import shutil
 

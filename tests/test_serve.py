@@ -228,6 +228,16 @@ def test_metrics_prometheus_text(client):
     assert 'icl_request_errors_total{endpoint="/v1/classify",status="404"}' in text
     assert 'icl_request_duration_seconds_bucket{endpoint="/v1/classify",le="+Inf"}' in text
     assert "icl_batch_texts_count" in text and "icl_batch_texts_sum" in text
+    # the model thread's busy seconds: what a classify ran, and no more than the time it took
+    busy = float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith('icl_model_busy_seconds_total{kind="classify"}')))
+    t0 = time.perf_counter()
+    client.post("/v1/classify", json={"index": "good", "text": "another film"})
+    took = time.perf_counter() - t0
+    text = client.get("/metrics").text
+    now = float(next(line.split()[-1] for line in text.splitlines()
+                     if line.startswith('icl_model_busy_seconds_total{kind="classify"}')))
+    assert 0 < now - busy <= took
 
 
 # ----------------------------------------------------------------------------- classify, batching

@@ -260,6 +260,8 @@ def index_fit(
                                              "(generation: inputs; default a fifth of the index, at most 500)."),
     seed: int = typer.Option(0, "--seed", help="The validation split, the anchors' context, the soft prompt's run."),
     ipt_steps: int = typer.Option(200, "--ipt-steps", min=1, help="Training steps of the IPT candidate."),
+    refit: bool = typer.Option(False, "--refit", help="Choose nothing: fit the setting already attached again "
+                               "with --seed (its validation split kept), to see the seed variance of one choice."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     lm: str = typer.Option(DEFAULT_LM, "--lm", help="The LM the fit is for."),
     indexes_dir: Optional[Path] = IndexesDir,
@@ -271,9 +273,13 @@ def index_fit(
     record and attach it: `--method auto` (the default) answers with it."""
     from . import training
 
+    if refit and (candidates or validation is not None):
+        raise typer.BadParameter("--refit keeps the attached choice and its validation split: drop --candidate "
+                                 "and --validation")
     set_log_file(log)
     fit = training.fit_index(name, candidates=candidates, reference=reference, validation=validation, seed=seed,
-                             ipt_steps=ipt_steps, batch_size=batch_size, lm=lm, indexes_dir=indexes_dir)
+                             ipt_steps=ipt_steps, batch_size=batch_size, lm=lm, indexes_dir=indexes_dir,
+                             refit_only=refit)
     _print_json(fit) if as_json else typer.echo(format_fit(fit))
 
 

@@ -105,16 +105,39 @@ def finetune_reference(name: str, *, out: Path, lora: bool = False, epochs: int 
     return {"out": str(result.out), **result.metrics}
 
 
+def _attached_choice(folder: Path, index, lm: str, template, reference: Path | None):
+    """(setting, P' rows, info) of the fit attached to the index's current version: what a refit
+    with another seed keeps. ValueError when none is attached (or it belongs to another LM or
+    template) or it learnt a reference's labels and no --reference is given."""
+    from ..core.fits import read_fit
+    from ..train.fit import Setting
+
+    fit = read_fit(folder, index.version, lm=lm, template=template.to_dict())
+    if fit is None:
+        raise ValueError(f"--refit: no fit is attached to {index.version} of this index for {lm} and this "
+                         "template (run `icl index fit` first)")
+    info = {k: fit.info[k] for k in ("lm", "template", "index_version", "selected_on", "metric", "table",
+                                     "validation", "reference")}
+    if fit.info["reference_labels"] and reference is None:
+        raise ValueError(f"--refit: the attached fit learnt the labels of the reference {info['reference']}; "
+                         "give it with --reference")
+    held = set(info["validation"]["ids"])
+    pool_rows = [i for i, r in enumerate(index.records) if r.id not in held]
+    return Setting(fit.info["candidate"], tuple(fit.info["params"].items())), pool_rows, info
+
+
 def fit_index(name: str, *, candidates: list[str] | None = None, reference: Path | None = None,
               validation: int | None = None, seed: int = 0, ipt_steps: int = 200, batch_size: int = 8,
-              lm: str = DEFAULT_LM, indexes_dir: Path | None = None) -> dict:
+              lm: str = DEFAULT_LM, indexes_dir: Path | None = None, refit_only: bool = False) -> dict:
     """Choose how the index's queries are answered (docs/approximation.md): every candidate
     fitted on the index less a seeded validation split and scored on that split; the winner
     fitted again on every record and attached to the index's current version, where method
     "auto" (the default) finds it. `reference`: a fine-tuned reference (icl finetune) whose
-    labels a readout may learn (readout_ref). Returns the fit (fit.json)."""
+    labels a readout may learn (readout_ref). `refit_only`: choose nothing; fit the setting
+    already attached again with `seed` (its validation split kept), to see a choice's seed
+    variance. Returns the fit (fit.json)."""
     from ..core.fits import fit_folder
-    from ..train.fit import CANDIDATES, FitSettings, reference_labeller, refit, select, split
+    from ..train.fit import CANDIDATES, FitSettings, Setting, reference_labeller, refit, select, split
 
     folder = index_path(name, indexes_dir, for_write=True)
     unknown = sorted(set(candidates or ()) - set(CANDIDATES))
@@ -136,13 +159,17 @@ def fit_index(name: str, *, candidates: list[str] | None = None, reference: Path
 
         labels = reference_labeller(index, load_finetuned(reference), embedder, builder.template,
                                     work / "reference_labels.json", batch_size=batch_size)
-    chosen = select(index, model, embedder, builder.template, settings, work=work, reference_labels=labels)
-    pool_rows, _ = split(index, settings.validation, seed)
-    info = {"lm": model.name, "template": builder.template.to_dict(), "index_version": index.version,
-            "selected_on": "validation", "metric": chosen.metric, "table": chosen.table,
-            "validation": {"records": len(chosen.validation_ids), "seed": seed, "ids": chosen.validation_ids},
-            "reference": str(reference) if reference else None}
-    fit = refit(index, model, embedder, builder.template, chosen.best, seed=seed, out=fit_folder(folder, index.version),
+    if refit_only:
+        best, pool_rows, info = _attached_choice(folder, index, model.name, builder.template, reference)
+    else:
+        chosen = select(index, model, embedder, builder.template, settings, work=work, reference_labels=labels)
+        pool_rows, _ = split(index, settings.validation, seed)
+        best = chosen.best
+        info = {"lm": model.name, "template": builder.template.to_dict(), "index_version": index.version,
+                "selected_on": "validation", "metric": chosen.metric, "table": chosen.table,
+                "validation": {"records": len(chosen.validation_ids), "seed": seed, "ids": chosen.validation_ids},
+                "reference": str(reference) if reference else None}
+    fit = refit(index, model, embedder, builder.template, best, seed=seed, out=fit_folder(folder, index.version),
                 work=work, info=info, reference_labels=labels, context_pool=[index.records[i] for i in pool_rows])
     for old in (folder / "fits").iterdir():  # fits of versions replaced since are never read again
         if old.name not in (index.version, work.name) and not old.name.startswith("."):

@@ -352,7 +352,7 @@ def refit(index: ExampleIndex, lm, embedder, template: Template, setting: Settin
     engine = Engine.from_parts(EngineSpec(index="fit", lm=lm.name), index, embedder, lm, template)
     n_labels = max(1, len(index.labels))
     hidden = lm.model.get_input_embeddings().embedding_dim
-    with publish_dir(out) as tmp:
+    with publish_dir(out, replace=True) as tmp:  # fitting again (another seed, new data) replaces the fit
         features = 0
         if setting.candidate in ("knn_prompting", "readout", "readout_ref", "icl+readout"):
             folder = work / f"anchors-seed{seed}"

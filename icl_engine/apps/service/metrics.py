@@ -1,6 +1,6 @@
 """Prometheus metrics of one service (its own registry, so two apps in one process never mix):
 requests and errors by endpoint, latency histograms, the scheduler's batches, queue depth,
-admissions, rejections, drops and cancellations."""
+admissions, rejections, drops, cancellations and the model thread's busy seconds."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ class Metrics:
                                "passed or its client left), by kind.", ["kind"], registry=r)
         self.cancelled = Counter("icl_jobs_cancelled", "Work stopped while the model ran it (every request in it "
                                  "was past its deadline or gone), by kind.", ["kind"], registry=r)
+        self.busy = Counter("icl_model_busy_seconds", "Seconds the model thread spent running admitted work, by "
+                            "kind (over wall time: its utilisation).", ["kind"], registry=r)
         self.ready = Gauge("icl_ready", "1 once the LM and the indexes named at start are loaded.", registry=r)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:

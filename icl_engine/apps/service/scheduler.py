@@ -200,6 +200,12 @@ class Scheduler:
         cancelled, its jobs one by one. Measures the price of the kind."""
         started = time.monotonic()
         try:
+            return self._run_group(group, started)
+        finally:
+            self.metrics.busy.labels(group[0].kind).inc(time.monotonic() - started)
+
+    def _run_group(self, group: list[Job], started: float) -> list[tuple[object, BaseException | None]]:
+        try:
             with cancel.scope(lambda: all(j.dead() for j in group)):
                 results = group[0].run(group)
             self._measured(group, time.monotonic() - started)
