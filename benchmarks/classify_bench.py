@@ -155,7 +155,7 @@ def run_engine(engine: Engine, counter: TokenCounter, texts: list[str], gold: li
         "tokens_per_query": counter.tokens / n, "padded_tokens_per_query": counter.padded_tokens / n,
         "prompt_tokens_per_query": sum(p.prompt_tokens for p in preds) / n,  # incl. the cached prefix
         "predictions": [p.label for p in preds], "log_scores": [p.log_scores for p in preds],
-        "demos": [[d.input for d in p.demos] for p in preds],
+        "demos": [[d.text for d in p.demos] for p in preds],
     }
 
 
