@@ -364,8 +364,7 @@ def load_dataset(
         name = path.stem
     elif id_field is not None:
         raise DataError(f"{source}: an id field is read from files only")
-    elif (sub := _SUB_POOL.fullmatch(name)) and (sub.group(1) in PACKAGED or _SPLIT.fullmatch(sub.group(1))):
-        # a seeded sub-pool of a built-in, named as Dataset.subsample names it
+    elif (sub := _SUB_POOL.fullmatch(name)) and (sub.group(1) in PACKAGED or _SPLIT.fullmatch(sub.group(1))):  # subsample
         full = load_dataset(sub.group(1), kind=kind, labels=labels)
         return full.subsample(int(sub.group(2)), seed=int(sub.group(3)))
     elif name in PACKAGED:
@@ -373,14 +372,7 @@ def load_dataset(
 
         kind, pairs = load_packaged(name)
     elif (split := _SPLIT.fullmatch(name)) and text_field is None and label_field is None:
-        from .registry import load_split  # SNIPS, E2E: one shared file and a fixed seeded split
-
-        if (found := load_split(split.group(1), split.group(2))) is None:
-            kind, pairs, fields = _hf_dataset(name, hf_split, text_field, label_field)
-        elif kind not in (None, found.kind):
-            raise DataError(f"{source}: a {found.kind.value} dataset, not {kind.value}")
-        else:
-            kind, pairs, fields, ids = found.kind, [(r.input, r.output) for r in found], found.fields, [r.id for r in found]
+        kind, pairs, fields, ids = _builtin_split(source, split, kind, hf_split)
     elif path.suffix in (".jsonl", ".csv", ".tsv", ".json", ".ndjson", ".bz2"):
         raise DataError(f"{source}: no such file")
     else:
@@ -402,6 +394,18 @@ def load_dataset(
         labels = ()
     records = make_records(pairs) if ids is None else tuple(Record(i, a, b) for i, (a, b) in zip(ids, pairs))
     return Dataset(name, kind, records, tuple(labels), fields)
+
+
+def _builtin_split(source, split: re.Match, kind: TaskKind | None, hf_split: str):
+    """(kind, pairs, fields, ids) of `<builtin>:<split>` (SNIPS, E2E: one shared file and a fixed
+    seeded split), or of the Hugging Face dataset of that name when it is no built-in."""
+    from .registry import load_split
+
+    if (found := load_split(split.group(1), split.group(2))) is None:
+        return (*_hf_dataset(str(source), hf_split, None, None), None)
+    if kind not in (None, found.kind):
+        raise DataError(f"{source}: a {found.kind.value} dataset, not {kind.value}")
+    return found.kind, [(r.input, r.output) for r in found], found.fields, [r.id for r in found]
 
 
 def read_texts(source: str | Path, text_field: str | None = None) -> tuple[list[str], str]:
