@@ -137,7 +137,7 @@ def fit_index(name: str, *, candidates: list[str] | None = None, reference: Path
     already attached again with `seed` (its validation split kept), to see a choice's seed
     variance. Returns the fit (fit.json)."""
     from ..core.fits import fit_folder
-    from ..train.fit import CANDIDATES, FitSettings, Setting, reference_labeller, refit, select, split
+    from ..train.fit import CANDIDATES, FitSettings, reference_labeller, refit, select, split
 
     folder = index_path(name, indexes_dir, for_write=True)
     unknown = sorted(set(candidates or ()) - set(CANDIDATES))
