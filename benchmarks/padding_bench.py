@@ -32,7 +32,7 @@ from icl_engine.core.index import ExampleIndex  # noqa: E402
 from icl_engine.core.lm import cache_root  # noqa: E402
 from icl_engine.core.pipeline import Engine, PipelineConfig  # noqa: E402
 from icl_engine.core.registry import SENTIMENT_TEMPLATE  # noqa: E402
-from icl_engine.core.score import length_batches  # noqa: E402
+from icl_engine.core.score import MAX_PADDING, length_batches  # noqa: E402
 
 DATA = Path(os.environ.get("ICL_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
@@ -54,14 +54,17 @@ def prompt_lengths(n: int, k: int, embedder: str, tokenizer: str) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def padding(lengths: np.ndarray, batch: int, chunk: int) -> float:
-    """Padded / real positions - 1 when evaluate hands the engine `chunk` queries a call."""
-    padded = 0
+def padding(lengths: np.ndarray, batch: int, chunk: int, cap: float = MAX_PADDING) -> tuple[float, float]:
+    """(padded / real positions - 1, mean rows per LM forward) when evaluate hands the engine
+    `chunk` queries a call and a bucket ends where its padding would pass `cap`."""
+    padded = forwards = 0
     for a in range(0, len(lengths), chunk):
         part = lengths[a : a + chunk]
         rows = [range(int(x)) for x in part]  # length_batches reads only len() of each row
-        padded += sum(len(idx) * int(part[idx].max()) for idx in length_batches(rows, batch, True))
-    return padded / int(lengths.sum()) - 1
+        batches = length_batches(rows, batch, True, cap)
+        padded += sum(len(idx) * int(part[idx].max()) for idx in batches)
+        forwards += len(batches)
+    return padded / int(lengths.sum()) - 1, len(lengths) / forwards
 
 
 def main(argv=None) -> dict:
@@ -75,13 +78,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     lengths = prompt_lengths(args.n, args.k, args.embedder, args.tokenizer)
-    table = {b: {c: padding(lengths, b, b * c) for c in args.chunk_batches} for b in args.batch_sizes}
+    tables = {cap: {b: {c: padding(lengths, b, b * c, cap) for c in args.chunk_batches} for b in args.batch_sizes}
+              for cap in (MAX_PADDING, float("inf"))}
     result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["benchmarks/padding_bench.py", *(argv if argv is not None else sys.argv[1:])]),
               "config": {"n": args.n, "k": args.k, "embedder": args.embedder},
               "lm_positions": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max()),
                                "p10": float(np.percentile(lengths, 10)), "p90": float(np.percentile(lengths, 90))},
-              "padding": {str(b): {str(c): v for c, v in row.items()} for b, row in table.items()}}
+              "max_padding": MAX_PADDING,
+              # by batch size, then call size in batches: (padding, mean rows per forward)
+              "padding": {str(b): {str(c): v for c, v in row.items()} for b, row in tables[MAX_PADDING].items()},
+              "padding_uncapped": {str(b): {str(c): v for c, v in row.items()}
+                                   for b, row in tables[float("inf")].items()}}
     lp = result["lm_positions"]
     md = ["# Padding by LM batch and queries per engine call", "", f"`{result['command']}`, {result['created']}", "",
           f"n = {args.n} Rotten Tomatoes test queries (cycled), kNN k = {args.k} ({args.embedder}), SmolLM2 "
@@ -90,10 +98,15 @@ def main(argv=None) -> dict:
           f"range {lp['min']}-{lp['max']}.", "",
           "Padding = padded positions / real positions - 1, by LM batch (rows) and engine call size in LM "
           f"batches (columns; `evaluate`'s default is CHUNK_BATCHES = {CHUNK_BATCHES}, at least {MIN_CHUNK} "
-          "queries).", "",
-          "| LM batch | " + " | ".join(f"{c} batch{'es' if c > 1 else ''}" for c in args.chunk_batches) + " |",
-          "|---|" + "---|" * len(args.chunk_batches)]
-    md += [f"| {b} | " + " | ".join(f"{row[c]:.1%}" for c in args.chunk_batches) + " |" for b, row in table.items()]
+          f"queries). Each cell: padding, then the mean rows per LM forward. Buckets end where padding would "
+          f"pass MAX_PADDING = {MAX_PADDING:.1%} of a batch's positions (`score.length_batches`); the second "
+          "table cuts by size alone.", ""]
+    for cap, title in ((MAX_PADDING, "With the padding cap (the engine)"), (float("inf"), "By size alone")):
+        md += [f"{title}:", "",
+               "| LM batch | " + " | ".join(f"{c} batch{'es' if c > 1 else ''}" for c in args.chunk_batches) + " |",
+               "|---|" + "---|" * len(args.chunk_batches)]
+        md += [f"| {b} | " + " | ".join(f"{row[c][0]:.1%}, {row[c][1]:.1f}" for c in args.chunk_batches) + " |"
+               for b, row in tables[cap].items()] + [""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "padding_bench.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

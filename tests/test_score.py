@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -9,11 +11,13 @@ import torch
 from icl_engine.core.choices import Calibration
 from icl_engine.core.lm import LM
 from icl_engine.core.score import (
+    MAX_PADDING,
     Prefix,
     ScoreError,
     calibrate,
     compute_prefix,
     contextual_calibrate,
+    length_batches,
     next_token_logprobs,
     normalize,
     pmi,
@@ -53,6 +57,38 @@ def test_matches_brute_force(lm, prompts, batch_size, bucket):
     got = score_continuations(lm, prompts, LABELS, batch_size=batch_size, bucket=bucket)
     assert got.dtype == np.float64 and got.shape == (len(prompts), len(LABELS))
     assert_scores_close(got, ref, lm)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_cut_where_padding_or_size_says(seed):
+    # brute-force check of the definition: every prompt once; sorted by length; batches of at most
+    # batch_size rows; a batch of several rows pads at most MAX_PADDING of its positions; and each
+    # batch ends only where taking the next prompt would break one of those two limits
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0 if seed % 5 == 0 else 1, 400, size=int(rng.integers(0, 60)))
+    prompts = [[1] * int(n) for n in lengths]
+    size = int(rng.integers(1, 12))
+    got = length_batches(prompts, size, True)
+    flat = [i for b in got for i in b]
+    assert sorted(flat) == list(range(len(prompts)))
+    assert [len(prompts[i]) for i in flat] == sorted(lengths.tolist())
+
+    def pads(batch):  # padded positions, and positions in all
+        longest = max(len(prompts[i]) for i in batch)
+        return len(batch) * longest - sum(len(prompts[i]) for i in batch), len(batch) * longest
+
+    for b in got:
+        waste, total = pads(b)
+        assert 1 <= len(b) <= size and (len(b) == 1 or waste <= MAX_PADDING * total)
+    for b, nxt in itertools.pairwise(got):
+        waste, total = pads(b + nxt[:1])
+        assert len(b) == size or waste > MAX_PADDING * total
+
+
+def test_length_buckets_without_bucketing_keep_order():
+    prompts = [[1] * n for n in (300, 2, 150, 9, 40)]
+    assert length_batches(prompts, 2, False) == [[0, 1], [2, 3], [4]]
+    assert length_batches([[1] * 100] * 5, 2, True) == [[0, 1], [2, 3], [4]]  # equal lengths: size alone
 
 
 def test_padded_batch_equals_one_by_one(lm, prompts):
