@@ -2,6 +2,7 @@
 to a folder (so `--lm PATH` goes through the real loading code)."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -61,6 +62,19 @@ def test_classify_and_eval(workspace):
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert {"method", "k", "n", "accuracy", "seconds", "queries_per_s"} <= set(r) and r["n"] == 1
+
+
+def test_generate_prints_its_demonstrations_from_either_kind_of_index(workspace, tmp_path):
+    root, lm_dir = workspace
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"input": f"name: {c}", "output": f"{c} serves tea"}) + "\n" for c in "abc"))
+    res = run(["index", "build", str(gen), "--name", "gen", "--embedder", "hashing:64"], root)
+    assert res.exit_code == 0, res.output
+    for name, demo in (("tiny", r" -> (positive|negative)$"), ("gen", r"name: [abc] -> [abc] serves tea$")):
+        res = run(["generate", name, "a moving film", "--k", "2", "--max-new-tokens", "2", "--lm", str(lm_dir)], root)
+        assert res.exit_code == 0, res.output
+        shown = [line for line in res.stdout.splitlines() if line.startswith("  demo ")]
+        assert len(shown) == 2 and all(re.search(demo, line) for line in shown), res.stdout
 
 
 def test_bfloat16_flag_loads_the_lm_in_bfloat16_and_stays_close(workspace):

@@ -82,7 +82,10 @@ def _budget_note(p: dict) -> list[str]:
 
 def format_generation(g: dict) -> str:
     lines = [g["output"], f"({g['prompt_tokens']} prompt tokens)"]
-    lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" for d in g["demos"]]
+    # a generation index's demonstrations are input -> output pairs; a classification index's,
+    # text and label (generation from one is allowed: its labels are the outputs)
+    lines += [f"  demo {d['score']:.3f} {d['input']} -> {d['output']}" if "input" in d else
+              f"  demo {d['score']:.3f} {d['text']} -> {d['label']}" for d in g["demos"]]
     return "\n".join(lines + _budget_note(g))
 
 
