@@ -116,6 +116,23 @@ def test_refit_keeps_the_choice_and_its_validation_split_under_another_seed(worl
         refit(1, reference=root / "ref")
 
 
+def test_a_refit_names_its_setting_as_the_fit_did(world, tmp_path):
+    # fit.json stores a setting's params with sorted keys; the refit's name keeps the setting's
+    # own order ("k=16 calibration=none ..."), so a seed's run names the same setting as seed 0's
+    import shutil
+
+    from icl_engine.apps import training
+
+    root, ix, _ = world
+    copy = tmp_path / "indexes"
+    shutil.copytree(ix, copy)
+    kw = dict(lm=str(root / "lm"), indexes_dir=copy, reference=root / "ref")
+    first = training.fit_index("rt", candidates=["icl"], validation=12, **kw)
+    keys = [part.split("=")[0] for part in first["setting"].split()[1:]]
+    assert keys != sorted(keys)  # else this test could not tell the two orders apart
+    assert training.fit_index("rt", refit_only=True, seed=1, **kw)["setting"] == first["setting"]
+
+
 def test_a_new_index_version_has_no_fit(world, tmp_path):
     import shutil
 

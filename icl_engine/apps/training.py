@@ -123,7 +123,10 @@ def _attached_choice(folder: Path, index, lm: str, template, reference: Path | N
                          "give it with --reference")
     held = set(info["validation"]["ids"])
     pool_rows = [i for i, r in enumerate(index.records) if r.id not in held]
-    return Setting(fit.info["candidate"], tuple(fit.info["params"].items())), pool_rows, info
+    # fit.json stores params with sorted keys; the setting's own order (its name) is kept
+    order = [part.split("=", 1)[0] for part in fit.info["setting"].split()[1:]]
+    params = sorted(fit.info["params"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    return Setting(fit.info["candidate"], tuple(params)), pool_rows, info
 
 
 def fit_index(name: str, *, candidates: list[str] | None = None, reference: Path | None = None,
