@@ -88,12 +88,15 @@ class Stages:
     seconds (`clock=time.perf_counter`) or process CPU seconds (`time.process_time`, all threads:
     what a busy machine cannot inflate by taking the core away)."""
 
-    KEYS = ("embed", "select_many", "search", "engine_select", "prompts", "query_ids", "score", "lm",
-            "bpe", "log_softmax", "search_matmul")
+    KEYS = ("embed", "embed_in_select", "select_many", "search", "engine_select", "prompts", "query_ids", "score",
+            "lm", "bpe", "log_softmax", "search_matmul")
 
     def __init__(self, engine: Engine):
         self.t = {c: dict.fromkeys(self.KEYS, 0.0) for c in ("wall", "cpu")}
         self._undo: list[tuple] = []
+        # the wrapped calls running now: the engine embeds a call's queries inside Engine.select,
+        # or once before it when one call holds several query options
+        self._inside: list[str] = []
         self._wrap(engine.embedder, "encode", "embed")
         self._wrap(engine, "select", "engine_select")
         self._wrap(engine, "_prompts", "prompts")
@@ -126,10 +129,14 @@ class Stages:
 
         def timed(*a, **kw):
             start = time.perf_counter(), time.process_time()
+            self._inside.append(key)
             try:
                 return fn(*a, **kw)
             finally:
+                self._inside.pop()
                 self._add(key, start)
+                if key == "embed" and "engine_select" in self._inside:
+                    self._add("embed_in_select", start)
 
         setattr(obj, name, timed)
         self._undo.append((obj, name, fn))
@@ -159,11 +166,13 @@ class Stages:
 
     def split(self, clock: str, total: float) -> dict[str, float]:
         t = self.t[clock]
-        # the queries' tokenization runs before Engine.select when the caller batches it
+        # the queries' tokenization runs before Engine.select when the caller batches it, and so
+        # may their embedding
+        outside = t["embed"] - t["embed_in_select"]
         return {"embed": t["embed"], "search": t["search"], "select": t["select_many"] - t["search"],
-                "tokenize": t["engine_select"] - t["embed"] - t["select_many"] + t["prompts"] + t["query_ids"],
+                "tokenize": t["engine_select"] - t["embed_in_select"] - t["select_many"] + t["prompts"] + t["query_ids"],
                 "batch": t["score"] - t["lm"], "lm": t["lm"],
-                "post": total - t["engine_select"] - t["prompts"] - t["query_ids"] - t["score"],
+                "post": total - t["engine_select"] - t["prompts"] - t["query_ids"] - t["score"] - outside,
                 "bpe": t["bpe"], "log_softmax": t["log_softmax"], "search_matmul": t["search_matmul"]}
 
 
