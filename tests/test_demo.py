@@ -12,7 +12,7 @@ from icl_engine.core.evaluate import evaluate
 pytestmark = pytest.mark.slow  # the demo builds its index with the real packaged embedder
 
 
-def test_demo_rows_mixture_and_reuse(tmp_path, tiny_lm_dir):
+def test_demo_rows_mixture_and_reuse(tmp_path, tiny_lm_dir, monkeypatch):
     indexes = tmp_path / "indexes"
     first = queries.run_demo(n=6, k=2, pool=30, lm=str(tiny_lm_dir), indexes_dir=indexes)
     assert first["index"]["built"] and first["anchors"]["built"]
@@ -38,3 +38,17 @@ def test_demo_rows_mixture_and_reuse(tmp_path, tiny_lm_dir):
     assert [r["predictions"] for r in again["rows"]] == [r["predictions"] for r in first["rows"]]
     text = format_demo(again)
     assert "reusing" in text and "knn-2 + readout weight=0.5" in text and "example:" in text
+
+    # the readout's pass is labelled as what answers it, in progress lines as in the table
+    from icl_engine.core import evaluate as ev
+
+    names = []
+
+    class Recording(ev.Progress):
+        def __init__(self, total, desc, **kw):
+            names.append(desc)
+            super().__init__(total, desc, **kw)
+
+    monkeypatch.setattr(ev, "Progress", Recording)
+    alone = ev.evaluate(reader, test, anchor_weight=1.0, anchor_readout="linear", limit=6, progress=False)
+    assert names == ["eval readout"] and alone["answered_by"] == "readout"

@@ -235,7 +235,7 @@ def evaluate(
     k = 0 if o.method is SelectionMethod.ZERO else o.k  # zero-shot shows no demonstrations, whatever k says
     out = {"method": o.method.value, "k": k, "index": labeller.spec.index, "lm": labeller.lm_name,
            "calibration": o.calibration.value, "scoring": o.scoring.value, "answered_by": answered_by}
-    desc = f"eval {o.method.value}" + (f"-{k}" if k else "")
+    desc = f"eval {answered_by}"  # what answers (e.g. "readout" for anchor_weight=1), not only the method
     t0 = time.perf_counter()
     run = _eval_classification if index.kind is TaskKind.CLASSIFICATION else _eval_generation
     fields, counts = run(labeller, test, limit, chunk, o, desc, progress)
