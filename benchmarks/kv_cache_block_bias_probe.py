@@ -37,7 +37,7 @@ from icl_engine.core import kvcache  # noqa: E402
 from icl_engine.core.config import PipelineConfig, QueryOptions  # noqa: E402
 from icl_engine.core.pipeline import Engine  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "kv_cache" / "block_bias_probe"
+OUT = ROOT / "benchmarks" / "results" / "kv_cache" / "block_bias_probe"  # (--name another folder beside it)
 
 
 def with_block_bias(bias: list[float]):
@@ -56,11 +56,30 @@ def with_block_bias(bias: list[float]):
     return past
 
 
+def with_live_tail(live: list[int]):
+    """kvcache._layout, with the last live[0] demonstrations of a sequential layout run with the
+    query (attending to the cached blocks before them) instead of read from the cache."""
+    lay = kvcache._layout
+
+    def layout(prompt, rows, lengths, P, budget, answer):
+        out = lay(prompt, rows, lengths, P, budget, answer)
+        m = min(live[0], len(out.rows))
+        if m == 0 or out.reuse:
+            return out
+        start = int(out.starts[-m])
+        return kvcache._Layout(out.rows[:-m], out.starts[:-m], list(prompt.ids[start:]), start, False)
+
+    return layout
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="kv_cache_bench.py's --work (its rt index and cache)")
     ap.add_argument("--n", type=int, default=240)
     ap.add_argument("--biases", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    ap.add_argument("--live", type=int, nargs="*", default=[], help="also, at bias 0: the last m demonstrations "
+                    "run with the query instead of read from the cache")
+    ap.add_argument("--name", default="block_bias_probe", help="results folder under results/kv_cache/")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engine = Engine.load(PipelineConfig(index="rt", indexes_dir=str(args.work / "indexes")))
@@ -68,8 +87,9 @@ def main() -> None:
     rows = random.Random(0).sample(range(len(records)), args.n)
     texts, gold = [records[i].input for i in rows], [records[i].output for i in rows]
     exclude = [{records[i].id} for i in rows]
-    bias = [0.0]
+    bias, live = [0.0], [0]
     kvcache._past = with_block_bias(bias)
+    kvcache._layout = with_live_tail(live)
     t0 = time.process_time()
     exact = [p.label for p in engine.classify(texts, QueryOptions(k=8), exclude_ids=exclude)]
     runs = {"exact-8": {"labels": exact, "cpu_s": time.process_time() - t0}}
@@ -78,6 +98,13 @@ def main() -> None:
         t0 = time.process_time()
         labels = [p.label for p in engine.classify(texts, QueryOptions(k=8, scoring="cached"), exclude_ids=exclude)]
         runs[f"cached-8 bias {b:+g}"] = {"labels": labels, "cpu_s": time.process_time() - t0}
+    bias[0] = 0.0
+    for m in args.live:
+        live[0] = m
+        t0 = time.process_time()
+        labels = [p.label for p in engine.classify(texts, QueryOptions(k=8, scoring="cached"), exclude_ids=exclude)]
+        runs[f"cached-8, last {m} live"] = {"labels": labels, "cpu_s": time.process_time() - t0}
+    live[0] = 0
     n = len(gold)
     for r in runs.values():
         acc = float(np.mean([a == g for a, g in zip(r["labels"], gold)]))
@@ -88,9 +115,10 @@ def main() -> None:
                          + " ".join(sys.argv[1:]),
               "queries": {"n": n, "from": "the rt index's own records, seed 0, each excluded from its retrieval"},
               "gold": gold, "rows": rows, "runs": runs}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = ["# Cached scoring with a bias on the blocks' attention (a probe)", "",
+    out = OUT.parent / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = ["# Cached scoring probes: a bias on the blocks' attention, the last demonstrations run live", "",
           f"`{result['command']}`, {result['created']}", "",
           f"{n} validation queries: Rotten Tomatoes index records (seed 0), each excluded from its own retrieval; "
           "kNN-8, SmolLM2-135M, the bfloat16 cache. Agreement is with exact kNN-8 on the same queries "
@@ -98,7 +126,7 @@ def main() -> None:
           "| run | accuracy | agreement with exact-8 | CPU s |", "|---|---:|---:|---:|"]
     md += [f"| {name} | {r['accuracy']:.3f} | {r['agreement_with_exact8']:.3f} ({r['agreement_se']:.3f}) | "
            f"{r['cpu_s']:.0f} |" for name, r in runs.items()]
-    (OUT / "README.md").write_text("\n".join(md) + "\n")
+    (out / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
