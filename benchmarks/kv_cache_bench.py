@@ -163,6 +163,7 @@ def machine() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": round(os.getloadavg()[0], 2),
             "torch": torch.__version__, "python": platform.python_version(), "ram_gib": round(
                 os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
@@ -248,8 +249,10 @@ def report(results: dict) -> str:
     lines = ["# Cached vs exact scoring (demonstration KV caches)", "",
              f"Command: `{results['command']}` (commit {results.get('commit')}; blocks measured by earlier runs of "
              "the same settings are read back from --work, see `blocks_from_earlier_runs`)", "",
-             f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cpus']} logical CPUs (one busy "
-             f"with another job), {results['machine']['torch_threads']} torch thread, torch {results['machine']['torch']}. "
+             f"Machine: {results['machine']['cpu']}, {results['machine']['logical_cpus']} logical CPUs ("
+             + (f"load average {results['machine']['load_average_at_start']} at start"
+                if "load_average_at_start" in results["machine"] else "one busy with another job")
+             + f"), {results['machine']['torch_threads']} torch thread, torch {results['machine']['torch']}. "
              "CPU = process time of this process; medians over blocks of queries; every block is run by every "
              "method, in rotating order.", ""]
     for task, r in results["tasks"].items():
