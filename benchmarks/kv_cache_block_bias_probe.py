@@ -90,20 +90,22 @@ def main() -> None:
     bias, live = [0.0], [0]
     kvcache._past = with_block_bias(bias)
     kvcache._layout = with_live_tail(live)
-    t0 = time.process_time()
-    exact = [p.label for p in engine.classify(texts, QueryOptions(k=8), exclude_ids=exclude)]
-    runs = {"exact-8": {"labels": exact, "cpu_s": time.process_time() - t0}}
+
+    def run(options: QueryOptions) -> dict:
+        t0 = time.process_time()
+        labels = [p.label for p in engine.classify(texts, options, exclude_ids=exclude)]
+        return {"labels": labels, "cpu_s": time.process_time() - t0}
+
+    runs = {"exact-8": run(QueryOptions(k=8))}
+    exact = runs["exact-8"]["labels"]
+    cached = QueryOptions(k=8, scoring="cached")
     for b in args.biases:
         bias[0] = b
-        t0 = time.process_time()
-        labels = [p.label for p in engine.classify(texts, QueryOptions(k=8, scoring="cached"), exclude_ids=exclude)]
-        runs[f"cached-8 bias {b:+g}"] = {"labels": labels, "cpu_s": time.process_time() - t0}
+        runs[f"cached-8 bias {b:+g}"] = run(cached)
     bias[0] = 0.0
     for m in args.live:
         live[0] = m
-        t0 = time.process_time()
-        labels = [p.label for p in engine.classify(texts, QueryOptions(k=8, scoring="cached"), exclude_ids=exclude)]
-        runs[f"cached-8, last {m} live"] = {"labels": labels, "cpu_s": time.process_time() - t0}
+        runs[f"cached-8, last {m} live"] = run(cached)
     live[0] = 0
     n = len(gold)
     for r in runs.values():
