@@ -95,12 +95,17 @@ def offline(args, env, warm: list[str], source: str = "rotten_tomatoes:test", n:
     return {**r, "qps": r["n"] / r["seconds"]}
 
 
-def run_clients(client, clients: int) -> float:
-    """`clients` threads running `client` to the end; the wall seconds they took."""
-    t0 = time.perf_counter()
+def run_clients(client, clients: int, ready: threading.Barrier | None = None) -> float:
+    """`clients` threads running `client` to the end; the wall seconds they took. With `ready`
+    (a barrier of clients + 1 that each client waits on once set up), the clock starts when
+    every client is ready."""
     threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
     for t in threads:
         t.start()
+    if ready is not None:
+        ready.wait()
+        t0 = time.perf_counter()
     for t in threads:
         t.join()
     return time.perf_counter() - t0
@@ -148,11 +153,14 @@ def overload(url: str, texts: list[str], clients: int, seconds: float, k: int, d
     # reads the CA bundle) takes milliseconds of this process's GIL, which 63 other threads making
     # theirs would add to the latency of the first requests
     pools = [httpx.Client(timeout=deadline + 5) for _ in range(clients)]
-    ready = threading.Barrier(clients + 1)
+    clock: dict[str, float] = {}  # the run's start, set as the last party reaches the barrier
+    ready = threading.Barrier(clients + 1, action=lambda: clock.update(begin=time.perf_counter()))
 
     def client():
         c = pools.pop()
         ready.wait()
+        begin = clock["begin"]
+        end = begin + seconds
         with c:
             while time.perf_counter() < end:
                 with lock:
@@ -172,15 +180,7 @@ def overload(url: str, texts: list[str], clients: int, seconds: float, k: int, d
                 if retry:
                     time.sleep(max(0.0, min(retry, end - time.perf_counter())))
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    begin = time.perf_counter()
-    end = begin + seconds
-    ready.wait()  # every client starts at once
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - begin
+    wall = run_clients(client, clients, ready)  # every client starts at once
     ok = [lat for code, lat, _ in results if code == 200]
     rejected = [lat for code, lat, _ in results if code in (429, 503)]
     # when the slow refusals were sent, to tell a burst (every client at once) from a steady tail
