@@ -84,6 +84,30 @@ def test_iclclassifier_is_a_scikit_learn_classifier(tiny_lm):
         icl.ICLClassifier(lm=tiny_lm, embedder="hashing:64").fit(["a", "b"], ["x", "x"])
 
 
+def test_iclclassifier_cached_scoring_holds_its_cache_in_memory(tiny_lm, tmp_path, monkeypatch):
+    """scoring="cached": fit runs every demonstration once and keeps the cache in memory (nothing is
+    written); with one demonstration a cached block is exactly the prompt's, so the scores are exact's."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    import icl_engine as icl
+    from numerics import assert_scores_close
+
+    monkeypatch.chdir(tmp_path)
+    X, y = [t for t, _ in SENTIMENT_ROWS], [lab for _, lab in SENTIMENT_ROWS]
+    args = {"lm": tiny_lm, "embedder": "hashing:64", "kv_dtype": "float32", "batch_size": 3}
+    exact = icl.ICLClassifier(k=1, **args).fit(X, y)
+    cached = icl.ICLClassifier(k=1, scoring="cached", **args).fit(X, y)
+    got, want = cached._predictions(X), exact._predictions(X)
+    assert [p.demo_ids for p in got] == [p.demo_ids for p in want]
+    assert_scores_close([p.log_scores for p in got], [p.log_scores for p in want], tiny_lm)
+    two = cached.set_params(k=2).predict_proba(X)  # blocks that do not read each other: not exact's
+    assert np.abs(two - exact.set_params(k=2).predict_proba(X)).max() > 0 and np.allclose(two.sum(1), 1)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="not a valid Scoring"):
+        icl.ICLClassifier(scoring="fast", **args).fit(X, y)
+
+
 @pytest.mark.slow
 def test_the_readme_python_example_runs(tmp_path):
     """The README's Python block, as written, with the packaged SmolLM2 and MiniLM."""

@@ -50,23 +50,28 @@ def _texts(X) -> list[str]:
 class ICLClassifier(ClassifierMixin, BaseEstimator):
     """In-context classification with retrieved demonstrations (see the module doc).
 
-    k, method, calibration, batch_size, seed: the query options (QueryOptions); lm, embedder,
-    dtype: what is loaded; template: a prompt Template (default: one made from the labels,
-    as `icl index build` makes for a file)."""
+    k, method, calibration, scoring, batch_size, seed: the query options (QueryOptions); lm,
+    embedder, dtype: what is loaded; template: a prompt Template (default: one made from the
+    labels, as `icl index build` makes for a file). scoring "cached": `fit` also runs every
+    demonstration through the LM once and keeps their keys and values in memory (as `kv_dtype`,
+    core/kvcache.py), and queries run only their own tokens."""
 
-    def __init__(self, k: int = 8, method: str = "knn", calibration: str = "none", lm: str = DEFAULT_LM,
-                 embedder: str = DEFAULT_EMBEDDER, template=None, batch_size: int = 8, seed: int = 0,
-                 dtype: str | None = None):
-        self.k, self.method, self.calibration = k, method, calibration
-        self.lm, self.embedder, self.template, self.dtype = lm, embedder, template, dtype
+    def __init__(self, k: int = 8, method: str = "knn", calibration: str = "none", scoring: str = "exact",
+                 lm: str = DEFAULT_LM, embedder: str = DEFAULT_EMBEDDER, template=None, batch_size: int = 8,
+                 seed: int = 0, dtype: str | None = None, kv_dtype: str = "bfloat16"):
+        self.k, self.method, self.calibration, self.scoring = k, method, calibration, scoring
+        self.lm, self.embedder, self.template, self.dtype, self.kv_dtype = lm, embedder, template, dtype, kv_dtype
         self.batch_size, self.seed = batch_size, seed
 
     def fit(self, X, y) -> "ICLClassifier":
+        from ..core.choices import KVDType, Scoring
         from ..core.data import Dataset, TaskKind, make_records
         from ..core.index import ExampleIndex
+        from ..core.kvcache import kv_cache_in_memory
         from ..core.pipeline import Engine, EngineSpec
         from ..core.templates import data_template
 
+        scoring, kv_dtype = Scoring(self.scoring), KVDType(self.kv_dtype)  # a bad name fails before any work
         texts, labels = _texts(X), [str(v) for v in np.asarray(y, dtype=object).ravel()]
         if len(texts) != len(labels):
             raise ValueError(f"X has {len(texts)} texts but y has {len(labels)} labels")
@@ -80,6 +85,9 @@ class ICLClassifier(ClassifierMixin, BaseEstimator):
         template = self.template if self.template is not None else data_template(dataset)[0]
         self.engine_ = Engine.from_parts(EngineSpec(index="estimator", lm=self.lm, dtype=self.dtype), index, embedder,
                                          _lm(self.lm, self.dtype), template)
+        if scoring is Scoring.CACHED:
+            self.engine_.use_kv_cache(kv_cache_in_memory(self.engine_.lm, self.engine_.builder, index, dtype=kv_dtype,
+                                                         batch_size=self.batch_size))
         self.n_features_in_ = 1
         return self
 
@@ -90,8 +98,8 @@ class ICLClassifier(ClassifierMixin, BaseEstimator):
             from sklearn.exceptions import NotFittedError
 
             raise NotFittedError("this ICLClassifier is not fitted yet: call fit(texts, labels) first")
-        options = QueryOptions(k=self.k, method=self.method, calibration=self.calibration, batch_size=self.batch_size,
-                               seed=self.seed)
+        options = QueryOptions(k=self.k, method=self.method, calibration=self.calibration, scoring=self.scoring,
+                               batch_size=self.batch_size, seed=self.seed)
         return self.engine_.classify(_texts(X), options)
 
     def predict(self, X) -> np.ndarray:

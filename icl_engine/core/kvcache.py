@@ -68,8 +68,8 @@ from .score import PendingScores, check_inputs, compute_prefix, length_batches
 if TYPE_CHECKING:  # faiss (index.py) is not needed to score over an index in memory
     from .index import ExampleIndex
 
-__all__ = ["KVCache", "KVCacheError", "build_kv_cache", "score_cached", "kv_folder", "lm_signature", "encode",
-           "decode", "KV_FORMAT", "MAX_PAST_BYTES"]
+__all__ = ["KVCache", "KVCacheError", "build_kv_cache", "kv_cache_in_memory", "score_cached", "kv_folder",
+           "lm_signature", "encode", "decode", "KV_FORMAT", "MAX_PAST_BYTES"]
 
 KV_FORMAT = 1
 MANIFEST, DATA, SCALES, OFFSETS = "manifest.json", "kv.bin", "scales.bin", "offsets.npy"
@@ -223,7 +223,7 @@ def _blocks(builder: PromptBuilder, index: ExampleIndex) -> list[list[int]]:
 
 
 def _store_rows(kv: torch.Tensor, lens: torch.Tensor, rows, offsets: np.ndarray, dtype: KVDType,
-                data: np.memmap, scales: np.memmap | None) -> None:
+                data: np.ndarray, scales: np.ndarray | None) -> None:
     """Copy a batch's keys and values kv [B, layers, 2, H, T, D] (left-padded to T; row b holds
     lens[b] tokens) to each record's token range offsets[r]:offsets[r+1], encoded as `dtype`."""
     T = kv.shape[4]
@@ -251,58 +251,88 @@ def build_kv_cache(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, f
     `folder` (kv_folder of the index); returns its manifest. `progress(n)` hears of each n
     records done. A cache already there (of any LM, template or index version) is replaced."""
     dtype = KVDType(dtype)
-    if not hasattr(lm, "block_kv"):
-        raise KVCacheError(f"LM backend {type(lm).__name__} cannot hand out keys and values")
-    if len(index) == 0:
-        raise KVCacheError("the index holds no records")
     t0 = time.perf_counter()
-    shared = builder.shared_ids()
-    prefix = compute_prefix(lm, ids=shared) if shared else None
-    blocks = _blocks(builder, index)
-    lengths = np.fromiter(map(len, blocks), np.int64, len(blocks))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    n_tok = int(offsets[-1])
+    manifest = _manifest(lm, builder, index, index_version, dtype)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    geometry = {}
 
     def write(tmp: Path) -> None:
-        data = scales = None
-        for rows in length_batches(blocks, batch_size, bucket=True):
-            cancel.check()
-            kv, lens = lm.block_kv([blocks[r] for r in rows], prefix)  # [B, layers, 2, H, T, D], [B]
-            if data is None:  # the shapes are known once the LM has run
-                _, layers, _, heads, _, dim = kv.shape
-                geometry.update(layers=layers, kv_heads=heads, head_dim=dim)
-                data = np.memmap(tmp / DATA, dtype=_NUMPY[_STORED[dtype]], mode="w+",
-                                 shape=(n_tok, layers, 2, heads, dim))
-                if dtype is KVDType.INT8:
-                    scales = np.memmap(tmp / SCALES, dtype=np.float32, mode="w+", shape=(n_tok, layers, 2, heads))
-            _store_rows(kv, lens, rows, offsets, dtype, data, scales)
-            if progress is not None:
-                progress(len(rows))
+        # streamed to memory-mapped files: a large index's cache never has to fit in memory
+        data, scales, offsets = _compute(lm, builder, index, dtype, batch_size, progress, manifest,
+                                         lambda name, np_dtype, shape: np.memmap(tmp / name, dtype=np_dtype,
+                                                                                 mode="w+", shape=shape))
         data.flush()
         if scales is not None:
             scales.flush()
         np.save(tmp / OFFSETS, offsets, allow_pickle=False)
-        per_token = _bytes_per_token(geometry, dtype)
-        manifest.update(geometry, tokens=n_tok, bytes=per_token * n_tok, bytes_per_token=per_token,
-                        bytes_per_record=per_token * n_tok / len(blocks), seconds=time.perf_counter() - t0)
+        manifest["seconds"] = time.perf_counter() - t0
         write_json(tmp / MANIFEST, manifest)
 
-    manifest = {
-        "format_version": KV_FORMAT, "lm": lm.name, "lm_config_sha256": lm_signature(lm),
-        "lm_dtype": str(getattr(lm, "dtype", "")).replace("torch.", ""), "dtype": dtype.value,
-        "template": builder.template.to_dict(), "labels": list(index.labels), "prefix_ids": shared,
-        "separator_ids": list(builder.sep_ids), "records": len(index), "index_version": index_version,
-        "index_sha256": index_fingerprint(index),
-    }
     from .index import store
 
     with store.writer_lock(folder, what=f"the KV cache in {folder}"):
         final = store.publish(folder, write)
         store.collect_garbage(folder, keep={final.name})  # the old cache goes now: it is as big as this one
     return {**manifest, "path": str(final)}
+
+
+@torch.inference_mode()
+def kv_cache_in_memory(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, *,
+                       dtype: KVDType | str = KVDType.BFLOAT16, batch_size: int = 16) -> KVCache:
+    """The cache build_kv_cache publishes, held in memory instead: for an index that lives in
+    memory (ICLClassifier), where nothing is to be written to disk."""
+    dtype = KVDType(dtype)
+    t0 = time.perf_counter()
+    manifest = _manifest(lm, builder, index, None, dtype)
+    data, scales, offsets = _compute(lm, builder, index, dtype, batch_size, None, manifest,
+                                     lambda name, np_dtype, shape: np.empty(shape, dtype=np_dtype))
+    manifest["seconds"] = time.perf_counter() - t0
+    return KVCache(manifest, torch.from_numpy(data), None if scales is None else torch.from_numpy(scales), offsets)
+
+
+def _manifest(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, index_version: str | None,
+              dtype: KVDType) -> dict:
+    """What a cache is tied to (KVCache._read checks each entry) and how it stores its numbers."""
+    if not hasattr(lm, "block_kv"):
+        raise KVCacheError(f"LM backend {type(lm).__name__} cannot hand out keys and values")
+    if len(index) == 0:
+        raise KVCacheError("the index holds no records")
+    return {
+        "format_version": KV_FORMAT, "lm": lm.name, "lm_config_sha256": lm_signature(lm),
+        "lm_dtype": str(getattr(lm, "dtype", "")).replace("torch.", ""), "dtype": dtype.value,
+        "template": builder.template.to_dict(), "labels": list(index.labels), "prefix_ids": builder.shared_ids(),
+        "separator_ids": list(builder.sep_ids), "records": len(index), "index_version": index_version,
+        "index_sha256": index_fingerprint(index),
+    }
+
+
+def _compute(lm: LMBackend, builder: PromptBuilder, index: ExampleIndex, dtype: KVDType, batch_size: int,
+             progress: Callable[[int], None] | None, manifest: dict, alloc: Callable):
+    """Every record's block run after the prefix, stored into arrays from `alloc(file name,
+    numpy dtype, shape)`: (data [tokens, layers, 2, H, D], scales [tokens, layers, 2, H] or None,
+    offsets int64 [records + 1]). The geometry and sizes are added to `manifest`."""
+    shared = builder.shared_ids()
+    prefix = compute_prefix(lm, ids=shared) if shared else None
+    blocks = _blocks(builder, index)
+    offsets = np.concatenate([[0], np.cumsum(np.fromiter(map(len, blocks), np.int64, len(blocks)))])
+    n_tok = int(offsets[-1])
+    data = scales = None
+    for rows in length_batches(blocks, batch_size, bucket=True):
+        cancel.check()
+        kv, lens = lm.block_kv([blocks[r] for r in rows], prefix)  # [B, layers, 2, H, T, D], [B]
+        if data is None:  # the shapes are known once the LM has run
+            _, layers, _, heads, _, dim = kv.shape
+            manifest.update(layers=layers, kv_heads=heads, head_dim=dim)
+            data = alloc(DATA, _NUMPY[_STORED[dtype]], (n_tok, layers, 2, heads, dim))
+            if dtype is KVDType.INT8:
+                scales = alloc(SCALES, np.float32, (n_tok, layers, 2, heads))
+        _store_rows(kv, lens, rows, offsets, dtype, data, scales)
+        if progress is not None:
+            progress(len(rows))
+    per_token = _bytes_per_token(manifest, dtype)
+    manifest.update(tokens=n_tok, bytes=per_token * n_tok, bytes_per_token=per_token,
+                    bytes_per_record=per_token * n_tok / len(blocks))
+    return data, scales, offsets
 
 
 # ----------------------------------------------------------------------------- scoring
