@@ -4,7 +4,7 @@ Selection already ran (`icl index fit NAME --reference REF`, which wrote the fit
 validation table); this reads the test file once for each fixed row and nothing else:
 
   selected   the fit attached to the index, through the product path (`icl eval`, method auto),
-             seed 0. Seeds 1 and 2, per task: "refit" (SNIPS) fits the same setting again with
+             seed 0. Seeds 1 and 2, per task: "refit" (SNIPS, E2E) fits the same setting again with
              that seed on a copy of the index (`icl index fit --refit --seed S`: the anchors'
              context, a readout, a soft prompt's run; the validation split kept) and answers
              through the product path too; "mix" (RT, run before --refit existed) refits only the
@@ -18,6 +18,9 @@ Every row is one `icl` command whose JSON (with per-example predictions) lands i
 Then `summarize` writes accuracy, the gap to the reference and agreement with it, each with a
 95 % bootstrap interval (2,000 resamples of test examples, seeds averaged inside a resample),
 plus what each row trained on how many labelled records, to benchmarks/results/approximation/NAME/.
+A generation task (E2E) reports ROUGE-L instead, with its gap to the reference and, in place of
+agreement, ROUGE-L against the reference's own outputs; its test.json keeps every row's outputs
+and the references, so each figure can be recomputed.
 
     python benchmarks/approximation.py rt --runs ../runs/approx --jobs 2     # OMP_NUM_THREADS=1 per job
     python benchmarks/approximation.py rt --runs ../runs/approx --summarize  # only the report
@@ -40,12 +43,14 @@ import numpy as np
 
 from icl_engine.core import fits
 from icl_engine.core.index.store import read_pointer
+from icl_engine.core.metrics import rouge_l_pair
 
 HERE = Path(__file__).resolve().parent
 TASKS = {  # the index, the test set (a file under the shared data folder, or a built-in split's name),
     # the reference (under RUNS), how seeds 1 and 2 of the selected row are made (see above)
     "rt": {"index": "rt", "test": "rotten_tomatoes_test.jsonl", "reference": "ft/rt", "seeds": "mix"},
     "snips": {"index": "snips", "test": "snips_intents:test", "reference": "ft/snips", "seeds": "refit"},
+    "e2e": {"index": "e2e", "test": "e2e_nlg:test", "reference": "ft/e2e", "seeds": "refit"},
 }
 SEEDS = (0, 1, 2)
 RESAMPLES = 2000
@@ -175,6 +180,8 @@ def bootstrap(per_seed: np.ndarray, ref: np.ndarray, gold: np.ndarray, seed: int
 def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
     got = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
     fit = json.loads((fit_folder(runs, task) / "fit.json").read_text())
+    if "rouge_l" in got["reference"]:
+        return summarize_generation(name, task, runs, got, fit, dest)
     labels = got["reference"]["labels"]
     ids = [p["id"] for p in got["reference"]["predictions"]]
     gold = np.array([labels.index(p["gold"]) for p in got["reference"]["predictions"]])
@@ -230,17 +237,130 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
     return report
 
 
+def bootstrap_scores(per_seed: np.ndarray, ref: np.ndarray, sim: np.ndarray, seed: int = 0) -> dict:
+    """Generation's figures, like `bootstrap`'s: ROUGE-L, its gap to the reference's, and ROUGE-L
+    against the reference's own outputs, each the mean over seeds with a 95 % percentile interval.
+    per_seed, sim: [s, n] per-example scores in [0, 1]; ref: [n]."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, ref.shape[0], size=(RESAMPLES, ref.shape[0]))  # [B, n]
+    score = per_seed[:, draws].mean(axis=(0, 2))  # [B]: seeds averaged inside each resample
+    gap = score - ref[draws].mean(axis=1)
+    close = sim[:, draws].mean(axis=(0, 2))
+
+    def stat(point: float, sample: np.ndarray) -> dict:
+        lo, hi = np.percentile(sample, [2.5, 97.5])
+        return {"value": float(point), "ci95": [float(lo), float(hi)]}
+
+    return {"rouge_l": stat(per_seed.mean(), score), "gap_to_reference": stat(per_seed.mean() - ref.mean(), gap),
+            "rouge_l_to_reference_outputs": stat(sim.mean(), close), "per_seed_rouge_l": per_seed.mean(1).tolist()}
+
+
+def summarize_generation(name: str, task: dict, runs: Path, got: dict, fit: dict, dest: Path) -> dict:
+    """summarize for a generation task: ROUGE-L (best over an input's references) per example,
+    recomputed here from the outputs, which test.json keeps with the references so that a test
+    can recompute every figure."""
+    examples = [{"input": p["input"], "references": p["references"]} for p in got["reference"]["predictions"]]
+
+    def scored(name: str) -> tuple[list[str], np.ndarray]:
+        """A row's outputs and their per-example ROUGE-L [n], checked against `icl eval`'s own mean."""
+        preds = got[name]["predictions"]
+        assert [p["input"] for p in preds] == [e["input"] for e in examples], f"{name}: another test set or order"
+        outs = [p["output"] for p in preds]
+        s = np.array([max(rouge_l_pair(o, r) for r in e["references"]) for o, e in zip(outs, examples)])
+        assert abs(100 * s.mean() - got[name]["rouge_l"]) < 1e-6, name
+        return outs, s
+
+    ref_out, ref = scored("reference")
+
+    def row(names: list[str], **info) -> dict:
+        outs, per_seed = zip(*(scored(n) for n in names))
+        sim = np.array([[rouge_l_pair(a, b) for a, b in zip(o, ref_out)] for o in outs])  # [s, n]
+        return {**info, **bootstrap_scores(np.stack(per_seed), ref, sim), "outputs": list(outs)}
+
+    seeds = [s for s in SEEDS if f"selected-seed{s}" in got]
+    for s in seeds:
+        assert got[f"selected-seed{s}"]["answered_by"] == got["selected-seed0"]["answered_by"], s
+    ft = json.loads((runs / task["reference"] / "icl_finetune.json").read_text())
+    n_index = fit["labelled_records"]
+    randoms = [s for s in SEEDS if f"random-8-seed{s}" in got]
+    table = {
+        "selected": row([f"selected-seed{s}" for s in seeds], setting=fit["setting"], seeds=seeds,
+                        answered_by=got["selected-seed0"]["answered_by"], trained_parameters=fit["trained_parameters"],
+                        labelled_records=n_index),
+        "reference": row(["reference"], setting="full fine-tune, zero-shot prompts", seeds=[0],
+                         trained_parameters=ft["metrics"]["trainable_params"], labelled_records=ft["metrics"]["n_train"],
+                         early_stopping_records=ft["metrics"]["n_eval"], kept_step=ft["metrics"]["best_step"]),
+        "zero": row(["zero"], setting="zero-shot", seeds=[0], trained_parameters=0, labelled_records=0),
+        "knn-8": row(["knn-8"], setting="kNN-8 ICL", seeds=[0], trained_parameters=0, labelled_records=n_index),
+        **({"random-8": row([f"random-8-seed{s}" for s in randoms], setting="random-8 ICL", seeds=randoms,
+                            trained_parameters=0, labelled_records=n_index)} if randoms else {}),
+    }
+    targets = {"within_2_rouge_l": abs(table["selected"]["gap_to_reference"]["value"]) <= 0.02}
+    report = {"task": name, "test_file": task["test"], "n": len(examples), "metric": "rouge_l",
+              "selected_on": fit["selected_on"], "seeds_made_by": task["seeds"], "selection_table": fit["table"],
+              "validation": {k: v for k, v in fit["validation"].items() if k != "ids"}, "rows": table,
+              "targets": targets, "resamples": RESAMPLES, "examples": examples,
+              "seconds": {k: v.get("seconds") for k, v in got.items()},
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per job",
+              "command": f"python benchmarks/approximation.py {name} --runs RUNS --jobs 2"}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "test.json").write_text(json.dumps(report, indent=1) + "\n")
+    (dest / "README.md").write_text(markdown_generation(report, fit, ft) + "\n")
+    write_summary(dest.parent)
+    return report
+
+
+def markdown_generation(r: dict, fit: dict, ft: dict) -> str:
+    """A generation task's README, from test.json's own fields (ROUGE-L in points)."""
+    pts = lambda x: f"{100 * x['value']:.1f} [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"  # noqa: E731
+    v = r["validation"]
+    lines = [f"# {r['task']}: the approximation protocol (docs/approximation.md)", "",
+             f"Selection on a validation split V ({v['records']} inputs, with all their references, carved from the "
+             f"index with seed {v['seed']}; the test file not read), `icl index fit {r['task']} --validation "
+             f"{v['records']}`: every candidate fitted on the rest of the index and scored on V by ROUGE-L against "
+             "all references of an input.", "",
+             "| candidate (validation) | ROUGE-L | trained parameters | labelled records |", "|---|---:|---:|---:|"]
+    for row in sorted(r["selection_table"], key=lambda x: -x["score"]):
+        mark = " **(selected)**" if row["name"] == fit["setting"] else ""
+        lines.append(f"| {row['name']}{mark} | {100 * row['score']:.1f} | {row['trained']:,} | {row['labelled']:,} |")
+    lines += ["", f"Selected: `{fit['setting']}` (ties go to fewer trained parameters, then the earlier setting), "
+              f"refitted on all {fit['labelled_records']:,} records: {fit['trained_parameters']:,} trained parameters.",
+              "", f"## Test ({r['test_file']}, {r['n']} inputs, read once for these rows)", "",
+              "Mean over the seeds listed; 95 % bootstrap intervals over test inputs "
+              f"({r['resamples']:,} resamples, seeds averaged inside each). ROUGE-L: the best F1 over an input's "
+              "references, in points. The last figure compares a row's outputs with the reference's own (shown, "
+              "not a target).", "",
+              "| row | seeds | ROUGE-L | gap to reference (points) | ROUGE-L to the reference's outputs | trained "
+              "parameters | labelled records |", "|---|---|---|---|---|---:|---:|"]
+    for name, row in r["rows"].items():
+        gap = "–" if name == "reference" else pts(row["gap_to_reference"])
+        close = "–" if name == "reference" else pts(row["rouge_l_to_reference_outputs"])
+        lines.append(f"| {name}: {row['setting']} | {', '.join(map(str, row['seeds']))} | {pts(row['rouge_l'])} | "
+                     f"{gap} | {close} | {row['trained_parameters']:,} | {row['labelled_records']:,} |")
+    sel, met = r["rows"]["selected"], r["targets"]["within_2_rouge_l"]
+    lines += ["", f"Selected, per seed: ROUGE-L {', '.join(f'{100 * a:.1f}' for a in sel['per_seed_rouge_l'])}.",
+              f"The reference: a full fine-tune (`icl finetune`), kept weights step {ft['metrics']['best_step']} of "
+              f"{ft['metrics']['steps']} (best held-out loss on its own {ft['metrics']['n_eval']}-record slice), "
+              f"trained on {ft['metrics']['n_train']:,} records.", "",
+              f"Target (docs/approximation.md): within 2 ROUGE-L of the reference: {'met' if met else 'missed'} "
+              f"(gap {100 * sel['gap_to_reference']['value']:+.1f}).", "", seeds_sentence(r), "",
+              f"Command: `{r['command']}` ({r['machine']}); per-row seconds are in test.json."]
+    return "\n".join(lines)
+
+
 def write_summary(root: Path) -> None:
     """summary.json: per task, the selected method and its test figures, from each task's test.json."""
     tasks = {}
     for path in sorted(root.glob("*/test.json")):
         r = json.loads(path.read_text())
         sel = r["rows"]["selected"]
+        metric, close = ("rouge_l", "rouge_l_to_reference_outputs") if r.get("metric") == "rouge_l" \
+            else ("accuracy", "agreement")
         tasks[path.parent.name] = {
             "selected": sel["setting"], "selected_on": r["selected_on"], "test_file": r["test_file"], "n": r["n"],
             "seeds": sel["seeds"], "trained_parameters": sel["trained_parameters"],
-            "labelled_records": sel["labelled_records"], "reference_accuracy": r["rows"]["reference"]["accuracy"],
-            **{k: sel[k] for k in ("accuracy", "gap_to_reference", "agreement")}, "targets": r["targets"]}
+            "labelled_records": sel["labelled_records"], f"reference_{metric}": r["rows"]["reference"][metric],
+            **{k: sel[k] for k in (metric, "gap_to_reference", close)}, "targets": r["targets"]}
     (root / "summary.json").write_text(json.dumps(tasks, indent=1) + "\n")
 
 
@@ -335,7 +455,9 @@ def main() -> None:
         run(rows(task, a.runs.resolve(), out.resolve(), str(test.resolve()) if test.is_file() else task["test"]), out,
             a.icl, a.jobs)
     report = summarize(a.task, task, a.runs, out, HERE / "results/approximation" / a.task)
-    print(json.dumps({k: report[k] for k in ("rows", "targets", "mixture_check")}, indent=1))
+    rows_ = {k: {f: v for f, v in row.items() if f != "outputs"} for k, row in report["rows"].items()}
+    print(json.dumps({"rows": rows_, "targets": report["targets"], "mixture_check": report.get("mixture_check")},
+                     indent=1))
 
 
 if __name__ == "__main__":
