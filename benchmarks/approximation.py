@@ -110,16 +110,18 @@ def fit_folder(runs: Path, task: dict) -> Path:
 
 def run(plan: list[dict], out: Path, icl: str, jobs: int) -> None:
     """Each row once (a row's JSON is written only when its command succeeded), `jobs` at a time,
-    a row starting when the rows it needs are done."""
+    a row starting when the rows it needs are done. A row that failed is not tried again in this
+    run (nor the rows that need it): the next run tries it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ICL_NUM_THREADS": "1"}
     done = {r["name"] for r in plan if _done(r, out)}
     running: set[str] = set()
+    failed: set[str] = set()
     lock = threading.Lock()
 
     def next_row():
         with lock:
             for r in plan:
-                if r["name"] not in done | running and set(r.get("needs", [])) <= done:
+                if r["name"] not in done | running | failed and set(r.get("needs", [])) <= done:
                     running.add(r["name"])
                     return r
         return None
@@ -138,6 +140,8 @@ def run(plan: list[dict], out: Path, icl: str, jobs: int) -> None:
                         tmp.write_text(got.stdout)
                         tmp.replace(out / f"{r['name']}.json")
                     done.add(r["name"])
+                else:
+                    failed.add(r["name"])
             status = "done" if got.returncode == 0 else f"failed (rc {got.returncode}, see {r['name']}.log)"
             print(f"[{time.strftime('%H:%M:%S')}] {r['name']}: {status} in {time.time() - started:.0f} s",
                   file=sys.stderr)
