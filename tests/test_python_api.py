@@ -91,6 +91,7 @@ def test_iclclassifier_cached_scoring_holds_its_cache_in_memory(tiny_lm, tmp_pat
     import numpy as np
 
     import icl_engine as icl
+
     from numerics import assert_scores_close
 
     monkeypatch.chdir(tmp_path)
