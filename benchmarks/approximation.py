@@ -162,25 +162,31 @@ def _done(r: dict, out: Path) -> bool:
 # ----------------------------------------------------------------------------- the report
 
 
-def bootstrap(per_seed: np.ndarray, ref: np.ndarray, gold: np.ndarray, seed: int = 0) -> dict:
-    """Accuracy, gap to the reference and agreement with it, each the mean over seeds, with a 95 %
-    percentile interval. per_seed: [s, n] predicted label ids; ref, gold: [n]."""
+def intervals(per_seed: np.ndarray, ref: np.ndarray, close: np.ndarray, seed: int = 0) -> dict:
+    """A row's score, its gap to the reference's and its closeness to the reference, each the mean
+    over seeds with a 95 % percentile interval (resampling test examples, seeds averaged inside
+    each resample). per_seed, close: [s, n] per-example values; ref: [n] the reference's."""
     rng = np.random.default_rng(seed)
-    n = gold.shape[0]
-    correct, agree = (per_seed == gold).astype(float), (per_seed == ref).astype(float)  # [s, n]
-    ref_correct = (ref == gold).astype(float)  # [n]
-    draws = rng.integers(0, n, size=(RESAMPLES, n))  # [B, n]
-    acc = correct[:, draws].mean(axis=(0, 2))  # [B]: seeds averaged inside each resample
-    gap = acc - ref_correct[draws].mean(axis=1)
-    agr = agree[:, draws].mean(axis=(0, 2))
+    draws = rng.integers(0, ref.shape[0], size=(RESAMPLES, ref.shape[0]))  # [B, n]
+    score = per_seed[:, draws].mean(axis=(0, 2))  # [B]
+    gap = score - ref[draws].mean(axis=1)
+    near = close[:, draws].mean(axis=(0, 2))
 
     def stat(point: float, sample: np.ndarray) -> dict:
         lo, hi = np.percentile(sample, [2.5, 97.5])
         return {"value": float(point), "ci95": [float(lo), float(hi)]}
 
-    return {"accuracy": stat(correct.mean(), acc), "gap_to_reference": stat(correct.mean() - ref_correct.mean(), gap),
-            "agreement": stat(agree.mean(), agr), "per_seed_accuracy": correct.mean(1).tolist(),
-            "per_seed_agreement": agree.mean(1).tolist()}
+    return {"score": stat(per_seed.mean(), score), "gap_to_reference": stat(per_seed.mean() - ref.mean(), gap),
+            "close": stat(close.mean(), near)}
+
+
+def bootstrap(per_seed: np.ndarray, ref: np.ndarray, gold: np.ndarray, seed: int = 0) -> dict:
+    """Accuracy, gap to the reference and agreement with it (`intervals`). per_seed: [s, n]
+    predicted label ids; ref, gold: [n]."""
+    correct, agree = (per_seed == gold).astype(float), (per_seed == ref).astype(float)  # [s, n]
+    got = intervals(correct, (ref == gold).astype(float), agree, seed)
+    return {"accuracy": got["score"], "gap_to_reference": got["gap_to_reference"], "agreement": got["close"],
+            "per_seed_accuracy": correct.mean(1).tolist(), "per_seed_agreement": agree.mean(1).tolist()}
 
 
 def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
@@ -244,21 +250,11 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
 
 
 def bootstrap_scores(per_seed: np.ndarray, ref: np.ndarray, sim: np.ndarray, seed: int = 0) -> dict:
-    """Generation's figures, like `bootstrap`'s: ROUGE-L, its gap to the reference's, and ROUGE-L
-    against the reference's own outputs, each the mean over seeds with a 95 % percentile interval.
-    per_seed, sim: [s, n] per-example scores in [0, 1]; ref: [n]."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, ref.shape[0], size=(RESAMPLES, ref.shape[0]))  # [B, n]
-    score = per_seed[:, draws].mean(axis=(0, 2))  # [B]: seeds averaged inside each resample
-    gap = score - ref[draws].mean(axis=1)
-    close = sim[:, draws].mean(axis=(0, 2))
-
-    def stat(point: float, sample: np.ndarray) -> dict:
-        lo, hi = np.percentile(sample, [2.5, 97.5])
-        return {"value": float(point), "ci95": [float(lo), float(hi)]}
-
-    return {"rouge_l": stat(per_seed.mean(), score), "gap_to_reference": stat(per_seed.mean() - ref.mean(), gap),
-            "rouge_l_to_reference_outputs": stat(sim.mean(), close), "per_seed_rouge_l": per_seed.mean(1).tolist()}
+    """Generation's figures (`intervals`): ROUGE-L, its gap to the reference's, and ROUGE-L against
+    the reference's own outputs. per_seed, sim: [s, n] per-example scores in [0, 1]; ref: [n]."""
+    got = intervals(per_seed, ref, sim, seed)
+    return {"rouge_l": got["score"], "gap_to_reference": got["gap_to_reference"],
+            "rouge_l_to_reference_outputs": got["close"], "per_seed_rouge_l": per_seed.mean(1).tolist()}
 
 
 def summarize_generation(name: str, task: dict, runs: Path, got: dict, fit: dict, dest: Path) -> dict:

@@ -97,7 +97,6 @@ def main() -> None:
         return {"labels": labels, "cpu_s": time.process_time() - t0}
 
     runs = {"exact-8": run(QueryOptions(k=8))}
-    exact = runs["exact-8"]["labels"]
     cached = QueryOptions(k=8, scoring="cached")
     for b in args.biases:
         bias[0] = b
@@ -107,27 +106,35 @@ def main() -> None:
         live[0] = m
         runs[f"cached-8, last {m} live"] = run(cached)
     live[0] = 0
-    n = len(gold)
+    result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kv_cache_block_bias_probe.py "
+                         + " ".join(sys.argv[1:]),
+              "queries": {"n": len(gold), "from": "the rt index's own records, seed 0, each excluded from its retrieval"},
+              "gold": gold, "rows": rows, "runs": runs}
+    write_probe(OUT.parent / args.name, result, "Cached scoring probes: a bias on the blocks' attention, the last "
+                "demonstrations run live",
+                f"{len(gold)} validation queries: Rotten Tomatoes index records (seed 0), each excluded from its own "
+                "retrieval; kNN-8, SmolLM2-135M, the bfloat16 cache. Agreement is with exact kNN-8 on the same "
+                "queries (its standard error in brackets).")
+
+
+def write_probe(out: Path, result: dict, title: str, about: str, columns=(("CPU s", "cpu_s"),)) -> None:
+    """Every run's accuracy and agreement with the "exact-8" run (with its standard error), added
+    to result["runs"]; then results.json and README.md (a table of the runs, plus `columns`:
+    (header, run field) pairs) in `out`."""
+    gold, runs = result["gold"], result["runs"]
+    exact, n = runs["exact-8"]["labels"], len(gold)
     for r in runs.values():
         acc = float(np.mean([a == g for a, g in zip(r["labels"], gold)]))
         agree = float(np.mean([a == e for a, e in zip(r["labels"], exact)]))
         r.update(accuracy=acc, agreement_with_exact8=agree, agreement_se=math.sqrt(agree * (1 - agree) / n))
-    result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kv_cache_block_bias_probe.py "
-                         + " ".join(sys.argv[1:]),
-              "queries": {"n": n, "from": "the rt index's own records, seed 0, each excluded from its retrieval"},
-              "gold": gold, "rows": rows, "runs": runs}
-    out = OUT.parent / args.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = ["# Cached scoring probes: a bias on the blocks' attention, the last demonstrations run live", "",
-          f"`{result['command']}`, {result['created']}", "",
-          f"{n} validation queries: Rotten Tomatoes index records (seed 0), each excluded from its own retrieval; "
-          "kNN-8, SmolLM2-135M, the bfloat16 cache. Agreement is with exact kNN-8 on the same queries "
-          "(its standard error in brackets).", "",
-          "| run | accuracy | agreement with exact-8 | CPU s |", "|---|---:|---:|---:|"]
+    md = [f"# {title}", "", f"`{result['command']}`, {result['created']}", "", about, "",
+          "| run | accuracy | agreement with exact-8 | " + " | ".join(h for h, _ in columns) + " |",
+          "|---|---:|---:|" + "---:|" * len(columns)]
     md += [f"| {name} | {r['accuracy']:.3f} | {r['agreement_with_exact8']:.3f} ({r['agreement_se']:.3f}) | "
-           f"{r['cpu_s']:.0f} |" for name, r in runs.items()]
+           + " | ".join(f"{r.get(k, 0):.0f}" for _, k in columns) + " |" for name, r in runs.items()]
     (out / "README.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -25,8 +25,6 @@ Writes benchmarks/results/kv_cache/context_probe_TASK/{results.json,README.md}.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import sys
 import time
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from kv_cache_bench import prepare  # noqa: E402
+from kv_cache_block_bias_probe import write_probe  # noqa: E402
 
 from icl_engine.core.config import PipelineConfig, QueryOptions  # noqa: E402
 from icl_engine.core.kvcache import KVCache  # noqa: E402
@@ -121,29 +120,18 @@ def main() -> None:
         assert all(row_of[d] in set(needed.tolist()) for p in got for d in p.demo_ids)  # every block was computed
         runs[f"cached-8, blocks after {m} neighbours"] = {"labels": [p.label for p in got], "build_cpu_s": built,
                                                           "cpu_s": time.process_time() - t0}
-    n = len(gold)
-    for r in runs.values():
-        acc = float(np.mean([a == g for a, g in zip(r["labels"], gold)]))
-        agree = float(np.mean([a == e for a, e in zip(r["labels"], runs["exact-8"]["labels"])]))
-        r.update(accuracy=acc, agreement_with_exact8=agree, agreement_se=math.sqrt(agree * (1 - agree) / n))
     result = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kv_cache_context_probe.py "
                          + " ".join(sys.argv[1:]),
-              "queries": {"n": n, "from": f"the {name} index's own records, seed 0, each excluded from its retrieval"},
+              "queries": {"n": len(gold), "from": f"the {name} index's own records, seed 0, each excluded from its "
+                          "retrieval"},
               "blocks_computed": len(needed), "gold": gold, "rows": qrows, "runs": runs}
-    out = OUT / f"context_probe_{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = ["# Cached scoring probe: each block computed after its own nearest neighbours", "",
-          f"`{result['command']}`, {result['created']}", "",
-          f"{n} validation queries: {name} index records (seed 0), each excluded from its own retrieval and from "
-          f"every block's context; kNN-8, SmolLM2-135M, float32 blocks ({len(needed)} computed). Agreement is with "
-          "exact kNN-8 on the same queries (its standard error in brackets).", "",
-          "| run | accuracy | agreement with exact-8 | CPU s (queries) | CPU s (blocks) |", "|---|---:|---:|---:|---:|"]
-    md += [f"| {k} | {r['accuracy']:.3f} | {r['agreement_with_exact8']:.3f} ({r['agreement_se']:.3f}) | "
-           f"{r['cpu_s']:.0f} | {r.get('build_cpu_s', 0):.0f} |" for k, r in runs.items()]
-    (out / "README.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_probe(OUT / f"context_probe_{name}", result, "Cached scoring probe: each block computed after its own "
+                "nearest neighbours",
+                f"{len(gold)} validation queries: {name} index records (seed 0), each excluded from its own retrieval "
+                f"and from every block's context; kNN-8, SmolLM2-135M, float32 blocks ({len(needed)} computed). "
+                "Agreement is with exact kNN-8 on the same queries (its standard error in brackets).",
+                columns=(("CPU s (queries)", "cpu_s"), ("CPU s (blocks)", "build_cpu_s")))
 
 
 if __name__ == "__main__":
