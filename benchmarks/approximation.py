@@ -238,13 +238,19 @@ def summarize(name: str, task: dict, runs: Path, out: Path, dest: Path) -> dict:
     report = {"task": name, "test_file": task["test"], "n": int(gold.shape[0]), "selected_on": fit["selected_on"],
               "seeds_made_by": task["seeds"],
               "selection_table": fit["table"], "validation": {k: v for k, v in fit["validation"].items() if k != "ids"},
-              "rows": table, "targets": targets, "mixture_check": check, "resamples": RESAMPLES,
-              "seconds": {k: v.get("seconds") for k, v in got.items()},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per job",
-              "command": f"python benchmarks/approximation.py {name} --runs RUNS --jobs 2"}
+              "rows": table, "targets": targets, "mixture_check": check, "resamples": RESAMPLES}
+    return write_report(name, got, report, dest, lambda r: markdown(r, fit, ft))
+
+
+def write_report(name: str, got: dict, report: dict, dest: Path, readme) -> dict:
+    """The report with how it was run, written to dest as test.json and README.md (`readme(report)`),
+    and the summary over every task again."""
+    report.update(seconds={k: v.get("seconds") for k, v in got.items()},
+                  machine=f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per job",
+                  command=f"python benchmarks/approximation.py {name} --runs RUNS --jobs 2")
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "test.json").write_text(json.dumps(report, indent=1) + "\n")
-    (dest / "README.md").write_text(markdown(report, fit, ft) + "\n")
+    (dest / "README.md").write_text(readme(report) + "\n")
     write_summary(dest.parent)
     return report
 
@@ -306,44 +312,27 @@ def summarize_generation(name: str, task: dict, runs: Path, got: dict, fit: dict
     report = {"task": name, "test_file": task["test"], "n": len(examples), "metric": "rouge_l",
               "selected_on": fit["selected_on"], "seeds_made_by": task["seeds"], "fit_command": task["fit"],
               "selection_table": fit["table"], "validation": validation, "rows": table,
-              "targets": targets, "resamples": RESAMPLES, "examples": examples,
-              "seconds": {k: v.get("seconds") for k, v in got.items()},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, one torch thread per job",
-              "command": f"python benchmarks/approximation.py {name} --runs RUNS --jobs 2"}
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "test.json").write_text(json.dumps(report, indent=1) + "\n")
-    (dest / "README.md").write_text(markdown_generation(report, fit, ft) + "\n")
-    write_summary(dest.parent)
-    return report
+              "targets": targets, "resamples": RESAMPLES, "examples": examples}
+    return write_report(name, got, report, dest, lambda r: markdown_generation(r, fit, ft))
 
 
 def markdown_generation(r: dict, fit: dict, ft: dict) -> str:
     """A generation task's README, from test.json's own fields (ROUGE-L in points)."""
-    pts = lambda x: f"{100 * x['value']:.1f} [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"  # noqa: E731
     v = r["validation"]
     lines = [f"# {r['task']}: the approximation protocol (docs/approximation.md)", "",
              f"Selection on a validation split V ({v['inputs']} inputs, {v['records']} records with all their "
              f"references, carved from the index with seed {v['seed']}; the test file not read), `{r['fit_command']}`: "
              "every candidate fitted on the rest of the index and scored on V by ROUGE-L against all references of "
              "an input.", "",
-             "| candidate (validation) | ROUGE-L | trained parameters | labelled records |", "|---|---:|---:|---:|"]
-    for row in sorted(r["selection_table"], key=lambda x: -x["score"]):
-        mark = " **(selected)**" if row["name"] == fit["setting"] else ""
-        lines.append(f"| {row['name']}{mark} | {100 * row['score']:.1f} | {row['trained']:,} | {row['labelled']:,} |")
-    lines += ["", f"Selected: `{fit['setting']}` (ties go to fewer trained parameters, then the earlier setting), "
-              f"refitted on all {fit['labelled_records']:,} records: {fit['trained_parameters']:,} trained parameters.",
-              "", f"## Test ({r['test_file']}, {r['n']} inputs, read once for these rows)", "",
+             *selection_lines(r, fit, "ROUGE-L", lambda x: f"{100 * x:.1f}"),
+             "", f"## Test ({r['test_file']}, {r['n']} inputs, read once for these rows)", "",
               "Mean over the seeds listed; 95 % bootstrap intervals over test inputs "
               f"({r['resamples']:,} resamples, seeds averaged inside each). ROUGE-L: the best F1 over an input's "
               "references, in points. The last figure compares a row's outputs with the reference's own (shown, "
               "not a target).", "",
               "| row | seeds | ROUGE-L | gap to reference (points) | ROUGE-L to the reference's outputs | trained "
               "parameters | labelled records |", "|---|---|---|---|---|---:|---:|"]
-    for name, row in r["rows"].items():
-        gap = "–" if name == "reference" else pts(row["gap_to_reference"])
-        close = "–" if name == "reference" else pts(row["rouge_l_to_reference_outputs"])
-        lines.append(f"| {name}: {row['setting']} | {', '.join(map(str, row['seeds']))} | {pts(row['rouge_l'])} | "
-                     f"{gap} | {close} | {row['trained_parameters']:,} | {row['labelled_records']:,} |")
+    lines += row_lines(r, "rouge_l", "rouge_l_to_reference_outputs")
     sel, t = r["rows"]["selected"], r["targets"]
     lines += ["", f"Selected, per seed: ROUGE-L {', '.join(f'{100 * a:.1f}' for a in sel['per_seed_rouge_l'])}.",
               f"The reference: a full fine-tune (`icl finetune`), kept weights step {ft['metrics']['best_step']} of "
@@ -377,28 +366,18 @@ def write_summary(root: Path) -> None:
 
 def markdown(r: dict, fit: dict, ft: dict) -> str:
     """The task's README: the selection on validation, then the test rows, from test.json's own fields."""
-    pct = lambda x: f"{100 * x['value']:.1f} [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"  # noqa: E731
     v = r["validation"]
     lines = [f"# {r['task']}: the approximation protocol (docs/approximation.md)", "",
              f"Selection on a validation split V ({v['records']} records carved from the index with seed {v['seed']}; "
              f"the test file not read), `icl index fit {r['task']} --reference REF`: every candidate fitted on the rest "
              "of the index and scored on V.", "",
-             "| candidate (validation) | accuracy | trained parameters | labelled records |", "|---|---:|---:|---:|"]
-    for row in sorted(r["selection_table"], key=lambda x: -x["score"]):
-        mark = " **(selected)**" if row["name"] == fit["setting"] else ""
-        lines.append(f"| {row['name']}{mark} | {row['score']:.3f} | {row['trained']:,} | {row['labelled']:,} |")
-    lines += ["", f"Selected: `{fit['setting']}` (ties go to fewer trained parameters, then the earlier setting), "
-              f"refitted on all {fit['labelled_records']:,} records: {fit['trained_parameters']:,} trained parameters.",
-              "", f"## Test ({r['test_file']}, {r['n']} examples, read once for these rows)", "",
+             *selection_lines(r, fit, "accuracy", lambda x: f"{x:.3f}"),
+             "", f"## Test ({r['test_file']}, {r['n']} examples, read once for these rows)", "",
               "Mean over the seeds listed; 95 % bootstrap intervals over test examples "
               f"({r['resamples']:,} resamples, seeds averaged inside each).", "",
               "| row | seeds | accuracy % | gap to reference (points) | agreement with reference % | trained parameters "
               "| labelled records |", "|---|---|---|---|---|---:|---:|"]
-    for name, row in r["rows"].items():
-        agree = "–" if name == "reference" else pct(row["agreement"])
-        gap = "–" if name == "reference" else pct(row["gap_to_reference"])
-        lines.append(f"| {name}: {row['setting']} | {', '.join(map(str, row['seeds']))} | {pct(row['accuracy'])} | "
-                     f"{gap} | {agree} | {row['trained_parameters']:,} | {row['labelled_records']:,} |")
+    lines += row_lines(r, "accuracy", "agreement")
     sel, t = r["rows"]["selected"], r["targets"]
     lines += ["", f"Selected, per seed: accuracy {', '.join(f'{100 * a:.1f}' for a in sel['per_seed_accuracy'])}; "
               f"agreement {', '.join(f'{100 * a:.1f}' for a in sel['per_seed_agreement'])}.",
@@ -412,6 +391,29 @@ def markdown(r: dict, fit: dict, ft: dict) -> str:
               seeds_sentence(r), "",
               f"Command: `{r['command']}` ({r['machine']}); per-row seconds are in test.json."]
     return "\n".join(lines)
+
+
+def row_lines(r: dict, score: str, close: str) -> list[str]:
+    """The test table's rows: each row's score, gap to the reference and closeness to it, in points
+    with their intervals (the reference's own gap and closeness are not shown)."""
+    pct = lambda x: f"{100 * x['value']:.1f} [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"  # noqa: E731
+    lines = []
+    for name, row in r["rows"].items():
+        gap, near = ("–", "–") if name == "reference" else (pct(row["gap_to_reference"]), pct(row[close]))
+        lines.append(f"| {name}: {row['setting']} | {', '.join(map(str, row['seeds']))} | {pct(row[score])} | "
+                     f"{gap} | {near} | {row['trained_parameters']:,} | {row['labelled_records']:,} |")
+    return lines
+
+
+def selection_lines(r: dict, fit: dict, header: str, fmt) -> list[str]:
+    """The validation table, best first (`fmt` writes a score), and what was selected and refitted."""
+    lines = [f"| candidate (validation) | {header} | trained parameters | labelled records |", "|---|---:|---:|---:|"]
+    for row in sorted(r["selection_table"], key=lambda x: -x["score"]):
+        mark = " **(selected)**" if row["name"] == fit["setting"] else ""
+        lines.append(f"| {row['name']}{mark} | {fmt(row['score'])} | {row['trained']:,} | {row['labelled']:,} |")
+    return lines + ["", f"Selected: `{fit['setting']}` (ties go to fewer trained parameters, then the earlier "
+                    f"setting), refitted on all {fit['labelled_records']:,} records: {fit['trained_parameters']:,} "
+                    "trained parameters."]
 
 
 def seeds_sentence(r: dict) -> str:
