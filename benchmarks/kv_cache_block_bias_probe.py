@@ -7,12 +7,15 @@ Cached blocks never attended to each other (core/kvcache.py), so the query's att
 differs from the exact prompt's. Parallel-encoding work (APE, Yang et al. 2025) rescales that
 attention; the simplest such rescaling is one bias b added to the query's logits on every block
 position (the prefix and the query itself unbiased), i.e. the blocks' attention weights times e^b
-before normalising. The bias is not a query option, so the probe wraps the one function that
-builds a batch's cached past (`kvcache._past`) to add it.
+before normalising. APE's other knob is a temperature T on those logits (q.k / T on block
+positions: sharper for T < 1); `--temperatures` runs it at bias 0. Neither is a query option, so
+the probe wraps the one function that builds a batch's cached past (`kvcache._past`) to add them.
+With `--float32-blocks` it needs no cache: the blocks the queries read are computed alone, in
+float32, as context_probe.py does at 0 neighbours.
 
 Queries: n records drawn (seed 0) from the Rotten Tomatoes index itself, each with its own record
 excluded from retrieval (leave-one-out): a validation split of the training data; the test file is
-not read. Exact kNN-8 once, then cached kNN-8 at each bias. Writes
+not read. Exact kNN-8 once, then cached kNN-8 at each setting. Writes
 benchmarks/results/kv_cache/block_bias_probe/{results.json,README.md}.
 """
 
@@ -40,14 +43,19 @@ from icl_engine.core.pipeline import Engine  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "kv_cache" / "block_bias_probe"  # (--name another folder beside it)
 
 
-def with_block_bias(bias: list[float]):
-    """kvcache._past, plus bias[0] on every cached block position's attention logit."""
+def with_block_bias(bias: list[float], temperature: list[float]):
+    """kvcache._past, plus bias[0] on every cached block position's attention logit, and those
+    logits divided by temperature[0] (APE's attention temperature: the blocks' keys divided by it,
+    in every layer, since a logit is linear in its key)."""
     build = kvcache._past
 
     def past(lm, cache, prefix, plans, rescale):
         layers, see, extra, starts = build(lm, cache, prefix, plans, rescale)
+        P = prefix.length if prefix is not None else 0
+        if temperature[0] != 1.0:
+            for k, _ in layers:  # [B, H, P+S, D], views of one tensor the batch owns
+                k[:, :, P:] /= temperature[0]
         if bias[0]:
-            P = prefix.length if prefix is not None else 0
             b = torch.zeros(see.shape, dtype=torch.float32) if extra is None else extra.clone()  # [B, P+S]
             b[:, P:] += bias[0] * see[:, P:].float()
             extra = b
@@ -79,29 +87,47 @@ def main() -> None:
     ap.add_argument("--biases", type=float, nargs="+", default=[-1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
     ap.add_argument("--live", type=int, nargs="*", default=[], help="also, at bias 0: the last m demonstrations "
                     "run with the query instead of read from the cache")
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[], help="also: the blocks' attention logits "
+                    "divided by T, at bias 0")
+    ap.add_argument("--float32-blocks", action="store_true", help="no cache in --work: compute, in float32, the "
+                    "blocks exact kNN-8 reads (as context_probe.py at 0 neighbours) and use those")
     ap.add_argument("--name", default="block_bias_probe", help="results folder under results/kv_cache/")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.float32_blocks:
+        from kv_cache_bench import prepare  # (here: a module-level import would be circular)
+        prepare("rt", args.work / "indexes")
     engine = Engine.load(PipelineConfig(index="rt", indexes_dir=str(args.work / "indexes")))
     records = engine.index.records
     rows = random.Random(0).sample(range(len(records)), args.n)
     texts, gold = [records[i].input for i in rows], [records[i].output for i in rows]
     exclude = [{records[i].id} for i in rows]
-    bias, live = [0.0], [0]
-    kvcache._past = with_block_bias(bias)
+    bias, temperature, live = [0.0], [1.0], [0]
+    kvcache._past = with_block_bias(bias, temperature)
     kvcache._layout = with_live_tail(live)
+
+    last = []  # the latest run's predictions
 
     def run(options: QueryOptions) -> dict:
         t0 = time.process_time()
-        labels = [p.label for p in engine.classify(texts, options, exclude_ids=exclude)]
-        return {"labels": labels, "cpu_s": time.process_time() - t0}
+        last[:] = engine.classify(texts, options, exclude_ids=exclude)
+        return {"labels": [p.label for p in last], "cpu_s": time.process_time() - t0}
 
     runs = {"exact-8": run(QueryOptions(k=8))}
+    if args.float32_blocks:
+        from kv_cache_context_probe import context_cache
+        row_of = {r.id: i for i, r in enumerate(records)}
+        needed = np.array(sorted({row_of[d] for p in last for d in p.demo_ids}), np.int64)
+        engine.use_kv_cache(context_cache(engine, needed, 0, set(rows)))
     cached = QueryOptions(k=8, scoring="cached")
     for b in args.biases:
         bias[0] = b
         runs[f"cached-8 bias {b:+g}"] = run(cached)
     bias[0] = 0.0
+    for t in args.temperatures:
+        temperature[0] = t
+        runs[f"cached-8 temperature {t:g}"] = run(cached)
+    temperature[0] = 1.0
     for m in args.live:
         live[0] = m
         runs[f"cached-8, last {m} live"] = run(cached)
@@ -111,10 +137,12 @@ def main() -> None:
                          + " ".join(sys.argv[1:]),
               "queries": {"n": len(gold), "from": "the rt index's own records, seed 0, each excluded from its retrieval"},
               "gold": gold, "rows": rows, "runs": runs}
-    write_probe(OUT.parent / args.name, result, "Cached scoring probes: a bias on the blocks' attention, the last "
-                "demonstrations run live",
+    title = "Cached scoring probes: a bias on the blocks' attention, " + (
+        "a temperature on it, " if args.temperatures else "") + "the last demonstrations run live"
+    blocks = "float32 blocks computed for these queries" if args.float32_blocks else "the bfloat16 cache"
+    write_probe(OUT.parent / args.name, result, title,
                 f"{len(gold)} validation queries: Rotten Tomatoes index records (seed 0), each excluded from its own "
-                "retrieval; kNN-8, SmolLM2-135M, the bfloat16 cache. Agreement is with exact kNN-8 on the same "
+                f"retrieval; kNN-8, SmolLM2-135M, {blocks}. Agreement is with exact kNN-8 on the same "
                 "queries (its standard error in brackets).")
 
 
