@@ -28,6 +28,7 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +47,29 @@ from icl_engine.core.pipeline import Engine  # noqa: E402
 from icl_engine.core.score import compute_prefix, length_batches  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "kv_cache"
+
+
+@dataclass
+class PoolQueries:
+    """n of a task's index records drawn (seed 0) as validation queries, each to be excluded from
+    its own retrieval (leave-one-out): the test file is not read."""
+
+    name: str  # the index
+    engine: Engine
+    rows: list[int]  # the queries' rows in the index
+    texts: list[str]
+    gold: list[str]
+    exclude: list[set[str]]  # per query: its own record id
+    row_of: dict[str, int]  # record id -> row
+
+    @classmethod
+    def draw(cls, task: str, work: Path, n: int) -> PoolQueries:
+        name, _ = prepare(task, work / "indexes")  # (the test records it returns are not used)
+        engine = Engine.load(PipelineConfig(index=name, indexes_dir=str(work / "indexes")))
+        records = engine.index.records
+        rows = random.Random(0).sample(range(len(records)), n)
+        return cls(name, engine, rows, [records[i].input for i in rows], [records[i].output for i in rows],
+                   [{records[i].id} for i in rows], {r.id: i for i, r in enumerate(records)})
 
 
 def contexts(index, rows: np.ndarray, m: int, banned: set[int]) -> list[list[int]]:
@@ -98,13 +122,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[0, 2, 4])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    name, _ = prepare(args.task, args.work / "indexes")  # (the test records it returns are not used)
-    engine = Engine.load(PipelineConfig(index=name, indexes_dir=str(args.work / "indexes")))
-    records = engine.index.records
-    qrows = random.Random(0).sample(range(len(records)), args.n)
-    texts, gold = [records[i].input for i in qrows], [records[i].output for i in qrows]
-    exclude = [{records[i].id} for i in qrows]
-    row_of = {r.id: i for i, r in enumerate(records)}
+    q = PoolQueries.draw(args.task, args.work, args.n)
+    name, engine, qrows, texts, gold, exclude, row_of = q.name, q.engine, q.rows, q.texts, q.gold, q.exclude, q.row_of
 
     t0 = time.process_time()
     exact = engine.classify(texts, QueryOptions(k=8), exclude_ids=exclude)

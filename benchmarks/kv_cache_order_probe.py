@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 import time
 from datetime import datetime, timezone
@@ -34,12 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from kv_cache_bench import prepare  # noqa: E402
 from kv_cache_block_bias_probe import write_probe  # noqa: E402
-from kv_cache_context_probe import context_cache  # noqa: E402
+from kv_cache_context_probe import PoolQueries, context_cache  # noqa: E402
 
-from icl_engine.core.config import PipelineConfig, QueryOptions  # noqa: E402
-from icl_engine.core.pipeline import Engine  # noqa: E402
+from icl_engine.core.config import QueryOptions  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "kv_cache"
 
@@ -52,13 +49,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="shuffled orders, one run per seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    name, _ = prepare(args.task, args.work / "indexes")  # (the test records it returns are not used)
-    engine = Engine.load(PipelineConfig(index=name, indexes_dir=str(args.work / "indexes")))
-    records = engine.index.records
-    qrows = random.Random(0).sample(range(len(records)), args.n)
-    texts, gold = [records[i].input for i in qrows], [records[i].output for i in qrows]
-    exclude = [{records[i].id} for i in qrows]
-    row_of = {r.id: i for i, r in enumerate(records)}
+    q = PoolQueries.draw(args.task, args.work, args.n)
+    name, engine, qrows, texts, gold, exclude, row_of = q.name, q.engine, q.rows, q.texts, q.gold, q.exclude, q.row_of
 
     def run(options: QueryOptions) -> tuple[dict, list]:
         t0 = time.process_time()
