@@ -36,13 +36,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from kv_cache_bench import prepare  # noqa: E402
 from kv_cache_block_bias_probe import write_probe  # noqa: E402
-from kv_cache_context_probe import context_cache  # noqa: E402
+from kv_cache_context_probe import PoolQueries, context_cache  # noqa: E402
 
 from icl_engine.core import kvcache  # noqa: E402
-from icl_engine.core.config import PipelineConfig, QueryOptions  # noqa: E402
-from icl_engine.core.pipeline import Engine  # noqa: E402
+from icl_engine.core.config import QueryOptions  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "kv_cache" / "bridge_probe"
 
@@ -76,18 +74,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    prepare("rt", args.work / "indexes")
-    engine = Engine.load(PipelineConfig(index="rt", indexes_dir=str(args.work / "indexes")))
+    q = PoolQueries.draw("rt", args.work, args.n)
+    engine, rows, texts, gold, exclude, row_of = q.engine, q.rows, q.texts, q.gold, q.exclude, q.row_of
     lm, records = engine.lm, engine.index.records
-    rows = random.Random(0).sample(range(len(records)), args.n)
     taken = set(rows)
     train = [r for r in random.Random(1).sample(range(len(records)), args.train + args.n) if r not in taken][: args.train]
-    row_of = {r.id: i for i, r in enumerate(records)}
-
-    def queries(rs):
-        return [records[i].input for i in rs], [records[i].output for i in rs], [{records[i].id} for i in rs]
-
-    (texts, gold, exclude), (ttexts, _, texclude) = queries(rows), queries(train)
+    ttexts, texclude = [records[i].input for i in train], [{records[i].id} for i in train]
     t0 = time.process_time()
     exact = engine.classify(texts, QueryOptions(k=8), exclude_ids=exclude)
     runs = {"exact-8": {"labels": [p.label for p in exact], "cpu_s": time.process_time() - t0}}
@@ -132,7 +124,7 @@ def main() -> None:
             past, see, qrows, starts, continuations, bias = captured[b]
             p2, s2, b2 = with_bridge(past, see, bias, bridge)
             student = forward(lm, p2, s2, qrows, starts, continuations, b2).log_softmax(-1)  # [B, L]
-            t = teacher[b * 8: b * 8 + len(qrows)]
+            t = teacher[b * cached.batch_size : b * cached.batch_size + len(qrows)]  # batch b: prompts b*size...
             loss = (t.exp() * (t - student)).sum(-1).mean()  # KL(exact || cached + bridge)
             opt.zero_grad()
             loss.backward()
